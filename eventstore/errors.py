@@ -1,0 +1,79 @@
+"""Typed errors of the event store: each carries the context a caller needs to act on it."""
+
+from __future__ import annotations
+
+from typing import Any
+from uuid import UUID
+
+
+class EventStoreError(Exception):
+    """Base of every error the event store raises on purpose."""
+
+
+class InvalidAppend(EventStoreError, ValueError):
+    """The append was rejected before anything was written (bad stream id, empty batch, ...)."""
+
+
+class EventSerializationError(InvalidAppend):
+    """Event data or metadata cannot be stored as JSON."""
+
+    def __init__(self, event_type: str, reason: str) -> None:
+        super().__init__(f"event {event_type!r} cannot be serialized as JSON: {reason}")
+        self.event_type = event_type
+        self.reason = reason
+
+
+class EventTooLarge(InvalidAppend):
+    """An event is larger than the store's configured limit."""
+
+    def __init__(self, event_type: str, size: int, limit: int) -> None:
+        super().__init__(f"event {event_type!r} is {size} bytes, over the limit of {limit} bytes")
+        self.event_type = event_type
+        self.size = size
+        self.limit = limit
+
+
+class WrongExpectedVersion(EventStoreError):
+    """Optimistic concurrency check failed: the stream is not at the version the writer expected."""
+
+    def __init__(self, stream_id: str, expected: Any, actual: int) -> None:
+        super().__init__(
+            f"stream {stream_id!r}: expected version {expected}, actual version {actual}"
+        )
+        self.stream_id = stream_id
+        self.expected = expected
+        self.actual = actual
+
+
+class DuplicateEventId(EventStoreError):
+    """An event id was already stored with other content, stream or position."""
+
+    def __init__(self, stream_id: str, event_ids: list[UUID]) -> None:
+        ids = ", ".join(str(i) for i in event_ids)
+        super().__init__(f"stream {stream_id!r}: event ids already stored with other content: {ids}")
+        self.stream_id = stream_id
+        self.event_ids = event_ids
+
+
+class StreamNotFound(EventStoreError):
+    """The stream has no events."""
+
+    def __init__(self, stream_id: str) -> None:
+        super().__init__(f"stream {stream_id!r} not found")
+        self.stream_id = stream_id
+
+
+class SchemaNotMigrated(EventStoreError):
+    """The database lacks the event store schema, or has an older revision of it."""
+
+    def __init__(self, found: str | None, expected: str) -> None:
+        where = "no event store schema" if found is None else f"schema revision {found}"
+        super().__init__(
+            f"database has {where}, expected revision {expected}: run `eventstore migrate`"
+        )
+        self.found = found
+        self.expected = expected
+
+
+class DatabaseUnavailable(EventStoreError):
+    """The database could not be reached or refused the connection."""

@@ -1,0 +1,144 @@
+"""Values the event store takes and returns."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, NamedTuple
+from uuid import UUID, uuid4
+
+import orjson
+
+CORRELATION_ID = "correlation_id"
+CAUSATION_ID = "causation_id"
+
+
+class StreamState(enum.Enum):
+    """Expected version that is not an exact number."""
+
+    ANY = -2
+    NO_STREAM = -1
+    STREAM_EXISTS = -3
+
+    def __str__(self) -> str:
+        return self.name.lower().replace("_", "-")
+
+
+ExpectedVersion = StreamState | int
+"""An exact version (0 is the first event) or a `StreamState`."""
+
+
+def expected_version(version: int) -> ExpectedVersion:
+    """The expectation for a stream last seen at `version`; -1 (no events) means `NO_STREAM`."""
+    return StreamState.NO_STREAM if version < 0 else version
+
+
+class Direction(enum.Enum):
+    FORWARDS = "forwards"
+    BACKWARDS = "backwards"
+
+
+class Checkpoint(NamedTuple):
+    """A reader's place in the global log.
+
+    The log is ordered by (transaction id, position), not by position alone: a reader only sees
+    transactions older than every transaction still running, so an event that commits late can never
+    land behind a checkpoint already handed out.
+    """
+
+    transaction_id: int
+    position: int
+
+    @classmethod
+    def start(cls) -> Checkpoint:
+        return START
+
+
+START = Checkpoint(0, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """An event to append. `data` and `metadata` must be JSON-serializable (orjson rules).
+
+    Pass `orjson.Fragment(json_bytes)` as `data` to store JSON that is already serialized.
+    """
+
+    type: str
+    data: Any = field(default_factory=dict)
+    metadata: Mapping[str, Any] | None = None
+    event_id: UUID = field(default_factory=uuid4)
+    correlation_id: UUID | str | None = None
+    causation_id: UUID | str | None = None
+
+    def metadata_with_ids(self) -> dict[str, Any]:
+        meta = dict(self.metadata) if self.metadata else {}
+        if self.correlation_id is not None:
+            meta[CORRELATION_ID] = str(self.correlation_id)
+        if self.causation_id is not None:
+            meta[CAUSATION_ID] = str(self.causation_id)
+        return meta
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedEvent:
+    """An event as stored. `data` and `metadata` are the stored JSON text, decoded on demand."""
+
+    event_id: UUID
+    event_type: str
+    data: str
+    metadata: str
+    stream_id: str
+    stream_version: int
+    position: int
+    transaction_id: int
+    recorded_at: datetime
+
+    @property
+    def checkpoint(self) -> Checkpoint:
+        return Checkpoint(self.transaction_id, self.position)
+
+    @property
+    def category(self) -> str:
+        return self.stream_id.split("-", 1)[0]
+
+    def json(self) -> Any:
+        return orjson.loads(self.data)
+
+    def meta(self) -> dict[str, Any]:
+        value = orjson.loads(self.metadata)
+        return value if isinstance(value, dict) else {}
+
+    @property
+    def correlation_id(self) -> str | None:
+        value = self.meta().get(CORRELATION_ID)
+        return None if value is None else str(value)
+
+    @property
+    def causation_id(self) -> str | None:
+        value = self.meta().get(CAUSATION_ID)
+        return None if value is None else str(value)
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    """Where an append landed. `next_expected_version` is the stream's version after it."""
+
+    stream_id: str
+    next_expected_version: int
+    first_position: int
+    last_position: int
+    transaction_id: int
+    events: tuple[RecordedEvent, ...] = ()
+    duplicate: bool = False
+
+    @property
+    def checkpoint(self) -> Checkpoint:
+        return Checkpoint(self.transaction_id, self.last_position)
+
+
+def category_of(stream_id: str) -> str:
+    """The category is the stream id's prefix before the first '-' (`order-42` -> `order`)."""
+    return stream_id.split("-", 1)[0]

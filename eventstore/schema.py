@@ -1,0 +1,71 @@
+"""The event store's tables: the one source of truth for the schema (migrations compare against it).
+
+Other packages add their own tables to the same `metadata` so that one Alembic environment owns them all.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB
+
+MAX_STREAM_ID_LENGTH = 255
+MAX_EVENT_TYPE_LENGTH = 255
+
+metadata = sa.MetaData()
+
+streams = sa.Table(
+    "streams",
+    metadata,
+    sa.Column("stream_id", sa.Text, primary_key=True),
+    sa.Column("version", sa.BigInteger, nullable=False),
+    comment="Current version per stream: the row the optimistic concurrency check locks.",
+)
+
+events = sa.Table(
+    "events",
+    metadata,
+    sa.Column("position", sa.BigInteger, sa.Identity(always=False), primary_key=True),
+    sa.Column(
+        "transaction_id",
+        sa.BigInteger,
+        nullable=False,
+        server_default=sa.text("(pg_current_xact_id())::text::bigint"),
+    ),
+    sa.Column("stream_id", sa.Text, nullable=False),
+    sa.Column("stream_version", sa.BigInteger, nullable=False),
+    sa.Column(
+        "category",
+        sa.Text,
+        sa.Computed("split_part(stream_id, '-'::text, 1)", persisted=True),
+        nullable=False,
+    ),
+    sa.Column("event_id", sa.Uuid, nullable=False),
+    sa.Column("event_type", sa.Text, nullable=False),
+    sa.Column("data", JSONB, nullable=False),
+    sa.Column("metadata", JSONB, nullable=False, server_default=sa.text("'{}'::jsonb")),
+    sa.Column("recorded_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.text("now()")),
+    sa.UniqueConstraint("event_id", name="events_event_id_key"),
+    sa.UniqueConstraint("stream_id", "stream_version", name="events_stream_version_key"),
+    sa.CheckConstraint(
+        f"char_length(stream_id) BETWEEN 1 AND {MAX_STREAM_ID_LENGTH}", name="events_stream_id_length"
+    ),
+    sa.CheckConstraint(
+        f"char_length(event_type) BETWEEN 1 AND {MAX_EVENT_TYPE_LENGTH}", name="events_event_type_length"
+    ),
+    sa.CheckConstraint("stream_version >= 0", name="events_stream_version_positive"),
+    sa.Index("events_log_idx", "transaction_id", "position"),
+    sa.Index("events_category_log_idx", "category", "transaction_id", "position"),
+    comment="Append-only log of every event; UPDATE, DELETE and TRUNCATE are rejected by triggers.",
+)
+
+snapshots = sa.Table(
+    "snapshots",
+    metadata,
+    sa.Column("stream_id", sa.Text, primary_key=True),
+    sa.Column("snapshot_type", sa.Text, nullable=False),
+    sa.Column("schema_version", sa.Text, nullable=False),
+    sa.Column("stream_version", sa.BigInteger, nullable=False),
+    sa.Column("data", JSONB, nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.text("now()")),
+    comment="Latest snapshot per stream; a snapshot is a cache, never the truth.",
+)

@@ -1,0 +1,236 @@
+"""Every SQL statement of the event store, by name. The rest of the package calls these names.
+
+DDL that tables cannot express (functions, triggers) is versioned here (`*_V1`) so that a migration
+keeps applying the exact text it was written with.
+"""
+
+from __future__ import annotations
+
+NOTIFY_CHANNEL = "eventstore_events"
+
+# Status codes returned by eventstore_append.
+APPENDED = 0
+WRONG_VERSION = 1
+IDEMPOTENT = 2
+ID_CONFLICT = 3
+
+DUPLICATES_FUNCTION_V1 = """
+CREATE OR REPLACE FUNCTION eventstore_duplicates(
+    p_stream_id text, p_expected bigint, p_event_ids uuid[], p_types text[], p_data jsonb[], p_metadata jsonb[]
+) RETURNS TABLE (o_status int, o_version bigint, o_positions bigint[], o_transaction_id bigint,
+                 o_recorded_at timestamptz)
+LANGUAGE sql STABLE AS $$
+    WITH given AS (
+        SELECT g.event_id, g.event_type, g.data, g.metadata, g.ord
+        FROM unnest(p_event_ids, p_types, p_data, p_metadata)
+             WITH ORDINALITY AS g(event_id, event_type, data, metadata, ord)
+    ), found AS (
+        SELECT e.position, e.transaction_id, e.recorded_at, e.stream_version, g.ord,
+               (e.stream_id = p_stream_id AND e.event_type = g.event_type
+                AND e.data = g.data AND e.metadata = g.metadata) AS same
+        FROM given g JOIN events e ON e.event_id = g.event_id
+    )
+    SELECT CASE
+               WHEN count(*) = 0 THEN NULL
+               WHEN count(*) = cardinality(p_event_ids) AND bool_and(f.same)
+                    AND max(f.stream_version - f.ord) = min(f.stream_version - f.ord)
+                    AND (p_expected IN (-2, -3) OR p_expected = min(f.stream_version) - 1)
+               THEN 2
+               ELSE 3
+           END,
+           max(f.stream_version),
+           array_agg(f.position ORDER BY f.ord),
+           max(f.transaction_id),
+           max(f.recorded_at)
+    FROM found f
+$$;
+"""
+
+APPEND_FUNCTION_V1 = """
+CREATE OR REPLACE FUNCTION eventstore_append(
+    p_stream_id text, p_expected bigint, p_event_ids uuid[], p_types text[], p_data jsonb[], p_metadata jsonb[]
+) RETURNS TABLE (o_status int, o_version bigint, o_positions bigint[], o_transaction_id bigint,
+                 o_recorded_at timestamptz)
+LANGUAGE plpgsql AS $$
+DECLARE
+    n bigint := cardinality(p_event_ids);
+    v_new bigint;
+    dup record;
+BEGIN
+    -- Idempotency first: a retried append of stored events returns the first result.
+    SELECT * INTO dup FROM eventstore_duplicates(p_stream_id, p_expected, p_event_ids, p_types, p_data, p_metadata);
+    IF dup.o_status IS NOT NULL THEN
+        RETURN QUERY SELECT dup.o_status, dup.o_version, dup.o_positions, dup.o_transaction_id, dup.o_recorded_at;
+        RETURN;
+    END IF;
+
+    -- The stream row is the only lock: writers to different streams never wait for each other.
+    IF p_expected = -2 THEN
+        INSERT INTO streams AS s (stream_id, version) VALUES (p_stream_id, n - 1)
+        ON CONFLICT (stream_id) DO UPDATE SET version = s.version + n
+        RETURNING s.version INTO v_new;
+    ELSIF p_expected = -1 THEN
+        INSERT INTO streams AS s (stream_id, version) VALUES (p_stream_id, n - 1)
+        ON CONFLICT (stream_id) DO NOTHING
+        RETURNING s.version INTO v_new;
+    ELSIF p_expected = -3 THEN
+        UPDATE streams AS s SET version = s.version + n WHERE s.stream_id = p_stream_id
+        RETURNING s.version INTO v_new;
+    ELSE
+        UPDATE streams AS s SET version = s.version + n
+        WHERE s.stream_id = p_stream_id AND s.version = p_expected
+        RETURNING s.version INTO v_new;
+    END IF;
+
+    IF v_new IS NULL THEN
+        -- Lost a race or a wrong expectation; the winner may have written these very events.
+        SELECT * INTO dup FROM eventstore_duplicates(p_stream_id, p_expected, p_event_ids, p_types, p_data, p_metadata);
+        IF dup.o_status IS NOT NULL THEN
+            RETURN QUERY SELECT dup.o_status, dup.o_version, dup.o_positions, dup.o_transaction_id, dup.o_recorded_at;
+            RETURN;
+        END IF;
+        RETURN QUERY SELECT 1,
+            coalesce((SELECT s.version FROM streams AS s WHERE s.stream_id = p_stream_id), -1::bigint),
+            NULL::bigint[], NULL::bigint, NULL::timestamptz;
+        RETURN;
+    END IF;
+
+    RETURN QUERY
+    WITH inserted AS (
+        INSERT INTO events AS e (stream_id, stream_version, event_id, event_type, data, metadata)
+        SELECT p_stream_id, v_new - n + u.ord, u.event_id, u.event_type, u.data, u.metadata
+        FROM unnest(p_event_ids, p_types, p_data, p_metadata)
+             WITH ORDINALITY AS u(event_id, event_type, data, metadata, ord)
+        ORDER BY u.ord
+        RETURNING e.position, e.transaction_id, e.recorded_at, e.stream_version
+    )
+    SELECT 0, v_new, array_agg(i.position ORDER BY i.stream_version), max(i.transaction_id),
+           max(i.recorded_at)
+    FROM inserted AS i;
+END
+$$;
+"""
+
+APPEND_ONLY_TRIGGERS_V1 = (
+    """
+CREATE OR REPLACE FUNCTION eventstore_reject_change() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'the events table is append-only: % is not allowed', TG_OP
+        USING ERRCODE = 'restrict_violation';
+END
+$$
+""",
+    "CREATE TRIGGER events_append_only_rows BEFORE UPDATE OR DELETE ON events"
+    " FOR EACH ROW EXECUTE FUNCTION eventstore_reject_change()",
+    "CREATE TRIGGER events_append_only_truncate BEFORE TRUNCATE ON events"
+    " FOR EACH STATEMENT EXECUTE FUNCTION eventstore_reject_change()",
+)
+
+DROP_FUNCTIONS_V1 = (
+    "DROP TRIGGER IF EXISTS events_append_only_rows ON events",
+    "DROP TRIGGER IF EXISTS events_append_only_truncate ON events",
+    "DROP FUNCTION IF EXISTS eventstore_reject_change()",
+    "DROP FUNCTION IF EXISTS eventstore_append(text, bigint, uuid[], text[], jsonb[], jsonb[])",
+    "DROP FUNCTION IF EXISTS eventstore_duplicates(text, bigint, uuid[], text[], jsonb[], jsonb[])",
+)
+
+SCHEMA_PRESENT = (
+    "SELECT to_regprocedure('eventstore_append(text, bigint, uuid[], text[], jsonb[], jsonb[])') IS NOT NULL"
+)
+
+APPEND = "SELECT * FROM eventstore_append($1, $2, $3, $4, $5, $6)"
+
+NOTIFY = f"SELECT pg_notify('{NOTIFY_CHANNEL}', '')"
+
+_COLUMNS = (
+    "event_id, event_type, data, metadata, stream_id, stream_version, position, transaction_id, recorded_at"
+)
+
+STREAM_VERSION = "SELECT version FROM streams WHERE stream_id = $1"
+
+READ_STREAM_FORWARDS = f"""
+SELECT {_COLUMNS} FROM events
+WHERE stream_id = $1 AND stream_version >= $2
+ORDER BY stream_version
+LIMIT $3
+"""
+
+READ_STREAM_BACKWARDS = f"""
+SELECT {_COLUMNS} FROM events
+WHERE stream_id = $1 AND stream_version <= $2
+ORDER BY stream_version DESC
+LIMIT $3
+"""
+
+READ_STREAM_UNTIL_TIME = f"""
+SELECT {_COLUMNS} FROM events
+WHERE stream_id = $1 AND stream_version >= $2 AND recorded_at <= $3
+ORDER BY stream_version
+LIMIT $4
+"""
+
+# The global log: only transactions older than every running one are visible, so a reader never
+# passes an event whose transaction commits later.
+_VISIBLE = "transaction_id < pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
+
+READ_ALL = f"""
+SELECT {_COLUMNS} FROM events
+WHERE (transaction_id, position) > ($1, $2) AND {_VISIBLE}
+ORDER BY transaction_id, position
+LIMIT $3
+"""
+
+READ_ALL_TYPES = f"""
+SELECT {_COLUMNS} FROM events
+WHERE (transaction_id, position) > ($1, $2) AND {_VISIBLE} AND event_type = ANY($4::text[])
+ORDER BY transaction_id, position
+LIMIT $3
+"""
+
+READ_ALL_CATEGORY = f"""
+SELECT {_COLUMNS} FROM events
+WHERE category = $4 AND (transaction_id, position) > ($1, $2) AND {_VISIBLE}
+ORDER BY transaction_id, position
+LIMIT $3
+"""
+
+READ_ALL_CATEGORY_TYPES = f"""
+SELECT {_COLUMNS} FROM events
+WHERE category = $4 AND (transaction_id, position) > ($1, $2) AND {_VISIBLE}
+  AND event_type = ANY($5::text[])
+ORDER BY transaction_id, position
+LIMIT $3
+"""
+
+HEAD = f"""
+SELECT transaction_id, position FROM events
+WHERE {_VISIBLE}
+ORDER BY transaction_id DESC, position DESC
+LIMIT 1
+"""
+
+COUNT_AFTER = f"""
+SELECT count(*) FROM events
+WHERE (transaction_id, position) > ($1, $2) AND {_VISIBLE}
+"""
+
+LIST_STREAMS = """
+SELECT stream_id, version FROM streams
+WHERE ($1::text IS NULL OR split_part(stream_id, '-', 1) = $1)
+ORDER BY stream_id
+LIMIT $2
+"""
+
+SAVE_SNAPSHOT = """
+INSERT INTO snapshots (stream_id, snapshot_type, schema_version, stream_version, data)
+VALUES ($1, $2, $3, $4, $5)
+ON CONFLICT (stream_id) DO UPDATE
+SET snapshot_type = EXCLUDED.snapshot_type, schema_version = EXCLUDED.schema_version,
+    stream_version = EXCLUDED.stream_version, data = EXCLUDED.data, created_at = now()
+WHERE snapshots.stream_version <= EXCLUDED.stream_version
+"""
+
+LOAD_SNAPSHOT = """
+SELECT stream_id, snapshot_type, schema_version, stream_version, data, created_at
+FROM snapshots WHERE stream_id = $1
+"""

@@ -1,0 +1,521 @@
+"""The PostgreSQL event store: appends with optimistic concurrency, stream reads, the global log."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, TypeVar
+from uuid import UUID
+
+import asyncpg
+import orjson
+
+from eventstore import sql
+from eventstore.errors import (
+    DatabaseUnavailable,
+    DuplicateEventId,
+    EventSerializationError,
+    EventTooLarge,
+    InvalidAppend,
+    SchemaNotMigrated,
+    WrongExpectedVersion,
+)
+from eventstore.model import (
+    START,
+    AppendResult,
+    Checkpoint,
+    Direction,
+    ExpectedVersion,
+    NewEvent,
+    RecordedEvent,
+    StreamState,
+)
+from eventstore.schema import MAX_EVENT_TYPE_LENGTH, MAX_STREAM_ID_LENGTH
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+DEFAULT_MAX_EVENT_SIZE = 1024 * 1024
+_MAX_VERSION = 2**63 - 1
+# JSON text that PostgreSQL's jsonb refuses: the escaped NUL character.
+_JSON_NUL = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
+
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.exceptions.ConnectionFailureError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.TooManyConnectionsError,
+    asyncpg.exceptions.InterfaceError,
+)
+"""Errors after which the operation may be retried on a fresh connection."""
+
+_CONNECT_ERRORS: tuple[type[BaseException], ...] = (
+    *CONNECTION_ERRORS,
+    asyncpg.exceptions.InvalidCatalogNameError,
+    asyncpg.exceptions.InvalidAuthorizationSpecificationError,
+    asyncpg.exceptions.InvalidPasswordError,
+)
+
+Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
+"""A connection as handed out by asyncpg, pooled or not."""
+
+AppendHook = Callable[["UnitOfWork", AppendResult], Awaitable[None]]
+"""Called inside the append's transaction, after the events are written (outbox, inline projections)."""
+
+
+def asyncpg_dsn(url: str) -> str:
+    """Accept SQLAlchemy-style URLs (`postgresql+asyncpg://`) as well as plain libpq ones."""
+    return re.sub(r"^postgres(?:ql)?\+\w+://", "postgresql://", url)
+
+
+@dataclass(frozen=True, slots=True)
+class _Prepared:
+    stream_id: str
+    expected: int
+    event_ids: list[UUID]
+    types: list[str]
+    data: list[str]
+    metadata: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    stream_id: str
+    snapshot_type: str
+    schema_version: str
+    stream_version: int
+    data: str
+    created_at: datetime
+
+
+def _record(row: asyncpg.Record) -> RecordedEvent:
+    return RecordedEvent(row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], row[8])
+
+
+def _check_text(kind: str, value: object, limit: int) -> str:
+    if not isinstance(value, str):
+        raise InvalidAppend(f"{kind} must be a string, got {type(value).__name__}")
+    if not value:
+        raise InvalidAppend(f"{kind} must not be empty")
+    if len(value) > limit:
+        raise InvalidAppend(f"{kind} is {len(value)} characters, over the limit of {limit}")
+    if "\x00" in value:
+        raise InvalidAppend(f"{kind} must not contain the NUL character")
+    return value
+
+
+def check_stream_id(stream_id: object) -> str:
+    return _check_text("stream id", stream_id, MAX_STREAM_ID_LENGTH)
+
+
+def _expected_number(expected: ExpectedVersion) -> int:
+    if isinstance(expected, StreamState):
+        return expected.value
+    if isinstance(expected, bool) or not isinstance(expected, int):
+        raise InvalidAppend(f"expected version must be an int or a StreamState, got {expected!r}")
+    if expected < 0:
+        raise InvalidAppend(f"expected version must not be negative, got {expected}")
+    return expected
+
+
+def _dump(event_type: str, value: Any) -> bytes:
+    try:
+        text = orjson.dumps(value)
+    except (TypeError, orjson.JSONEncodeError) as exc:
+        raise EventSerializationError(event_type, str(exc)) from None
+    if _JSON_NUL.search(text):
+        raise EventSerializationError(event_type, "PostgreSQL cannot store the NUL character (\\u0000)")
+    return text
+
+
+def prepare_append(
+    stream_id: str, events: Sequence[NewEvent], expected_version: ExpectedVersion, max_event_size: int
+) -> _Prepared:
+    """Validate and serialize everything before touching the database, so bad input changes nothing."""
+    check_stream_id(stream_id)
+    expected = _expected_number(expected_version)
+    if isinstance(events, NewEvent) or not isinstance(events, Sequence):
+        raise InvalidAppend("events must be a sequence of NewEvent")
+    if not events:
+        raise InvalidAppend("events must not be empty")
+    ids: list[UUID] = []
+    types: list[str] = []
+    data: list[str] = []
+    metadata: list[str] = []
+    for event in events:
+        if not isinstance(event, NewEvent):
+            raise InvalidAppend(f"events must be NewEvent instances, got {type(event).__name__}")
+        _check_text("event type", event.type, MAX_EVENT_TYPE_LENGTH)
+        if not isinstance(event.event_id, UUID):
+            raise InvalidAppend(f"event id must be a UUID, got {event.event_id!r}")
+        body = _dump(event.type, event.data)
+        meta = _dump(event.type, event.metadata_with_ids())
+        size = len(body) + len(meta)
+        if size > max_event_size:
+            raise EventTooLarge(event.type, size, max_event_size)
+        ids.append(event.event_id)
+        types.append(event.type)
+        data.append(body.decode())
+        metadata.append(meta.decode())
+    if len(set(ids)) != len(ids):
+        raise InvalidAppend("event ids must be unique within one append")
+    return _Prepared(stream_id, expected, ids, types, data, metadata)
+
+
+class _ConcurrentDuplicate(DuplicateEventId):
+    """A concurrent transaction committed one of these event ids while this one was writing."""
+
+
+class UnitOfWork:
+    """One PostgreSQL transaction in which an application appends to streams and writes its own tables.
+
+    Append hooks (outbox, inline projections) run inside the same transaction, so they commit or roll
+    back together with the events.
+    """
+
+    def __init__(self, store: EventStore, connection: Connection) -> None:
+        self._store = store
+        self.connection = connection
+        self.results: list[AppendResult] = []
+
+    async def append(
+        self,
+        stream_id: str,
+        events: Sequence[NewEvent],
+        expected_version: ExpectedVersion = StreamState.ANY,
+    ) -> AppendResult:
+        prepared = prepare_append(stream_id, events, expected_version, self._store.max_event_size)
+        result = await self._store._append_prepared(self, prepared, expected_version)
+        self.results.append(result)
+        return result
+
+    async def read_stream(
+        self, stream_id: str, from_version: int = 0, limit: int | None = None
+    ) -> list[RecordedEvent]:
+        rows = await self.connection.fetch(
+            sql.READ_STREAM_FORWARDS, stream_id, from_version, limit if limit is not None else _MAX_VERSION
+        )
+        return [_record(r) for r in rows]
+
+
+class EventStore:
+    """Async event store on PostgreSQL. Use as `async with EventStore(url) as store:`.
+
+    Appends made outside a unit of work are retried after a lost connection: event ids make the retry
+    idempotent, so a commit whose acknowledgement was lost is not written twice.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        pool: asyncpg.Pool | None = None,
+        min_connections: int = 1,
+        max_connections: int = 10,
+        max_event_size: int = DEFAULT_MAX_EVENT_SIZE,
+        retry_for: float = 15.0,
+        notify: bool = True,
+        check_schema: bool = True,
+    ) -> None:
+        if url is None and pool is None:
+            raise ValueError("EventStore needs a database url or an asyncpg pool")
+        self.url = asyncpg_dsn(url) if url is not None else None
+        self._pool = pool
+        self._owns_pool = pool is None
+        self._min = min_connections
+        self._max = max_connections
+        self.max_event_size = max_event_size
+        self.retry_for = retry_for
+        self._notify = notify
+        self._check_schema = check_schema
+        self._hooks: list[AppendHook] = []
+        self._notify_pending = False
+        self._notify_task: asyncio.Task[None] | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._pool is None:
+            assert self.url is not None
+            try:
+                self._pool = await asyncpg.create_pool(
+                    self.url, min_size=self._min, max_size=self._max, max_inactive_connection_lifetime=60
+                )
+            except _CONNECT_ERRORS as exc:
+                raise DatabaseUnavailable(f"cannot connect to PostgreSQL: {exc}") from None
+        if self._check_schema:
+            async with self.pool.acquire() as conn:
+                if not await conn.fetchval(sql.SCHEMA_PRESENT):
+                    raise SchemaNotMigrated(None, "head")
+
+    async def stop(self) -> None:
+        if self._notify_task is not None:
+            with contextlib.suppress(Exception):
+                await self._notify_task
+        if self._pool is not None and self._owns_pool:
+            await self._pool.close()
+            self._pool = None
+
+    async def __aenter__(self) -> EventStore:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise RuntimeError("EventStore is not started: use `async with EventStore(...)`")
+        return self._pool
+
+    def add_append_hook(self, hook: AppendHook) -> None:
+        """Run `hook` inside every append's transaction, after the events are written."""
+        self._hooks.append(hook)
+
+    # -- retries -----------------------------------------------------------------------------------
+
+    async def _retrying(self, operation: Callable[[], Awaitable[T]]) -> T:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.retry_for
+        delay = 0.05
+        while True:
+            try:
+                return await operation()
+            except CONNECTION_ERRORS as exc:
+                if self._pool is None or self._pool.is_closing():
+                    raise
+                if loop.time() + delay > deadline:
+                    raise DatabaseUnavailable(f"PostgreSQL unavailable: {exc}") from exc
+                log.warning("database connection lost (%s); retrying in %.2fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    # -- appends -----------------------------------------------------------------------------------
+
+    async def append(
+        self,
+        stream_id: str,
+        events: Sequence[NewEvent],
+        expected_version: ExpectedVersion = StreamState.ANY,
+    ) -> AppendResult:
+        """Append atomically; raise `WrongExpectedVersion` (writing nothing) if the stream moved on."""
+        prepared = prepare_append(stream_id, events, expected_version, self.max_event_size)
+
+        async def attempt() -> AppendResult:
+            async with self.pool.acquire() as conn:
+                uow = UnitOfWork(self, conn)
+                try:
+                    async with conn.transaction():
+                        return await self._append_prepared(uow, prepared, expected_version)
+                except _ConcurrentDuplicate:
+                    pass
+            # A concurrent append stored one of these ids first: a second try sees it and decides.
+            async with self.pool.acquire() as conn:
+                uow = UnitOfWork(self, conn)
+                async with conn.transaction():
+                    return await self._append_prepared(uow, prepared, expected_version)
+
+        result = await self._retrying(attempt)
+        self._schedule_notify()
+        return result
+
+    @contextlib.asynccontextmanager
+    async def unit_of_work(self) -> AsyncIterator[UnitOfWork]:
+        """A transaction for appends to several streams plus the application's own writes."""
+        async with self.pool.acquire() as conn:
+            uow = UnitOfWork(self, conn)
+            async with conn.transaction():
+                yield uow
+        if uow.results:
+            self._schedule_notify()
+
+    async def _append_prepared(
+        self, uow: UnitOfWork, p: _Prepared, expected_version: ExpectedVersion
+    ) -> AppendResult:
+        try:
+            row = await uow.connection.fetchrow(
+                sql.APPEND, p.stream_id, p.expected, p.event_ids, p.types, p.data, p.metadata
+            )
+        except asyncpg.exceptions.UniqueViolationError as exc:
+            if exc.constraint_name == "events_event_id_key":
+                raise _ConcurrentDuplicate(p.stream_id, p.event_ids) from None
+            raise
+        assert row is not None
+        status, version, positions, transaction_id, recorded_at = row
+        if status == sql.WRONG_VERSION:
+            raise WrongExpectedVersion(p.stream_id, expected_version, version)
+        if status == sql.ID_CONFLICT:
+            raise DuplicateEventId(p.stream_id, p.event_ids)
+        first_version = version - len(p.event_ids) + 1
+        recorded = tuple(
+            RecordedEvent(
+                p.event_ids[i], p.types[i], p.data[i], p.metadata[i], p.stream_id,
+                first_version + i, positions[i], transaction_id, recorded_at,
+            )
+            for i in range(len(p.event_ids))
+        )
+        result = AppendResult(
+            stream_id=p.stream_id,
+            next_expected_version=version,
+            first_position=positions[0],
+            last_position=positions[-1],
+            transaction_id=transaction_id,
+            events=recorded,
+            duplicate=status == sql.IDEMPOTENT,
+        )
+        if status == sql.APPENDED:
+            for hook in self._hooks:
+                await hook(uow, result)
+        return result
+
+    # -- notifications -----------------------------------------------------------------------------
+
+    def _schedule_notify(self) -> None:
+        """Wake subscribers after commit, coalescing bursts into one NOTIFY.
+
+        NOTIFY inside the writer's transaction would take PostgreSQL's global notify lock across every
+        commit and serialize writers; sent afterwards it costs one tiny statement per burst.
+        """
+        if not self._notify:
+            return
+        self._notify_pending = True
+        if self._notify_task is None or self._notify_task.done():
+            self._notify_task = asyncio.get_running_loop().create_task(self._send_notifications())
+
+    async def _send_notifications(self) -> None:
+        while self._notify_pending:
+            self._notify_pending = False
+            try:
+                await self.pool.execute(sql.NOTIFY)
+            except Exception as exc:  # subscribers fall back to polling
+                log.debug("notify failed: %s", exc)
+                return
+
+    # -- reads -------------------------------------------------------------------------------------
+
+    async def stream_version(self, stream_id: str) -> int:
+        """The stream's current version, -1 when it has no events."""
+        version = await self._retrying(lambda: self.pool.fetchval(sql.STREAM_VERSION, stream_id))
+        return -1 if version is None else int(version)
+
+    async def read_stream(
+        self,
+        stream_id: str,
+        from_version: int | None = None,
+        *,
+        direction: Direction = Direction.FORWARDS,
+        limit: int | None = None,
+    ) -> list[RecordedEvent]:
+        """Events of one stream from `from_version` (inclusive); backwards from the end by default."""
+        check_stream_id(stream_id)
+        count = _MAX_VERSION if limit is None else limit
+        if count < 0:
+            raise ValueError("limit must not be negative")
+        if direction is Direction.FORWARDS:
+            start = 0 if from_version is None else from_version
+            rows = await self._retrying(
+                lambda: self.pool.fetch(sql.READ_STREAM_FORWARDS, stream_id, start, count)
+            )
+        else:
+            start = _MAX_VERSION if from_version is None or from_version < 0 else from_version
+            rows = await self._retrying(
+                lambda: self.pool.fetch(sql.READ_STREAM_BACKWARDS, stream_id, start, count)
+            )
+        return [_record(r) for r in rows]
+
+    async def read_stream_until(
+        self, stream_id: str, until: datetime, from_version: int = 0
+    ) -> list[RecordedEvent]:
+        """Events of one stream recorded at or before `until` (temporal queries)."""
+        check_stream_id(stream_id)
+        rows = await self._retrying(
+            lambda: self.pool.fetch(sql.READ_STREAM_UNTIL_TIME, stream_id, from_version, until, _MAX_VERSION)
+        )
+        return [_record(r) for r in rows]
+
+    async def read_all(
+        self,
+        after: Checkpoint = START,
+        *,
+        limit: int = 1000,
+        types: Sequence[str] | None = None,
+        category: str | None = None,
+    ) -> list[RecordedEvent]:
+        """The global log after `after`, in commit-safe order; see `Checkpoint` for why it never skips."""
+        if limit <= 0:
+            raise ValueError("limit must be positive")
+        tx, pos = after
+        if types is not None and not types:
+            return []
+        query: str
+        args: tuple[object, ...]
+        if category is not None and types is not None:
+            query, args = sql.READ_ALL_CATEGORY_TYPES, (tx, pos, limit, category, list(types))
+        elif category is not None:
+            query, args = sql.READ_ALL_CATEGORY, (tx, pos, limit, category)
+        elif types is not None:
+            query, args = sql.READ_ALL_TYPES, (tx, pos, limit, list(types))
+        else:
+            query, args = sql.READ_ALL, (tx, pos, limit)
+        rows = await self._retrying(lambda: self.pool.fetch(query, *args))
+        return [_record(r) for r in rows]
+
+    async def head(self) -> Checkpoint:
+        """The checkpoint of the newest event a reader can see now."""
+        row = await self._retrying(lambda: self.pool.fetchrow(sql.HEAD))
+        return START if row is None else Checkpoint(row[0], row[1])
+
+    async def count_after(self, after: Checkpoint) -> int:
+        """How many visible events lie after `after` (a reader's lag)."""
+        return int(await self._retrying(lambda: self.pool.fetchval(sql.COUNT_AFTER, after[0], after[1])))
+
+    async def list_streams(self, category: str | None = None, limit: int = 100) -> list[tuple[str, int]]:
+        rows = await self._retrying(lambda: self.pool.fetch(sql.LIST_STREAMS, category, limit))
+        return [(r[0], r[1]) for r in rows]
+
+    def subscribe(
+        self,
+        after: Checkpoint = START,
+        *,
+        types: Sequence[str] | None = None,
+        category: str | None = None,
+        batch_size: int = 500,
+        poll_interval: float = 1.0,
+    ) -> Subscription:
+        """Catch up from `after`, then follow new events (LISTEN/NOTIFY, polling as a fallback)."""
+        from eventstore.subscription import Subscription
+
+        return Subscription(
+            self, after, types=types, category=category, batch_size=batch_size, poll_interval=poll_interval
+        )
+
+    # -- snapshots ---------------------------------------------------------------------------------
+
+    async def save_snapshot(
+        self, stream_id: str, snapshot_type: str, schema_version: str, stream_version: int, data: str
+    ) -> None:
+        """Store the latest snapshot of a stream; an older one never replaces a newer one."""
+        check_stream_id(stream_id)
+        await self._retrying(
+            lambda: self.pool.execute(
+                sql.SAVE_SNAPSHOT, stream_id, snapshot_type, schema_version, stream_version, data
+            )
+        )
+
+    async def load_snapshot(self, stream_id: str) -> Snapshot | None:
+        check_stream_id(stream_id)
+        row = await self._retrying(lambda: self.pool.fetchrow(sql.LOAD_SNAPSHOT, stream_id))
+        return None if row is None else Snapshot(*row)
+
+
+from eventstore.subscription import Subscription  # noqa: E402  (cycle: Subscription needs EventStore)

@@ -1,0 +1,123 @@
+"""Catch-up subscription to the global log: read from a checkpoint, then wait for new events."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+
+from eventstore import sql
+from eventstore.errors import DatabaseUnavailable
+from eventstore.model import Checkpoint, RecordedEvent
+
+if TYPE_CHECKING:
+    from eventstore.store import EventStore
+
+log = logging.getLogger(__name__)
+
+
+class Subscription:
+    """Yields every event after its checkpoint exactly once, in the log's commit-safe order.
+
+    It sleeps between reads: a NOTIFY from a writer wakes it at once; `poll_interval` bounds the wait
+    when notifications are lost (listener connection dropped, writer crashed before notifying, or a
+    long transaction that held the log back finished without writing events).
+    """
+
+    def __init__(
+        self,
+        store: EventStore,
+        after: Checkpoint,
+        *,
+        types: Sequence[str] | None = None,
+        category: str | None = None,
+        batch_size: int = 500,
+        poll_interval: float = 1.0,
+    ) -> None:
+        if batch_size <= 0:
+            raise ValueError("batch_size must be positive")
+        self._store = store
+        self.checkpoint = Checkpoint(*after)
+        self._types = list(types) if types is not None else None
+        self._category = category
+        self._batch_size = batch_size
+        self._poll_interval = poll_interval
+        self._wakeup = asyncio.Event()
+        self._listener: Any = None
+        self._closed = False
+
+    async def __aenter__(self) -> Subscription:
+        await self._listen()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        self._closed = True
+        self._wakeup.set()
+        await self._unlisten()
+
+    def _on_notify(self, *_: object) -> None:
+        self._wakeup.set()
+
+    async def _listen(self) -> None:
+        try:
+            conn = await self._store.pool.acquire()
+        except Exception as exc:
+            log.warning("subscription cannot listen (%s); polling every %ss", exc, self._poll_interval)
+            return
+        try:
+            await conn.add_listener(sql.NOTIFY_CHANNEL, self._on_notify)
+        except Exception as exc:
+            log.warning("subscription cannot listen (%s); polling every %ss", exc, self._poll_interval)
+            await self._store.pool.release(conn)
+            return
+        self._listener = conn
+
+    async def _unlisten(self) -> None:
+        conn, self._listener = self._listener, None
+        if conn is None:
+            return
+        with contextlib.suppress(Exception):
+            if not conn.is_closed():
+                await conn.remove_listener(sql.NOTIFY_CHANNEL, self._on_notify)
+        with contextlib.suppress(Exception):
+            await self._store.pool.release(conn)
+
+    async def _ensure_listening(self) -> None:
+        conn = self._listener
+        if conn is not None and not conn.is_closed():
+            return
+        await self._unlisten()
+        await self._listen()
+
+    async def batches(self) -> AsyncIterator[list[RecordedEvent]]:
+        """Batches of up to `batch_size` events; the checkpoint moves past each batch as it is handed out."""
+        while not self._closed:
+            self._wakeup.clear()
+            try:
+                events = await self._store.read_all(
+                    self.checkpoint, limit=self._batch_size, types=self._types, category=self._category
+                )
+            except (DatabaseUnavailable, asyncpg.exceptions.InterfaceError) as exc:
+                log.warning("subscription read failed (%s); retrying", exc)
+                await asyncio.sleep(self._poll_interval)
+                continue
+            if events:
+                self.checkpoint = events[-1].checkpoint
+                yield events
+                if len(events) == self._batch_size:
+                    continue
+            await self._ensure_listening()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), self._poll_interval)
+
+    async def __aiter__(self) -> AsyncIterator[RecordedEvent]:
+        async for batch in self.batches():
+            for event in batch:
+                yield event

@@ -1,0 +1,53 @@
+"""What every subcommand shares: resolving the database URL and turning errors into one clear line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Coroutine
+from typing import Any
+
+from rich.console import Console
+
+from eventstore import DatabaseUnavailable, EventStore, EventStoreError
+from eventstore.embedded import DATABASE_URL_ENV
+
+console = Console()
+errors = Console(stderr=True)
+
+
+class CommandError(Exception):
+    """A failure the user can fix; printed as one line, no traceback."""
+
+
+def database_url(args: argparse.Namespace) -> str:
+    url: str | None = getattr(args, "database_url", None) or os.environ.get(DATABASE_URL_ENV)
+    if not url:
+        raise CommandError(f"no database: pass --database-url or set {DATABASE_URL_ENV}")
+    return url
+
+
+async def open_store(args: argparse.Namespace, **kwargs: Any) -> EventStore:
+    store = EventStore(database_url(args), retry_for=2.0, **kwargs)
+    await store.start()
+    return store
+
+
+def run(coroutine: Coroutine[Any, Any, int]) -> int:
+    """Run a command's coroutine; expected failures become a message and exit status 2."""
+    try:
+        return asyncio.run(coroutine)
+    except KeyboardInterrupt:
+        return 130
+    except (CommandError, EventStoreError, DatabaseUnavailable) as exc:
+        errors.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        return 2
+    except (OSError, ValueError) as exc:
+        errors.print(f"[bold red]error:[/] {type(exc).__name__}: {exc}", highlight=False, soft_wrap=True)
+        return 2
+
+
+def exit_with(code: int) -> None:
+    sys.exit(code)

@@ -1,0 +1,35 @@
+"""Argument parsing for `eventstore`; each command group lives in a module of its own."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from collections.abc import Sequence
+
+from eventstore_cli import store_commands
+from eventstore_cli.common import exit_with
+
+# Optional command groups: present once their component exists.
+_GROUPS = ("eventstore_cli.projection_commands", "eventstore_cli.outbox_commands", "eventstore_cli.demo")
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="eventstore", description=__doc__)
+    root.add_argument("--database-url", help="PostgreSQL URL (default: $EVENTSTORE_DATABASE_URL)")
+    root.add_argument("--kafka", help="Kafka bootstrap servers (default: $KAFKA_BOOTSTRAP_SERVERS)")
+    commands = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    store_commands.register(commands)
+    for name in _GROUPS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue
+        module.register(commands)
+    return root
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    exit_with(args.handler(args))

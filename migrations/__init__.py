@@ -1,0 +1,1 @@
+"""Alembic environment and revisions for every table the framework owns."""

@@ -1,0 +1,57 @@
+"""Alembic environment: target metadata is the SQLAlchemy Core tables of every component."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+
+from alembic import context
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from eventstore.schema import metadata
+
+# Components register their tables on eventstore's metadata when their schema module is imported.
+for module in ("projections.schema", "outbox.schema"):
+    try:
+        importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name != module:
+            raise
+
+config = context.config
+target_metadata = metadata
+
+
+def _run(connection: Connection) -> None:
+    context.configure(connection=connection, target_metadata=target_metadata)
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+async def _run_async(url: str) -> None:
+    engine = create_async_engine(url)
+    try:
+        async with engine.connect() as connection:
+            await connection.run_sync(_run)
+            await connection.commit()
+    finally:
+        await engine.dispose()
+
+
+def run() -> None:
+    url = config.get_main_option("sqlalchemy.url")
+    if context.is_offline_mode():
+        context.configure(url=url, target_metadata=target_metadata, literal_binds=True)
+        with context.begin_transaction():
+            context.run_migrations()
+        return
+    connection = config.attributes.get("connection")
+    if connection is not None:
+        _run(connection)
+        return
+    assert url is not None
+    asyncio.run(_run_async(url))
+
+
+run()
