@@ -1,0 +1,95 @@
+"""Shared pieces of the benchmarks: result rows, fresh databases, the peer's configuration."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+
+import asyncpg
+from sqlalchemy.engine import make_url
+
+from eventstore import asyncpg_dsn
+from eventstore.migrate import migrate_async
+
+
+@dataclass
+class Result:
+    """One row of the table. `peer` is the `eventsourcing` package, `limit` is raw asyncpg."""
+
+    name: str
+    ours: float
+    unit: str
+    peer: float | None = None
+    limit: float | None = None
+
+
+def rate(count: int, seconds: float) -> float:
+    return count / seconds if seconds > 0 else float("inf")
+
+
+class Timer:
+    def __enter__(self) -> Timer:
+        self.start = time.perf_counter()
+        self.seconds = 0.0
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self.start
+
+
+def with_database(url: str, name: str) -> str:
+    return make_url(url).set(database=name).render_as_string(hide_password=False)
+
+
+@contextlib.asynccontextmanager
+async def fresh_database(server_url: str, *, migrated: bool = True) -> AsyncIterator[str]:
+    """A new database on the benchmark server, dropped afterwards."""
+    name = f"es_bench_{uuid.uuid4().hex[:10]}"
+    admin = await asyncpg.connect(asyncpg_dsn(server_url))
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    url = with_database(server_url, name)
+    try:
+        if migrated:
+            await migrate_async(url)
+        yield url
+    finally:
+        admin = await asyncpg.connect(asyncpg_dsn(server_url))
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+
+@contextlib.contextmanager
+def eventsourcing_env(url: str) -> Iterator[None]:
+    """Point the `eventsourcing` package's PostgreSQL persistence at the database at `url`."""
+    parsed = make_url(url)
+    host = parsed.host or parsed.query.get("host") or "127.0.0.1"
+    if isinstance(host, tuple):
+        host = host[0]
+    values = {
+        "PERSISTENCE_MODULE": "eventsourcing.postgres",
+        "POSTGRES_DBNAME": parsed.database or "postgres",
+        "POSTGRES_HOST": str(host),
+        "POSTGRES_PORT": str(parsed.port or 5432),
+        "POSTGRES_USER": parsed.username or "postgres",
+        "POSTGRES_PASSWORD": parsed.password or "",
+        "POSTGRES_CREATE_TABLE": "y",
+    }
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
