@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import asyncpg
 
@@ -47,7 +47,8 @@ class Subscription:
         self._batch_size = batch_size
         self._poll_interval = poll_interval
         self._wakeup = asyncio.Event()
-        self._listener: Any = None
+        self._listener: asyncpg.Connection | None = None
+        self._next_listen_attempt = 0.0
         self._closed = False
 
     async def __aenter__(self) -> Subscription:
@@ -66,8 +67,11 @@ class Subscription:
         self._wakeup.set()
 
     async def _listen(self) -> None:
+        """LISTEN on a connection of its own: pooled connections get reset and reclaimed under us."""
+        if self._store.url is None:
+            return  # built from a bare pool: poll only
         try:
-            conn = await self._store.pool.acquire()
+            conn = await asyncpg.connect(self._store.url, timeout=5)
         except Exception as exc:
             log.warning("subscription cannot listen (%s); polling every %ss", exc, self._poll_interval)
             return
@@ -75,24 +79,29 @@ class Subscription:
             await conn.add_listener(sql.NOTIFY_CHANNEL, self._on_notify)
         except Exception as exc:
             log.warning("subscription cannot listen (%s); polling every %ss", exc, self._poll_interval)
-            await self._store.pool.release(conn)
+            conn.terminate()
             return
+        # Events may have been written while nobody listened: read once more before sleeping.
+        self._wakeup.set()
         self._listener = conn
 
     async def _unlisten(self) -> None:
         conn, self._listener = self._listener, None
         if conn is None:
             return
-        with contextlib.suppress(Exception):
-            if not conn.is_closed():
-                await conn.remove_listener(sql.NOTIFY_CHANNEL, self._on_notify)
-        with contextlib.suppress(Exception):
-            await self._store.pool.release(conn)
+        try:
+            await asyncio.wait_for(conn.close(), 2)
+        except Exception:
+            conn.terminate()
 
     async def _ensure_listening(self) -> None:
         conn = self._listener
         if conn is not None and not conn.is_closed():
             return
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._next_listen_attempt:
+            return
+        self._next_listen_attempt = loop.time() + max(self._poll_interval, 1.0)
         await self._unlisten()
         await self._listen()
 

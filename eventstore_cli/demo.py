@@ -16,6 +16,7 @@ from eventstore_cli.common import CommandError, console, run
 
 def register(commands: Any) -> None:
     demo = commands.add_parser("demo", help="run the end-to-end demo (embedded services by default)")
+    demo.add_argument("--smoke", action="store_true", help="only the quick event store check")
     demo.set_defaults(handler=lambda a: run(_demo(a)))
 
 

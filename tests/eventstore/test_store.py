@@ -135,6 +135,8 @@ async def test_same_event_id_with_other_content_is_an_error(store: EventStore) -
         ("ok-1", [ev(), NewEvent("T", {"x": object()})], StreamState.ANY, EventSerializationError),
         ("ok-1", [NewEvent("T", {"x": 2**70})], StreamState.ANY, EventSerializationError),
         ("ok-1", [NewEvent("T", {"x": "nul\x00char"})], StreamState.ANY, EventSerializationError),
+        ("ok-1", [NewEvent("T", {"x": "\ud800"})], StreamState.ANY, EventSerializationError),
+        ("ok-1", [NewEvent("T", metadata={"x": object()})], StreamState.ANY, EventSerializationError),
         ("ok-1", [ev(), NewEvent("T", {"x": "y" * 2_000_000})], StreamState.ANY, EventTooLarge),
     ],
 )

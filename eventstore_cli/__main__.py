@@ -1,0 +1,3 @@
+from eventstore_cli import main
+
+main()
