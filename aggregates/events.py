@@ -1,0 +1,284 @@
+"""Typed domain events: pydantic models stored under a stable type name with a schema version."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, TypeVar, overload
+from uuid import UUID
+
+import orjson
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from aggregates.errors import (
+    EventDecodeError,
+    EventRegistrationError,
+    MissingUpcaster,
+    UnknownEventType,
+)
+from eventstore import NewEvent, RecordedEvent
+
+SCHEMA_VERSION_KEY = "schema_version"
+"""Metadata key holding the schema version an event was written with (absent means 1)."""
+
+Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
+"""Turns the JSON object of one schema version into the JSON object of the next."""
+
+E = TypeVar("E", bound="DomainEvent")
+U = TypeVar("U", bound=Upcaster)
+
+
+class DomainEvent(BaseModel):
+    """Base of every domain event: immutable, stored as its pydantic JSON.
+
+    The stored type name defaults to the class name; pass `event_type="..."` as a class keyword to keep
+    it stable across renames. Bump `version=` when the payload changes shape and register an upcaster
+    from the previous version, so that old stored events still decode.
+    """
+
+    model_config = ConfigDict(frozen=True, ser_json_inf_nan="strings")
+
+    event_type: ClassVar[str] = "DomainEvent"
+    schema_version: ClassVar[int] = 1
+
+    def __init_subclass__(
+        cls, *, event_type: str | None = None, version: int | None = None, **kwargs: Any
+    ) -> None:
+        super().__init_subclass__(**kwargs)
+        name = event_type if event_type is not None else cls.__dict__.get("event_type", cls.__name__)
+        if not isinstance(name, str) or not name or "\x00" in name or len(name) > 255:
+            raise EventRegistrationError(
+                f"{cls.__qualname__}: event type must be a non-empty string, got {name!r}"
+            )
+        cls.event_type = name
+        number = version if version is not None else cls.__dict__.get("schema_version", 1)
+        if isinstance(number, bool) or not isinstance(number, int) or number < 1:
+            raise EventRegistrationError(
+                f"{cls.__qualname__}: schema version must be an int >= 1, got {number!r}"
+            )
+        cls.schema_version = number
+
+
+@dataclass(slots=True)
+class _Entry:
+    cls: type[DomainEvent]
+    upcasters: dict[int, Upcaster] = field(default_factory=dict)
+
+
+def stored_schema_version(recorded: RecordedEvent) -> int:
+    """The schema version an event was written with; events written without one are version 1."""
+    try:
+        meta = orjson.loads(recorded.metadata)
+    except orjson.JSONDecodeError:
+        return 1
+    version = meta.get(SCHEMA_VERSION_KEY, 1) if isinstance(meta, dict) else 1
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise EventDecodeError(
+            recorded.event_type,
+            None,
+            f"metadata {SCHEMA_VERSION_KEY!r} must be an int, got {version!r}",
+            recorded.stream_id,
+            recorded.stream_version,
+        )
+    return version
+
+
+class EventRegistry:
+    """Maps stored type names to event classes and lifts old schema versions to the current one.
+
+    Events at their class's current version decode straight from the stored JSON text (one parse, in
+    pydantic's core); only old versions are parsed to a dict, passed through the upcaster chain
+    v1 -> v2 -> ... and then validated.
+    """
+
+    def __init__(self, *event_types: type[DomainEvent]) -> None:
+        self._entries: dict[str, _Entry] = {}
+        self._orphans: dict[str, dict[int, Upcaster]] = {}
+        self.register(*event_types)
+
+    # -- registration ------------------------------------------------------------------------------
+
+    def register(self, *event_types: type[DomainEvent]) -> None:
+        """Register event classes; registering the same class twice is harmless, two under one name is not."""
+        for cls in event_types:
+            if not (isinstance(cls, type) and issubclass(cls, DomainEvent)) or cls is DomainEvent:
+                raise EventRegistrationError(f"not a DomainEvent subclass: {cls!r}")
+            entry = self._entries.get(cls.event_type)
+            if entry is not None:
+                if entry.cls is not cls:
+                    raise EventRegistrationError(
+                        f"event type {cls.event_type!r} is already registered to {entry.cls.__qualname__};"
+                        f" give {cls.__qualname__} its own name with `event_type=...`"
+                    )
+                continue
+            upcasters = self._orphans.pop(cls.event_type, {})
+            for from_version in upcasters:
+                self._check_step(cls, from_version)
+            self._entries[cls.event_type] = _Entry(cls, upcasters)
+
+    def upcaster(self, event: type[DomainEvent] | str, *, from_version: int) -> Callable[[U], U]:
+        """Decorator form of `add_upcaster`."""
+
+        def decorate(function: U) -> U:
+            self.add_upcaster(event, from_version, function)
+            return function
+
+        return decorate
+
+    def add_upcaster(self, event: type[DomainEvent] | str, from_version: int, upcaster: Upcaster) -> None:
+        """Lift the JSON object of `event` at schema `from_version` to `from_version + 1`."""
+        if isinstance(from_version, bool) or not isinstance(from_version, int) or from_version < 1:
+            raise EventRegistrationError(f"from_version must be an int >= 1, got {from_version!r}")
+        if not callable(upcaster):
+            raise EventRegistrationError(f"upcaster must be callable, got {upcaster!r}")
+        if isinstance(event, str):
+            name = event
+            entry = self._entries.get(name)
+        else:
+            self.register(event)
+            name = event.event_type
+            entry = self._entries[name]
+        if entry is None:
+            steps = self._orphans.setdefault(name, {})
+        else:
+            self._check_step(entry.cls, from_version)
+            steps = entry.upcasters
+        if from_version in steps:
+            raise EventRegistrationError(f"event {name!r} already has an upcaster from v{from_version}")
+        steps[from_version] = upcaster
+
+    @staticmethod
+    def _check_step(cls: type[DomainEvent], from_version: int) -> None:
+        if from_version >= cls.schema_version:
+            raise EventRegistrationError(
+                f"upcaster of {cls.event_type!r} from v{from_version} is not below the current"
+                f" schema version v{cls.schema_version}"
+            )
+
+    # -- lookup ------------------------------------------------------------------------------------
+
+    def __contains__(self, item: object) -> bool:
+        if isinstance(item, str):
+            return item in self._entries
+        if isinstance(item, type) and issubclass(item, DomainEvent):
+            entry = self._entries.get(item.event_type)
+            return entry is not None and entry.cls is item
+        return False
+
+    def event_class(self, event_type: str) -> type[DomainEvent]:
+        entry = self._entries.get(event_type)
+        if entry is None:
+            raise UnknownEventType(event_type)
+        return entry.cls
+
+    @property
+    def event_types(self) -> Mapping[str, type[DomainEvent]]:
+        return {name: entry.cls for name, entry in self._entries.items()}
+
+    # -- encoding ----------------------------------------------------------------------------------
+
+    def encode(
+        self,
+        event: DomainEvent,
+        *,
+        metadata: Mapping[str, Any] | None = None,
+        event_id: UUID | None = None,
+        correlation_id: UUID | str | None = None,
+        causation_id: UUID | str | None = None,
+    ) -> NewEvent:
+        """The `NewEvent` to append; the pydantic JSON goes to the store as is (no second serialization)."""
+        cls = type(event)
+        if not isinstance(event, DomainEvent):
+            raise EventRegistrationError(f"not a DomainEvent: {event!r}")
+        if event.event_type not in self._entries or self._entries[event.event_type].cls is not cls:
+            raise UnknownEventType(cls.event_type)
+        meta: dict[str, Any] = dict(metadata) if metadata else {}
+        meta[SCHEMA_VERSION_KEY] = cls.schema_version
+        data = orjson.Fragment(event.model_dump_json().encode())
+        if event_id is None:
+            return NewEvent(
+                cls.event_type, data, meta, correlation_id=correlation_id, causation_id=causation_id
+            )
+        return NewEvent(
+            cls.event_type,
+            data,
+            meta,
+            event_id=event_id,
+            correlation_id=correlation_id,
+            causation_id=causation_id,
+        )
+
+    # -- decoding ----------------------------------------------------------------------------------
+
+    @overload
+    def decode(self, recorded: RecordedEvent, *, raw_unknown: Literal[False] = False) -> DomainEvent: ...
+
+    @overload
+    def decode(self, recorded: RecordedEvent, *, raw_unknown: bool) -> DomainEvent | RecordedEvent: ...
+
+    def decode(self, recorded: RecordedEvent, *, raw_unknown: bool = False) -> DomainEvent | RecordedEvent:
+        """The current-version event for a stored one.
+
+        An unregistered type raises `UnknownEventType`, or comes back as the `RecordedEvent` itself when
+        `raw_unknown` is set (for tools that show whole streams).
+        """
+        entry = self._entries.get(recorded.event_type)
+        if entry is None:
+            if raw_unknown:
+                return recorded
+            raise UnknownEventType(recorded.event_type, recorded.stream_id, recorded.stream_version)
+        version = stored_schema_version(recorded)
+        cls = entry.cls
+        if version == cls.schema_version:
+            try:
+                return cls.model_validate_json(recorded.data)
+            except ValidationError as exc:
+                raise EventDecodeError(
+                    recorded.event_type, version, _reason(exc), recorded.stream_id, recorded.stream_version
+                ) from None
+        return self._upcast(entry, version, recorded)
+
+    def decode_all(self, records: Iterable[RecordedEvent]) -> list[DomainEvent]:
+        return [self.decode(r) for r in records]
+
+    def _upcast(self, entry: _Entry, version: int, recorded: RecordedEvent) -> DomainEvent:
+        cls = entry.cls
+        where = (recorded.stream_id, recorded.stream_version)
+        if version > cls.schema_version:
+            raise EventDecodeError(
+                recorded.event_type,
+                version,
+                f"stored with a newer schema than this code knows (v{cls.schema_version})",
+                *where,
+            )
+        if version < 1:
+            raise EventDecodeError(recorded.event_type, version, "schema versions start at 1", *where)
+        data: Any = orjson.loads(recorded.data)
+        for step in range(version, cls.schema_version):
+            upcaster = entry.upcasters.get(step)
+            if upcaster is None:
+                raise MissingUpcaster(recorded.event_type, step, *where)
+            if not isinstance(data, dict):
+                raise EventDecodeError(recorded.event_type, step, "payload is not a JSON object", *where)
+            try:
+                data = upcaster(data)
+            except Exception as exc:
+                raise EventDecodeError(
+                    recorded.event_type, step, f"upcaster from v{step} failed: {exc!r}", *where
+                ) from exc
+        try:
+            text = orjson.dumps(data)
+        except (TypeError, orjson.JSONEncodeError) as exc:
+            raise EventDecodeError(
+                recorded.event_type, version, f"upcast result is not JSON: {exc}", *where
+            ) from None
+        try:
+            # JSON mode, like current events: python-mode validation accepts different inputs.
+            return cls.model_validate_json(text)
+        except ValidationError as exc:
+            raise EventDecodeError(recorded.event_type, version, _reason(exc), *where) from None
+
+
+def _reason(exc: ValidationError) -> str:
+    errors = exc.errors(include_url=False, include_input=False)
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in errors)

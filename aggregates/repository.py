@@ -1,0 +1,284 @@
+"""Loading and saving aggregates: optimistic concurrency, snapshots, temporal loads, command retries."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import re
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import datetime
+from typing import Any, Generic, Literal, overload
+from uuid import UUID
+
+import asyncpg
+from pydantic import ValidationError
+
+from aggregates.aggregate import A
+from aggregates.errors import AggregateNotFound, EventRegistrationError, SnapshotError
+from aggregates.events import DomainEvent, EventRegistry
+from eventstore import (
+    CONNECTION_ERRORS,
+    AppendResult,
+    EventStore,
+    EventStoreError,
+    RecordedEvent,
+    UnitOfWork,
+    WrongExpectedVersion,
+    expected_version,
+)
+from eventstore import sql as store_sql
+
+log = logging.getLogger(__name__)
+
+Command = Callable[[A], object | Awaitable[object]]
+"""A function that runs one command on a loaded aggregate (sync or async); its events are then saved."""
+
+# JSON text that PostgreSQL's jsonb refuses: the escaped NUL character.
+_JSON_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+_SNAPSHOT_WRITE_ERRORS: tuple[type[BaseException], ...] = (
+    EventStoreError,
+    asyncpg.PostgresError,
+    *CONNECTION_ERRORS,
+)
+
+
+class Repository(Generic[A]):
+    """Loads aggregates of one class from their streams and saves their pending events.
+
+    A save appends with the aggregate's version as the expected version, so two writers that loaded the
+    same version cannot both succeed: the second gets `WrongExpectedVersion` and writes nothing.
+    """
+
+    def __init__(
+        self, store: EventStore, aggregate_type: type[A], *, registry: EventRegistry | None = None
+    ) -> None:
+        if aggregate_type.category is None or aggregate_type.state_type is None:
+            raise EventRegistrationError(f"{aggregate_type.__qualname__} declares no category")
+        self.store = store
+        self.aggregate_type = aggregate_type
+        self.registry = registry if registry is not None else EventRegistry()
+        self.registry.register(*aggregate_type.event_types())
+
+    def stream_id(self, aggregate_id: str) -> str:
+        return self.aggregate_type.stream_id_for(aggregate_id)
+
+    # -- loading -----------------------------------------------------------------------------------
+
+    async def get(self, aggregate_id: str, *, version: int | None = None, as_of: datetime | None = None) -> A:
+        """The aggregate now, or as it was at stream `version` or at time `as_of` (temporal load).
+
+        Uses the latest snapshot when one matches the aggregate's state schema and is not past the
+        requested version; then reads only the events after it.
+        """
+        cls = self.aggregate_type
+        stream_id = cls.stream_id_for(aggregate_id)
+        if version is not None and as_of is not None:
+            raise ValueError("pass either version or as_of, not both")
+        if as_of is not None:
+            return await self._get_as_of(aggregate_id, stream_id, as_of)
+        if version is not None and (isinstance(version, bool) or not isinstance(version, int) or version < 0):
+            raise ValueError(f"version must be an int >= 0, got {version!r}")
+        aggregate = cls(aggregate_id)
+        start = 0
+        if cls.snapshot_every is not None:
+            start = await self._restore_snapshot(aggregate, stream_id, version) + 1
+        if version is None:
+            records = await self.store.read_stream(stream_id, start)
+        elif version >= start:
+            records = await self.store.read_stream(stream_id, start, limit=version - start + 1)
+        else:
+            records = []
+        last = records[-1].stream_version if records else start - 1
+        if last < 0 or (version is not None and last < version):
+            raise AggregateNotFound(cls.__qualname__, aggregate_id, stream_id, version=version)
+        decode = self.registry.decode
+        aggregate._replay([decode(r) for r in records], last)
+        return aggregate
+
+    async def _get_as_of(self, aggregate_id: str, stream_id: str, as_of: datetime) -> A:
+        if not isinstance(as_of, datetime) or as_of.tzinfo is None:
+            raise ValueError(f"as_of must be a timezone-aware datetime, got {as_of!r}")
+        records = await self.store.read_stream_until(stream_id, as_of)
+        # recorded_at is the writing transaction's start time, so a later version can carry an earlier
+        # time than its predecessor; the state as of `as_of` is the unbroken prefix, never a gapped set.
+        count = 0
+        for record in records:
+            if record.stream_version != count:
+                break
+            count += 1
+        if count == 0:
+            raise AggregateNotFound(self.aggregate_type.__qualname__, aggregate_id, stream_id, as_of=as_of)
+        aggregate = self.aggregate_type(aggregate_id)
+        decode = self.registry.decode
+        aggregate._replay([decode(r) for r in records[:count]], count - 1)
+        return aggregate
+
+    async def _restore_snapshot(self, aggregate: A, stream_id: str, version: int | None) -> int:
+        """Put the matching snapshot's state into `aggregate`; its stream version, or -1 if none fits."""
+        snapshot = await self.store.load_snapshot(stream_id)
+        cls = self.aggregate_type
+        if (
+            snapshot is None
+            or snapshot.snapshot_type != cls.__name__
+            or snapshot.schema_version != cls.snapshot_tag()
+            or (version is not None and snapshot.stream_version > version)
+        ):
+            return -1
+        assert cls.state_type is not None
+        try:
+            aggregate.state = cls.state_type.model_validate_json(snapshot.data)
+        except ValidationError as exc:
+            log.warning(
+                "ignoring unreadable snapshot of %s at version %d: %s",
+                stream_id,
+                snapshot.stream_version,
+                exc,
+            )
+            return -1
+        return snapshot.stream_version
+
+    @overload
+    async def history(
+        self, aggregate_id: str, *, raw_unknown: Literal[False] = False
+    ) -> list[DomainEvent]: ...
+
+    @overload
+    async def history(self, aggregate_id: str, *, raw_unknown: bool) -> list[DomainEvent | RecordedEvent]: ...
+
+    async def history(
+        self, aggregate_id: str, *, raw_unknown: bool = False
+    ) -> list[DomainEvent] | list[DomainEvent | RecordedEvent]:
+        """Every event of the aggregate, decoded; with `raw_unknown`, unregistered types stay raw."""
+        records = await self.store.read_stream(self.stream_id(aggregate_id), 0)
+        if raw_unknown:
+            return [self.registry.decode(r, raw_unknown=True) for r in records]
+        return [self.registry.decode(r) for r in records]
+
+    # -- saving ------------------------------------------------------------------------------------
+
+    async def save(
+        self,
+        aggregate: A,
+        *,
+        uow: UnitOfWork | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        correlation_id: UUID | str | None = None,
+        causation_id: UUID | str | None = None,
+    ) -> AppendResult | None:
+        """Append the pending events, expecting the stream at `aggregate.version`; None if none pending.
+
+        With `uow`, the append (and a due snapshot) joins that transaction, so an application can save
+        several aggregates and its own rows atomically. The aggregate counts as saved as soon as the
+        append returns: discard it if the unit of work then rolls back.
+        """
+        if not isinstance(aggregate, self.aggregate_type):
+            raise TypeError(
+                f"this repository saves {self.aggregate_type.__qualname__}, got {type(aggregate).__name__}"
+            )
+        pending = aggregate._pending
+        if not pending:
+            return None
+        encode = self.registry.encode
+        events = [
+            encode(e, metadata=metadata, correlation_id=correlation_id, causation_id=causation_id)
+            for e in pending
+        ]
+        before = aggregate.version
+        after = before + len(events)
+        snapshot = self._snapshot_if_due(aggregate, before, after)
+        stream_id = aggregate.stream_id
+        if uow is None:
+            result = await self.store.append(stream_id, events, expected_version(before))
+        else:
+            result = await uow.append(stream_id, events, expected_version(before))
+        aggregate._mark_saved(result.next_expected_version)
+        if snapshot is not None:
+            await self._write_snapshot(stream_id, result.next_expected_version, snapshot, uow)
+        return result
+
+    def _snapshot_if_due(self, aggregate: A, before: int, after: int) -> str | None:
+        """The state as JSON when this save crosses a multiple of `snapshot_every`, serialized up front."""
+        every = self.aggregate_type.snapshot_every
+        if every is None or (after + 1) // every == (before + 1) // every:
+            return None
+        data: str = aggregate.state.model_dump_json()
+        if _JSON_NUL.search(data):
+            log.warning("not snapshotting %s: PostgreSQL cannot store the NUL character", aggregate.stream_id)
+            return None
+        return data
+
+    async def _write_snapshot(self, stream_id: str, version: int, data: str, uow: UnitOfWork | None) -> None:
+        """Snapshots are a cache: failing to write one never fails a save whose events are stored."""
+        cls = self.aggregate_type
+        try:
+            if uow is None:
+                await self.store.save_snapshot(stream_id, cls.__name__, cls.snapshot_tag(), version, data)
+            else:
+                async with uow.connection.transaction():  # a savepoint: a failure keeps the unit of work
+                    await uow.connection.execute(
+                        store_sql.SAVE_SNAPSHOT, stream_id, cls.__name__, cls.snapshot_tag(), version, data
+                    )
+        except _SNAPSHOT_WRITE_ERRORS as exc:
+            log.warning("snapshot of %s at version %d not saved: %s", stream_id, version, exc)
+
+    async def take_snapshot(self, aggregate: A) -> None:
+        """Snapshot a saved aggregate now (e.g. after a state schema change), not at the next interval."""
+        cls = self.aggregate_type
+        if not isinstance(aggregate, cls):
+            raise TypeError(f"this repository snapshots {cls.__qualname__}, got {type(aggregate).__name__}")
+        if cls.snapshot_every is None:
+            raise SnapshotError(f"{cls.__qualname__} does not use snapshots: declare snapshot_every=N")
+        if aggregate._pending or aggregate.version < 0:
+            raise SnapshotError(f"{aggregate.stream_id}: save the aggregate before snapshotting it")
+        data: str = aggregate.state.model_dump_json()
+        if _JSON_NUL.search(data):
+            raise SnapshotError(f"{aggregate.stream_id}: PostgreSQL cannot store the NUL character")
+        await self.store.save_snapshot(
+            aggregate.stream_id, cls.__name__, cls.snapshot_tag(), aggregate.version, data
+        )
+
+    # -- commands ----------------------------------------------------------------------------------
+
+    async def execute(
+        self,
+        aggregate_id: str,
+        command: Command[A],
+        *,
+        retries: int = 3,
+        create: bool = False,
+        metadata: Mapping[str, Any] | None = None,
+        correlation_id: UUID | str | None = None,
+        causation_id: UUID | str | None = None,
+    ) -> A:
+        """Load, run `command`, save; on a concurrent write reload and run it again, at most `retries` times.
+
+        The command must decide from the aggregate alone, since it may run more than once. With
+        `create`, a missing aggregate starts new instead of raising `AggregateNotFound`. After the last
+        retry the `WrongExpectedVersion` propagates; errors raised by the command propagate at once.
+        """
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise ValueError(f"retries must be an int >= 0, got {retries!r}")
+        attempt = 0
+        while True:
+            try:
+                aggregate = await self.get(aggregate_id)
+            except AggregateNotFound:
+                if not create:
+                    raise
+                aggregate = self.aggregate_type(aggregate_id)
+            outcome = command(aggregate)
+            if inspect.isawaitable(outcome):
+                await outcome
+            try:
+                await self.save(
+                    aggregate, metadata=metadata, correlation_id=correlation_id, causation_id=causation_id
+                )
+            except WrongExpectedVersion as exc:
+                if attempt >= retries:
+                    raise
+                attempt += 1
+                log.debug(
+                    "%s: concurrent write (%s); retry %d of %d", aggregate.stream_id, exc, attempt, retries
+                )
+                continue
+            return aggregate
