@@ -1,0 +1,98 @@
+"""What an operator does to an outbox: look at it, put dead messages back, prune published ones."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from uuid import UUID
+
+import asyncpg
+
+from outbox import sql
+
+
+@dataclass(frozen=True, slots=True)
+class TopicStatus:
+    topic: str
+    pending: int
+    published: int
+    dead: int
+    oldest_pending: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class RelayStatus:
+    relay_id: str
+    started_at: datetime
+    expires_at: datetime
+    slots: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeadMessage:
+    id: int
+    topic: str
+    key: str
+    event_id: UUID
+    event_type: str
+    stream_id: str
+    stream_version: int
+    attempts: int
+    last_error: str | None
+    dead_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxStatus:
+    topics: list[TopicStatus]
+    relays: list[RelayStatus]
+    dead: list[DeadMessage]
+
+    @property
+    def pending(self) -> int:
+        return sum(t.pending for t in self.topics)
+
+    @property
+    def published(self) -> int:
+        return sum(t.published for t in self.topics)
+
+    @property
+    def dead_count(self) -> int:
+        return sum(t.dead for t in self.topics)
+
+
+async def status(pool: asyncpg.Pool, *, dead_limit: int = 20) -> OutboxStatus:
+    """Counts per topic, the running relays with their slots, and the first dead messages."""
+    async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+        topics = [TopicStatus(*r) for r in await conn.fetch(sql.STATUS_BY_TOPIC)]
+        relays = [RelayStatus(*r) for r in await conn.fetch(sql.RELAYS)]
+        dead = [DeadMessage(*r) for r in await conn.fetch(sql.DEAD_MESSAGES, dead_limit)]
+    return OutboxStatus(topics, relays, dead)
+
+
+async def retry_dead(
+    pool: asyncpg.Pool, *, ids: Sequence[int] | None = None, topic: str | None = None
+) -> list[int]:
+    """Put dead messages (all, or those with `ids` / on `topic`) back in line; wake the relays."""
+    if ids is not None and (isinstance(ids, str | bytes) or not all(isinstance(i, int) for i in ids)):
+        raise ValueError("ids must be a sequence of integer message ids")
+    async with pool.acquire() as conn:
+        async with conn.transaction():
+            rows = await conn.fetch(sql.RETRY_DEAD, list(ids) if ids is not None else None, topic)
+        if rows:
+            await conn.execute(sql.NOTIFY)
+    return sorted(r[0] for r in rows)
+
+
+async def prune_published(pool: asyncpg.Pool, older_than: float, *, chunk: int = 5000) -> int:
+    """Delete messages published more than `older_than` seconds ago, in chunks; return how many."""
+    if older_than < 0:
+        raise ValueError("older_than must not be negative")
+    total = 0
+    while True:
+        result = await pool.execute(sql.PRUNE_PUBLISHED, older_than, chunk)
+        deleted = int(result.split()[-1])
+        total += deleted
+        if deleted < chunk:
+            return total

@@ -1,0 +1,511 @@
+"""The relay: publishes outbox messages to Kafka in order per key, at least once.
+
+Work is split by slot (a key always hashes to the same slot) and each slot is leased to one relay at a
+time, so two relays never publish messages of one key concurrently. Within its slots a relay sends
+messages in outbox order, waits for the broker's acknowledgement (acks=all), and only then marks them
+published: a crash between the two publishes them again on restart (at least once, never lost).
+
+Failures are split in two. When the broker is unreachable (connection refused, timeouts, leader
+elections: aiokafka's retriable errors) nothing is counted against the messages: the relay backs off
+and resumes where it stopped. When the broker refuses a message (too large, invalid, not authorized)
+the message's attempts go up and it is retried after a backoff; while it waits, later messages of the
+same key wait too, so the key's order holds. After `max_attempts` it moves to the dead-letter state,
+and from then on later messages of its key flow again: a message the broker keeps refusing must not
+stop its key for good (progress over order). `retry_dead` puts it back; it is then published after the
+messages that overtook it, with its original id, time and stream version so a consumer can tell.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import socket
+import ssl
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import asyncpg
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError, KafkaTimeoutError, ProducerClosed
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+
+from eventstore import CONNECTION_ERRORS, DatabaseUnavailable, asyncpg_dsn
+from eventstore import sql as store_sql
+from outbox import sql
+from outbox.cloudevents import kafka_headers
+from outbox.errors import InvalidSettings
+from outbox.operations import prune_published
+from outbox.schema import SLOT_COUNT
+
+log = logging.getLogger(__name__)
+
+_DATABASE_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, DatabaseUnavailable)
+_LISTEN_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, asyncpg.PostgresError)
+
+
+def _default_relay_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+class KafkaSettings(BaseModel):
+    """How the relay reaches Kafka. Everything here is passed through to `aiokafka.AIOKafkaProducer`.
+
+    `enable_idempotence` is for real Kafka clusters: the embedded `tansu` broker used by the tests
+    rejects InitProducerId, so the tests run without it (acks=all, at least once, duplicates possible
+    after a crash; consumers use the `Inbox` to skip them).
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True, extra="forbid")
+
+    bootstrap_servers: str = Field(min_length=1)
+    client_id: str = "eventstore-outbox"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    ssl_context: ssl.SSLContext | None = None
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "GSSAPI", "OAUTHBEARER"] = "PLAIN"
+    sasl_plain_username: str | None = None
+    sasl_plain_password: SecretStr | None = None
+    enable_idempotence: bool = False
+    compression_type: Literal["gzip", "snappy", "lz4", "zstd"] | None = None
+    max_request_size: int = Field(default=1024 * 1024, gt=0)
+    max_batch_size: int = Field(default=256 * 1024, gt=0)
+    linger_ms: int = Field(default=0, ge=0)
+    extra: dict[str, Any] = Field(default_factory=dict)
+    """Further AIOKafkaProducer keyword arguments, passed verbatim."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> KafkaSettings:
+        if self.security_protocol in ("SSL", "SASL_SSL") and self.ssl_context is None:
+            raise ValueError(f"security_protocol {self.security_protocol} needs an ssl_context")
+        needs_password = self.security_protocol.startswith("SASL") and self.sasl_mechanism in (
+            "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"
+        )
+        if needs_password and (self.sasl_plain_username is None or self.sasl_plain_password is None):
+            raise ValueError(f"SASL {self.sasl_mechanism} needs sasl_plain_username and password")
+        reserved = {"acks", "bootstrap_servers", "request_timeout_ms", "transactional_id"} & set(self.extra)
+        if reserved:
+            raise ValueError(f"extra must not set {', '.join(sorted(reserved))}: the relay owns them")
+        return self
+
+    def producer_options(self, request_timeout_ms: int) -> dict[str, Any]:
+        options: dict[str, Any] = {
+            "bootstrap_servers": self.bootstrap_servers,
+            "client_id": self.client_id,
+            "acks": "all",
+            "request_timeout_ms": request_timeout_ms,
+            "security_protocol": self.security_protocol,
+            "ssl_context": self.ssl_context,
+            "sasl_mechanism": self.sasl_mechanism,
+            "sasl_plain_username": self.sasl_plain_username,
+            "sasl_plain_password": (
+                self.sasl_plain_password.get_secret_value() if self.sasl_plain_password else None
+            ),
+            "enable_idempotence": self.enable_idempotence,
+            "compression_type": self.compression_type,
+            "max_request_size": self.max_request_size,
+            "max_batch_size": self.max_batch_size,
+            "linger_ms": self.linger_ms,
+        }
+        options.update(self.extra)
+        return options
+
+
+class RelaySettings(BaseModel):
+    """Tuning and failure policy of one relay process."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    relay_id: str = Field(default_factory=_default_relay_id, min_length=1)
+    """Unique among running relays. A restarted relay with the same id takes its slots back at once."""
+    batch_size: int = Field(default=1000, gt=0)
+    """Messages fetched, sent and acknowledged per round; also the bound on messages in flight."""
+    poll_interval: float = Field(default=1.0, gt=0)
+    """Longest sleep without a notification (NOTIFY lost, listener connection down)."""
+    send_timeout: float = Field(default=5.0, gt=0)
+    """The producer's request timeout: how long the broker may take to acknowledge."""
+    lease_ttl: float = Field(default=30.0, gt=0)
+    """A slot lease lasts this long unless renewed; a crashed relay's slots move on after it."""
+    max_attempts: int = Field(default=5, gt=0)
+    """Refusals by the broker before a message is dead-lettered."""
+    retry_backoff: float = Field(default=1.0, ge=0)
+    max_retry_backoff: float = Field(default=60.0, ge=0)
+    broker_backoff: float = Field(default=0.2, gt=0)
+    max_broker_backoff: float = Field(default=5.0, gt=0)
+    retention: float | None = Field(default=24 * 3600.0, ge=0)
+    """Seconds a published message is kept before pruning; None keeps them."""
+    prune_interval: float = Field(default=60.0, gt=0)
+
+    @model_validator(mode="after")
+    def _lease_outlives_a_round(self) -> RelaySettings:
+        if self.lease_ttl < self.send_margin + 2 * self.renew_interval:
+            raise ValueError(
+                f"lease_ttl {self.lease_ttl}s is too short for send_timeout {self.send_timeout}s: "
+                f"it must be at least {self.send_margin + 2 * self.renew_interval:.1f}s"
+            )
+        return self
+
+    @property
+    def send_margin(self) -> float:
+        """Lease time a slot must have left before its messages are sent.
+
+        A round waits for metadata (≤ send_timeout), then for acknowledgements (aiokafka expires a
+        queued batch after send_timeout and the request after another), so three timeouts bound it.
+        """
+        return 3 * self.send_timeout + 1.0
+
+    @property
+    def renew_interval(self) -> float:
+        return self.lease_ttl / 6
+
+
+@dataclass
+class RelayStats:
+    published: int = 0
+    refused: int = 0
+    dead: int = 0
+    rounds: int = 0
+    broker_errors: int = 0
+    database_errors: int = 0
+    max_in_flight: int = 0
+
+
+class _BrokerDown(Exception):
+    """The broker could not be reached; nothing is held against the messages."""
+
+
+def _unreachable(exc: BaseException) -> bool:
+    if isinstance(exc, KafkaError):
+        return bool(exc.retriable) or isinstance(exc, KafkaTimeoutError | ProducerClosed)
+    return isinstance(exc, OSError | TimeoutError)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class Relay:
+    """One relay process. Use as `async with Relay(url, KafkaSettings(...)) as relay:`.
+
+    Several relays may run at once: each takes a fair share of the slots, and a stopped or crashed
+    relay's slots move to the others (at once on `stop()`, after `lease_ttl` on a crash).
+    """
+
+    def __init__(
+        self,
+        database_url: str,
+        kafka: KafkaSettings | str,
+        settings: RelaySettings | None = None,
+    ) -> None:
+        self.kafka = KafkaSettings(bootstrap_servers=kafka) if isinstance(kafka, str) else kafka
+        self.settings = settings or RelaySettings()
+        self.relay_id = self.settings.relay_id
+        self.stats = RelayStats()
+        self._url = asyncpg_dsn(database_url)
+        self._pool: asyncpg.Pool | None = None
+        self._producer: AIOKafkaProducer | None = None
+        self._listener: asyncpg.Connection | None = None
+        self._deadlines: dict[int, float] = {}
+        self._lease_lock = asyncio.Lock()
+        self._wakeup = asyncio.Event()
+        self._stopping = False
+        self._stop_event = asyncio.Event()
+        self._main_task: asyncio.Task[None] | None = None
+        self._renew_task: asyncio.Task[None] | None = None
+        self._next_rebalance = 0.0
+        self._next_prune = 0.0
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        try:
+            self._pool = await asyncpg.create_pool(
+                self._url, min_size=1, max_size=3, max_inactive_connection_lifetime=60
+            )
+        except CONNECTION_ERRORS as exc:
+            raise DatabaseUnavailable(f"relay cannot connect to PostgreSQL: {exc}") from None
+        slots = await self._pool.fetchval(sql.SLOT_COUNT)
+        if slots != SLOT_COUNT:
+            await self._pool.close()
+            raise InvalidSettings(f"outbox_slots has {slots} rows, this code expects {SLOT_COUNT}")
+        self._stopping = False
+        self._stop_event.clear()
+        self._main_task = asyncio.create_task(self._main(), name=f"outbox-relay-{self.relay_id}")
+        self._renew_task = asyncio.create_task(self._renew_forever(), name=f"outbox-lease-{self.relay_id}")
+
+    async def stop(self) -> None:
+        """Finish the round in progress, hand the slots back, close everything."""
+        self._stopping = True
+        self._stop_event.set()
+        self._wakeup.set()
+        for task in (self._main_task, self._renew_task):
+            if task is not None:
+                if task is self._renew_task:
+                    task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._main_task = self._renew_task = None
+        if self._pool is not None:
+            with contextlib.suppress(*CONNECTION_ERRORS):
+                async with self._pool.acquire() as conn, conn.transaction():
+                    await conn.execute(sql.RELEASE_ALL_SLOTS, self.relay_id)
+                    await conn.execute(sql.UNREGISTER_RELAY, self.relay_id)
+        self._deadlines.clear()
+        await self._close_producer()
+        await self._unlisten()
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+    async def __aenter__(self) -> Relay:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def wait(self) -> None:
+        """Run until stopped (or until the relay fails in a way it cannot recover from)."""
+        if self._main_task is None:
+            raise RuntimeError("Relay is not started")
+        await asyncio.shield(self._main_task)
+
+    def wake(self) -> None:
+        self._wakeup.set()
+
+    @property
+    def owned_slots(self) -> list[int]:
+        return sorted(self._deadlines)
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise RuntimeError("Relay is not started")
+        return self._pool
+
+    # -- the loop ----------------------------------------------------------------------------------
+
+    async def _main(self) -> None:
+        broker_delay = self.settings.broker_backoff
+        db_delay = 0.05
+        while not self._stopping:
+            try:
+                now = time.monotonic()
+                if now >= self._next_rebalance:
+                    await self._rebalance()
+                    self._next_rebalance = now + self.settings.renew_interval
+                if self.settings.retention is not None and now >= self._next_prune:
+                    await prune_published(self.pool, self.settings.retention)
+                    self._next_prune = now + self.settings.prune_interval
+                sent = await self._round()
+                broker_delay = self.settings.broker_backoff
+                db_delay = 0.05
+                if sent == 0:
+                    await self._idle()
+            except _BrokerDown as exc:
+                self.stats.broker_errors += 1
+                log.warning("broker unavailable (%s); retrying in %.1fs", exc, broker_delay)
+                await self._close_producer()
+                await self._sleep(broker_delay)
+                broker_delay = min(broker_delay * 2, self.settings.max_broker_backoff)
+            except _DATABASE_ERRORS as exc:
+                self.stats.database_errors += 1
+                log.warning("database unavailable (%s); retrying in %.2fs", exc, db_delay)
+                await self._sleep(db_delay)
+                db_delay = min(db_delay * 2, 2.0)
+            except Exception:
+                log.exception("relay round failed; retrying in %.1fs", self.settings.max_broker_backoff)
+                await self._sleep(self.settings.max_broker_backoff)
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop_event.wait(), seconds)
+
+    async def _idle(self) -> None:
+        """Sleep until a NOTIFY, the poll interval, or the next lease check, whichever comes first."""
+        await self._listen()
+        timeout = min(self.settings.poll_interval, max(self._next_rebalance - time.monotonic(), 0.0))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wakeup.wait(), timeout)
+
+    def _usable_slots(self) -> list[int]:
+        """Slots whose lease outlasts a whole round, so no send can outlive the lease."""
+        horizon = time.monotonic() + self.settings.send_margin
+        return [slot for slot, deadline in self._deadlines.items() if deadline > horizon]
+
+    async def _round(self) -> int:
+        slots = self._usable_slots()
+        if not slots:
+            return 0
+        self._wakeup.clear()
+        rows = await self.pool.fetch(sql.FETCH_PENDING, slots, self.settings.batch_size)
+        if not rows:
+            return 0
+        self.stats.rounds += 1
+        producer = await self._ensure_producer()
+        usable = set(self._usable_slots())
+        held: set[str] = set()  # keys whose later messages must wait for an earlier one
+        sent: list[tuple[asyncpg.Record, asyncio.Future[Any]]] = []
+        refused: list[tuple[asyncpg.Record, BaseException]] = []
+        down: BaseException | None = None
+        for row in rows:
+            (_id, slot, topic, key, data, event_id, event_type, source, stream_id, stream_version,
+             correlation_id, causation_id, time_text, attempts) = row
+            if slot not in usable or key in held:
+                continue
+            if attempts:
+                # A retry goes out alone for its key: should it fail again, nothing of the key overtook it.
+                held.add(key)
+            headers = kafka_headers(
+                id=event_id, type=event_type, source=source, time=time_text, subject=stream_id,
+                correlation_id=correlation_id, causation_id=causation_id, stream_version=stream_version,
+            )
+            try:
+                future = await producer.send(topic, data.encode(), key=key.encode(), headers=headers)
+            except KafkaError as exc:
+                if _unreachable(exc):
+                    down = exc
+                    break
+                refused.append((row, exc))
+                held.add(key)
+                continue
+            sent.append((row, future))
+        self.stats.max_in_flight = max(self.stats.max_in_flight, len(sent))
+        results = await asyncio.gather(*(f for _, f in sent), return_exceptions=True)
+        published: list[int] = []
+        for (row, _), result in zip(sent, results, strict=True):
+            if not isinstance(result, BaseException):
+                published.append(row[0])
+            elif _unreachable(result):
+                down = down or result
+            else:
+                refused.append((row, result))
+        if published:
+            await self.pool.execute(sql.MARK_PUBLISHED, published, self.relay_id)
+            self.stats.published += len(published)
+        if refused:
+            await self._record_refusals(refused)
+        if down is not None:
+            raise _BrokerDown(_describe(down)) from down
+        return len(sent) + len(refused)
+
+    async def _record_refusals(self, refused: Sequence[tuple[asyncpg.Record, BaseException]]) -> None:
+        s = self.settings
+        delays = [
+            min(s.retry_backoff * 2 ** row["attempts"], s.max_retry_backoff) for row, _ in refused
+        ]
+        rows = await self.pool.fetch(
+            sql.RECORD_FAILURES,
+            [row[0] for row, _ in refused],
+            [_describe(exc) for _, exc in refused],
+            delays,
+            s.max_attempts,
+        )
+        dead = sum(1 for r in rows if r[1])
+        self.stats.refused += len(refused)
+        self.stats.dead += dead
+        for row, exc in refused:
+            log.warning("broker refused outbox message %s (key %r, attempt %d): %s",
+                        row[0], row[3], row["attempts"] + 1, _describe(exc))
+        if dead:
+            log.error("%d outbox message(s) moved to the dead-letter state", dead)
+
+    # -- producer ----------------------------------------------------------------------------------
+
+    async def _ensure_producer(self) -> AIOKafkaProducer:
+        if self._producer is not None:
+            return self._producer
+        producer = AIOKafkaProducer(
+            **self.kafka.producer_options(request_timeout_ms=int(self.settings.send_timeout * 1000))
+        )
+        try:
+            await producer.start()
+        except KafkaError as exc:
+            with contextlib.suppress(Exception):
+                await producer.stop()
+            raise _BrokerDown(_describe(exc)) from exc
+        self._producer = producer
+        return producer
+
+    async def _close_producer(self) -> None:
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(producer.stop(), 2 * self.settings.send_timeout)
+
+    # -- leases ------------------------------------------------------------------------------------
+
+    async def _rebalance(self) -> None:
+        """Heartbeat, renew, then move towards a fair share: ceil(slots / live relays).
+
+        Runs between rounds only, so a slot is never released while its messages are in flight.
+        """
+        ttl = self.settings.lease_ttl
+        async with self._lease_lock:
+            started = time.monotonic()
+            async with self.pool.acquire() as conn, conn.transaction():
+                await conn.execute(sql.HEARTBEAT, self.relay_id, ttl)
+                await conn.execute(sql.FORGET_EXPIRED_RELAYS)
+                live = int(await conn.fetchval(sql.LIVE_RELAYS))
+                owned = {r[0] for r in await conn.fetch(sql.RENEW_LEASES, self.relay_id, ttl)}
+                share = math.ceil(SLOT_COUNT / max(live, 1))
+                if len(owned) > share:
+                    extra = sorted(owned)[share:]
+                    await conn.execute(sql.RELEASE_SLOTS, self.relay_id, extra)
+                    owned -= set(extra)
+                elif len(owned) < share:
+                    gained = await conn.fetch(sql.ACQUIRE_SLOTS, self.relay_id, ttl, share - len(owned))
+                    owned |= {r[0] for r in gained}
+            self._deadlines = dict.fromkeys(owned, started + ttl)
+
+    async def _renew(self) -> None:
+        ttl = self.settings.lease_ttl
+        async with self._lease_lock:
+            started = time.monotonic()
+            async with self.pool.acquire() as conn, conn.transaction():
+                await conn.execute(sql.HEARTBEAT, self.relay_id, ttl)
+                renewed = {r[0] for r in await conn.fetch(sql.RENEW_LEASES, self.relay_id, ttl)}
+            lost = set(self._deadlines) - renewed
+            if lost:
+                log.warning("lost the lease of slot(s) %s to another relay", sorted(lost))
+            self._deadlines = dict.fromkeys(renewed, started + ttl)
+
+    async def _renew_forever(self) -> None:
+        """Keeps leases alive independently of the rounds, which may be slow while the broker is down."""
+        while True:
+            await asyncio.sleep(self.settings.renew_interval)
+            try:
+                await self._renew()
+            except _DATABASE_ERRORS as exc:
+                log.warning("cannot renew slot leases (%s); they lapse unless renewed in time", exc)
+            except Exception:
+                log.exception("lease renewal failed")
+
+    # -- notifications -----------------------------------------------------------------------------
+
+    def _on_notify(self, *_: object) -> None:
+        self._wakeup.set()
+
+    async def _listen(self) -> None:
+        if self._listener is not None and not self._listener.is_closed():
+            return
+        await self._unlisten()
+        try:
+            conn = await asyncpg.connect(self._url, timeout=self.settings.poll_interval + 1)
+            await conn.add_listener(store_sql.NOTIFY_CHANNEL, self._on_notify)
+            await conn.add_listener(sql.NOTIFY_CHANNEL, self._on_notify)
+        except _LISTEN_ERRORS as exc:
+            log.debug("relay cannot listen (%s); polling every %ss", exc, self.settings.poll_interval)
+            return
+        self._listener = conn
+
+    async def _unlisten(self) -> None:
+        conn, self._listener = self._listener, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.close(timeout=1)

@@ -1,0 +1,82 @@
+"""The outbox's tables, registered on the event store's metadata so one Alembic environment owns them all."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+from eventstore.schema import metadata
+
+SLOT_COUNT = 64
+"""Messages are spread over this many slots by key; a slot is leased to one relay at a time.
+
+Fixed, because a key must always land in the same slot: changing it would let two relays hold one key.
+Migration 0003 creates exactly these slot rows.
+"""
+
+_PENDING = "published_at IS NULL AND dead_at IS NULL"
+
+outbox = sa.Table(
+    "outbox",
+    metadata,
+    sa.Column("id", sa.BigInteger, sa.Identity(always=False), primary_key=True),
+    sa.Column("slot", sa.Integer, nullable=False),
+    sa.Column("topic", sa.Text, nullable=False),
+    sa.Column("key", sa.Text, nullable=False),
+    sa.Column("event_id", sa.Uuid, nullable=False),
+    sa.Column("event_type", sa.Text, nullable=False),
+    sa.Column("source", sa.Text, nullable=False),
+    sa.Column("stream_id", sa.Text, nullable=False),
+    sa.Column("stream_version", sa.BigInteger, nullable=False),
+    sa.Column("data", sa.Text, nullable=False),
+    sa.Column("correlation_id", sa.Text, nullable=True),
+    sa.Column("causation_id", sa.Text, nullable=True),
+    sa.Column("recorded_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default=sa.text("0")),
+    sa.Column("next_attempt_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("last_error", sa.Text, nullable=True),
+    sa.Column("published_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("published_by", sa.Text, nullable=True),
+    sa.Column("dead_at", sa.DateTime(timezone=True), nullable=True),
+    sa.UniqueConstraint("event_id", "topic", name="outbox_event_topic_key"),
+    sa.CheckConstraint(f"slot >= 0 AND slot < {SLOT_COUNT}", name="outbox_slot_range"),
+    sa.CheckConstraint("attempts >= 0", name="outbox_attempts_positive"),
+    sa.Index("outbox_pending_idx", "id", postgresql_where=sa.text(_PENDING)),
+    sa.Index(
+        "outbox_backoff_idx",
+        "slot",
+        "key",
+        "id",
+        postgresql_where=sa.text(f"{_PENDING} AND next_attempt_at IS NOT NULL"),
+    ),
+    sa.Index("outbox_published_idx", "published_at", postgresql_where=sa.text("published_at IS NOT NULL")),
+    sa.Index("outbox_dead_idx", "id", postgresql_where=sa.text("dead_at IS NOT NULL")),
+    comment="Messages to publish, written in the transaction of the events that cause them.",
+)
+
+outbox_slots = sa.Table(
+    "outbox_slots",
+    metadata,
+    sa.Column("slot", sa.Integer, primary_key=True),
+    sa.Column("owner", sa.Text, nullable=True),
+    sa.Column("lease_until", sa.DateTime(timezone=True), nullable=True),
+    comment="Which relay may publish each slot's messages, and until when.",
+)
+
+outbox_relays = sa.Table(
+    "outbox_relays",
+    metadata,
+    sa.Column("relay_id", sa.Text, primary_key=True),
+    sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("started_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.text("now()")),
+    comment="Running relays, by heartbeat: each takes a fair share of the slots.",
+)
+
+inbox = sa.Table(
+    "inbox",
+    metadata,
+    sa.Column("consumer", sa.Text, primary_key=True),
+    sa.Column("message_id", sa.Text, primary_key=True),
+    sa.Column("handled_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.text("now()")),
+    sa.Index("inbox_handled_idx", "handled_at"),
+    comment="Message ids a consumer has handled, recorded in the transaction of its effect.",
+)
