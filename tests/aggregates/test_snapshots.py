@@ -1,0 +1,230 @@
+"""Snapshots: cadence, tail-only loads, stale and unreadable snapshots ignored, atomic with a unit of work."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+
+from aggregates import Aggregate, AggregateNotFound, DomainEvent, Repository, SnapshotError, applies
+from eventstore import Direction, EventStore, RecordedEvent
+from tests.aggregates.domain import Account, SnapshottedAccount
+
+
+class RecordingStore(EventStore):
+    """The real store, noting which stream versions each load actually read."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.reads: list[tuple[int | None, int]] = []
+
+    async def read_stream(
+        self,
+        stream_id: str,
+        from_version: int | None = None,
+        *,
+        direction: Direction = Direction.FORWARDS,
+        limit: int | None = None,
+    ) -> list[RecordedEvent]:
+        events = await super().read_stream(stream_id, from_version, direction=direction, limit=limit)
+        self.reads.append((from_version, len(events)))
+        return events
+
+
+@pytest.fixture
+async def recording(database_url: str) -> AsyncIterator[RecordingStore]:
+    async with RecordingStore(database_url) as store:
+        yield store
+
+
+def deposits(account: Account, count: int) -> None:
+    for _ in range(count):
+        account.deposit(1)
+
+
+async def test_snapshots_every_n_events_and_loads_read_only_the_tail(recording: RecordingStore) -> None:
+    accounts = Repository(recording, SnapshottedAccount)
+    account = SnapshottedAccount("1")
+    account.open("ann")
+    deposits(account, 3)
+    await accounts.save(account)  # versions 0..3: four events, no snapshot yet
+    assert await recording.load_snapshot("account-1") is None
+
+    deposits(account, 1)
+    await accounts.save(account)  # version 4: the fifth event
+    snapshot = await recording.load_snapshot("account-1")
+    assert snapshot is not None and snapshot.stream_version == 4
+    assert (
+        snapshot.snapshot_type == "SnapshottedAccount" and snapshot.schema_version == SnapshottedAccount.snapshot_tag()
+    )
+
+    deposits(account, 7)
+    await accounts.save(account)  # versions 5..11 cross 10: snapshot of the state after the save
+    snapshot = await recording.load_snapshot("account-1")
+    assert snapshot is not None and snapshot.stream_version == 11
+
+    deposits(account, 2)
+    await accounts.save(account)  # versions 12, 13: no new interval crossed
+    snapshot = await recording.load_snapshot("account-1")
+    assert snapshot is not None and snapshot.stream_version == 11
+
+    recording.reads.clear()
+    loaded = await accounts.get("1")
+    assert recording.reads == [(12, 2)]  # only the two events after the snapshot were read
+    assert loaded.version == 13 and loaded.state.balance == 13
+
+    full = await Repository(recording, Account).get("1")  # same stream, no snapshots: full replay
+    assert recording.reads[-1] == (0, 14)
+    assert full.state == loaded.state and full.version == loaded.version
+
+
+async def test_temporal_loads_use_only_snapshots_not_past_the_version(recording: RecordingStore) -> None:
+    accounts = Repository(recording, SnapshottedAccount)
+    account = SnapshottedAccount("1")
+    account.open("ann")
+    deposits(account, 13)
+    await accounts.save(account)  # snapshot at 13
+    recording.reads.clear()
+    assert (await accounts.get("1", version=13)).state.balance == 13
+    assert (await accounts.get("1", version=3)).state.balance == 3
+    assert recording.reads == [(0, 4)]  # version 13 came from the snapshot alone; version 3 replayed
+    with pytest.raises(AggregateNotFound, match="at version 14"):
+        await accounts.get("1", version=14)
+
+
+def counter_class(state: type[BaseModel], **options: Any) -> type[Aggregate[Any]]:
+    class Counted(DomainEvent):
+        by: int
+
+    class Counter(Aggregate[state], category="counter", snapshot_every=2, **options):  # type: ignore[valid-type, misc]
+        def count(self, by: int) -> None:
+            self._emit(Counted(by=by))
+
+        @applies(Counted)
+        def _counted(self, event: Counted) -> None:
+            self.state.n += event.by
+            if "last" in type(self.state).model_fields:
+                self.state.last = event.by
+
+    return Counter
+
+
+class CountV1(BaseModel):
+    n: int = 0
+
+
+class CountV2(BaseModel):
+    n: int = 0
+    last: int = 0
+
+
+async def test_a_changed_state_class_ignores_stale_snapshots(recording: RecordingStore) -> None:
+    old, new = counter_class(CountV1), counter_class(CountV2)
+    assert old.__name__ == new.__name__ and old.snapshot_tag() != new.snapshot_tag()
+    old_counters: Repository[Any] = Repository(recording, old)
+    counter = old("1")
+    for by in (1, 2, 3, 4):
+        counter.count(by)  # type: ignore[attr-defined]
+    await old_counters.save(counter)
+    assert (await recording.load_snapshot("counter-1")).stream_version == 3  # type: ignore[union-attr]
+
+    recording.reads.clear()
+    new_counters: Repository[Any] = Repository(recording, new)
+    loaded = await new_counters.get("1")
+    assert recording.reads == [(0, 4)]  # the old snapshot was not used
+    assert loaded.state == CountV2(n=10, last=4)
+
+    recording.reads.clear()
+    assert (await old_counters.get("1")).state == CountV1(n=10)
+    assert recording.reads == [(4, 0)]  # the old class still reads its own snapshot
+
+
+async def test_bumping_snapshot_version_ignores_old_snapshots(recording: RecordingStore) -> None:
+    before, after = counter_class(CountV1), counter_class(CountV1, snapshot_version=2)
+    assert before.snapshot_tag() != after.snapshot_tag()
+    counter = before("1")
+    counter.count(5)  # type: ignore[attr-defined]
+    counter.count(6)  # type: ignore[attr-defined]
+    await Repository(recording, before).save(counter)
+    recording.reads.clear()
+    assert (await Repository(recording, after).get("1")).state == CountV1(n=11)
+    assert recording.reads == [(0, 2)]
+
+
+async def test_an_unreadable_snapshot_is_ignored(recording: RecordingStore, caplog: pytest.LogCaptureFixture) -> None:
+    accounts = Repository(recording, SnapshottedAccount)
+    account = SnapshottedAccount("1")
+    account.open("ann")
+    deposits(account, 5)
+    await accounts.save(account)
+    await recording.save_snapshot(
+        "account-1", "SnapshottedAccount", SnapshottedAccount.snapshot_tag(), 6, '{"balance": "lots"}'
+    )
+    recording.reads.clear()
+    with caplog.at_level(logging.WARNING, logger="aggregates.repository"):
+        loaded = await accounts.get("1")
+    assert "unreadable snapshot" in caplog.text
+    assert recording.reads == [(0, 6)] and loaded.state.balance == 5
+
+
+async def test_a_snapshot_saved_in_a_unit_of_work_rolls_back_with_it(store: EventStore) -> None:
+    accounts = Repository(store, SnapshottedAccount)
+    account = SnapshottedAccount("1")
+    account.open("ann")
+    deposits(account, 4)
+    with pytest.raises(RuntimeError):
+        async with store.unit_of_work() as uow:
+            await accounts.save(account, uow=uow)
+            raise RuntimeError("abort")
+    assert await store.load_snapshot("account-1") is None
+    assert await store.stream_version("account-1") == -1
+
+    account = SnapshottedAccount("1")
+    account.open("ann")
+    deposits(account, 4)
+    async with store.unit_of_work() as uow:
+        await accounts.save(account, uow=uow)
+    snapshot = await store.load_snapshot("account-1")
+    assert snapshot is not None and snapshot.stream_version == 4
+
+
+async def test_a_failed_snapshot_write_does_not_fail_the_save(
+    store: EventStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    await store.pool.execute("DROP TABLE snapshots")
+    accounts = Repository(store, SnapshottedAccount)
+    for aggregate_id in ("plain", "in-uow"):
+        account = SnapshottedAccount(aggregate_id)
+        account.open("ann")
+        deposits(account, 4)
+        with caplog.at_level(logging.WARNING, logger="aggregates.repository"):
+            if aggregate_id == "plain":
+                await accounts.save(account)
+            else:
+                async with store.unit_of_work() as uow:
+                    await accounts.save(account, uow=uow)
+        assert account.version == 4 and await store.stream_version(f"account-{aggregate_id}") == 4
+    assert caplog.text.count("not saved") == 2
+
+
+async def test_take_snapshot(recording: RecordingStore) -> None:
+    accounts = Repository(recording, SnapshottedAccount)
+    account = SnapshottedAccount("1")
+    with pytest.raises(SnapshotError, match="save"):
+        await accounts.take_snapshot(account)
+    account.open("ann")
+    deposits(account, 2)
+    with pytest.raises(SnapshotError, match="save"):
+        await accounts.take_snapshot(account)
+    await accounts.save(account)
+    await accounts.take_snapshot(account)
+    recording.reads.clear()
+    assert (await accounts.get("1")).state.balance == 2
+    assert recording.reads == [(3, 0)]
+    with pytest.raises(SnapshotError, match="does not use snapshots"):
+        await Repository(recording, Account).take_snapshot(Account("1"))
+    with pytest.raises(TypeError):
+        await accounts.take_snapshot(Account("1"))  # type: ignore[arg-type]
