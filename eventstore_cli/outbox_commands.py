@@ -1,0 +1,192 @@
+"""`eventstore outbox status|relay|retry-dead|prune`: run and operate the Kafka relay."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import ssl
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+from pydantic import SecretStr, ValidationError
+from rich.table import Table
+
+from eventstore_cli.common import CommandError, console, database_url, open_store, run
+from outbox import KafkaSettings, Relay, RelaySettings, prune_published, retry_dead, status
+from outbox.embedded import BOOTSTRAP_ENV
+
+SASL_PASSWORD_ENV = "KAFKA_SASL_PASSWORD"
+
+
+def register(commands: Any) -> None:
+    outbox = commands.add_parser("outbox", help="the transactional outbox and its Kafka relay").add_subparsers(
+        dest="outbox_command", required=True
+    )
+
+    show = outbox.add_parser("status", help="pending, published and dead messages; running relays")
+    show.add_argument("--dead", type=int, default=20, help="list up to this many dead messages")
+    show.set_defaults(handler=lambda a: run(_status(a)))
+
+    relay = outbox.add_parser("relay", help="publish outbox messages to Kafka until stopped")
+    relay.add_argument("--relay-id", help="unique per running relay; reuse it to take slots back at restart")
+    relay.add_argument("--batch-size", type=int, default=1000)
+    relay.add_argument("--max-attempts", type=int, default=5, help="refusals before a message is dead")
+    relay.add_argument("--send-timeout", type=float, default=5.0, help="seconds the broker may take to ack")
+    relay.add_argument("--lease-ttl", type=float, default=30.0, help="seconds a crashed relay holds its slots")
+    relay.add_argument("--poll-interval", type=float, default=1.0)
+    relay.add_argument("--retry-backoff", type=float, default=1.0, help="first retry delay (doubles)")
+    relay.add_argument("--retention", type=float, default=24 * 3600.0,
+                       help="seconds to keep published messages (negative: keep them)")
+    relay.add_argument("--max-request-size", type=int, default=1024 * 1024)
+    relay.add_argument("--security-protocol", default="PLAINTEXT",
+                       choices=["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"])
+    relay.add_argument("--ssl-cafile", help="CA bundle for SSL / SASL_SSL")
+    relay.add_argument("--sasl-mechanism", default="PLAIN",
+                       choices=["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "GSSAPI", "OAUTHBEARER"])
+    relay.add_argument("--sasl-username")
+    relay.add_argument("--idempotent", action="store_true",
+                       help="idempotent producer (real Kafka only; the embedded broker rejects it)")
+    relay.set_defaults(handler=lambda a: run(_relay(a)))
+
+    retry = outbox.add_parser("retry-dead", help="put dead-lettered messages back in line")
+    retry.add_argument("--id", type=int, action="append", dest="ids", help="only this message (repeatable)")
+    retry.add_argument("--topic", help="only messages to this topic")
+    retry.set_defaults(handler=lambda a: run(_retry_dead(a)))
+
+    prune = outbox.add_parser("prune", help="delete published messages older than a given age")
+    prune.add_argument("--older-than", type=float, required=True, help="seconds")
+    prune.set_defaults(handler=lambda a: run(_prune(a)))
+
+
+def kafka_settings(args: argparse.Namespace) -> KafkaSettings:
+    servers = getattr(args, "kafka", None) or os.environ.get(BOOTSTRAP_ENV)
+    if not servers:
+        raise CommandError(f"no Kafka: pass --kafka or set {BOOTSTRAP_ENV}")
+    password = os.environ.get(SASL_PASSWORD_ENV)
+    context = None
+    if args.security_protocol in ("SSL", "SASL_SSL"):
+        context = ssl.create_default_context(cafile=args.ssl_cafile)
+    try:
+        return KafkaSettings(
+            bootstrap_servers=servers,
+            security_protocol=args.security_protocol,
+            ssl_context=context,
+            sasl_mechanism=args.sasl_mechanism,
+            sasl_plain_username=args.sasl_username,
+            sasl_plain_password=SecretStr(password) if password else None,
+            enable_idempotence=args.idempotent,
+            max_request_size=args.max_request_size,
+        )
+    except ValidationError as exc:
+        raise CommandError(_first_error(exc)) from None
+
+
+def _first_error(exc: ValidationError) -> str:
+    error = exc.errors()[0]
+    where = ".".join(str(p) for p in error["loc"])
+    return f"{where}: {error['msg']}" if where else str(error["msg"])
+
+
+def relay_settings(args: argparse.Namespace) -> RelaySettings:
+    values: dict[str, Any] = {
+        "batch_size": args.batch_size,
+        "max_attempts": args.max_attempts,
+        "send_timeout": args.send_timeout,
+        "lease_ttl": args.lease_ttl,
+        "poll_interval": args.poll_interval,
+        "retry_backoff": args.retry_backoff,
+        "retention": None if args.retention < 0 else args.retention,
+    }
+    if args.relay_id:
+        values["relay_id"] = args.relay_id
+    try:
+        return RelaySettings(**values)
+    except ValidationError as exc:
+        raise CommandError(_first_error(exc)) from None
+
+
+@contextlib.asynccontextmanager
+async def _outbox_pool(args: argparse.Namespace) -> AsyncIterator[asyncpg.Pool]:
+    store = await open_store(args, notify=False)
+    try:
+        yield store.pool
+    except asyncpg.UndefinedTableError:
+        raise CommandError("the outbox tables are missing: run `eventstore migrate`") from None
+    finally:
+        await store.stop()
+
+
+async def _status(args: argparse.Namespace) -> int:
+    async with _outbox_pool(args) as pool:
+        current = await status(pool, dead_limit=args.dead)
+    topics = Table("topic", "pending", "published", "dead", "oldest pending", title="outbox")
+    for t in current.topics:
+        oldest = t.oldest_pending.isoformat(timespec="seconds") if t.oldest_pending else "-"
+        topics.add_row(t.topic, str(t.pending), str(t.published), str(t.dead), oldest)
+    console.print(topics)
+    relays = Table("relay", "slots", "started", "lease until", title="relays")
+    for r in current.relays:
+        relays.add_row(r.relay_id, str(r.slots), r.started_at.isoformat(timespec="seconds"),
+                       r.expires_at.isoformat(timespec="seconds"))
+    console.print(relays)
+    if current.dead:
+        dead = Table("id", "topic", "key", "type", "attempts", "last error", title="dead messages")
+        for d in current.dead:
+            dead.add_row(str(d.id), d.topic, d.key, d.event_type, str(d.attempts), d.last_error or "")
+        console.print(dead)
+    console.print(f"pending {current.pending}, published {current.published}, dead {current.dead_count}",
+                  highlight=False)
+    return 0
+
+
+async def _relay(args: argparse.Namespace) -> int:
+    kafka = kafka_settings(args)
+    settings = relay_settings(args)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("aiokafka").setLevel(logging.ERROR)
+    relay = Relay(database_url(args), kafka, settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await relay.start()
+    except asyncpg.UndefinedTableError:
+        raise CommandError("the outbox tables are missing: run `eventstore migrate`") from None
+    console.print(f"relay {settings.relay_id} publishing to {kafka.bootstrap_servers}", highlight=False)
+    try:
+        stopped = asyncio.create_task(stop.wait())
+        running = asyncio.create_task(relay.wait())
+        await asyncio.wait([stopped, running], return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        running.cancel()
+    finally:
+        await relay.stop()
+    s = relay.stats
+    console.print(f"relay stopped: published {s.published}, refused {s.refused}, dead {s.dead}",
+                  highlight=False)
+    return 0
+
+
+async def _retry_dead(args: argparse.Namespace) -> int:
+    async with _outbox_pool(args) as pool:
+        ids = await retry_dead(pool, ids=args.ids, topic=args.topic)
+    if not ids:
+        console.print("no dead messages matched")
+        return 0
+    console.print(f"{len(ids)} dead message(s) put back in line: {', '.join(map(str, ids))}", highlight=False)
+    return 0
+
+
+async def _prune(args: argparse.Namespace) -> int:
+    if args.older_than < 0:
+        raise CommandError("--older-than must not be negative")
+    async with _outbox_pool(args) as pool:
+        deleted = await prune_published(pool, args.older_than)
+    console.print(f"pruned {deleted} published message(s)")
+    return 0
