@@ -55,6 +55,8 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.CannotConnectNowError,
     asyncpg.exceptions.TooManyConnectionsError,
     asyncpg.exceptions.InterfaceError,
+    # asyncpg's protocol can be left mid-operation when the server kills the session.
+    asyncpg.exceptions.InternalClientError,
 )
 """Errors after which the operation may be retried on a fresh connection."""
 
@@ -311,19 +313,21 @@ class EventStore:
         """Append atomically; raise `WrongExpectedVersion` (writing nothing) if the stream moved on."""
         prepared = prepare_append(stream_id, events, expected_version, self.max_event_size)
 
-        async def attempt() -> AppendResult:
+        async def once() -> AppendResult:
             async with self.pool.acquire() as conn:
                 uow = UnitOfWork(self, conn)
-                try:
-                    async with conn.transaction():
-                        return await self._append_prepared(uow, prepared, expected_version)
-                except _ConcurrentDuplicate:
-                    pass
-            # A concurrent append stored one of these ids first: a second try sees it and decides.
-            async with self.pool.acquire() as conn:
-                uow = UnitOfWork(self, conn)
+                if not self._hooks:
+                    # One statement is its own transaction: one round trip instead of three.
+                    return await self._append_prepared(uow, prepared, expected_version)
                 async with conn.transaction():
                     return await self._append_prepared(uow, prepared, expected_version)
+
+        async def attempt() -> AppendResult:
+            try:
+                return await once()
+            except _ConcurrentDuplicate:
+                # A concurrent append stored one of these ids first: a second try sees it and decides.
+                return await once()
 
         result = await self._retrying(attempt)
         self._schedule_notify()
