@@ -141,10 +141,13 @@ def _peer(url: str) -> dict[str, float]:
         app = Application()
     recorder = app.recorder
 
+    def stored(oid: uuid.UUID, version: int) -> StoredEvent:
+        return StoredEvent(originator_id=oid, originator_version=version, topic="bench:Added", state=state)
+
     def write(count: int) -> None:
         oid = uuid.uuid4()
         for v in range(1, count + 1):
-            recorder.insert_events([StoredEvent(originator_id=oid, originator_version=v, topic="bench:Added", state=state)])
+            recorder.insert_events([stored(oid, v)])
 
     start = time.perf_counter()
     write(SINGLE)
@@ -159,16 +162,12 @@ def _peer(url: str) -> dict[str, float]:
     start = time.perf_counter()
     for _ in range(BATCHES):
         oid = uuid.uuid4()
-        recorder.insert_events(
-            [StoredEvent(originator_id=oid, originator_version=v, topic="bench:Added", state=state) for v in range(BATCH)]
-        )
+        recorder.insert_events([stored(oid, v) for v in range(BATCH)])
     out["batch"] = rate(BATCH * BATCHES, time.perf_counter() - start)
     written = SINGLE + MULTI + BATCH * BATCHES
     while written < READ:
         oid = uuid.uuid4()
-        recorder.insert_events(
-            [StoredEvent(originator_id=oid, originator_version=v, topic="bench:Added", state=state) for v in range(BATCH)]
-        )
+        recorder.insert_events([stored(oid, v) for v in range(BATCH)])
         written += BATCH
     start = time.perf_counter()
     read, next_id = 0, 1
