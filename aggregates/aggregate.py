@@ -28,10 +28,7 @@ def applies(event_type: type[E]) -> Callable[[Callable[[A, E], None]], Callable[
     Handlers are the only place state changes: the same code runs when a command emits the event and
     when the event is replayed from the store, so both paths agree by construction.
     """
-    if (
-        not (isinstance(event_type, type) and issubclass(event_type, DomainEvent))
-        or event_type is DomainEvent
-    ):
+    if not (isinstance(event_type, type) and issubclass(event_type, DomainEvent)) or event_type is DomainEvent:
         raise EventRegistrationError(f"@applies needs a DomainEvent subclass, got {event_type!r}")
 
     def mark(method: Callable[[A, E], None]) -> Callable[[A, E], None]:
@@ -128,9 +125,7 @@ class Aggregate(Generic[S]):
             handlers[event_type] = member
         cls._handlers = handlers
         if cls.category is not None and cls.state_type is None:
-            raise EventRegistrationError(
-                f"{cls.__qualname__}: declare the state model as `Aggregate[StateModel]`"
-            )
+            raise EventRegistrationError(f"{cls.__qualname__}: declare the state model as `Aggregate[StateModel]`")
 
     def __init__(self, id: str) -> None:
         cls = type(self)
@@ -153,9 +148,7 @@ class Aggregate(Generic[S]):
             raise InvalidAggregateId(aggregate_id, "must not contain the NUL character")
         limit = _MAX_STREAM_ID_LENGTH - len(cls.category or "") - 1
         if len(aggregate_id) > limit:
-            raise InvalidAggregateId(
-                aggregate_id, f"is {len(aggregate_id)} characters, over the limit of {limit}"
-            )
+            raise InvalidAggregateId(aggregate_id, f"is {len(aggregate_id)} characters, over the limit of {limit}")
         return aggregate_id
 
     @classmethod

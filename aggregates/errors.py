@@ -50,9 +50,7 @@ class AggregateNotFound(AggregateError):
 class UnknownEventType(AggregateError):
     """A stored event's type has no registered class; read raw events to see it anyway."""
 
-    def __init__(
-        self, event_type: str, stream_id: str | None = None, stream_version: int | None = None
-    ) -> None:
+    def __init__(self, event_type: str, stream_id: str | None = None, stream_version: int | None = None) -> None:
         where = "" if stream_id is None else f" (stream {stream_id!r}, version {stream_version})"
         super().__init__(f"unknown event type {event_type!r}{where}")
         self.event_type = event_type

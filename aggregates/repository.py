@@ -49,9 +49,7 @@ class Repository(Generic[A]):
     same version cannot both succeed: the second gets `WrongExpectedVersion` and writes nothing.
     """
 
-    def __init__(
-        self, store: EventStore, aggregate_type: type[A], *, registry: EventRegistry | None = None
-    ) -> None:
+    def __init__(self, store: EventStore, aggregate_type: type[A], *, registry: EventRegistry | None = None) -> None:
         if aggregate_type.category is None or aggregate_type.state_type is None:
             raise EventRegistrationError(f"{aggregate_type.__qualname__} declares no category")
         self.store = store
@@ -91,8 +89,7 @@ class Repository(Generic[A]):
         last = records[-1].stream_version if records else start - 1
         if last < 0 or (version is not None and last < version):
             raise AggregateNotFound(cls.__qualname__, aggregate_id, stream_id, version=version)
-        decode = self.registry.decode
-        aggregate._replay([decode(r) for r in records], last)
+        aggregate._replay(self.registry.decode_all(records), last)
         return aggregate
 
     async def _get_as_of(self, aggregate_id: str, stream_id: str, as_of: datetime) -> A:
@@ -109,8 +106,7 @@ class Repository(Generic[A]):
         if count == 0:
             raise AggregateNotFound(self.aggregate_type.__qualname__, aggregate_id, stream_id, as_of=as_of)
         aggregate = self.aggregate_type(aggregate_id)
-        decode = self.registry.decode
-        aggregate._replay([decode(r) for r in records[:count]], count - 1)
+        aggregate._replay(self.registry.decode_all(records[:count]), count - 1)
         return aggregate
 
     async def _restore_snapshot(self, aggregate: A, stream_id: str, version: int | None) -> int:
@@ -138,9 +134,7 @@ class Repository(Generic[A]):
         return snapshot.stream_version
 
     @overload
-    async def history(
-        self, aggregate_id: str, *, raw_unknown: Literal[False] = False
-    ) -> list[DomainEvent]: ...
+    async def history(self, aggregate_id: str, *, raw_unknown: Literal[False] = False) -> list[DomainEvent]: ...
 
     @overload
     async def history(self, aggregate_id: str, *, raw_unknown: bool) -> list[DomainEvent | RecordedEvent]: ...
@@ -152,7 +146,7 @@ class Repository(Generic[A]):
         records = await self.store.read_stream(self.stream_id(aggregate_id), 0)
         if raw_unknown:
             return [self.registry.decode(r, raw_unknown=True) for r in records]
-        return [self.registry.decode(r) for r in records]
+        return self.registry.decode_all(records)
 
     # -- saving ------------------------------------------------------------------------------------
 
@@ -172,16 +166,13 @@ class Repository(Generic[A]):
         append returns: discard it if the unit of work then rolls back.
         """
         if not isinstance(aggregate, self.aggregate_type):
-            raise TypeError(
-                f"this repository saves {self.aggregate_type.__qualname__}, got {type(aggregate).__name__}"
-            )
+            raise TypeError(f"this repository saves {self.aggregate_type.__qualname__}, got {type(aggregate).__name__}")
         pending = aggregate._pending
         if not pending:
             return None
         encode = self.registry.encode
         events = [
-            encode(e, metadata=metadata, correlation_id=correlation_id, causation_id=causation_id)
-            for e in pending
+            encode(e, metadata=metadata, correlation_id=correlation_id, causation_id=causation_id) for e in pending
         ]
         before = aggregate.version
         after = before + len(events)
@@ -233,9 +224,7 @@ class Repository(Generic[A]):
         data: str = aggregate.state.model_dump_json()
         if _JSON_NUL.search(data):
             raise SnapshotError(f"{aggregate.stream_id}: PostgreSQL cannot store the NUL character")
-        await self.store.save_snapshot(
-            aggregate.stream_id, cls.__name__, cls.snapshot_tag(), aggregate.version, data
-        )
+        await self.store.save_snapshot(aggregate.stream_id, cls.__name__, cls.snapshot_tag(), aggregate.version, data)
 
     # -- commands ----------------------------------------------------------------------------------
 
@@ -270,15 +259,11 @@ class Repository(Generic[A]):
             if inspect.isawaitable(outcome):
                 await outcome
             try:
-                await self.save(
-                    aggregate, metadata=metadata, correlation_id=correlation_id, causation_id=causation_id
-                )
+                await self.save(aggregate, metadata=metadata, correlation_id=correlation_id, causation_id=causation_id)
             except WrongExpectedVersion as exc:
                 if attempt >= retries:
                     raise
                 attempt += 1
-                log.debug(
-                    "%s: concurrent write (%s); retry %d of %d", aggregate.stream_id, exc, attempt, retries
-                )
+                log.debug("%s: concurrent write (%s); retry %d of %d", aggregate.stream_id, exc, attempt, retries)
                 continue
             return aggregate

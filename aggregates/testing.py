@@ -25,9 +25,7 @@ from eventstore import RecordedEvent
 __all__ = ["Outcome", "Scenario", "given", "round_trip"]
 
 
-def round_trip(
-    registry: EventRegistry, event: DomainEvent, stream_id: str = "test-1", version: int = 0
-) -> DomainEvent:
+def round_trip(registry: EventRegistry, event: DomainEvent, stream_id: str = "test-1", version: int = 0) -> DomainEvent:
     """`event` after encoding it as the repository does and decoding it from the JSON text."""
     new = registry.encode(event)
     recorded = RecordedEvent(
@@ -68,8 +66,7 @@ class Scenario(Generic[A]):
         self.registry.register(*aggregate_type.event_types())
         self.aggregate_id = aggregate_id
         self.history = [
-            round_trip(self.registry, e, aggregate_type.stream_id_for(aggregate_id), i)
-            for i, e in enumerate(history)
+            round_trip(self.registry, e, aggregate_type.stream_id_for(aggregate_id), i) for i, e in enumerate(history)
         ]
 
     def when(self, command: Callable[[A], object]) -> Outcome[A]:
@@ -80,9 +77,7 @@ class Scenario(Generic[A]):
             if inspect.isawaitable(result):
                 if inspect.iscoroutine(result):
                     result.close()
-                raise TypeError(
-                    "given/when/then runs synchronous commands; the command returned an awaitable"
-                )
+                raise TypeError("given/when/then runs synchronous commands; the command returned an awaitable")
         except Exception as exc:
             error = exc
         return Outcome(self, aggregate, error)
@@ -101,10 +96,7 @@ class Outcome(Generic[A]):
             raise AssertionError(f"expected events, but the command raised {self.error!r}") from self.error
         if self.events != list(expected):
             raise AssertionError(
-                "emitted events differ\n  expected: "
-                + _listing(expected)
-                + "\n  emitted:  "
-                + _listing(self.events)
+                "emitted events differ\n  expected: " + _listing(expected) + "\n  emitted:  " + _listing(self.events)
             )
         scenario = self.scenario
         stream_id = scenario.aggregate_type.stream_id_for(scenario.aggregate_id)
@@ -112,12 +104,8 @@ class Outcome(Generic[A]):
         for i, event in enumerate(self.events):
             decoded = round_trip(scenario.registry, event, stream_id, base + i)
             if decoded != event:
-                raise AssertionError(
-                    f"event does not survive its JSON encoding: {event!r} came back as {decoded!r}"
-                )
-        replayed = scenario.aggregate_type.from_events(
-            scenario.aggregate_id, [*scenario.history, *self.events]
-        )
+                raise AssertionError(f"event does not survive its JSON encoding: {event!r} came back as {decoded!r}")
+        replayed = scenario.aggregate_type.from_events(scenario.aggregate_id, [*scenario.history, *self.events])
         if replayed.state != self.aggregate.state:
             raise AssertionError(
                 "the command changed state outside its event handlers:\n"

@@ -1,0 +1,217 @@
+"""Aggregate load time: ours, the `eventsourcing` package and raw asyncpg + pydantic, on one server.
+
+Each row loads one aggregate whose stream holds N `ItemAdded` events (median of several loads, in ms).
+The snapshot row loads from a snapshot taken at event 9,900 plus the 100 events after it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import asyncpg
+from pydantic import BaseModel
+
+from aggregates import Aggregate, DomainEvent, Repository, applies
+from benchmarks.common import Result, Timer, eventsourcing_env, fresh_database
+from eventstore import EventStore, asyncpg_dsn
+
+SIZES = (1_000, 10_000)
+SNAPSHOT_SIZE = 10_000
+SNAPSHOT_AT = 9_900  # events covered by the snapshot; the load then reads the last 100
+SKUS = [f"SKU-{i:03d}" for i in range(50)]
+UNIT = "ms per load"
+
+RAW_EVENTS = "SELECT data FROM events WHERE stream_id = $1 AND stream_version >= $2 ORDER BY stream_version"
+RAW_SNAPSHOT = "SELECT stream_version, data FROM snapshots WHERE stream_id = $1"
+
+
+class ItemAdded(DomainEvent):
+    sku: str
+    quantity: int
+    price_cents: int
+
+
+class CartState(BaseModel):
+    items: int = 0
+    total_cents: int = 0
+    quantities: dict[str, int] = {}
+
+
+class Cart(Aggregate[CartState], category="cart"):
+    def add(self, sku: str, quantity: int, price_cents: int) -> None:
+        if quantity <= 0:
+            raise ValueError("quantity must be positive")
+        self._emit(ItemAdded(sku=sku, quantity=quantity, price_cents=price_cents))
+
+    @applies(ItemAdded)
+    def _added(self, event: ItemAdded) -> None:
+        state = self.state
+        state.items += event.quantity
+        state.total_cents += event.quantity * event.price_cents
+        state.quantities[event.sku] = state.quantities.get(event.sku, 0) + event.quantity
+
+
+class SnapshottedCart(Cart, snapshot_every=1_000_000):
+    """Snapshots taken explicitly below, at SNAPSHOT_AT, so every side loads the same tail."""
+
+
+def _item(i: int) -> tuple[str, int, int]:
+    return SKUS[i % len(SKUS)], 1 + i % 3, 100 + i % 900
+
+
+def _repeats(size: int) -> int:
+    return 30 if size <= 1_000 else 7
+
+
+async def _median_ms(load: Callable[[], Awaitable[object]], repeats: int) -> float:
+    await load()  # warm: prepared statements, pydantic validators
+    times = []
+    for _ in range(repeats):
+        with Timer() as t:
+            await load()
+        times.append(t.seconds)
+    return statistics.median(times) * 1000
+
+
+def _median_ms_sync(load: Callable[[], object], repeats: int) -> float:
+    load()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        load()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000
+
+
+async def _ours(url: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    async with EventStore(url) as store:
+        carts = Repository(store, Cart)
+        for size in SIZES:
+            cart = Cart(f"plain{size}")
+            for i in range(size):
+                cart.add(*_item(i))
+            await carts.save(cart)
+            aggregate_id = cart.id
+
+            async def load(aggregate_id: str = aggregate_id, size: int = size) -> None:
+                loaded = await carts.get(aggregate_id)
+                assert loaded.version == size - 1
+
+            out[f"plain{size}"] = await _median_ms(load, _repeats(size))
+
+        snapshotted = Repository(store, SnapshottedCart)
+        cart = SnapshottedCart("snap")
+        for i in range(SNAPSHOT_SIZE):
+            cart.add(*_item(i))
+        await snapshotted.save(cart)
+        await snapshotted.take_snapshot(await snapshotted.get("snap", version=SNAPSHOT_AT - 1))
+
+        async def load_snapshotted() -> None:
+            loaded = await snapshotted.get("snap")
+            assert loaded.version == SNAPSHOT_SIZE - 1 and loaded.state == cart.state
+
+        out["snapshot"] = await _median_ms(load_snapshotted, _repeats(SNAPSHOT_SIZE))
+    return out
+
+
+async def _raw(url: str) -> dict[str, float]:
+    """The floor: fetch the same rows with asyncpg and validate each with pydantic, nothing else."""
+    out: dict[str, float] = {}
+    conn = await asyncpg.connect(asyncpg_dsn(url))
+    try:
+        for size in SIZES:
+
+            async def load(stream: str = f"cart-plain{size}", size: int = size) -> None:
+                rows = await conn.fetch(RAW_EVENTS, stream, 0)
+                events = [ItemAdded.model_validate_json(r[0]) for r in rows]
+                assert len(events) == size
+
+            out[f"plain{size}"] = await _median_ms(load, _repeats(size))
+
+        async def load_snapshotted() -> None:
+            row = await conn.fetchrow(RAW_SNAPSHOT, "cart-snap")
+            assert row is not None
+            CartState.model_validate_json(row[1])
+            rows = await conn.fetch(RAW_EVENTS, "cart-snap", row[0] + 1)
+            events = [ItemAdded.model_validate_json(r[0]) for r in rows]
+            assert len(events) == SNAPSHOT_SIZE - SNAPSHOT_AT
+
+        out["snapshot"] = await _median_ms(load_snapshotted, _repeats(SNAPSHOT_SIZE))
+    finally:
+        await conn.close()
+    return out
+
+
+def _peer(url: str) -> dict[str, float]:
+    """The same carts as `eventsourcing` aggregates, loaded with `Application.repository.get`."""
+    from eventsourcing.application import Application
+    from eventsourcing.domain import Aggregate as PeerAggregate
+    from eventsourcing.domain import event
+
+    class PeerCart(PeerAggregate):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self.items = 0
+            self.total_cents = 0
+            self.quantities: dict[str, int] = {}
+
+        @event("ItemAdded")  # type: ignore[misc]
+        def add(self, sku: str, quantity: int, price_cents: int) -> None:
+            self.items += quantity
+            self.total_cents += quantity * price_cents
+            self.quantities[sku] = self.quantities.get(sku, 0) + quantity
+
+    class Carts(Application):  # type: ignore[misc]
+        pass
+
+    class SnapshottedCarts(Application):  # type: ignore[misc]
+        is_snapshotting_enabled = True
+
+    def build(app: Any, size: int) -> Any:
+        cart = PeerCart()  # its creation is an event too: `size` events in all
+        for i in range(size - 1):
+            cart.add(*_item(i))
+        app.save(cart)
+        return cart
+
+    out: dict[str, float] = {}
+    with eventsourcing_env(url):
+        carts, snapshotted = Carts(), SnapshottedCarts()
+    try:
+        for size in SIZES:
+            cart = build(carts, size)
+
+            def load(cart_id: uuid.UUID = cart.id, size: int = size) -> None:
+                assert carts.repository.get(cart_id).version == size  # its versions start at 1
+
+            out[f"plain{size}"] = _median_ms_sync(load, _repeats(size))
+        cart = build(snapshotted, SNAPSHOT_SIZE)
+        snapshotted.take_snapshot(cart.id, version=SNAPSHOT_AT)
+
+        def load_snapshotted() -> None:
+            loaded = snapshotted.repository.get(cart.id)
+            assert loaded.version == SNAPSHOT_SIZE and loaded.total_cents == cart.total_cents
+
+        out["snapshot"] = _median_ms_sync(load_snapshotted, _repeats(SNAPSHOT_SIZE))
+    finally:
+        carts.close()
+        snapshotted.close()
+    return out
+
+
+async def run(server_url: str) -> list[Result]:
+    async with fresh_database(server_url) as url:
+        ours = await _ours(url)
+        raw = await _raw(url)
+        peer = await asyncio.to_thread(_peer, url)
+    names = {
+        "plain1000": "aggregate load 1,000 events",
+        "plain10000": "aggregate load 10,000 events",
+        "snapshot": "aggregate load 10,000 events (snapshot)",
+    }
+    return [Result(names[k], ours[k], UNIT, peer=peer[k], limit=raw[k]) for k in names]
