@@ -1,5 +1,24 @@
 """Event-sourced aggregates on the event store: typed events, repositories, snapshots, upcasting.
 
+    class Deposited(DomainEvent):
+        amount: int
+
+    class AccountState(BaseModel):
+        balance: int = 0
+
+    class Account(Aggregate[AccountState], category="account", snapshot_every=100):
+        def deposit(self, amount: int) -> None:
+            if amount <= 0:
+                raise ValueError("amount must be positive")
+            self._emit(Deposited(amount=amount))
+
+        @applies(Deposited)
+        def _deposited(self, event: Deposited) -> None:
+            self.state.balance += event.amount
+
+    accounts = Repository(store, Account)
+    await accounts.execute("42", lambda a: a.deposit(10), retries=3)
+
 Given/when/then test helpers live in `aggregates.testing`.
 """
 

@@ -77,6 +77,7 @@ class Aggregate(Generic[S]):
     snapshot_version: ClassVar[int] = 1
     state_type: ClassVar[type[BaseModel] | None] = None
     _handlers: ClassVar[dict[type[DomainEvent], Handler]] = {}
+    _handler_names: ClassVar[dict[type[DomainEvent], str]] = {}
     _snapshot_tag: ClassVar[str | None] = None
 
     def __init_subclass__(
@@ -110,7 +111,8 @@ class Aggregate(Generic[S]):
                 )
             cls.snapshot_version = snapshot_version
         cls._snapshot_tag = None
-        handlers = dict(cls._handlers)
+        # Handlers are kept by method name, so a subclass overriding the method replaces the handler.
+        names = dict(cls._handler_names)
         own: dict[type[DomainEvent], str] = {}
         for name, member in vars(cls).items():
             event_type = getattr(member, _HANDLES, None)
@@ -122,8 +124,9 @@ class Aggregate(Generic[S]):
                     " one handler per event type"
                 )
             own[event_type] = name
-            handlers[event_type] = member
-        cls._handlers = handlers
+            names[event_type] = name
+        cls._handler_names = names
+        cls._handlers = {event_type: getattr(cls, name) for event_type, name in names.items()}
         if cls.category is not None and cls.state_type is None:
             raise EventRegistrationError(f"{cls.__qualname__}: declare the state model as `Aggregate[StateModel]`")
 

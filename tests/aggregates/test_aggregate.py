@@ -181,3 +181,11 @@ def test_applies_needs_an_event_class() -> None:
         applies(int)  # type: ignore[type-var]
     with pytest.raises(EventRegistrationError):
         applies(DomainEvent)
+
+
+def test_overriding_a_handler_method_without_the_decorator_still_replaces_it() -> None:
+    class Tripling(Account):
+        def _deposited(self, event: Deposited) -> None:
+            self.state.balance += 3 * event.amount
+
+    assert Tripling.from_events("1", [AccountOpened(owner="ann"), Deposited(amount=2)]).state.balance == 6
