@@ -209,6 +209,8 @@ ORDER BY transaction_id DESC, position DESC
 LIMIT 1
 """
 
+VISIBLE = "SELECT $1::bigint < pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
+
 COUNT_AFTER = f"""
 SELECT count(*) FROM events
 WHERE (transaction_id, position) > ($1, $2) AND {_VISIBLE}

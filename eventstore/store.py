@@ -479,6 +479,19 @@ class EventStore:
         row = await self._retrying(lambda: self.pool.fetchrow(sql.HEAD))
         return START if row is None else Checkpoint(row[0], row[1])
 
+    async def wait_until_visible(self, checkpoint: Checkpoint, timeout: float = 30.0) -> None:
+        """Wait until `read_all` readers can see `checkpoint`.
+
+        The log shows only transactions older than every transaction still running anywhere in the
+        PostgreSQL cluster (transaction ids are cluster-wide), so a long transaction, even in another
+        database, holds it back until it ends. Raises `TimeoutError` after `timeout` seconds.
+        """
+        delay = 0.005
+        async with asyncio.timeout(timeout):
+            while not await self._retrying(lambda: self.pool.fetchval(sql.VISIBLE, checkpoint[0])):
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.1)
+
     async def count_after(self, after: Checkpoint) -> int:
         """How many visible events lie after `after` (a reader's lag)."""
         return int(await self._retrying(lambda: self.pool.fetchval(sql.COUNT_AFTER, after[0], after[1])))

@@ -6,6 +6,8 @@ import asyncio
 import random
 import uuid
 
+import pytest
+
 from eventstore import START, EventStore, NewEvent, RecordedEvent, Subscription
 
 
@@ -111,3 +113,13 @@ async def test_subscription_survives_terminated_connections(store: EventStore) -
         await store.append("t-1", [NewEvent("After")])
         got.append((await asyncio.wait_for(anext(iterator), 20)).event_type)
     assert got == ["Before", "After"]
+
+
+async def test_wait_until_visible_waits_for_older_transactions(store: EventStore) -> None:
+    async with store.unit_of_work() as slow:
+        await slow.append("slow-2", [NewEvent("Late")])
+        result = await store.append("fast-2", [NewEvent("Early")])
+        with pytest.raises(TimeoutError):
+            await store.wait_until_visible(result.checkpoint, timeout=0.3)
+    await store.wait_until_visible(result.checkpoint, timeout=10)
+    assert {e.event_type for e in await store.read_all()} == {"Early", "Late"}
