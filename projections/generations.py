@@ -1,0 +1,242 @@
+"""Generations of a projection's tables, its stored checkpoint, and reading the log in batches.
+
+Each generation of a projection's tables lives in a schema of its own (`projection_<name>_g<n>`);
+readers see the active generation through views of the table names beside the event store's tables.
+A rebuild fills generation n+1 while n keeps serving, then repoints the views in one transaction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+
+from eventstore import START, Checkpoint, EventStore, RecordedEvent
+from projections import sql
+from projections.errors import InvalidProjection, ProjectionError
+from projections.projection import Connection, Projection
+
+
+def schema_for(name: str, generation: int) -> str:
+    return f"projection_{name}_g{generation}"
+
+
+def lease_key(kind: str, name: str) -> int:
+    """A 64-bit advisory lock key per (kind, projection); a hash, so it cannot clash with other users."""
+    digest = hashlib.blake2b(f"eventstore.projections.{kind}:{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+def runner_identity(label: str | None = None) -> str:
+    base = f"{socket.gethostname()}:{os.getpid()}"
+    return base if label is None else f"{base}:{label}"
+
+
+def mode_of(projection: Projection) -> str:
+    return "inline" if projection.inline else "async"
+
+
+@dataclass(frozen=True, slots=True)
+class StoredCheckpoint:
+    """A row of `projection_checkpoints`."""
+
+    name: str
+    mode: str
+    version: int
+    generation: int
+    tables: list[str]
+    checkpoint: Checkpoint
+    status: str
+    runner: str | None
+    last_error: str | None
+    failed_event_id: UUID | None
+    failed_event_type: str | None
+    failed_transaction_id: int | None
+    failed_position: int | None
+    failed_at: datetime | None
+    updated_at: datetime
+
+    @classmethod
+    def of(cls, row: Any) -> StoredCheckpoint:
+        return cls(
+            name=row["name"], mode=row["mode"], version=row["version"], generation=row["generation"],
+            tables=list(row["tables"]), checkpoint=Checkpoint(row["transaction_id"], row["position"]),
+            status=row["status"], runner=row["runner"], last_error=row["last_error"],
+            failed_event_id=row["failed_event_id"], failed_event_type=row["failed_event_type"],
+            failed_transaction_id=row["failed_transaction_id"], failed_position=row["failed_position"],
+            failed_at=row["failed_at"], updated_at=row["updated_at"],
+        )
+
+    def mismatch(self, projection: Projection) -> str | None:
+        return mismatch(projection, self.mode, self.version, self.tables)
+
+
+def mismatch(projection: Projection, mode: str, version: int, tables: Sequence[str]) -> str | None:
+    """Why tables stored with (mode, version, tables) cannot be kept current by `projection`, or None."""
+    if mode != mode_of(projection):
+        return f"stored as {mode}, declared {mode_of(projection)}"
+    if version != projection.version:
+        return f"tables were built by version {version}, declared version is {projection.version}"
+    declared = sorted(t.name for t in projection.read_model)
+    if sorted(tables) != declared:
+        return f"stored tables {sorted(tables)} differ from declared {declared}"
+    return None
+
+
+async def connect(store: EventStore, purpose: str) -> Connection:
+    """A connection of its own, outside the pool: it holds a session-level advisory lock for its life."""
+    if store.url is None:
+        conn: Connection = await store.pool.acquire()
+        return conn
+    return await asyncpg.connect(store.url, server_settings={"application_name": f"eventstore {purpose}"[:63]})
+
+
+async def disconnect(store: EventStore, conn: Connection) -> None:
+    if isinstance(conn, asyncpg.Connection):
+        if not conn.is_closed():
+            try:
+                await conn.close(timeout=2)
+            except Exception:
+                conn.terminate()
+    else:
+        try:
+            await store.pool.release(conn)
+        except Exception:
+            conn.terminate()
+
+
+async def session_paths(conn: Connection) -> tuple[str, str]:
+    """The connection's own search_path and the schema where the views of projection tables go."""
+    path = await conn.fetchval(sql.SEARCH_PATH)
+    views = await conn.fetchval(sql.VIEW_SCHEMA)
+    return str(path), str(views)
+
+
+async def use_generation(conn: Connection, name: str, generation: int, search_path: str) -> None:
+    await conn.execute(sql.USE_GENERATION, schema_for(name, generation), search_path)
+
+
+async def create_generation(conn: Connection, projection: Projection, generation: int, search_path: str) -> None:
+    """Create the schema of one generation and run the projection's DDL in it (inside the caller's transaction)."""
+    schema = schema_for(projection.name, generation)
+    await conn.execute(sql.drop_schema(schema))
+    await conn.execute(sql.create_schema(schema))
+    await conn.execute(sql.USE_GENERATION, schema, search_path)
+    for table in projection.read_model:
+        for statement in table.ddl:
+            try:
+                async with conn.transaction():
+                    await conn.execute(statement)
+            except asyncpg.PostgresError as exc:
+                raise InvalidProjection(
+                    f"projection {projection.name!r}: DDL of table {table.name!r} failed: {exc}"
+                ) from None
+        if not await conn.fetchval(sql.TABLE_IN_SCHEMA, schema, table.name):
+            raise InvalidProjection(
+                f"projection {projection.name!r}: the DDL of table {table.name!r} did not create a table "
+                f"named {table.name!r} (it must not name a schema)"
+            )
+    await conn.execute(sql.RESTORE_SEARCH_PATH, search_path)
+
+
+async def publish(
+    conn: Connection, view_schema: str, name: str, generation: int, tables: Sequence[str], previous: Sequence[str]
+) -> None:
+    """Point the views of the table names at `generation` (inside the caller's transaction)."""
+    schema = schema_for(name, generation)
+    for table in tables:
+        kind = await conn.fetchval(sql.RELATION_KIND, view_schema, table)
+        if kind is not None and not (kind == "v" and table in previous):
+            raise InvalidProjection(
+                f"projection {name!r}: {view_schema}.{table} already exists and is not this projection's view"
+            )
+        try:
+            async with conn.transaction():
+                await conn.execute(sql.replace_view(view_schema, table, schema))
+        except asyncpg.exceptions.InvalidTableDefinitionError:
+            # The columns changed: a view can only be replaced by one that extends it.
+            try:
+                async with conn.transaction():
+                    await conn.execute(sql.drop_view(view_schema, table))
+                    await conn.execute(sql.replace_view(view_schema, table, schema))
+            except asyncpg.exceptions.DependentObjectsStillExistError as exc:
+                raise ProjectionError(
+                    f"projection {name!r}: cannot replace view {view_schema}.{table} with new columns: {exc}"
+                ) from None
+    for table in previous:
+        if table not in tables:
+            await conn.execute(sql.drop_view(view_schema, table))
+
+
+async def ensure(conn: Connection, projection: Projection, search_path: str, view_schema: str) -> StoredCheckpoint:
+    """Create the projection's checkpoint row and first generation of tables if they do not exist yet.
+
+    An inline projection is filled from the whole log here, in the same transaction: from then on every
+    append's hook keeps it current.
+    """
+    tables = [t.name for t in projection.read_model]
+    async with conn.transaction():
+        created = await conn.fetchval(
+            sql.INSERT_CHECKPOINT, projection.name, mode_of(projection), projection.version, tables
+        )
+        if created is not None:
+            await create_generation(conn, projection, 1, search_path)
+            await publish(conn, view_schema, projection.name, 1, tables, [])
+            if projection.inline:
+                await use_generation(conn, projection.name, 1, search_path)
+                end, _ = await apply_committed(conn, projection, START, 1000)
+                await conn.execute(sql.RESTORE_SEARCH_PATH, search_path)
+                await conn.execute(
+                    sql.SWAP, projection.name, 1, projection.version, "inline", tables, end[0], end[1]
+                )
+        row = await conn.fetchrow(sql.SELECT_CHECKPOINT, projection.name)
+    return StoredCheckpoint.of(row)
+
+
+def _events(rows: Sequence[Any]) -> list[RecordedEvent]:
+    return [RecordedEvent(*row) for row in rows]
+
+
+async def read_batch(
+    conn: Connection, projection: Projection, after: Checkpoint, limit: int
+) -> tuple[list[RecordedEvent], Checkpoint]:
+    """The next events the projection handles, and the checkpoint to record once they are applied.
+
+    When fewer than `limit` come back, every handled event up to the head (read before them) has been
+    seen, so the checkpoint moves to the head: lag then counts only what is really left to do.
+    """
+    head = await conn.fetchrow(sql.LOG_HEAD)
+    events = _events(await conn.fetch(sql.READ_LOG, after[0], after[1], limit, projection.event_types))
+    if len(events) == limit:
+        return events, events[-1].checkpoint
+    end = events[-1].checkpoint if events else Checkpoint(*after)
+    if head is not None:
+        end = max(end, Checkpoint(head[0], head[1]))
+    return events, end
+
+
+async def apply_committed(
+    conn: Connection, projection: Projection, after: Checkpoint, limit: int
+) -> tuple[Checkpoint, int]:
+    """Apply every committed event after `after`, also those behind running transactions (inline only).
+
+    Returns the checkpoint of the last event applied and how many were applied.
+    """
+    end = Checkpoint(*after)
+    count = 0
+    while True:
+        events = _events(await conn.fetch(sql.READ_COMMITTED, end[0], end[1], limit, projection.event_types))
+        if not events:
+            return end, count
+        await projection.apply(conn, events)
+        end = events[-1].checkpoint
+        count += len(events)
+        if len(events) < limit:
+            return end, count

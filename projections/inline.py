@@ -1,0 +1,93 @@
+"""Inline projections: updated by an append hook inside the append's own transaction.
+
+The read model then commits or rolls back with the events, so a reader never sees one without the other.
+The price: a failing handler fails the append, and every process that appends must attach the same
+inline projections (an append made without the hook is missing from the read model until a rebuild).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from eventstore import CONNECTION_ERRORS, AppendResult, EventStore, UnitOfWork
+from projections import sql
+from projections.errors import InvalidProjection, ProjectionError, ProjectionFailed, ProjectionNeedsRebuild
+from projections.generations import ensure, mismatch, session_paths, use_generation
+from projections.projection import HandlerFailed, Projection
+
+
+class InlineProjections:
+    """Attach inline projections to a store: `async with InlineProjections(store, [...]):`.
+
+    Each append that writes events an inline projection handles takes a share lock on that projection's
+    checkpoint row before running its handlers; a rebuild's swap takes the row exclusively, so no append
+    is half-way through writing into the generation being retired when the views move.
+    """
+
+    def __init__(self, store: EventStore, projections: Iterable[Projection]) -> None:
+        self.store = store
+        self.projections = list(projections)
+        names = [p.name for p in self.projections]
+        if len(set(names)) != len(names):
+            raise InvalidProjection(f"projection names must be unique, got {names}")
+        for projection in self.projections:
+            if not projection.inline:
+                raise InvalidProjection(
+                    f"projection {projection.name!r} is not inline: run it with a ProjectionRunner"
+                )
+        self._attached = False
+        self._active = False
+
+    async def start(self) -> None:
+        """Create missing tables (filling new ones from the log), check the declarations, attach the hook."""
+        async with self.store.pool.acquire() as conn:
+            search_path, view_schema = await session_paths(conn)
+            for projection in self.projections:
+                try:
+                    state = await ensure(conn, projection, search_path, view_schema)
+                except HandlerFailed as failure:
+                    raise ProjectionFailed.at(projection.name, failure.event, failure.error) from failure.error
+                reason = state.mismatch(projection)
+                if reason is not None:
+                    raise ProjectionNeedsRebuild(projection.name, reason)
+        if not self._attached:
+            self.store.add_append_hook(self._hook)
+            self._attached = True
+        self._active = True
+
+    async def stop(self) -> None:
+        """Detach: later appends no longer update these read models (rebuild them before relying on them)."""
+        self._active = False
+
+    async def __aenter__(self) -> InlineProjections:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def _hook(self, uow: UnitOfWork, result: AppendResult) -> None:
+        if not self._active:
+            return
+        relevant = [p for p in self.projections if any(p.handles(e.event_type) for e in result.events)]
+        if not relevant:
+            return
+        conn = uow.connection
+        rows = {r["name"]: r for r in await conn.fetch(sql.LOCK_INLINE, [p.name for p in relevant])}
+        search_path = str(await conn.fetchval(sql.SEARCH_PATH))
+        for projection in relevant:
+            row = rows.get(projection.name)
+            if row is None:
+                raise ProjectionError(f"inline projection {projection.name!r} has no checkpoint row")
+            reason = mismatch(projection, row["mode"], row["version"], row["tables"])
+            if reason is not None:
+                raise ProjectionNeedsRebuild(projection.name, reason)
+            await use_generation(conn, projection.name, row["generation"], search_path)
+            try:
+                await projection.apply(conn, result.events)
+            except HandlerFailed as failure:
+                if isinstance(failure.error, CONNECTION_ERRORS) and conn.is_closed():
+                    raise failure.error from None
+                raise ProjectionFailed.at(projection.name, failure.event, failure.error) from failure.error
+        await conn.execute(sql.RESTORE_SEARCH_PATH, search_path)
+

@@ -1,0 +1,228 @@
+"""Declaring a projection: its name, version, the read-model tables it owns and a handler per event type.
+
+Handlers write plain SQL against their table names: every transaction that runs them first points the
+connection's `search_path` at the schema holding the generation of tables being built, so the same
+handler serves the live tables, a rebuild into new ones, and inline updates.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeAlias, TypeVar
+
+import asyncpg
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.schema import CreateIndex, CreateTable
+
+from eventstore import RecordedEvent
+from eventstore.schema import metadata
+from projections.errors import InvalidProjection
+
+Connection: TypeAlias = "asyncpg.Connection[Any] | asyncpg.pool.PoolConnectionProxy[Any]"
+"""The connection handlers get: inside the transaction that also records the projection's progress."""
+
+EventHandler = Callable[[Any, RecordedEvent], Awaitable[None]]
+"""`async def handler(connection, event)`."""
+
+BatchHandler = Callable[[Any, list[RecordedEvent]], Awaitable[None]]
+"""`async def handler(connection, events)`: consecutive events of its types, in log order."""
+
+F = TypeVar("F", bound=Callable[..., Awaitable[None]])
+
+_NAME = re.compile(r"[a-z_][a-z0-9_]{0,39}")
+_TABLE = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+_MARK = "__projection_handles__"
+
+
+def handles(*event_types: str, batch: bool = False) -> Callable[[F], F]:
+    """Mark a method of a `Projection` as the handler of `event_types`.
+
+    With `batch=True` the method receives a list of consecutive events of those types instead of one
+    event, so it can write them with one statement (`executemany`, `unnest` arrays or COPY).
+    """
+    if not event_types:
+        raise InvalidProjection("@handles needs at least one event type")
+
+    def mark(method: F) -> F:
+        setattr(method, _MARK, (tuple(event_types), batch))
+        return method
+
+    return mark
+
+
+@dataclass(frozen=True, slots=True)
+class ReadModelTable:
+    """A table a projection owns, with the DDL that creates it (run with the generation's search_path)."""
+
+    name: str
+    ddl: tuple[str, ...]
+
+
+TableDeclaration = Mapping[str, "str | Sequence[str]"] | Sequence["sa.Table | ReadModelTable"]
+"""`{"name": "CREATE TABLE name (...)"}`, or SQLAlchemy Core `Table`s (without a schema)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Handler:
+    call: Callable[[Any, Any], Awaitable[None]]
+    batch: bool
+
+
+class HandlerFailed(Exception):
+    """A handler raised; carries the first event it was given and how many it was given."""
+
+    def __init__(self, event: RecordedEvent, count: int, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.event = event
+        self.count = count
+        self.error = error
+
+
+class Projection:
+    """A read model built from the global log. Subclass it and mark handlers with `@handles`, or pass
+    `handlers=` / `batch_handlers=` mappings of plain `async def f(connection, event)` functions.
+
+    `version` says which declaration built the stored tables: change it (or the table names) and the
+    stored read model must be rebuilt before the projection runs again. `inline=True` projections are
+    updated inside every append's transaction instead of by a runner.
+    """
+
+    name: str = ""
+    version: int = 1
+    tables: TableDeclaration = ()
+    inline: bool = False
+
+    def __init__(
+        self,
+        *,
+        name: str | None = None,
+        version: int | None = None,
+        tables: TableDeclaration | None = None,
+        inline: bool | None = None,
+        handlers: Mapping[str, EventHandler] | None = None,
+        batch_handlers: Mapping[str, BatchHandler] | None = None,
+    ) -> None:
+        if name is not None:
+            self.name = name
+        if version is not None:
+            self.version = version
+        if tables is not None:
+            self.tables = tables
+        if inline is not None:
+            self.inline = inline
+        self._handlers: dict[str, _Handler] = {}
+        for klass in reversed(type(self).__mro__):
+            for attribute, value in vars(klass).items():
+                mark = getattr(value, _MARK, None)
+                if mark is not None:
+                    types, batch = mark
+                    self._add(types, getattr(self, attribute), batch, f"{klass.__name__}.{attribute}")
+        for event_type, handler in (handlers or {}).items():
+            self._add((event_type,), handler, False, repr(handler))
+        for event_type, batch_handler in (batch_handlers or {}).items():
+            self._add((event_type,), batch_handler, True, repr(batch_handler))
+        self._check()
+        self.read_model: tuple[ReadModelTable, ...] = _read_model(self.name, self.tables)
+        self.event_types: list[str] = sorted(self._handlers)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r} v{self.version}>"
+
+    def _add(self, types: Sequence[str], function: Any, batch: bool, where: str) -> None:
+        if not inspect.iscoroutinefunction(function):
+            raise InvalidProjection(f"projection {self.name!r}: handler {where} must be an `async def`")
+        for event_type in types:
+            if not isinstance(event_type, str) or not event_type:
+                raise InvalidProjection(f"projection {self.name!r}: bad event type {event_type!r} in {where}")
+            if event_type in self._handlers:
+                raise InvalidProjection(f"projection {self.name!r}: two handlers for event type {event_type!r}")
+            self._handlers[event_type] = _Handler(function, batch)
+
+    def _check(self) -> None:
+        if not isinstance(self.name, str) or not _NAME.fullmatch(self.name):
+            raise InvalidProjection(
+                f"projection name {self.name!r} must be 1-40 characters of a-z, 0-9 and _, not starting with a digit"
+            )
+        if isinstance(self.version, bool) or not isinstance(self.version, int) or self.version < 1:
+            raise InvalidProjection(f"projection {self.name!r}: version must be an int >= 1, got {self.version!r}")
+        if not self._handlers:
+            raise InvalidProjection(f"projection {self.name!r} handles no event types")
+
+    def handles(self, event_type: str) -> bool:
+        return event_type in self._handlers
+
+    async def apply(self, connection: Connection, events: Sequence[RecordedEvent]) -> None:
+        """Run the handlers over `events` in order; events of other types are skipped.
+
+        Consecutive events that go to the same batch handler reach it in one call.
+        """
+        handlers = self._handlers
+        i, n = 0, len(events)
+        while i < n:
+            event = events[i]
+            handler = handlers.get(event.event_type)
+            if handler is None:
+                i += 1
+                continue
+            j = i + 1
+            if handler.batch:
+                while j < n and handlers.get(events[j].event_type) is handler:
+                    j += 1
+            try:
+                await handler.call(connection, list(events[i:j]) if handler.batch else event)
+            except Exception as exc:
+                raise HandlerFailed(event, j - i, exc) from exc
+            i = j
+
+
+def _read_model(name: str, tables: TableDeclaration) -> tuple[ReadModelTable, ...]:
+    result: list[ReadModelTable] = []
+    if isinstance(tables, Mapping):
+        for table_name, ddl in tables.items():
+            statements = (ddl,) if isinstance(ddl, str) else tuple(ddl)
+            if not statements or not all(isinstance(s, str) and s.strip() for s in statements):
+                raise InvalidProjection(f"projection {name!r}: table {table_name!r} needs DDL text")
+            result.append(ReadModelTable(table_name, statements))
+    elif isinstance(tables, Sequence) and not isinstance(tables, str):
+        for table in tables:
+            if isinstance(table, ReadModelTable):
+                result.append(table)
+            elif isinstance(table, sa.Table):
+                result.append(_from_sqlalchemy(name, table))
+            else:
+                raise InvalidProjection(
+                    f"projection {name!r}: tables must be sqlalchemy Tables or a mapping of name to DDL, "
+                    f"got {type(table).__name__}"
+                )
+    else:
+        raise InvalidProjection(f"projection {name!r}: tables must be a mapping of name to DDL or a list of Tables")
+    if not result:
+        raise InvalidProjection(f"projection {name!r} declares no read-model tables")
+    seen: set[str] = set()
+    reserved = set(metadata.tables)
+    for table in result:
+        if not isinstance(table.name, str) or not _TABLE.fullmatch(table.name):
+            raise InvalidProjection(
+                f"projection {name!r}: table name {table.name!r} must be a lower-case SQL identifier"
+            )
+        if table.name in reserved:
+            raise InvalidProjection(f"projection {name!r}: table name {table.name!r} belongs to the event store")
+        if table.name in seen:
+            raise InvalidProjection(f"projection {name!r}: table {table.name!r} is declared twice")
+        seen.add(table.name)
+    return tuple(result)
+
+
+def _from_sqlalchemy(name: str, table: sa.Table) -> ReadModelTable:
+    if table.schema is not None:
+        raise InvalidProjection(
+            f"projection {name!r}: table {table.name!r} must not name a schema (each generation has its own)"
+        )
+    dialect = postgresql.dialect()  # type: ignore[no-untyped-call]
+    statements = [str(CreateTable(table).compile(dialect=dialect))]
+    statements += [str(CreateIndex(index).compile(dialect=dialect)) for index in table.indexes]
+    return ReadModelTable(table.name, tuple(statements))

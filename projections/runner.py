@@ -1,0 +1,286 @@
+"""The runner of asynchronous projections (Marten's async daemon): batches from a checkpoint, one owner each.
+
+Several runner processes may run the same projections. Each projection is owned by whichever runner
+holds its session-level advisory lock; the lock lives on the connection that also does the projection's
+work, so a runner that dies (even by SIGKILL) loses the lock and its open transaction together, and
+another runner takes over within `lease_interval` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+from collections.abc import Iterable
+
+from eventstore import CONNECTION_ERRORS, Checkpoint, DatabaseUnavailable, EventStore
+from eventstore.sql import NOTIFY_CHANNEL
+from projections import sql
+from projections.errors import InvalidProjection, ProjectionError, ProjectionFailed, describe
+from projections.generations import (
+    StoredCheckpoint,
+    connect,
+    disconnect,
+    ensure,
+    lease_key,
+    read_batch,
+    runner_identity,
+    session_paths,
+    use_generation,
+)
+from projections.projection import Connection, HandlerFailed, Projection
+
+log = logging.getLogger(__name__)
+
+_RETRYABLE: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, DatabaseUnavailable)
+
+
+class _Outcome(enum.Enum):
+    MORE = "more"  # a full batch: there may be more right away
+    IDLE = "idle"  # caught up: wait for a notification
+    FAILED = "failed"  # stopped at a failed event until resumed or rebuilt
+    MISMATCH = "mismatch"  # the stored tables belong to another declaration: leave it to another runner
+
+
+class ProjectionRunner:
+    """Keeps asynchronous projections current. Use as `async with ProjectionRunner(store, [...]) as runner:`.
+
+    Each batch is one transaction on the owner's connection: lock the checkpoint row, read the next
+    events, run the handlers, move the checkpoint. A kill at any point rolls the whole batch back, so
+    every event takes effect exactly once. A failing handler stops only its projection, with the event
+    and error recorded in its status.
+    """
+
+    def __init__(
+        self,
+        store: EventStore,
+        projections: Iterable[Projection],
+        *,
+        batch_size: int = 500,
+        poll_interval: float = 1.0,
+        lease_interval: float = 1.0,
+        label: str | None = None,
+    ) -> None:
+        if batch_size <= 0:
+            raise ValueError("batch_size must be positive")
+        if poll_interval <= 0 or lease_interval <= 0:
+            raise ValueError("poll_interval and lease_interval must be positive")
+        self.store = store
+        self.projections = list(projections)
+        names = [p.name for p in self.projections]
+        if len(set(names)) != len(names):
+            raise InvalidProjection(f"projection names must be unique, got {names}")
+        for projection in self.projections:
+            if projection.inline:
+                raise InvalidProjection(
+                    f"projection {projection.name!r} is inline: attach it with InlineProjections, not a runner"
+                )
+        self.batch_size = batch_size
+        self.poll_interval = poll_interval
+        self.lease_interval = lease_interval
+        self.identity = runner_identity(label)
+        self._workers = [_Worker(self, p) for p in self.projections]
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+
+    async def start(self) -> None:
+        """Create missing checkpoint rows and tables, then start competing for every projection."""
+        async with self.store.pool.acquire() as conn:
+            search_path, view_schema = await session_paths(conn)
+            for projection in self.projections:
+                await ensure(conn, projection, search_path, view_schema)
+        self._stopping = False
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(w.run(), name=f"projection {w.projection.name}") for w in self._workers]
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Finish the batches in flight, record the projections as stopped and release them."""
+        self._stopping = True
+        for worker in self._workers:
+            worker.wakeup.set()
+        if self._tasks:
+            _, pending = await asyncio.wait(self._tasks, timeout=grace)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+
+    async def __aenter__(self) -> ProjectionRunner:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    @property
+    def owned(self) -> list[str]:
+        """Names of the projections this runner holds the lease of now."""
+        return [w.projection.name for w in self._workers if w.owned]
+
+    async def wait_caught_up(self, until: Checkpoint | None = None, interval: float = 0.02) -> None:
+        """Wait until every projection has processed the log up to `until` (default: the head now).
+
+        Whichever runner owns them. Pass an append's `result.checkpoint` to wait for that append even
+        if it is not visible in the log yet (an older transaction still running holds it back).
+        Raises `ProjectionFailed` if one of them has failed (the others keep running). Bound the wait
+        with `asyncio.timeout`.
+        """
+        head = await self.store.head() if until is None else Checkpoint(*until)
+        names = [p.name for p in self.projections]
+        while True:
+            rows = await self.store.pool.fetch(sql.CHECKPOINTS, names)
+            failed = [r for r in rows if r["status"] == "failed"]
+            if failed:
+                row = await self.store.pool.fetchrow(sql.SELECT_CHECKPOINT, failed[0]["name"])
+                raise _failure(StoredCheckpoint.of(row))
+            done = [r for r in rows if Checkpoint(r["transaction_id"], r["position"]) >= head]
+            if len(done) == len(names):
+                return
+            await asyncio.sleep(interval)
+
+
+def _failure(state: StoredCheckpoint) -> ProjectionFailed:
+    return ProjectionFailed(
+        state.name,
+        state.last_error or "failed",
+        event_id=state.failed_event_id,
+        event_type=state.failed_event_type,
+        position=state.failed_position,
+        transaction_id=state.failed_transaction_id,
+    )
+
+
+class _Worker:
+    """One projection inside one runner: compete for its lease, then process it while holding it."""
+
+    def __init__(self, runner: ProjectionRunner, projection: Projection) -> None:
+        self.runner = runner
+        self.projection = projection
+        self.key = lease_key("run", projection.name)
+        self.owned = False
+        self.wakeup = asyncio.Event()
+        self._search_path = ""
+        self._generation = 0
+        self._mismatch: str | None = None
+
+    def _notified(self, *_: object) -> None:
+        self.wakeup.set()
+
+    async def _pause(self, seconds: float) -> None:
+        if self.runner._stopping:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.wakeup.wait(), seconds)
+
+    async def run(self) -> None:
+        delay = 0.05
+        while not self.runner._stopping:
+            try:
+                await self._session()
+                delay = 0.05
+            except _RETRYABLE as exc:
+                log.warning("projection %s: connection lost (%s); reconnecting", self.projection.name, exc)
+            except ProjectionError as exc:
+                log.error("projection %s: %s", self.projection.name, exc)
+            except Exception:
+                log.exception("projection %s: unexpected error; restarting its session", self.projection.name)
+            finally:
+                self.owned = False
+            if self.runner._stopping:
+                return
+            self.wakeup.clear()
+            await self._pause(delay)
+            delay = min(delay * 2, 2.0)
+
+    async def _session(self) -> None:
+        name = self.projection.name
+        conn = await connect(self.runner.store, f"projection {name}")
+        try:
+            self._search_path, view_schema = await session_paths(conn)
+            await ensure(conn, self.projection, self._search_path, view_schema)
+            while not self.runner._stopping:
+                if await conn.fetchval(sql.TRY_LOCK, self.key):
+                    self.owned = True
+                    try:
+                        await self._own(conn)
+                    finally:
+                        self.owned = False
+                        if not conn.is_closed():
+                            await conn.fetchval(sql.UNLOCK, self.key)
+                self.wakeup.clear()
+                await self._pause(self.runner.lease_interval)
+        finally:
+            await disconnect(self.runner.store, conn)
+
+    async def _own(self, conn: Connection) -> None:
+        name = self.projection.name
+        log.info("projection %s: owned by %s", name, self.runner.identity)
+        await conn.add_listener(NOTIFY_CHANNEL, self._notified)
+        careful = 0  # after a failed batch, go one event per transaction to find the failing event
+        try:
+            while not self.runner._stopping:
+                self.wakeup.clear()
+                limit = 1 if careful else self.runner.batch_size
+                try:
+                    outcome, count = await self._step(conn, limit)
+                except HandlerFailed as failure:
+                    if limit > 1:
+                        careful = limit
+                        continue
+                    await self._fail(conn, failure)
+                    continue
+                careful = max(0, careful - max(count, 1)) if careful else 0
+                if outcome is _Outcome.MORE:
+                    continue
+                if outcome is _Outcome.MISMATCH:
+                    return
+                await self._pause(self.runner.poll_interval)
+        finally:
+            if not conn.is_closed():
+                with contextlib.suppress(Exception):
+                    await conn.remove_listener(NOTIFY_CHANNEL, self._notified)
+                    await conn.execute(sql.RELEASE, name, self.runner.identity)
+
+    async def _step(self, conn: Connection, limit: int) -> tuple[_Outcome, int]:
+        projection = self.projection
+        async with conn.transaction():
+            row = await conn.fetchrow(sql.LOCK_CHECKPOINT, projection.name)
+            if row is None:
+                raise ProjectionError(f"projection {projection.name!r} has no checkpoint row")
+            state = StoredCheckpoint.of(row)
+            if state.status == "failed":
+                return _Outcome.FAILED, 0
+            mismatch = state.mismatch(projection)
+            if mismatch is not None:
+                if mismatch != self._mismatch:
+                    log.warning("projection %s needs a rebuild (%s); leaving it", projection.name, mismatch)
+                self._mismatch = mismatch
+                return _Outcome.MISMATCH, 0
+            self._mismatch = None
+            self._generation = state.generation
+            await use_generation(conn, projection.name, state.generation, self._search_path)
+            events, end = await read_batch(conn, projection, state.checkpoint, limit)
+            try:
+                await projection.apply(conn, events)
+            except HandlerFailed as failure:
+                if isinstance(failure.error, CONNECTION_ERRORS) and conn.is_closed():
+                    raise failure.error from None
+                raise
+            if end != state.checkpoint:
+                await conn.execute(sql.ADVANCE, projection.name, end[0], end[1], self.runner.identity)
+            elif state.status != "running" or state.runner != self.runner.identity:
+                await conn.execute(sql.CLAIM, projection.name, self.runner.identity)
+        return (_Outcome.MORE if len(events) == limit else _Outcome.IDLE), len(events)
+
+    async def _fail(self, conn: Connection, failure: HandlerFailed) -> None:
+        event = failure.event
+        log.error(
+            "projection %s failed at event %s %s (position %s)",
+            self.projection.name, event.event_type, event.event_id, event.position,
+            exc_info=failure.error,
+        )
+        await conn.execute(
+            sql.FAIL, self.projection.name, self._generation, describe(failure.error),
+            event.event_id, event.event_type, event.transaction_id, event.position,
+        )

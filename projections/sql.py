@@ -1,0 +1,209 @@
+"""Every SQL statement of the projections, by name. The rest of the package calls these names.
+
+Reads of the global log reuse the event store's statements, which carry its visibility rule (a reader
+never passes an event whose transaction commits later).
+"""
+
+from __future__ import annotations
+
+from eventstore import sql as log
+
+# -- the global log --------------------------------------------------------------------------------
+
+READ_LOG = log.READ_ALL_TYPES
+"""($1 transaction_id, $2 position, $3 limit, $4 types): the next events a projection handles."""
+
+LOG_HEAD = log.HEAD
+
+# Column order of RecordedEvent.
+_COLUMNS = "event_id, event_type, data, metadata, stream_id, stream_version, position, transaction_id, recorded_at"
+
+READ_COMMITTED = f"""
+SELECT {_COLUMNS} FROM events
+WHERE (transaction_id, position) > ($1, $2) AND event_type = ANY($4::text[])
+ORDER BY transaction_id, position
+LIMIT $3
+"""
+"""Every committed event after a checkpoint, also behind transactions still running.
+
+Only for inline projections, while holding their checkpoint row exclusively: then no append can be
+between writing its events and running its hook, so what this reads is exactly what the hooks of
+committed transactions have applied.
+"""
+
+COUNT_LOG = """
+SELECT count(*) FROM events
+WHERE (transaction_id, position) > ($1, $2) AND event_type = ANY($3::text[])
+  AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())::text::bigint
+"""
+
+# -- checkpoints -----------------------------------------------------------------------------------
+
+_CHECKPOINT = """
+name, mode, version, generation, tables, transaction_id, position, status, runner, last_error,
+failed_event_id, failed_event_type, failed_transaction_id, failed_position, failed_at, updated_at
+"""
+
+INSERT_CHECKPOINT = """
+INSERT INTO projection_checkpoints (name, mode, version, generation, tables)
+VALUES ($1, $2, $3, 1, $4)
+ON CONFLICT (name) DO NOTHING
+RETURNING generation
+"""
+
+SELECT_CHECKPOINT = f"SELECT {_CHECKPOINT} FROM projection_checkpoints WHERE name = $1"
+
+LOCK_CHECKPOINT = f"SELECT {_CHECKPOINT} FROM projection_checkpoints WHERE name = $1 FOR UPDATE"
+"""Taken first by every transaction that writes a projection's tables or moves its checkpoint."""
+
+LOCK_INLINE = """
+SELECT name, mode, version, generation, tables FROM projection_checkpoints
+WHERE name = ANY($1::text[])
+FOR KEY SHARE
+"""
+"""Inline hooks share the row; a rebuild's swap takes it exclusively and so waits for them."""
+
+ADVANCE = """
+UPDATE projection_checkpoints
+SET transaction_id = $2, position = $3, status = 'running', runner = $4, updated_at = now()
+WHERE name = $1
+"""
+
+CLAIM = """
+UPDATE projection_checkpoints
+SET status = CASE WHEN status = 'failed' THEN 'failed' ELSE 'running' END, runner = $2, updated_at = now()
+WHERE name = $1
+"""
+
+RELEASE = """
+UPDATE projection_checkpoints
+SET status = CASE WHEN status = 'failed' THEN 'failed' ELSE 'stopped' END, runner = NULL, updated_at = now()
+WHERE name = $1 AND runner = $2
+"""
+
+FAIL = """
+UPDATE projection_checkpoints
+SET status = 'failed', last_error = $3, failed_event_id = $4, failed_event_type = $5,
+    failed_transaction_id = $6, failed_position = $7, failed_at = now(), updated_at = now()
+WHERE name = $1 AND generation = $2
+"""
+
+RESUME = """
+UPDATE projection_checkpoints
+SET status = 'stopped', failed_event_id = NULL, failed_event_type = NULL, failed_transaction_id = NULL,
+    failed_position = NULL, failed_at = NULL, updated_at = now()
+WHERE name = $1 AND status = 'failed'
+RETURNING name
+"""
+
+SWAP = """
+UPDATE projection_checkpoints
+SET generation = $2, version = $3, mode = $4, tables = $5, transaction_id = $6, position = $7,
+    status = CASE WHEN status = 'failed' THEN 'stopped' ELSE status END,
+    failed_event_id = NULL, failed_event_type = NULL, failed_transaction_id = NULL, failed_position = NULL,
+    failed_at = NULL, updated_at = now()
+WHERE name = $1
+"""
+"""Point a projection at another generation of its tables, built up to checkpoint ($6, $7)."""
+
+# -- rebuilds --------------------------------------------------------------------------------------
+
+_REBUILD = "name, generation, version, tables, transaction_id, position, events_done, last_error, started_at, updated_at"
+
+LOCK_REBUILD = f"SELECT {_REBUILD} FROM projection_rebuilds WHERE name = $1 FOR UPDATE"
+
+INSERT_REBUILD = """
+INSERT INTO projection_rebuilds (name, generation, version, tables) VALUES ($1, $2, $3, $4)
+"""
+
+ADVANCE_REBUILD = """
+UPDATE projection_rebuilds
+SET transaction_id = $2, position = $3, events_done = events_done + $4, last_error = NULL, updated_at = now()
+WHERE name = $1
+"""
+
+FAIL_REBUILD = "UPDATE projection_rebuilds SET last_error = $2, updated_at = now() WHERE name = $1"
+
+DELETE_REBUILD = "DELETE FROM projection_rebuilds WHERE name = $1"
+
+# -- status ----------------------------------------------------------------------------------------
+
+STATUS = """
+SELECT c.name, c.mode, c.version, c.generation, c.tables, c.transaction_id, c.position, c.status, c.runner,
+       c.last_error, c.failed_event_id, c.failed_event_type, c.failed_transaction_id, c.failed_position,
+       c.failed_at, c.updated_at,
+       r.generation AS rebuild_generation, r.version AS rebuild_version, r.transaction_id AS rebuild_transaction_id,
+       r.position AS rebuild_position, r.events_done AS rebuild_events_done, r.last_error AS rebuild_last_error,
+       r.started_at AS rebuild_started_at, r.updated_at AS rebuild_updated_at
+FROM projection_checkpoints c LEFT JOIN projection_rebuilds r ON r.name = c.name
+ORDER BY c.name
+"""
+
+CHECKPOINTS = """
+SELECT name, transaction_id, position, status FROM projection_checkpoints WHERE name = ANY($1::text[])
+"""
+
+# -- leases ----------------------------------------------------------------------------------------
+
+TRY_LOCK = "SELECT pg_try_advisory_lock($1)"
+"""Session-level: PostgreSQL releases it when the holder's connection ends, also when it is killed."""
+
+UNLOCK = "SELECT pg_advisory_unlock($1)"
+
+HELD_LOCKS = """
+SELECT (classid::bigint << 32) | objid::bigint AS key, pid FROM pg_locks
+WHERE locktype = 'advisory' AND objsubid = 1 AND granted
+  AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+"""
+"""Keys of the bigint advisory locks held in this database (reassembled from the two oid halves)."""
+
+# -- generations of read-model tables ---------------------------------------------------------------
+
+SEARCH_PATH = "SELECT current_setting('search_path')"
+
+USE_GENERATION = "SELECT set_config('search_path', quote_ident($1) || ', ' || $2, true)"
+"""($1 generation schema, $2 the connection's own search_path): for the rest of this transaction."""
+
+RESTORE_SEARCH_PATH = "SELECT set_config('search_path', $1, true)"
+
+VIEW_SCHEMA = """
+SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.oid = 'projection_checkpoints'::regclass
+"""
+"""Readers find a projection's tables as views beside the event store's own tables."""
+
+TABLE_IN_SCHEMA = """
+SELECT EXISTS (
+    SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')
+)
+"""
+
+RELATION_KIND = """
+SELECT c.relkind::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = $1 AND c.relname = $2
+"""
+
+
+def ident(name: str) -> str:
+    """Quote an SQL identifier."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def create_schema(schema: str) -> str:
+    return f"CREATE SCHEMA {ident(schema)}"
+
+
+def drop_schema(schema: str) -> str:
+    return f"DROP SCHEMA IF EXISTS {ident(schema)} CASCADE"
+
+
+def replace_view(view_schema: str, table: str, generation_schema: str) -> str:
+    return (
+        f"CREATE OR REPLACE VIEW {ident(view_schema)}.{ident(table)} AS "
+        f"SELECT * FROM {ident(generation_schema)}.{ident(table)}"
+    )
+
+
+def drop_view(view_schema: str, table: str) -> str:
+    return f"DROP VIEW IF EXISTS {ident(view_schema)}.{ident(table)}"
