@@ -7,9 +7,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, NamedTuple
-from uuid import UUID, uuid4
+from uuid import UUID
 
 import orjson
+from uuid_utils.compat import uuid7
 
 CORRELATION_ID = "correlation_id"
 CAUSATION_ID = "causation_id"
@@ -63,13 +64,15 @@ START = Checkpoint(0, 0)
 class NewEvent:
     """An event to append. `data` and `metadata` must be JSON-serializable (orjson rules).
 
-    Pass `orjson.Fragment(json_bytes)` as `data` to store JSON that is already serialized.
+    Pass `orjson.Fragment(json_bytes)` as `data` to store JSON that is already serialized. Default
+    event ids are UUIDv7: time-ordered, so the unique index on event ids grows at its right edge
+    instead of touching random pages.
     """
 
     type: str
     data: Any = field(default_factory=dict)
     metadata: Mapping[str, Any] | None = None
-    event_id: UUID = field(default_factory=uuid4)
+    event_id: UUID = field(default_factory=uuid7)
     correlation_id: UUID | str | None = None
     causation_id: UUID | str | None = None
 
