@@ -1,0 +1,211 @@
+"""The relay against real PostgreSQL and a real Kafka-protocol broker, in this process."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections import defaultdict
+from typing import Any
+
+import asyncpg
+import pytest
+
+from eventstore import EventStore, NewEvent, asyncpg_dsn
+from outbox import KafkaSettings, Outbox, Relay, Route, retry_dead
+from outbox.embedded import EmbeddedBroker
+from tests.outbox.conftest import Collector, create_topic, relay_settings
+
+
+def versions_by_key(collector: Collector) -> dict[str, list[int]]:
+    """Stream versions per key, in the order the consumer read them (one key lives in one partition)."""
+    seen: dict[str, list[int]] = defaultdict(list)
+    for record in collector.records:
+        seen[record.key.decode()].append(int(dict(record.headers)["ce_streamversion"]))
+    return seen
+
+
+async def wait_until(condition: Any, timeout: float = 20.0, what: str = "condition") -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not await condition():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+async def test_messages_arrive_as_cloud_events_in_order_per_key(
+    outbox_store: EventStore, database_url: str, kafka: str, collector: Collector
+) -> None:
+    correlation = uuid.uuid4()
+    written: dict[str, NewEvent] = {}
+    for version in range(10):  # interleave 20 streams so outbox order mixes keys
+        for stream in range(20):
+            event = NewEvent("OrderChanged", {"stream": stream, "version": version}, correlation_id=correlation)
+            await outbox_store.append(f"order-{stream}", [event])
+            written[str(event.event_id)] = event
+    async with Relay(database_url, kafka, relay_settings(batch_size=64)) as relay:
+        await collector.wait_count(200)
+        assert relay.stats.published == 200
+    assert len(collector.records) == 200, "no duplicates without a crash"
+    for record in collector.records:
+        event = dict(record.headers)
+        original = written[event["ce_id"].decode()]
+        assert event["ce_specversion"] == b"1.0" and event["ce_source"] == b"/tests"
+        assert event["ce_type"] == b"OrderChanged" and event["content-type"] == b"application/json"
+        assert event["ce_correlationid"] == str(correlation).encode()
+        assert event["ce_time"].endswith(b"Z")
+        assert record.key == event["ce_subject"] == f"order-{original.data['stream']}".encode()
+        assert record.value == f'{{"stream":{original.data["stream"]},"version":{original.data["version"]}}}'.encode()
+    assert versions_by_key(collector) == {f"order-{s}": list(range(10)) for s in range(20)}
+    rows = await outbox_store.pool.fetch("SELECT published_at, published_by FROM outbox")
+    assert all(r["published_at"] is not None and r["published_by"] == relay.relay_id for r in rows)
+
+
+async def test_a_notification_wakes_an_idle_relay(
+    outbox_store: EventStore, database_url: str, kafka: str, collector: Collector
+) -> None:
+    # Without NOTIFY the relay would sleep for lease_ttl / 6 = 20 s (and polls only every 60 s).
+    settings = relay_settings(poll_interval=60.0, lease_ttl=120.0)
+    async with Relay(database_url, kafka, settings) as relay:
+        await wait_until(lambda: _true(relay.owned_slots), what="slots")
+        await asyncio.sleep(0.3)  # the relay found nothing and went to sleep
+        await outbox_store.append("order-1", [NewEvent("OrderPlaced")])
+        await collector.wait_count(1, timeout=10.0)
+
+
+async def _true(value: object) -> bool:
+    return bool(value)
+
+
+async def test_in_flight_messages_are_bounded_by_the_batch_size(
+    outbox_store: EventStore, database_url: str, kafka: str, collector: Collector
+) -> None:
+    async with outbox_store.unit_of_work() as uow:
+        for stream in range(10):
+            await uow.append(f"order-{stream}", [NewEvent("OrderPlaced", {"n": n}) for n in range(30)])
+    async with Relay(database_url, kafka, relay_settings(batch_size=25)) as relay:
+        await collector.wait_count(300)
+    assert relay.stats.max_in_flight <= 25
+    assert relay.stats.rounds >= 12
+    assert versions_by_key(collector) == {f"order-{s}": list(range(30)) for s in range(10)}
+
+
+async def test_a_refused_message_is_dead_lettered_without_blocking_other_keys_and_can_be_retried(
+    outbox_store: EventStore, database_url: str, kafka: str, collector: Collector
+) -> None:
+    big = NewEvent("OrderPlaced", {"blob": "x" * 5000})
+    await outbox_store.append("order-bad", [NewEvent("OrderPlaced", {"n": 0}), big, NewEvent("OrderPlaced", {"n": 2})])
+    for stream in range(5):
+        await outbox_store.append(f"order-good{stream}", [NewEvent("OrderPlaced", {"n": n}) for n in range(3)])
+    small = KafkaSettings(bootstrap_servers=kafka, max_request_size=2000)
+    settings = relay_settings(max_attempts=3, retry_backoff=0.2)
+    async with Relay(database_url, small, settings) as relay:
+        await collector.wait_count(17)
+        assert relay.stats.dead == 1 and relay.stats.refused == 3
+    pool = outbox_store.pool
+    dead = await pool.fetchrow("SELECT * FROM outbox WHERE event_id = $1", big.event_id)
+    assert dead["dead_at"] is not None and dead["published_at"] is None and dead["attempts"] == 3
+    assert "MessageSizeTooLarge" in dead["last_error"]
+    others = await pool.fetch("SELECT key, stream_version, published_at FROM outbox WHERE id <> $1", dead["id"])
+    # Other keys went out at once, not after the poison message died ...
+    assert all(r["published_at"] < dead["dead_at"] for r in others if r["key"] != "order-bad")
+    # ... while the next message of its own key waited until it was dead, then flowed (progress over order).
+    successor = next(r for r in others if r["key"] == "order-bad" and r["stream_version"] == 2)
+    assert successor["published_at"] >= dead["dead_at"]
+    assert versions_by_key(collector)["order-bad"] == [0, 2]
+
+    assert await retry_dead(pool, ids=[dead["id"]]) == [dead["id"]]
+    async with Relay(database_url, kafka, settings):  # default max_request_size: 1 MiB
+        await collector.wait_count(18)
+    assert versions_by_key(collector)["order-bad"] == [0, 2, 1]
+    row = await pool.fetchrow("SELECT published_at, dead_at FROM outbox WHERE id = $1", dead["id"])
+    assert row["published_at"] is not None and row["dead_at"] is None
+
+
+async def test_retention_prunes_old_published_messages_only(
+    outbox_store: EventStore, database_url: str, kafka: str, collector: Collector
+) -> None:
+    await outbox_store.append("order-1", [NewEvent("OrderPlaced", {"n": n}) for n in range(10)])
+    settings = relay_settings(retention=3600.0, prune_interval=0.1)
+    pool = outbox_store.pool
+    async with Relay(database_url, kafka, settings):
+        await collector.wait_count(10)
+        await wait_until(lambda: _none_pending(pool), what="published")
+        await pool.execute(
+            "UPDATE outbox SET published_at = now() - interval '2 hours' WHERE stream_version < 4"
+        )
+        # A dead message and a pending one are never pruned, however old.
+        await pool.execute(
+            "UPDATE outbox SET published_at = NULL, dead_at = now() - interval '2 hours',"
+            " recorded_at = now() - interval '2 hours' WHERE stream_version = 0"
+        )
+        await wait_until(lambda: _count(pool, 7), what="pruning")
+    left = await pool.fetch("SELECT stream_version FROM outbox ORDER BY stream_version")
+    assert [r[0] for r in left] == [0, 4, 5, 6, 7, 8, 9]
+
+
+async def _none_pending(pool: asyncpg.Pool) -> bool:
+    return await _pending(pool) == 0
+
+
+async def _count(pool: asyncpg.Pool, expected: int) -> bool:
+    return bool(await pool.fetchval("SELECT count(*) FROM outbox") == expected)
+
+
+@pytest.mark.fault
+async def test_relay_survives_its_connections_being_terminated(
+    outbox_store: EventStore, database_url: str, kafka: str, collector: Collector
+) -> None:
+    admin = await asyncpg.connect(asyncpg_dsn(database_url))
+    try:
+        async with Relay(database_url, kafka, relay_settings(batch_size=20)) as relay:
+            for round_ in range(10):
+                for stream in range(10):
+                    await outbox_store.append(f"order-{stream}", [NewEvent("OrderPlaced", {"n": round_})])
+                await admin.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
+                await asyncio.sleep(0.05)
+            await collector.wait_count(100)
+            assert relay.stats.database_errors > 0
+    finally:
+        await admin.close()
+    assert versions_by_key(collector) == {f"order-{s}": list(range(10)) for s in range(10)}
+
+
+@pytest.mark.fault
+async def test_broker_down_for_a_while_then_back_loses_nothing(
+    store: EventStore, database_url: str, own_broker: EmbeddedBroker
+) -> None:
+    servers = own_broker.bootstrap_servers
+    topic = await create_topic(servers)
+    Outbox([Route(topic, category="order")], source="/tests").install(store)
+    before, after = Collector(servers, topic), Collector(servers, topic)
+    await before.start()
+    try:
+        async with Relay(database_url, servers, relay_settings()) as relay:
+            for n in range(10):
+                await store.append(f"order-{n % 3}", [NewEvent("OrderPlaced", {"n": n})])
+            await before.wait_count(10)  # memory storage: read them now, a restart loses them
+            await before.stop()
+            own_broker.stop()
+            for n in range(10, 20):
+                await store.append(f"order-{n % 3}", [NewEvent("OrderPlaced", {"n": n})])
+            await wait_until(lambda: _true(relay.stats.broker_errors >= 2), what="broker errors")
+            assert await _pending(store.pool) == 10
+            own_broker.start()  # the topic is gone; the relay's producer has it created again
+            await after.start()
+            await after.wait_count(10, timeout=30.0)
+            await wait_until(lambda: _none_pending(store.pool), what="marked published")
+    finally:
+        await before.stop()
+        await after.stop()
+    ids = {r[0] for r in await store.pool.fetch("SELECT event_id::text FROM outbox")}
+    assert len(ids) == 20
+    assert before.ids() | after.ids() == ids
+    assert before.ids().isdisjoint(after.ids())
+
+
+async def _pending(pool: asyncpg.Pool) -> int:
+    return int(await pool.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL"))
