@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, TypeVar, overload
 from uuid import UUID
@@ -231,13 +231,15 @@ class EventRegistry:
         return self._upcast(entry, version, recorded)
 
     def decode_all(self, records: Iterable[RecordedEvent]) -> list[DomainEvent]:
-        """`decode` for a whole stream read: the load hot path, so it avoids repeated work per event.
+        return list(self.decode_each(records))
+
+    def decode_each(self, records: Iterable[RecordedEvent]) -> Iterator[DomainEvent]:
+        """`decode` for a whole stream read, one event at a time: the load hot path.
 
         Events of one save share their metadata text, so its schema version is parsed once per run of
-        equal metadata rather than once per event.
+        equal metadata rather than once per event. Yielding lets a load apply and drop each event before
+        decoding the next, which keeps the garbage collector from scanning thousands of live events.
         """
-        out: list[DomainEvent] = []
-        append = out.append
         entries = self._entries
         last_metadata: str | None = None
         version = 1
@@ -251,15 +253,15 @@ class EventRegistry:
                 last_metadata = metadata
             cls = entry.cls
             if version != cls.schema_version:
-                append(self._upcast(entry, version, recorded))
+                yield self._upcast(entry, version, recorded)
                 continue
             try:
-                append(cls.__pydantic_validator__.validate_json(recorded.data))
+                event = cls.__pydantic_validator__.validate_json(recorded.data)
             except ValidationError as exc:
                 raise EventDecodeError(
                     recorded.event_type, version, _reason(exc), recorded.stream_id, recorded.stream_version
                 ) from None
-        return out
+            yield event
 
     def _upcast(self, entry: _Entry, version: int, recorded: RecordedEvent) -> DomainEvent:
         cls = entry.cls

@@ -89,7 +89,7 @@ class Repository(Generic[A]):
         last = records[-1].stream_version if records else start - 1
         if last < 0 or (version is not None and last < version):
             raise AggregateNotFound(cls.__qualname__, aggregate_id, stream_id, version=version)
-        aggregate._replay(self.registry.decode_all(records), last)
+        aggregate._replay(self.registry.decode_each(records), last)
         return aggregate
 
     async def _get_as_of(self, aggregate_id: str, stream_id: str, as_of: datetime) -> A:
@@ -106,7 +106,7 @@ class Repository(Generic[A]):
         if count == 0:
             raise AggregateNotFound(self.aggregate_type.__qualname__, aggregate_id, stream_id, as_of=as_of)
         aggregate = self.aggregate_type(aggregate_id)
-        aggregate._replay(self.registry.decode_all(records[:count]), count - 1)
+        aggregate._replay(self.registry.decode_each(records[:count]), count - 1)
         return aggregate
 
     async def _restore_snapshot(self, aggregate: A, stream_id: str, version: int | None) -> int:
