@@ -228,3 +228,37 @@ async def test_take_snapshot(recording: RecordingStore) -> None:
         await Repository(recording, Account).take_snapshot(Account("1"))
     with pytest.raises(TypeError):
         await accounts.take_snapshot(Account("1"))  # type: ignore[arg-type]
+
+
+class NoteState(BaseModel):
+    note: str = ""
+
+
+class Noted(DomainEvent):
+    length: int
+
+
+class Notebook(Aggregate[NoteState], category="notebook", snapshot_every=1):
+    """Its state holds a NUL character, which PostgreSQL cannot store, though its events can be."""
+
+    def note(self, length: int) -> None:
+        self._emit(Noted(length=length))
+
+    @applies(Noted)
+    def _noted(self, event: Noted) -> None:
+        self.state.note = "\x00" * event.length
+
+
+async def test_unstorable_state_skips_the_snapshot_not_the_save(
+    store: EventStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    notebooks = Repository(store, Notebook)
+    notebook = Notebook("1")
+    notebook.note(3)
+    with caplog.at_level(logging.WARNING, logger="aggregates.repository"):
+        await notebooks.save(notebook)
+    assert "NUL" in caplog.text
+    assert await store.stream_version("notebook-1") == 0 and await store.load_snapshot("notebook-1") is None
+    with pytest.raises(SnapshotError, match="NUL"):
+        await notebooks.take_snapshot(notebook)
+    assert (await notebooks.get("1")).state.note == "\x00\x00\x00"
