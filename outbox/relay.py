@@ -386,7 +386,7 @@ class Relay:
             else:
                 refused.append((row, result))
         if published:
-            await self.pool.execute(sql.MARK_PUBLISHED, published, self.relay_id)
+            await self._persist(sql.MARK_PUBLISHED, published, self.relay_id)
             self.stats.published += len(published)
         if refused:
             await self._record_refusals(refused)
@@ -394,12 +394,30 @@ class Relay:
             raise _BrokerDown(_describe(down)) from down
         return len(sent) + len(refused)
 
+    async def _persist(self, statement: str, *args: Any) -> list[asyncpg.Record]:
+        """Record what the broker answered, retrying on a fresh connection if this one was lost.
+
+        Giving up here would not lose messages, but would publish them all again: worth a retry.
+        """
+        deadline = time.monotonic() + self.settings.send_margin
+        delay = 0.05
+        while True:
+            try:
+                return list(await self.pool.fetch(statement, *args))
+            except CONNECTION_ERRORS as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                self.stats.database_errors += 1
+                log.warning("cannot record the broker's answer (%s); retrying in %.2fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
     async def _record_refusals(self, refused: Sequence[tuple[asyncpg.Record, BaseException]]) -> None:
         s = self.settings
         delays = [
             min(s.retry_backoff * 2 ** row["attempts"], s.max_retry_backoff) for row, _ in refused
         ]
-        rows = await self.pool.fetch(
+        rows = await self._persist(
             sql.RECORD_FAILURES,
             [row[0] for row, _ in refused],
             [_describe(exc) for _, exc in refused],
