@@ -115,12 +115,15 @@ class Projection:
         if inline is not None:
             self.inline = inline
         self._handlers: dict[str, _Handler] = {}
+        # By method name, so a subclass's override (marked again or not) replaces the inherited handler.
+        marks: dict[str, tuple[tuple[str, ...], bool]] = {}
         for klass in reversed(type(self).__mro__):
             for attribute, value in vars(klass).items():
                 mark = getattr(value, _MARK, None)
                 if mark is not None:
-                    types, batch = mark
-                    self._add(types, getattr(self, attribute), batch, f"{klass.__name__}.{attribute}")
+                    marks[attribute] = mark
+        for attribute, (types, batch) in marks.items():
+            self._add(types, getattr(self, attribute), batch, f"{type(self).__name__}.{attribute}")
         for event_type, handler in (handlers or {}).items():
             self._add((event_type,), handler, False, repr(handler))
         for event_type, batch_handler in (batch_handlers or {}).items():

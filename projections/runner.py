@@ -39,6 +39,7 @@ _RETRYABLE: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, DatabaseUnava
 class _Outcome(enum.Enum):
     MORE = "more"  # a full batch: there may be more right away
     IDLE = "idle"  # caught up: wait for a notification
+    HELD = "held"  # caught up with what the log shows, but committed events are held back: look again soon
     FAILED = "failed"  # stopped at a failed event until resumed or rebuilt
     MISMATCH = "mismatch"  # the stored tables belong to another declaration: leave it to another runner
 
@@ -218,6 +219,7 @@ class _Worker:
         log.info("projection %s: owned by %s", name, self.runner.identity)
         await conn.add_listener(NOTIFY_CHANNEL, self._notified)
         careful = 0  # after a failed batch, go one event per transaction to find the failing event
+        held_delay = 0.0
         try:
             while not self.runner._stopping:
                 self.wakeup.clear()
@@ -232,9 +234,16 @@ class _Worker:
                     continue
                 careful = max(0, careful - max(count, 1)) if careful else 0
                 if outcome is _Outcome.MORE:
+                    held_delay = 0.0
                     continue
                 if outcome is _Outcome.MISMATCH:
                     return
+                if outcome is _Outcome.HELD:
+                    # No notification comes when a long transaction elsewhere ends: look again, backing off.
+                    held_delay = min(max(held_delay * 2, 0.02), self.runner.poll_interval)
+                    await self._pause(held_delay)
+                    continue
+                held_delay = 0.0
                 await self._pause(self.runner.poll_interval)
         finally:
             if not conn.is_closed():
@@ -271,7 +280,10 @@ class _Worker:
                 await conn.execute(sql.ADVANCE, projection.name, end[0], end[1], self.runner.identity)
             elif state.status != "running" or state.runner != self.runner.identity:
                 await conn.execute(sql.CLAIM, projection.name, self.runner.identity)
-        return (_Outcome.MORE if len(events) == limit else _Outcome.IDLE), len(events)
+            if len(events) == limit:
+                return _Outcome.MORE, len(events)
+            held = await conn.fetchval(sql.HELD_BACK)
+        return (_Outcome.HELD if held else _Outcome.IDLE), len(events)
 
     async def _fail(self, conn: Connection, failure: HandlerFailed) -> None:
         event = failure.event

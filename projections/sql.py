@@ -31,6 +31,13 @@ between writing its events and running its hook, so what this reads is exactly w
 committed transactions have applied.
 """
 
+HELD_BACK = """
+SELECT EXISTS (
+    SELECT 1 FROM events WHERE transaction_id >= pg_snapshot_xmin(pg_current_snapshot())::text::bigint
+)
+"""
+"""Committed events the log does not show yet: an older transaction still running holds them back."""
+
 COUNT_LOG = """
 SELECT count(*) FROM events
 WHERE (transaction_id, position) > ($1, $2) AND event_type = ANY($3::text[])

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import os
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
 import sqlalchemy as sa
 
-from eventstore import START, EventStore, NewEvent, RecordedEvent
-from projections import Projection, handles
+from eventstore import START, Checkpoint, EventStore, NewEvent, RecordedEvent
+from projections import Projection, ProjectionRunner, handles
 
 # Set by fault tests: sleep this long per event (client side, inside the batch's transaction) and
 # append each handled event's position to this file, so a test can kill a runner mid-batch.
@@ -96,7 +97,29 @@ class StreamCounts(Projection):
         )
 
 
-PROJECTIONS = [Ledger(), StreamCounts()]
+class Totals(Projection):
+    name = "totals"
+    inline = True
+    tables = {"account_totals": "CREATE TABLE account_totals (account text PRIMARY KEY, balance bigint NOT NULL)"}
+
+    @handles("Deposited", "Withdrawn")
+    async def moved(self, conn: Any, event: RecordedEvent) -> None:
+        data = event.json()
+        if data["amount"] < 0:
+            raise ValueError("negative amounts are not allowed")
+        sign = 1 if event.event_type == "Deposited" else -1
+        await conn.execute(
+            "INSERT INTO account_totals VALUES ($1, $2) ON CONFLICT (account) DO UPDATE "
+            "SET balance = account_totals.balance + EXCLUDED.balance",
+            data["account"], sign * data["amount"],
+        )
+
+
+async def balances(store: EventStore) -> dict[str, int]:
+    return {r[0]: r[1] for r in await store.pool.fetch("SELECT account, balance FROM account_totals")}
+
+
+PROJECTIONS = [Ledger(), StreamCounts(), Totals()]
 
 
 def deposit(account: str, amount: int) -> NewEvent:
@@ -109,6 +132,9 @@ def withdraw(account: str, amount: int) -> NewEvent:
 
 async def expected_ledger(store: EventStore) -> tuple[dict[str, tuple[int, int]], int]:
     """Balances and moves per account, and the number of ledger events, computed from the log."""
+    last = await store.pool.fetchrow("SELECT transaction_id, position FROM events ORDER BY position DESC LIMIT 1")
+    if last is not None:
+        await store.wait_until_visible(Checkpoint(last[0], last[1]))
     balances: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     count = 0
     after = START
@@ -131,3 +157,33 @@ async def assert_ledger_exactly_once(store: EventStore) -> int:
     applied = await store.pool.fetchrow("SELECT count(*) AS n, count(DISTINCT position) AS d FROM ledger_applied")
     assert (applied["n"], applied["d"]) == (count, count)
     return count
+
+
+async def fill(store: EventStore, accounts: int = 5, rounds: int = 10, prefix: str = "acc") -> Checkpoint:
+    """Each round appends to every account a deposit and two withdrawals; returns the last checkpoint."""
+    last = START
+    for r in range(rounds):
+        for a in range(accounts):
+            account = f"{prefix}{a}"
+            result = await store.append(
+                f"{prefix}-{a}", [deposit(account, 10 + r), withdraw(account, 1), withdraw(account, r % 3)]
+            )
+            last = result.checkpoint
+    return last
+
+
+async def caught_up(runner: ProjectionRunner, until: Checkpoint, seconds: float = 30) -> None:
+    async with asyncio.timeout(seconds):
+        await runner.wait_caught_up(until)
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], seconds: float = 20, what: str = "condition") -> None:
+    """Wait until `check()` holds; fail with `what` after `seconds`."""
+    try:
+        async with asyncio.timeout(seconds):
+            while True:
+                if await check():
+                    return
+                await asyncio.sleep(0.05)
+    except TimeoutError:
+        raise AssertionError(f"not within {seconds}s: {what}") from None

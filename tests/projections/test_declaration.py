@@ -118,6 +118,32 @@ def test_two_handlers_for_one_event_type_are_rejected() -> None:
         Twice()
 
 
+async def test_an_override_replaces_the_inherited_handler() -> None:
+    seen: list[str] = []
+
+    class Base(Projection):
+        name = "base"
+        tables = _TABLES
+
+        @handles("A", "B")
+        async def on_ab(self, conn: Any, event: RecordedEvent) -> None:
+            seen.append(f"base {event.event_type}")
+
+    class Plain(Base):
+        async def on_ab(self, conn: Any, event: RecordedEvent) -> None:
+            seen.append(f"plain {event.event_type}")
+
+    class Narrowed(Base):
+        @handles("A")
+        async def on_ab(self, conn: Any, event: RecordedEvent) -> None:
+            seen.append(f"narrowed {event.event_type}")
+
+    await Plain().apply(None, [recorded("A", 1), recorded("B", 2)])
+    await Narrowed().apply(None, [recorded("A", 3), recorded("B", 4)])
+    assert seen == ["plain A", "plain B", "narrowed A"]
+    assert Narrowed().event_types == ["A"]
+
+
 def test_handles_needs_an_event_type() -> None:
     with pytest.raises(InvalidProjection, match="at least one event type"):
         handles()

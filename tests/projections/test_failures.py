@@ -1,0 +1,92 @@
+"""A failing handler stops its projection at the failing event, with a clear status; the others go on."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from eventstore import Checkpoint, EventStore, NewEvent, RecordedEvent
+from projections import Projection, ProjectionFailed, Projections, UnknownProjection
+from tests.projections.app import Ledger, assert_ledger_exactly_once, caught_up, eventually, fill
+
+
+class Picky:
+    """Records the position of every deposit; chokes on poisoned ones while `broken`."""
+
+    def __init__(self) -> None:
+        self.broken = True
+
+    def check(self, event: RecordedEvent) -> None:
+        if self.broken and event.json().get("poison"):
+            raise ValueError(f"cannot digest {event.stream_id}\nsecond line of detail")
+
+    async def one(self, conn: Any, event: RecordedEvent) -> None:
+        self.check(event)
+        await conn.execute("INSERT INTO picky_seen VALUES ($1)", event.position)
+
+    async def many(self, conn: Any, events: list[RecordedEvent]) -> None:
+        for event in events:
+            self.check(event)
+        await conn.executemany("INSERT INTO picky_seen VALUES ($1)", [(e.position,) for e in events])
+
+    def projection(self, batch: bool) -> Projection:
+        tables = {"picky_seen": "CREATE TABLE picky_seen (position bigint PRIMARY KEY)"}
+        if batch:
+            return Projection(name="picky", tables=tables, batch_handlers={"Deposited": self.many})
+        return Projection(name="picky", tables=tables, handlers={"Deposited": self.one})
+
+
+@pytest.mark.parametrize("batch", [True, False], ids=["batch-handler", "event-handler"])
+async def test_failing_handler_stops_only_its_projection_until_resumed(store: EventStore, batch: bool) -> None:
+    await fill(store, accounts=2, rounds=3)
+    poisoned = await store.append("acc-0", [NewEvent("Deposited", {"account": "acc0", "amount": 1, "poison": True})])
+    poison = poisoned.events[0]
+    last = await fill(store, accounts=2, rounds=2, prefix="later")
+    picky = Picky()
+    projections = Projections(store, [Ledger(), picky.projection(batch)])
+    async with projections.runner(batch_size=50, poll_interval=0.2) as runner:
+        with pytest.raises(ProjectionFailed) as failed:
+            await caught_up(runner, last)
+        assert (failed.value.name, failed.value.event_id, failed.value.position) == (
+            "picky", poison.event_id, poison.position,
+        )
+
+        async def ledger_done() -> bool:
+            return {s.name: s for s in await projections.status()}["ledger"].checkpoint == last
+
+        await eventually(ledger_done, what="the ledger projection catches up although picky failed")
+        assert await assert_ledger_exactly_once(store) == 31
+
+        status = {s.name: s for s in await projections.status()}["picky"]
+        assert (status.state, status.status, status.active) == ("failed", "failed", True)
+        assert (status.failed_event_id, status.failed_event_type, status.failed_position) == (
+            poison.event_id, "Deposited", poison.position,
+        )
+        assert status.last_error == "ValueError: cannot digest acc-0"
+        assert status.lag is not None and status.lag > 0
+        # Everything before the poisoned event is applied, nothing after it.
+        deposits_before = [
+            e.position for e in await store.read_all(limit=1000, types=["Deposited"]) if e.position < poison.position
+        ]
+        seen = sorted(r[0] for r in await store.pool.fetch("SELECT position FROM picky_seen"))
+        assert seen == deposits_before
+        assert status.checkpoint is not None and status.checkpoint < Checkpoint(*poison.checkpoint)
+
+        picky.broken = False
+        assert await projections.resume("picky") is True
+        await caught_up(runner, last)
+    all_deposits = [e.position for e in await store.read_all(limit=1000, types=["Deposited"])]
+    assert sorted(r[0] for r in await store.pool.fetch("SELECT position FROM picky_seen")) == all_deposits
+    status = {s.name: s for s in await projections.status()}["picky"]
+    assert (status.state, status.failed_event_id) == ("stopped", None)
+    assert status.last_error == "ValueError: cannot digest acc-0"  # kept as the last error seen
+
+
+async def test_resume_of_a_healthy_or_unknown_projection(store: EventStore) -> None:
+    projections = Projections(store, [Ledger()])
+    async with projections.runner() as runner:
+        await runner.wait_caught_up()
+    assert await projections.resume("ledger") is False
+    with pytest.raises(UnknownProjection, match="unknown projection 'nope' \\(declared: ledger\\)"):
+        await projections.resume("nope")

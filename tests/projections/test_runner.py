@@ -1,0 +1,109 @@
+"""The runner: catches up from its checkpoint in batches, follows the log, owns each projection alone."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from typing import Any
+
+from eventstore import EventStore, NewEvent, RecordedEvent
+from projections import Projections
+from tests.projections.app import (
+    Ledger,
+    StreamCounts,
+    assert_ledger_exactly_once,
+    caught_up,
+    deposit,
+    eventually,
+    fill,
+)
+
+
+async def test_catches_up_from_the_start_exactly_once(store: EventStore) -> None:
+    await fill(store, accounts=5, rounds=20)
+    last = (await store.append("other-1", [NewEvent("Opened"), NewEvent("Ignored")])).checkpoint
+    projections = Projections(store, [Ledger(), StreamCounts()])
+    async with projections.runner(batch_size=7) as runner:
+        await caught_up(runner, last)
+    assert await assert_ledger_exactly_once(store) == 300
+    counts = {r["stream_id"]: r["events"] for r in await store.pool.fetch("SELECT * FROM stream_counts")}
+    assert counts == {**{f"acc-{a}": 60 for a in range(5)}, "other-1": 1}
+    # The tables live in the generation's schema; readers see them through views of the same name.
+    assert await store.pool.fetchval("SELECT count(*) FROM projection_ledger_g1.ledger_applied") == 300
+    kinds = await store.pool.fetch(
+        "SELECT relname, relkind::text FROM pg_class WHERE relnamespace = 'public'::regnamespace "
+        "AND relname IN ('ledger_balances', 'ledger_applied', 'stream_counts')"
+    )
+    assert {r["relname"]: r["relkind"] for r in kinds} == dict.fromkeys(
+        ["ledger_balances", "ledger_applied", "stream_counts"], "v"
+    )
+    statuses = {s.name: s for s in await projections.status()}
+    assert statuses["ledger"].checkpoint == last  # past the events it does not handle, too
+    assert (statuses["ledger"].lag, statuses["ledger"].state, statuses["ledger"].status) == (0, "stopped", "stopped")
+
+
+async def test_restarted_runner_continues_from_its_checkpoint(store: EventStore) -> None:
+    projections = Projections(store, [Ledger()])
+    first = await fill(store, accounts=3, rounds=4)
+    async with projections.runner(batch_size=5) as runner:
+        await caught_up(runner, first)
+    second = await fill(store, accounts=3, rounds=4, prefix="more")
+    await store.wait_until_visible(second)
+    (before,) = await projections.status()
+    assert before.checkpoint == first and before.lag == 36
+    async with projections.runner(batch_size=5) as runner:
+        await caught_up(runner, second)
+    assert await assert_ledger_exactly_once(store) == 72
+
+
+async def test_follows_new_events_without_polling(store: EventStore) -> None:
+    projections = Projections(store, [Ledger()])
+    async with projections.runner(poll_interval=120) as runner:
+        await runner.wait_caught_up()
+        for i in range(3):
+            result = await store.append(f"late-{i}", [deposit(f"late{i}", 5)])
+            await caught_up(runner, result.checkpoint)
+        # Idle between notifications: the runner's connection issues no statements.
+        await asyncio.sleep(1.5)
+        idle = await store.pool.fetchrow(
+            "SELECT state, now() - state_change AS quiet FROM pg_stat_activity "
+            "WHERE datname = current_database() AND application_name = 'eventstore projection ledger'"
+        )
+        assert idle["state"] == "idle" and idle["quiet"].total_seconds() >= 1.0
+    assert await assert_ledger_exactly_once(store) == 3
+
+
+async def test_batch_handlers_receive_consecutive_runs(store: EventStore) -> None:
+    sizes: list[int] = []
+
+    class RecordingLedger(Ledger):
+        async def withdrawn(self, conn: Any, events: list[RecordedEvent]) -> None:
+            sizes.append(len(events))
+            await super().withdrawn(conn, events)
+
+    last = await fill(store, accounts=2, rounds=3)
+    async with Projections(store, [RecordingLedger()]).runner(batch_size=100) as runner:
+        await caught_up(runner, last)
+    # Each append is deposit, withdrawal, withdrawal: the two withdrawals arrive together.
+    assert sizes == [2] * 6
+    assert await assert_ledger_exactly_once(store) == 18
+
+
+async def test_two_runners_in_one_process_share_out_the_projections(store: EventStore) -> None:
+    projections = Projections(store, [Ledger(), StreamCounts()])
+    last = await fill(store, accounts=2, rounds=2)
+    first = projections.runner(lease_interval=0.1, label="first")
+    second = projections.runner(lease_interval=0.1, label="second")
+    async with first, second:
+        await caught_up(first, last)
+        owners = Counter(first.owned + second.owned)
+        assert owners == Counter({"ledger": 1, "stream_counts": 1})
+        await first.stop()
+
+        async def taken_over() -> bool:
+            return sorted(second.owned) == ["ledger", "stream_counts"]
+
+        await eventually(taken_over, 10, "the second runner takes over")
+        more = await fill(store, accounts=2, rounds=1, prefix="after")
+        await caught_up(second, more)
+    assert await assert_ledger_exactly_once(store) == 18
