@@ -175,11 +175,12 @@ class _Worker:
             await asyncio.wait_for(self.wakeup.wait(), seconds)
 
     async def run(self) -> None:
+        loop = asyncio.get_running_loop()
         delay = 0.05
         while not self.runner._stopping:
+            started = loop.time()
             try:
                 await self._session()
-                delay = 0.05
             except _RETRYABLE as exc:
                 log.warning("projection %s: connection lost (%s); reconnecting", self.projection.name, exc)
             except ProjectionError as exc:
@@ -190,6 +191,8 @@ class _Worker:
                 self.owned = False
             if self.runner._stopping:
                 return
+            if loop.time() - started > 2.0:  # it had been working: start backing off afresh
+                delay = 0.05
             self.wakeup.clear()
             await self._pause(delay)
             delay = min(delay * 2, 2.0)
