@@ -40,7 +40,11 @@ def register(commands: Any) -> None:
             + ("" if required else "; without it only recorded projections are shown"),
         )
 
-    status = sub.add_parser("status", help="state, checkpoint, lag and last error of every projection")
+    status = sub.add_parser(
+        "status",
+        help="state, checkpoint, lag and last error of every projection",
+        description="Exit status 1 if any projection has failed.",
+    )
     with_app(status, required=False)
     status.set_defaults(handler=lambda a: run(_status(a)))
 

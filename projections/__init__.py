@@ -1,4 +1,25 @@
-"""Projections: read models built from the event store's global log, exactly once, rebuilt while serving."""
+"""Projections: read models built from the event store's global log, exactly once, rebuilt while serving.
+
+    class OrderTotals(Projection):
+        name = "order_totals"
+        version = 1
+        tables = {"order_totals": "CREATE TABLE order_totals (order_id text PRIMARY KEY, total bigint NOT NULL)"}
+
+        @handles("ItemAdded")
+        async def added(self, conn, event):
+            data = event.json()
+            await conn.execute(
+                "INSERT INTO order_totals VALUES ($1, $2) ON CONFLICT (order_id) "
+                "DO UPDATE SET total = order_totals.total + EXCLUDED.total", event.stream_id, data["price"])
+
+    async with ProjectionRunner(store, [OrderTotals()]) as runner:   # or `eventstore projections run`
+        ...
+    await Projections(store, [OrderTotals()]).rebuild("order_totals")  # blue/green, while serving
+
+Handlers write plain SQL to their table names; readers query the same names (views of the live
+generation). Mark a projection `inline = True` and attach it with `InlineProjections` to update it
+inside every append's transaction instead.
+"""
 
 from projections.control import ProgressCallback, Projections, ProjectionStatus, RebuildProgress, RebuildStatus
 from projections.errors import (
@@ -6,6 +27,7 @@ from projections.errors import (
     ProjectionError,
     ProjectionFailed,
     ProjectionNeedsRebuild,
+    ProjectionsNotMigrated,
     RebuildInProgress,
     UnknownProjection,
 )
@@ -27,6 +49,7 @@ __all__ = [
     "ProjectionRunner",
     "ProjectionStatus",
     "Projections",
+    "ProjectionsNotMigrated",
     "ReadModelTable",
     "RebuildInProgress",
     "RebuildProgress",

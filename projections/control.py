@@ -11,12 +11,15 @@ from datetime import datetime
 from typing import Any, TypeVar
 from uuid import UUID
 
+import asyncpg
+
 from eventstore import CONNECTION_ERRORS, START, Checkpoint, DatabaseUnavailable, EventStore
 from projections import sql
 from projections.errors import (
     InvalidProjection,
     ProjectionError,
     ProjectionFailed,
+    ProjectionsNotMigrated,
     RebuildInProgress,
     UnknownProjection,
     describe,
@@ -188,7 +191,7 @@ class Projections:
     async def status(self) -> list[ProjectionStatus]:
         """Every projection declared here or recorded in the database, by name."""
         pool = self.store.pool
-        rows = await pool.fetch(sql.STATUS)
+        rows = await _migrated(pool.fetch(sql.STATUS))
         held = {r["key"] for r in await pool.fetch(sql.HELD_LOCKS)}
         result: list[ProjectionStatus] = []
         for row in rows:
@@ -244,7 +247,7 @@ class Projections:
 
         Returns False if it had not failed. Works by name alone, so an operator needs no declarations.
         """
-        if await self.store.pool.fetchval(sql.RESUME, name) is not None:
+        if await _migrated(self.store.pool.fetchval(sql.RESUME, name)) is not None:
             return True
         if await self.store.pool.fetchrow(sql.SELECT_CHECKPOINT, name) is None:
             known = [r["name"] for r in await self.store.pool.fetch(sql.STATUS)]
@@ -496,6 +499,13 @@ class Projections:
                 log.warning("connection lost (%s); retrying in %.2fs", exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
+
+
+async def _migrated(query: Awaitable[T]) -> T:
+    try:
+        return await query
+    except asyncpg.exceptions.UndefinedTableError:
+        raise ProjectionsNotMigrated() from None
 
 
 async def _ensure(conn: Connection, projection: Projection, search_path: str, view_schema: str) -> None:

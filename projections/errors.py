@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from uuid import UUID
 
-from eventstore import EventStoreError, RecordedEvent
+from eventstore import EventStoreError, RecordedEvent, SchemaNotMigrated
 
 
 class ProjectionError(EventStoreError):
@@ -74,6 +74,17 @@ class RebuildInProgress(ProjectionError):
     def __init__(self, name: str) -> None:
         super().__init__(f"projection {name!r} is being rebuilt by another process")
         self.name = name
+
+
+class ProjectionsNotMigrated(ProjectionError, SchemaNotMigrated):
+    """The database lacks the projections' tables: migration 0002 has not been applied."""
+
+    def __init__(self) -> None:
+        EventStoreError.__init__(
+            self, "database lacks the projections' tables (revision 0002): run `eventstore migrate`"
+        )
+        self.found = None
+        self.expected = "0002"
 
 
 def describe(error: BaseException) -> str:

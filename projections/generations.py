@@ -20,7 +20,7 @@ import asyncpg
 
 from eventstore import START, Checkpoint, EventStore, RecordedEvent
 from projections import sql
-from projections.errors import InvalidProjection, ProjectionError
+from projections.errors import InvalidProjection, ProjectionError, ProjectionsNotMigrated
 from projections.projection import Connection, Projection
 
 
@@ -115,7 +115,10 @@ async def disconnect(store: EventStore, conn: Connection) -> None:
 async def session_paths(conn: Connection) -> tuple[str, str]:
     """The connection's own search_path and the schema where the views of projection tables go."""
     path = await conn.fetchval(sql.SEARCH_PATH)
-    views = await conn.fetchval(sql.VIEW_SCHEMA)
+    try:
+        views = await conn.fetchval(sql.VIEW_SCHEMA)
+    except asyncpg.exceptions.UndefinedTableError:
+        raise ProjectionsNotMigrated() from None
     return str(path), str(views)
 
 

@@ -51,6 +51,9 @@ class ProjectionRunner:
     events, run the handlers, move the checkpoint. A kill at any point rolls the whole batch back, so
     every event takes effect exactly once. A failing handler stops only its projection, with the event
     and error recorded in its status.
+
+    Keep batches short (`batch_size` times the handlers' time per event): while a batch transaction
+    is open it holds back what every reader of the global log can see, cluster-wide.
     """
 
     def __init__(

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections import Counter
 from typing import Any
 
+import pytest
+
 from eventstore import EventStore, NewEvent, RecordedEvent
-from projections import Projections
+from projections import InvalidProjection, Projection, ProjectionRunner, Projections, ProjectionsNotMigrated
 from tests.projections.app import (
     Ledger,
     StreamCounts,
@@ -107,3 +110,48 @@ async def test_two_runners_in_one_process_share_out_the_projections(store: Event
         more = await fill(store, accounts=2, rounds=1, prefix="after")
         await caught_up(second, more)
     assert await assert_ledger_exactly_once(store) == 18
+
+
+async def _created(store: EventStore) -> tuple[int, int]:
+    rows = await store.pool.fetchval("SELECT count(*) FROM projection_checkpoints")
+    schemas = await store.pool.fetchval("SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'projection%'")
+    return rows, schemas
+
+
+async def _noop(conn: Any, event: RecordedEvent) -> None:
+    return None
+
+
+@pytest.mark.parametrize(
+    ("ddl", "message"),
+    [
+        ("CREATE TABLE t (x nonsense_type)", "DDL of table 't' failed: type \"nonsense_type\" does not exist"),
+        ("CREATE TABLE other (x int)", "did not create a table named 't'"),
+        ("CREATE TABLE public.t (x int)", "did not create a table named 't'"),
+    ],
+)
+async def test_bad_table_ddl_is_a_clear_error_and_creates_nothing(store: EventStore, ddl: str, message: str) -> None:
+    projection = Projection(name="bad", tables={"t": ddl}, handlers={"A": _noop})
+    with pytest.raises(InvalidProjection, match=re.escape(message)):
+        await ProjectionRunner(store, [projection]).start()
+    assert await _created(store) == (0, 0)
+    assert await store.pool.fetchval("SELECT to_regclass('public.t')") is None
+
+
+async def test_a_table_name_already_taken_is_a_clear_error(store: EventStore) -> None:
+    await store.pool.execute("CREATE TABLE ledger_applied (mine int)")
+    taken = "public.ledger_applied already exists and is not this projection's view"
+    with pytest.raises(InvalidProjection, match=re.escape(taken)):
+        await ProjectionRunner(store, [Ledger()]).start()
+    assert await _created(store) == (0, 0)
+    assert await store.pool.fetchval("SELECT count(*) FROM ledger_applied") == 0
+
+
+async def test_an_unmigrated_database_is_a_clear_error(store: EventStore) -> None:
+    await store.pool.execute("DROP TABLE projection_rebuilds, projection_checkpoints")
+    with pytest.raises(ProjectionsNotMigrated, match="run `eventstore migrate`"):
+        await ProjectionRunner(store, [Ledger()]).start()
+    with pytest.raises(ProjectionsNotMigrated):
+        await Projections(store, [Ledger()]).status()
+    with pytest.raises(ProjectionsNotMigrated):
+        await Projections(store, [Ledger()]).rebuild("ledger")
