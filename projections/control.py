@@ -276,6 +276,7 @@ class Projections:
             await _ensure(conn, projection, search_path, view_schema)
             tables = [t.name for t in projection.read_model]
             async with conn.transaction():
+                await conn.execute(sql.HOLD_GENERATION, lease_key("inline", name))
                 state = StoredCheckpoint.of(await conn.fetchrow(sql.LOCK_CHECKPOINT, name))
                 abandoned = await conn.fetchrow(sql.LOCK_REBUILD, name)
                 if abandoned is not None:
@@ -447,12 +448,16 @@ class Projections:
     ) -> int:
         """Apply the last few events and make the new generation the live one, in one transaction.
 
-        Locking the checkpoint row waits for the runner's batch in flight (or, for an inline projection,
-        for every append whose hook has written into the old generation) and holds off the next one.
+        Locking the checkpoint row waits for the runner's batch in flight and holds off the next one; for
+        an inline projection, the generation lock waits for every append whose hook has written into the
+        old generation and holds off the next ones, so the last few events can be read from the log
+        even behind transactions still running: the appends that have not run their hook yet will write
+        into the new generation.
         """
         name = projection.name
         tables = [t.name for t in projection.read_model]
         async with conn.transaction():
+            await conn.execute(sql.HOLD_GENERATION, lease_key("inline", name))
             state = StoredCheckpoint.of(await conn.fetchrow(sql.LOCK_CHECKPOINT, name))
             row = await conn.fetchrow(sql.LOCK_REBUILD, name)
             if row is None or row["generation"] != generation:

@@ -186,6 +186,7 @@ async def ensure(conn: Connection, projection: Projection, search_path: str, vie
     """
     tables = [t.name for t in projection.read_model]
     async with conn.transaction():
+        await conn.execute(sql.HOLD_GENERATION, lease_key("inline", projection.name))
         created = await conn.fetchval(
             sql.INSERT_CHECKPOINT, projection.name, mode_of(projection), projection.version, tables
         )

@@ -12,16 +12,17 @@ from collections.abc import Iterable
 from eventstore import CONNECTION_ERRORS, AppendResult, EventStore, UnitOfWork
 from projections import sql
 from projections.errors import InvalidProjection, ProjectionError, ProjectionFailed, ProjectionNeedsRebuild
-from projections.generations import ensure, mismatch, session_paths, use_generation
+from projections.generations import ensure, lease_key, mismatch, session_paths, use_generation
 from projections.projection import HandlerFailed, Projection
 
 
 class InlineProjections:
     """Attach inline projections to a store: `async with InlineProjections(store, [...]):`.
 
-    Each append that writes events an inline projection handles takes a share lock on that projection's
-    checkpoint row before running its handlers; a rebuild's swap takes the row exclusively, so no append
-    is half-way through writing into the generation being retired when the views move.
+    Each append that writes events an inline projection handles takes a shared lock on that projection's
+    generation (an advisory lock, held until it commits) before running its handlers; a rebuild's swap
+    takes it exclusively, so no append is half-way through writing into the generation being retired
+    when the views move.
     """
 
     def __init__(self, store: EventStore, projections: Iterable[Projection]) -> None:
@@ -73,12 +74,14 @@ class InlineProjections:
         if not relevant:
             return
         conn = uow.connection
-        rows = {r["name"]: r for r in await conn.fetch(sql.LOCK_INLINE, [p.name for p in relevant])}
-        search_path = str(await conn.fetchval(sql.SEARCH_PATH))
+        await conn.execute(sql.SHARE_GENERATION, [lease_key("inline", p.name) for p in relevant])
+        rows = {r["name"]: r for r in await conn.fetch(sql.INLINE_STATE, [p.name for p in relevant])}
+        missing = [p.name for p in relevant if p.name not in rows]
+        if missing:
+            raise ProjectionError(f"inline projections {missing} have no checkpoint row: start InlineProjections")
+        search_path = str(next(iter(rows.values()))["search_path"])
         for projection in relevant:
-            row = rows.get(projection.name)
-            if row is None:
-                raise ProjectionError(f"inline projection {projection.name!r} has no checkpoint row")
+            row = rows[projection.name]
             reason = mismatch(projection, row["mode"], row["version"], row["tables"])
             if reason is not None:
                 raise ProjectionNeedsRebuild(projection.name, reason)

@@ -63,12 +63,17 @@ SELECT_CHECKPOINT = f"SELECT {_CHECKPOINT} FROM projection_checkpoints WHERE nam
 LOCK_CHECKPOINT = f"SELECT {_CHECKPOINT} FROM projection_checkpoints WHERE name = $1 FOR UPDATE"
 """Taken first by every transaction that writes a projection's tables or moves its checkpoint."""
 
-LOCK_INLINE = """
-SELECT name, mode, version, generation, tables FROM projection_checkpoints
-WHERE name = ANY($1::text[])
-FOR KEY SHARE
+SHARE_GENERATION = "SELECT pg_advisory_xact_lock_shared(key) FROM unnest($1::bigint[]) AS key"
+"""Taken by every append whose inline hooks write a projection's tables, until the append commits."""
+
+HOLD_GENERATION = "SELECT pg_advisory_xact_lock($1)"
+"""Taken by a swap or reset: waits for the appends writing into the old generation, holds off new ones."""
+
+INLINE_STATE = """
+SELECT name, mode, version, generation, tables, current_setting('search_path') AS search_path
+FROM projection_checkpoints WHERE name = ANY($1::text[])
 """
-"""Inline hooks share the row; a rebuild's swap takes it exclusively and so waits for them."""
+"""Read after SHARE_GENERATION, in a statement of its own, so it sees a swap that committed meanwhile."""
 
 ADVANCE = """
 UPDATE projection_checkpoints
