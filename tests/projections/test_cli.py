@@ -2,67 +2,44 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Iterator
-
 import pytest
 
 from eventstore import START, EventStore
-from eventstore_cli import common
-from eventstore_cli.main import parser
 from projections import Projections
 from tests.projections.app import PROJECTIONS, assert_ledger_exactly_once, fill
+from tests.projections.conftest import Cli
 
 APP = "tests.projections.app:PROJECTIONS"
 
 
-@pytest.fixture(autouse=True)
-def wide_console(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.delenv("EVENTSTORE_APP", raising=False)
-    width = common.console.width
-    common.console.width = 250
-    common.errors.width = 250
-    yield
-    common.console.width = width
-    common.errors.width = width
-
-
-async def cli(database_url: str, *argv: str) -> int:
-    """Run one command in a thread, as `main` would (it calls `asyncio.run` itself)."""
-    args = parser().parse_args(["--database-url", database_url, "projections", *argv])
-    return int(await asyncio.to_thread(args.handler, args))
-
-
-async def test_run_status_rebuild_reset_resume(
-    store: EventStore, database_url: str, capsys: pytest.CaptureFixture[str]
-) -> None:
+async def test_run_status_rebuild_reset_resume(store: EventStore, cli: Cli, capsys: pytest.CaptureFixture[str]) -> None:
     await store.wait_until_visible(await fill(store, accounts=4, rounds=10))
 
-    assert await cli(database_url, "status", "--app", APP) == 0
+    assert await cli("status", "--app", APP) == 0
     out = capsys.readouterr().out
     assert "ledger" in out and "stream_counts" in out and out.count("not started") == 3
 
-    assert await cli(database_url, "run", "--app", APP, "--until-caught-up", "--batch-size", "50") == 0
+    assert await cli("run", "--app", APP, "--until-caught-up", "--batch-size", "50") == 0
     out = capsys.readouterr().out
     assert "running ledger, stream_counts as" in out and "caught up" in out
     assert await assert_ledger_exactly_once(store) == 120
 
-    assert await cli(database_url, "status") == 0  # no --app: what the database records
+    assert await cli("status") == 0  # no --app: what the database records
     lines = {line.split()[1]: line for line in capsys.readouterr().out.splitlines() if line.startswith("│")}
     assert "stopped" in lines["ledger"] and " 0 " in lines["ledger"].replace("│", " ")
     assert "totals" not in lines  # inline: never started by a runner or an application here
 
-    assert await cli(database_url, "rebuild", "ledger", "--app", APP, "--batch-size", "7") == 0
+    assert await cli("rebuild", "ledger", "--app", APP, "--batch-size", "7") == 0
     out = capsys.readouterr().out
     assert "rebuilt ledger: 120 events in" in out and "the new tables are live" in out
     assert await assert_ledger_exactly_once(store) == 120
 
-    assert await cli(database_url, "reset", "ledger", "--app", APP) == 0
+    assert await cli("reset", "ledger", "--app", APP) == 0
     assert "reset ledger: its tables are empty; a runner replays it from the start" in capsys.readouterr().out
     statuses = {s.name: s for s in await Projections(store, PROJECTIONS).status()}
     assert (statuses["ledger"].generation, statuses["ledger"].checkpoint, statuses["ledger"].lag) == (3, START, 120)
 
-    assert await cli(database_url, "resume", "ledger") == 0
+    assert await cli("resume", "ledger") == 0
     assert "ledger had not failed; nothing to resume" in capsys.readouterr().out
 
 
@@ -82,9 +59,9 @@ async def test_run_status_rebuild_reset_resume(
     ],
 )
 async def test_mistakes_are_one_line_errors(
-    database_url: str, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+    cli: Cli, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
 ) -> None:
-    assert await cli(database_url, *argv) == 2
+    assert await cli(*argv) == 2
     captured = capsys.readouterr()
     assert message in captured.err
     assert "Traceback" not in captured.err and len(captured.err.strip().splitlines()) == 1

@@ -9,6 +9,7 @@ import pytest
 from eventstore import Checkpoint, EventStore, NewEvent, RecordedEvent
 from projections import Projection, ProjectionFailed, Projections, UnknownProjection
 from tests.projections.app import Ledger, assert_ledger_exactly_once, caught_up, eventually, fill
+from tests.projections.conftest import Cli
 
 
 class Picky:
@@ -38,7 +39,9 @@ class Picky:
 
 
 @pytest.mark.parametrize("batch", [True, False], ids=["batch-handler", "event-handler"])
-async def test_failing_handler_stops_only_its_projection_until_resumed(store: EventStore, batch: bool) -> None:
+async def test_failing_handler_stops_only_its_projection_until_resumed(
+    store: EventStore, cli: Cli, capsys: pytest.CaptureFixture[str], batch: bool
+) -> None:
     await fill(store, accounts=2, rounds=3)
     poisoned = await store.append("acc-0", [NewEvent("Deposited", {"account": "acc0", "amount": 1, "poison": True})])
     poison = poisoned.events[0]
@@ -72,6 +75,11 @@ async def test_failing_handler_stops_only_its_projection_until_resumed(store: Ev
         seen = sorted(r[0] for r in await store.pool.fetch("SELECT position FROM picky_seen"))
         assert seen == deposits_before
         assert status.checkpoint is not None and status.checkpoint < Checkpoint(*poison.checkpoint)
+        # The command line shows the same, and exits non-zero while a projection has failed.
+        assert await cli("status") == 1
+        out = " ".join(capsys.readouterr().out.split())
+        assert f"failed at Deposited {poison.event_id} (position {poison.position})" in out
+        assert "last error: ValueError: cannot digest acc-0" in out
 
         picky.broken = False
         assert await projections.resume("picky") is True
