@@ -17,13 +17,20 @@ from collections.abc import Iterable
 from eventstore import CONNECTION_ERRORS, Checkpoint, DatabaseUnavailable, EventStore
 from eventstore.sql import NOTIFY_CHANNEL
 from projections import sql
-from projections.errors import InvalidProjection, ProjectionError, ProjectionFailed, describe
+from projections.errors import (
+    InvalidProjection,
+    ProjectionError,
+    ProjectionFailed,
+    ProjectionNeedsRebuild,
+    describe,
+)
 from projections.generations import (
     StoredCheckpoint,
     connect,
     disconnect,
     ensure,
     lease_key,
+    mismatch,
     read_batch,
     runner_identity,
     session_paths,
@@ -127,17 +134,23 @@ class ProjectionRunner:
 
         Whichever runner owns them. Pass an append's `result.checkpoint` to wait for that append even
         if it is not visible in the log yet (an older transaction still running holds it back).
-        Raises `ProjectionFailed` if one of them has failed (the others keep running). Bound the wait
-        with `asyncio.timeout`.
+        Raises `ProjectionFailed` if one of them has failed (the others keep running) and
+        `ProjectionNeedsRebuild` if the stored tables of one belong to another declaration. Bound the
+        wait with `asyncio.timeout`.
         """
         head = await self.store.head() if until is None else Checkpoint(*until)
         names = [p.name for p in self.projections]
+        declared = {p.name: p for p in self.projections}
         while True:
             rows = await self.store.pool.fetch(sql.CHECKPOINTS, names)
+            for row in rows:
+                reason = mismatch(declared[row["name"]], row["mode"], row["version"], row["tables"])
+                if reason is not None:
+                    raise ProjectionNeedsRebuild(row["name"], reason)
             failed = [r for r in rows if r["status"] == "failed"]
             if failed:
-                row = await self.store.pool.fetchrow(sql.SELECT_CHECKPOINT, failed[0]["name"])
-                raise _failure(StoredCheckpoint.of(row))
+                failure = await self.store.pool.fetchrow(sql.SELECT_CHECKPOINT, failed[0]["name"])
+                raise _failure(StoredCheckpoint.of(failure))
             done = [r for r in rows if Checkpoint(r["transaction_id"], r["position"]) >= head]
             if len(done) == len(names):
                 return

@@ -152,7 +152,8 @@ ORDER BY c.name
 """
 
 CHECKPOINTS = """
-SELECT name, transaction_id, position, status FROM projection_checkpoints WHERE name = ANY($1::text[])
+SELECT name, mode, version, tables, transaction_id, position, status FROM projection_checkpoints
+WHERE name = ANY($1::text[])
 """
 
 # -- leases ----------------------------------------------------------------------------------------

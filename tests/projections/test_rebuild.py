@@ -13,6 +13,7 @@ from eventstore import START, Checkpoint, EventStore, RecordedEvent, asyncpg_dsn
 from projections import (
     InlineProjections,
     ProjectionFailed,
+    ProjectionNeedsRebuild,
     Projections,
     RebuildInProgress,
     RebuildProgress,
@@ -135,6 +136,8 @@ async def test_rebuild_to_a_new_version_hands_over_to_runners_of_that_version(st
         (status,) = await new.status()
         assert status.state == "needs rebuild"
         assert "built by version 1, declared version is 2" in str(status.needs_rebuild)
+        with pytest.raises(ProjectionNeedsRebuild, match="built by version 1, declared version is 2"):
+            await v2.wait_caught_up()
 
         await new.rebuild("ledger")
 
