@@ -1,0 +1,1 @@
+"""Worked examples built with the framework's own aggregates, projections and outbox."""

@@ -1,0 +1,355 @@
+"""The end-to-end demo: thousands of shop commands under contention, read models, a rebuild, Kafka.
+
+Everything is checked at the end against an independent source: read models against the aggregates,
+Kafka against the event store, the rebuilt read model against the one it replaced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from aggregates import AggregateNotFound, Repository
+from eventstore import START, EventStore, UnitOfWork
+from examples.shop.app import ORDERS_TOPIC, OUTBOX, PROJECTIONS, Shop
+from examples.shop.domain import OrderLine
+from outbox import CloudEvent, Inbox, Relay, RelaySettings, from_record
+from outbox import status as outbox_status
+from projections import Projections, RebuildProgress
+
+PRODUCTS = 24
+ORDER_EVENTS = ("OrderPlaced", "PaymentCaptured", "OrderShipped", "OrderCancelled")
+
+FEED_TABLE = """
+CREATE TABLE IF NOT EXISTS demo_order_feed (
+    message_id text PRIMARY KEY, order_id text NOT NULL, event_type text NOT NULL)
+"""
+
+
+@dataclass
+class Tally:
+    customers: int = 0
+    commands: int = 0
+    attempts: int = 0
+    refused: int = 0
+    orders: int = 0
+    cancelled: int = 0
+
+    @property
+    def conflicts(self) -> int:
+        return self.attempts - self.commands
+
+
+@dataclass
+class Check:
+    name: str
+    expected: Any
+    actual: Any
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.expected == self.actual)
+
+
+@dataclass
+class Report:
+    tally: Tally
+    checks: list[Check] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+
+class _Commands:
+    """Runs commands through `Repository.execute`, counting attempts: every attempt past the first is a
+    concurrent write that the repository reloaded and retried."""
+
+    def __init__(self, tally: Tally) -> None:
+        self.tally = tally
+
+    async def run(self, repository: Repository[Any], aggregate_id: str, command: Any, create: bool = False) -> Any:
+        result: list[Any] = []
+
+        def counted(aggregate: Any) -> None:
+            self.tally.attempts += 1
+            result[:] = [command(aggregate)]
+
+        self.tally.commands += 1
+        await repository.execute(aggregate_id, counted, retries=50, create=create)
+        return result[0] if result else None
+
+
+async def _customer(shop: Shop, commands: _Commands, rng: random.Random, n: int, prices: dict[str, int]) -> None:
+    tally = commands.tally
+    cart_id, order_id = f"c{n:05d}", f"o{n:05d}"
+    await commands.run(shop.carts, cart_id, lambda c: c.open(f"customer-{n % 97}"), create=True)
+    skus = rng.sample(sorted(prices), rng.randint(1, 4))
+    # Popular products: a skewed choice makes several customers reserve the same product at once.
+    skus = [s if rng.random() < 0.5 else f"sku{rng.randint(0, 3):03d}" for s in skus]
+    for sku in dict.fromkeys(skus):
+        quantity = rng.randint(1, 3)
+        await commands.run(shop.carts, cart_id, lambda c, s=sku, q=quantity: c.add(s, q, prices[s]))
+    if rng.random() < 0.2 and len(set(skus)) > 1:
+        await commands.run(shop.carts, cart_id, lambda c, s=skus[0]: c.remove(s))
+    await commands.run(shop.carts, cart_id, lambda c: c.check_out(order_id))
+    cart = await shop.carts.get(cart_id)
+    lines = [OrderLine(sku=s, quantity=q, price=p) for s, (q, p) in sorted(cart.state.lines.items())]
+    await commands.run(shop.orders, order_id, lambda o: o.place(cart.state.customer, lines), create=True)
+    tally.orders += 1
+    reserved: list[str] = []
+    for line in lines:
+        ok = await commands.run(shop.products, line.sku, lambda p, ln=line: p.reserve(order_id, ln.quantity))
+        if not ok:
+            tally.refused += 1
+            break
+        reserved.append(line.sku)
+    if len(reserved) < len(lines):
+        for sku in reserved:
+            await commands.run(shop.products, sku, lambda p: p.release(order_id))
+        await commands.run(shop.orders, order_id, lambda o: o.cancel("out of stock"))
+        tally.cancelled += 1
+        return
+    await commands.run(shop.orders, order_id, lambda o: o.capture_payment(f"pay-{uuid.uuid4().hex[:8]}"))
+    if rng.random() < 0.8:
+        await commands.run(shop.orders, order_id, lambda o: o.ship())
+
+
+async def _ensure_topic(servers: str) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=servers)
+    await admin.start()
+    try:
+        with contextlib.suppress(TopicAlreadyExistsError):
+            await admin.create_topics([NewTopic(ORDERS_TOPIC, 3, 1)])
+    finally:
+        await admin.close()
+
+
+class _Billing:
+    """A downstream consumer of the orders topic, made idempotent by the inbox."""
+
+    def __init__(self, store: EventStore, servers: str, group: str) -> None:
+        self.inbox = Inbox(store, "shop-billing")
+        self.servers = servers
+        self.group = group
+        self.applied = 0
+        self.skipped = 0
+        self.received = 0
+
+    async def consume(self, until: int, timeout: float) -> None:
+        """Read from the earliest offset until `until` messages were applied (or `timeout`)."""
+        consumer = AIOKafkaConsumer(
+            ORDERS_TOPIC, bootstrap_servers=self.servers, group_id=self.group, auto_offset_reset="earliest",
+            enable_auto_commit=False, metadata_max_age_ms=1000,
+        )
+        await consumer.start()
+        try:
+            async with asyncio.timeout(timeout):
+                while self.applied < until:
+                    batches = await consumer.getmany(timeout_ms=200)
+                    for records in batches.values():
+                        for record in records:
+                            await self._handle(from_record(record))
+                    if batches:
+                        await consumer.commit()
+        finally:
+            await consumer.stop()
+
+    async def replay_all(self, timeout: float) -> None:
+        """Read the whole topic again, as after a consumer crash before its offsets were committed."""
+        consumer = AIOKafkaConsumer(
+            ORDERS_TOPIC, bootstrap_servers=self.servers, group_id=None, auto_offset_reset="earliest",
+            enable_auto_commit=False,
+        )
+        await consumer.start()
+        try:
+            seen = 0
+            async with asyncio.timeout(timeout):
+                while seen < self.received:
+                    batches = await consumer.getmany(timeout_ms=200)
+                    for records in batches.values():
+                        for record in records:
+                            seen += 1
+                            await self._handle(from_record(record), replay=True)
+        finally:
+            await consumer.stop()
+
+    async def _handle(self, message: CloudEvent, replay: bool = False) -> None:
+        if not replay:
+            self.received += 1
+
+        async def effect(uow: UnitOfWork) -> None:
+            await uow.connection.execute(
+                "INSERT INTO demo_order_feed VALUES ($1, $2, $3)", message.id, message.subject or "", message.type
+            )
+
+        if await self.inbox.handle(message, effect):
+            self.applied += 1
+        else:
+            self.skipped += 1
+
+
+async def run_demo(url: str, kafka: str, console: Console, *, customers: int = 600, concurrency: int = 32,
+                   seed: int = 20261126) -> Report:
+    started = time.perf_counter()
+    rng = random.Random(seed)
+    tally = Tally(customers=customers)
+    report = Report(tally)
+    await _ensure_topic(kafka)
+    async with EventStore(url, max_connections=concurrency + 8) as store:
+        OUTBOX.install(store)
+        await store.pool.execute(FEED_TABLE)
+        shop = Shop(store)
+        projections = Projections(store, PROJECTIONS)
+        relay_settings = RelaySettings(relay_id=f"demo-{uuid.uuid4().hex[:6]}", poll_interval=0.5, retention=None)
+        async with projections.inline(), projections.runner(batch_size=500, poll_interval=0.5) as runner, Relay(
+            url, kafka, relay_settings
+        ):
+            commands = _Commands(tally)
+            prices = {f"sku{i:03d}": 500 + 250 * (i % 9) for i in range(PRODUCTS)}
+            stock = stock_per_product(customers)
+            for sku, price in prices.items():
+                await commands.run(shop.products, sku, lambda p, pr=price: p.list_for_sale(pr, stock), create=True)
+
+            console.print(f"[bold]1.[/] {customers} customers shop at once ({concurrency} in flight) ...")
+            gate = asyncio.Semaphore(concurrency)
+
+            async def one(n: int) -> None:
+                async with gate:
+                    await _customer(shop, commands, random.Random(rng.random()), n, prices)
+
+            with _progress(console) as bar:
+                task = bar.add_task("customers", total=customers)
+
+                async def tracked(n: int) -> None:
+                    await one(n)
+                    bar.advance(task)
+
+                await asyncio.gather(*(tracked(n) for n in range(customers)))
+            console.print(
+                f"   {tally.commands:,} commands, {tally.conflicts:,} concurrent conflicts retried, "
+                f"{tally.orders:,} orders ({tally.cancelled:,} cancelled for lack of stock)"
+            )
+
+            console.print("[bold]2.[/] projections catch up; outbox relays to Kafka; billing consumes ...")
+            await runner.wait_caught_up()
+            order_events = await _count_events(store, ORDER_EVENTS)
+            billing = _Billing(store, kafka, f"shop-billing-{uuid.uuid4().hex[:6]}")
+            await billing.consume(order_events, timeout=120)
+            await billing.replay_all(timeout=120)
+            console.print(
+                f"   billing applied {billing.applied:,} messages; a full redelivery of the topic was "
+                f"skipped by the inbox ({billing.skipped:,} duplicates)"
+            )
+
+            before = await _rows(store, "SELECT * FROM order_summary ORDER BY order_id")
+            console.print("[bold]3.[/] rebuilding order_summary from the log while it keeps serving ...")
+            with _progress(console) as bar:
+                task = bar.add_task("rebuild order_summary", total=None)
+
+                def shown(p: RebuildProgress) -> None:
+                    bar.update(task, completed=p.done, total=max(p.total, p.done),
+                               description=f"rebuild order_summary ({p.rate:,.0f} events/s)")
+
+                done = await projections.rebuild("order_summary", progress=shown)
+            console.print(f"   rebuilt from {done.done:,} events at {done.rate:,.0f} events/s")
+            await runner.wait_caught_up()
+            after = await _rows(store, "SELECT * FROM order_summary ORDER BY order_id")
+            report.checks.extend(await _checks(store, shop, tally, billing, order_events, before, after))
+            pending = (await outbox_status(store.pool)).pending
+            report.checks.append(Check("outbox messages left unpublished", 0, pending))
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def stock_per_product(customers: int) -> int:
+    """Enough stock for most orders; the popular products still run out, so some orders are cancelled."""
+    return max(20, customers * 2 // 5)
+
+
+async def _count_events(store: EventStore, types: tuple[str, ...]) -> int:
+    count, after = 0, START
+    while batch := await store.read_all(after, limit=5000, types=list(types)):
+        count += len(batch)
+        after = batch[-1].checkpoint
+    return count
+
+
+async def _rows(store: EventStore, query: str) -> list[tuple[Any, ...]]:
+    return [tuple(r) for r in await store.pool.fetch(query)]
+
+
+async def _checks(
+    store: EventStore, shop: Shop, tally: Tally, billing: _Billing, order_events: int,
+    before: list[tuple[Any, ...]], after: list[tuple[Any, ...]],
+) -> list[Check]:
+    checks: list[Check] = []
+    statuses: Counter[str] = Counter()
+    for n in range(tally.orders):
+        try:
+            order = await shop.orders.get(f"o{n:05d}")
+        except AggregateNotFound:
+            continue
+        statuses[order.state.status] += 1
+    summary = Counter({r[0]: r[1] for r in await store.pool.fetch(
+        "SELECT status, count(*) FROM order_summary GROUP BY status")})
+    checks.append(Check("orders placed = rows in order_summary", tally.orders, sum(summary.values())))
+    checks.append(Check("order statuses: aggregates = order_summary", dict(statuses), dict(summary)))
+    checks.append(Check("rebuilt order_summary = the one it replaced", len(before), len(after)))
+    checks.append(Check("rebuilt rows identical", True, before == after))
+
+    stock: dict[str, int] = {}
+    for i in range(PRODUCTS):
+        stock[f"sku{i:03d}"] = (await shop.products.get(f"sku{i:03d}")).state.available
+    inline = {r[0]: r[1] for r in await store.pool.fetch("SELECT sku, available FROM stock_levels")}
+    checks.append(Check("stock: aggregates = inline stock_levels", stock, inline))
+    sold = {r[0]: r[1] for r in await store.pool.fetch("SELECT sku, units FROM product_sales")}
+    initial = stock_per_product(tally.customers)
+    checks.append(Check("stock: initial - product_sales = aggregates", stock,
+                        {sku: initial - sold.get(sku, 0) for sku in stock}))
+
+    checks.append(Check("order events in the store = messages applied by billing", order_events, billing.applied))
+    feed = await store.pool.fetchval("SELECT count(DISTINCT message_id) FROM demo_order_feed")
+    checks.append(Check("billing rows (one per message id)", order_events, feed))
+    checks.append(Check("redelivered messages skipped by the inbox", billing.received, billing.skipped))
+    checks.append(Check("concurrent conflicts happened and were retried", True, tally.conflicts > 0))
+    return checks
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("   {task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        console=console, transient=False,
+    )
+
+
+def print_report(report: Report, console: Console) -> None:
+    table = Table(title=f"shop demo: {report.tally.commands:,} commands in {report.seconds:.1f} s")
+    table.add_column("check")
+    table.add_column("expected", overflow="fold", max_width=40)
+    table.add_column("actual", overflow="fold", max_width=40)
+    table.add_column("")
+    for check in report.checks:
+        expected, actual = _short(check.expected), _short(check.actual)
+        table.add_row(check.name, expected, actual, "[green]ok[/]" if check.ok else "[bold red]FAIL[/]")
+    console.print(table)
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, dict):
+        return f"{len(value)} entries, sum {sum(value.values()):,}" if value else "{}"
+    return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
