@@ -219,6 +219,8 @@ class Relay:
         self._renew_task: asyncio.Task[None] | None = None
         self._next_rebalance = 0.0
         self._next_prune = 0.0
+        self._marking: asyncio.Task[None] | None = None
+        self._cursor: int | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -250,6 +252,8 @@ class Relay:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         self._main_task = self._renew_task = None
+        with contextlib.suppress(Exception):
+            await self._settle()
         if self._pool is not None:
             with contextlib.suppress(*CONNECTION_ERRORS):
                 async with self._pool.acquire() as conn, conn.transaction():
@@ -297,6 +301,7 @@ class Relay:
             try:
                 now = time.monotonic()
                 if now >= self._next_rebalance:
+                    await self._settle()  # never release a slot whose batch is still being marked
                     await self._rebalance()
                     self._next_rebalance = now + self.settings.renew_interval
                 if self.settings.retention is not None and now >= self._next_prune:
@@ -338,12 +343,28 @@ class Relay:
         horizon = time.monotonic() + self.settings.send_margin
         return [slot for slot, deadline in self._deadlines.items() if deadline > horizon]
 
+    async def _fetch(self, slots: list[int], after: int) -> list[asyncpg.Record]:
+        return list(await self.pool.fetch(sql.FETCH_PENDING, slots, self.settings.batch_size, after))
+
     async def _round(self) -> int:
+        """Fetch, send and await acknowledgements for one batch; return how many messages went out.
+
+        Marking a batch published overlaps the next round: while it runs, the next fetch only looks
+        past the batch's last id (those rows are not marked yet and must not be sent twice). Any
+        row left behind in a round (a held key, a lapsing lease, a refusal) ends the overlap, so the
+        next fetch starts from the beginning again; so does running out of messages.
+        """
         slots = self._usable_slots()
         if not slots:
+            await self._settle()
             return 0
         self._wakeup.clear()
-        rows = await self.pool.fetch(sql.FETCH_PENDING, slots, self.settings.batch_size)
+        rows: list[asyncpg.Record] = []
+        if self._cursor is not None:
+            rows = await self._fetch(slots, self._cursor)
+        if not rows:
+            await self._settle()
+            rows = await self._fetch(slots, 0)
         if not rows:
             return 0
         self.stats.rounds += 1
@@ -385,14 +406,28 @@ class Relay:
                 down = down or result
             else:
                 refused.append((row, result))
+        await self._settle()  # at most one batch being marked at a time
         if published:
-            await self._persist(sql.MARK_PUBLISHED, published, self.relay_id)
-            self.stats.published += len(published)
+            self._marking = asyncio.create_task(self._mark_published(published))
+            self._cursor = rows[-1][0]
         if refused:
             await self._record_refusals(refused)
+        if down is not None or refused or len(published) < len(rows):
+            await self._settle()
         if down is not None:
             raise _BrokerDown(_describe(down)) from down
         return len(sent) + len(refused)
+
+    async def _mark_published(self, ids: list[int]) -> None:
+        await self._persist(sql.MARK_PUBLISHED, ids, self.relay_id)
+        self.stats.published += len(ids)
+
+    async def _settle(self) -> None:
+        """Wait for the batch being marked published; afterwards fetches start from the beginning."""
+        task, self._marking = self._marking, None
+        self._cursor = None
+        if task is not None:
+            await task
 
     async def _persist(self, statement: str, *args: Any) -> list[asyncpg.Record]:
         """Record what the broker answered, retrying on a fresh connection if this one was lost.

@@ -16,6 +16,13 @@ _PENDING = "published_at IS NULL AND dead_at IS NULL"
 
 # -- writing (inside the append's transaction) -------------------------------------------------------
 
+INSERT_MESSAGE = """
+INSERT INTO outbox (slot, topic, key, event_id, event_type, source, stream_id, stream_version, data,
+                    correlation_id, causation_id, recorded_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+ON CONFLICT (event_id, topic) DO NOTHING
+"""
+
 INSERT_MESSAGES = """
 INSERT INTO outbox (slot, topic, key, event_id, event_type, source, stream_id, stream_version, data,
                     correlation_id, causation_id, recorded_at)
@@ -26,14 +33,14 @@ ON CONFLICT (event_id, topic) DO NOTHING
 
 # -- relaying ----------------------------------------------------------------------------------------
 
-# Pending messages of the given slots in outbox order. A message waiting out a retry backoff holds back
+# Pending messages of the given slots in outbox order, after id $3 (0: all). A message waiting out a retry backoff holds back
 # the later messages of its key (and only of its key), so a key's messages never overtake each other.
 FETCH_PENDING = """
 SELECT o.id, o.slot, o.topic, o.key, o.data, o.event_id::text, o.event_type, o.source, o.stream_id,
        o.stream_version, o.correlation_id, o.causation_id,
        to_char(o.recorded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'), o.attempts
 FROM outbox AS o
-WHERE o.published_at IS NULL AND o.dead_at IS NULL AND o.slot = ANY($1::int[])
+WHERE o.published_at IS NULL AND o.dead_at IS NULL AND o.slot = ANY($1::int[]) AND o.id > $3
   AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= now())
   AND NOT EXISTS (
       SELECT 1 FROM outbox AS b

@@ -10,6 +10,7 @@ from datetime import datetime
 from uuid import UUID
 
 from eventstore import AppendResult, EventStore, RecordedEvent, UnitOfWork
+from eventstore.model import CAUSATION_ID, CORRELATION_ID
 from outbox import sql
 from outbox.errors import InvalidRoute, RoutingError
 from outbox.schema import SLOT_COUNT
@@ -123,15 +124,20 @@ class Outbox:
     def messages(self, events: Sequence[RecordedEvent]) -> list[OutboxMessage]:
         out: list[OutboxMessage] = []
         for event in events:
-            for route in self.routes:
-                if not route.matches(event):
-                    continue
+            routes = [route for route in self.routes if route.matches(event)]
+            if not routes:
+                continue
+            meta = event.meta() if event.metadata != "{}" else {}
+            correlation_id, causation_id = meta.get(CORRELATION_ID), meta.get(CAUSATION_ID)
+            for route in routes:
                 key = route.key_of(event)
                 out.append(
                     OutboxMessage(
                         slot_of(key), route.topic, key, event.event_id, event.event_type, self.source,
-                        event.stream_id, event.stream_version, event.data, event.correlation_id,
-                        event.causation_id, event.recorded_at,
+                        event.stream_id, event.stream_version, event.data,
+                        None if correlation_id is None else str(correlation_id),
+                        None if causation_id is None else str(causation_id),
+                        event.recorded_at,
                     )
                 )
         return out
@@ -140,6 +146,13 @@ class Outbox:
         """The append hook: runs inside the append's transaction, so messages and events commit together."""
         messages = self.messages(result.events)
         if not messages:
+            return
+        if len(messages) == 1:  # the common case, without array round trips
+            m = messages[0]
+            await uow.connection.execute(
+                sql.INSERT_MESSAGE, m.slot, m.topic, m.key, m.event_id, m.event_type, m.source, m.stream_id,
+                m.stream_version, m.data, m.correlation_id, m.causation_id, m.recorded_at,
+            )
             return
         await uow.connection.execute(
             sql.INSERT_MESSAGES,
