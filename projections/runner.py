@@ -268,6 +268,7 @@ class _Worker:
             if not conn.is_closed():
                 with contextlib.suppress(Exception):
                     await conn.remove_listener(NOTIFY_CHANNEL, self._notified)
+                with contextlib.suppress(Exception):
                     await conn.execute(sql.RELEASE, name, self.runner.identity)
 
     async def _step(self, conn: Connection, limit: int) -> tuple[_Outcome, int]:
