@@ -77,3 +77,7 @@ class SchemaNotMigrated(EventStoreError):
 
 class DatabaseUnavailable(EventStoreError):
     """The database could not be reached or refused the connection."""
+
+
+class MigrationFailed(EventStoreError):
+    """Applying the schema migrations failed (the database refused a statement or the connection)."""

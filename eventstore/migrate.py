@@ -8,6 +8,9 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from sqlalchemy import exc as sa_exc
+
+from eventstore.errors import DatabaseUnavailable, MigrationFailed
 
 
 def _sqlalchemy_url(url: str) -> str:
@@ -25,7 +28,14 @@ def alembic_config(url: str) -> Config:
 
 def migrate(url: str, revision: str = "heads") -> None:
     """Upgrade the database at `url` to `revision` (every component's head by default)."""
-    command.upgrade(alembic_config(url), revision)
+    try:
+        command.upgrade(alembic_config(url), revision)
+    except sa_exc.ArgumentError as exc:
+        raise DatabaseUnavailable(f"not a PostgreSQL URL: {url!r} ({exc})") from None
+    except sa_exc.DBAPIError as exc:
+        raise MigrationFailed(f"cannot migrate {url!r}: {exc.orig}") from exc
+    except OSError as exc:
+        raise DatabaseUnavailable(f"cannot connect to PostgreSQL at {url!r}: {exc}") from None
 
 
 async def migrate_async(url: str, revision: str = "heads") -> None:
