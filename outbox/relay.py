@@ -126,6 +126,8 @@ class RelaySettings(BaseModel):
     """Messages fetched, sent and acknowledged per round; also the bound on messages in flight."""
     poll_interval: float = Field(default=1.0, gt=0)
     """Longest sleep without a notification (NOTIFY lost, listener connection down)."""
+    busy_poll_interval: float = Field(default=0.005, gt=0)
+    """First sleep after a round that published: doubles per empty look, up to `poll_interval`."""
     send_timeout: float = Field(default=5.0, gt=0)
     """The producer's request timeout: how long the broker may take to acknowledge."""
     lease_ttl: float = Field(default=30.0, gt=0)
@@ -221,6 +223,7 @@ class Relay:
         self._next_prune = 0.0
         self._marking: asyncio.Task[None] | None = None
         self._cursor: int | None = None
+        self._poll = self.settings.poll_interval
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -310,7 +313,9 @@ class Relay:
                 sent = await self._round()
                 broker_delay = self.settings.broker_backoff
                 db_delay = 0.05
-                if sent == 0:
+                if sent:
+                    self._poll = self.settings.busy_poll_interval
+                else:
                     await self._idle()
             except _BrokerDown as exc:
                 self.stats.broker_errors += 1
@@ -332,9 +337,15 @@ class Relay:
             await asyncio.wait_for(self._stop_event.wait(), seconds)
 
     async def _idle(self) -> None:
-        """Sleep until a NOTIFY, the poll interval, or the next lease check, whichever comes first."""
+        """Sleep until a NOTIFY, the poll interval, or the next lease check, whichever comes first.
+
+        Right after traffic the poll interval starts short and doubles with every empty look: a
+        writer whose connection pool is saturated sends its NOTIFY late (it waits for a connection),
+        and the relay should not wait for it while messages keep coming.
+        """
         await self._listen()
-        timeout = min(self.settings.poll_interval, max(self._next_rebalance - time.monotonic(), 0.0))
+        timeout = min(self._poll, max(self._next_rebalance - time.monotonic(), 0.0))
+        self._poll = min(self._poll * 2, self.settings.poll_interval)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wakeup.wait(), timeout)
 
