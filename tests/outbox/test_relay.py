@@ -209,3 +209,25 @@ async def test_broker_down_for_a_while_then_back_loses_nothing(
 
 async def _pending(pool: asyncpg.Pool) -> int:
     return int(await pool.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL"))
+
+
+async def test_relays_split_the_slots_fairly_and_take_over_from_one_that_stops(
+    store: EventStore, database_url: str, kafka: str
+) -> None:
+    first = Relay(database_url, kafka, relay_settings(relay_id="first"))
+    second = Relay(database_url, kafka, relay_settings(relay_id="second"))
+    await first.start()
+    try:
+        await wait_until(lambda: _true(len(first.owned_slots) == 64), what="first relay takes every slot")
+        await second.start()
+        await wait_until(
+            lambda: _true(len(first.owned_slots) == len(second.owned_slots) == 32), what="a fair split"
+        )
+        assert set(first.owned_slots).isdisjoint(second.owned_slots)
+        await first.stop()
+        await wait_until(lambda: _true(len(second.owned_slots) == 64), what="the second takes over")
+    finally:
+        await first.stop()
+        await second.stop()
+    assert await store.pool.fetchval("SELECT count(*) FROM outbox_slots WHERE owner IS NOT NULL") == 0
+    assert await store.pool.fetchval("SELECT count(*) FROM outbox_relays") == 0

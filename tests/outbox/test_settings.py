@@ -1,0 +1,72 @@
+"""Relay and Kafka settings: bad combinations fail when built; real-Kafka options reach aiokafka intact."""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any
+
+import pytest
+from aiokafka import AIOKafkaProducer
+from pydantic import SecretStr, ValidationError
+
+from outbox import KafkaSettings, RelaySettings
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"security_protocol": "SSL"}, "needs an ssl_context"),
+        ({"security_protocol": "SASL_PLAINTEXT", "sasl_mechanism": "SCRAM-SHA-512"}, "needs sasl_plain_username"),
+        ({"extra": {"acks": 1}}, "must not set acks"),
+        ({"extra": {"transactional_id": "x"}}, "must not set transactional_id"),
+        ({"bootstrap_servers": ""}, "at least 1 character"),
+        ({"max_request_size": 0}, "greater than 0"),
+        ({"unknown": 1}, "Extra inputs are not permitted"),
+    ],
+)
+def test_kafka_settings_that_cannot_work_are_rejected(values: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        KafkaSettings(**{"bootstrap_servers": "127.0.0.1:9092", **values})
+
+
+async def test_tls_sasl_and_idempotence_pass_through_to_aiokafka() -> None:
+    context = ssl.create_default_context()
+    kafka = KafkaSettings(
+        bootstrap_servers="broker-1:9093,broker-2:9093",
+        security_protocol="SASL_SSL",
+        ssl_context=context,
+        sasl_mechanism="SCRAM-SHA-256",
+        sasl_plain_username="relay",
+        sasl_plain_password=SecretStr("s3cret"),
+        enable_idempotence=True,
+        compression_type="gzip",
+        extra={"metadata_max_age_ms": 60_000},
+    )
+    options = kafka.producer_options(request_timeout_ms=5000)
+    assert options["acks"] == "all" and options["ssl_context"] is context
+    assert options["sasl_plain_password"] == "s3cret" and options["enable_idempotence"] is True
+    assert "s3cret" not in repr(kafka)
+    # aiokafka accepts the combination (it validates without connecting).
+    producer = AIOKafkaProducer(**options)
+    assert producer._request_timeout_ms == 5000
+    assert producer.client._sasl_mechanism == "SCRAM-SHA-256"
+    assert producer.client._security_protocol == "SASL_SSL"
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"lease_ttl": 10.0, "send_timeout": 5.0}, "lease_ttl 10.0s is too short"),
+        ({"batch_size": 0}, "greater than 0"),
+        ({"max_attempts": 0}, "greater than 0"),
+        ({"retention": -1.0}, "greater than or equal to 0"),
+        ({"relay_id": ""}, "at least 1 character"),
+    ],
+)
+def test_relay_settings_that_cannot_work_are_rejected(values: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        RelaySettings(**values)
+
+
+def test_default_relay_ids_are_unique() -> None:
+    assert RelaySettings().relay_id != RelaySettings().relay_id
