@@ -234,10 +234,14 @@ class Relay:
             )
         except CONNECTION_ERRORS as exc:
             raise DatabaseUnavailable(f"relay cannot connect to PostgreSQL: {exc}") from None
-        slots = await self._pool.fetchval(sql.SLOT_COUNT)
-        if slots != SLOT_COUNT:
+        try:
+            slots = await self._pool.fetchval(sql.SLOT_COUNT)
+            if slots != SLOT_COUNT:
+                raise InvalidSettings(f"outbox_slots has {slots} rows, this code expects {SLOT_COUNT}")
+        except BaseException:
             await self._pool.close()
-            raise InvalidSettings(f"outbox_slots has {slots} rows, this code expects {SLOT_COUNT}")
+            self._pool = None
+            raise
         self._stopping = False
         self._stop_event.clear()
         self._main_task = asyncio.create_task(self._main(), name=f"outbox-relay-{self.relay_id}")
