@@ -60,13 +60,15 @@ async def test_subscriber_sees_every_committed_event_exactly_once(store: EventSt
 
 
 async def test_reader_does_not_pass_an_open_transaction(store: EventStore) -> None:
-    await store.append("a-1", [NewEvent("First")])
+    first = await store.append("a-1", [NewEvent("First")])
+    await store.wait_until_visible(first.checkpoint)  # other databases on a shared server may hold it back
     async with store.unit_of_work() as slow:
         await slow.append("slow-1", [NewEvent("Late")])
-        await store.append("fast-1", [NewEvent("Early")])  # commits while `slow` is still open
+        early = await store.append("fast-1", [NewEvent("Early")])  # commits while `slow` is still open
         seen = await store.read_all(START)
         assert [e.event_type for e in seen] == ["First"]
         assert await store.head() == seen[-1].checkpoint
+    await store.wait_until_visible(early.checkpoint)
     after = await store.read_all(seen[-1].checkpoint)
     assert sorted(e.event_type for e in after) == ["Early", "Late"]
 
