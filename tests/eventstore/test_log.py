@@ -34,7 +34,7 @@ class _Abort(Exception):
 
 async def test_subscriber_sees_every_committed_event_exactly_once(store: EventStore) -> None:
     rng = random.Random(20261126)
-    for round_ in range(6):
+    for round_ in range(25):
         start = await store.head()
         committed: set[uuid.UUID] = set()
         received: list[RecordedEvent] = []
