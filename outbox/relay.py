@@ -222,6 +222,7 @@ class Relay:
         self._next_rebalance = 0.0
         self._next_prune = 0.0
         self._marking: asyncio.Task[None] | None = None
+        self._prefetch: asyncio.Task[list[asyncpg.Record]] | None = None
         self._cursor: int | None = None
         self._poll = self.settings.poll_interval
 
@@ -365,9 +366,11 @@ class Relay:
         """Fetch, send and await acknowledgements for one batch; return how many messages went out.
 
         Marking a batch published overlaps the next round: while it runs, the next fetch only looks
-        past the batch's last id (those rows are not marked yet and must not be sent twice). Any
-        row left behind in a round (a held key, a lapsing lease, a refusal) ends the overlap, so the
-        next fetch starts from the beginning again; so does running out of messages.
+        past the batch's last id (those rows are not marked yet and must not be sent twice). A full
+        batch also fetches the next one while its acknowledgements are on their way; nothing of it is
+        sent before they are in. Any row left behind in a round (a held key, a lapsing lease, a
+        refusal) ends both overlaps, so the next fetch starts from the beginning again; so does
+        running out of messages.
         """
         slots = self._usable_slots()
         if not slots:
@@ -375,7 +378,10 @@ class Relay:
             return 0
         self._wakeup.clear()
         rows: list[asyncpg.Record] = []
-        if self._cursor is not None:
+        if self._prefetch is not None:
+            prefetch, self._prefetch = self._prefetch, None
+            rows = await prefetch
+        if not rows and self._cursor is not None:
             rows = await self._fetch(slots, self._cursor)
         if not rows:
             await self._settle()
@@ -412,6 +418,8 @@ class Relay:
                 continue
             sent.append((row, future))
         self.stats.max_in_flight = max(self.stats.max_in_flight, len(sent))
+        if len(sent) == len(rows) == self.settings.batch_size:
+            self._prefetch = asyncio.create_task(self._fetch(slots, rows[-1][0]))
         results = await asyncio.gather(*(f for _, f in sent), return_exceptions=True)
         published: list[int] = []
         for (row, _), result in zip(sent, results, strict=True):
@@ -421,7 +429,7 @@ class Relay:
                 down = down or result
             else:
                 refused.append((row, result))
-        await self._settle()  # at most one batch being marked at a time
+        await self._settle_marking()  # at most one batch being marked at a time
         if published:
             self._marking = asyncio.create_task(self._mark_published(published))
             self._cursor = rows[-1][0]
@@ -437,12 +445,19 @@ class Relay:
         await self._persist(sql.MARK_PUBLISHED, ids, self.relay_id)
         self.stats.published += len(ids)
 
-    async def _settle(self) -> None:
-        """Wait for the batch being marked published; afterwards fetches start from the beginning."""
+    async def _settle_marking(self) -> None:
         task, self._marking = self._marking, None
-        self._cursor = None
         if task is not None:
             await task
+
+    async def _settle(self) -> None:
+        """Drop the prefetched batch, wait for the one being marked; then fetches start from the beginning."""
+        prefetch, self._prefetch = self._prefetch, None
+        self._cursor = None
+        if prefetch is not None:
+            with contextlib.suppress(Exception):
+                await prefetch
+        await self._settle_marking()
 
     async def _persist(self, statement: str, *args: Any) -> list[asyncpg.Record]:
         """Record what the broker answered, retrying on a fresh connection if this one was lost.
