@@ -127,7 +127,9 @@ class RelaySettings(BaseModel):
     poll_interval: float = Field(default=1.0, gt=0)
     """Longest sleep without a notification (NOTIFY lost, listener connection down)."""
     busy_poll_interval: float = Field(default=0.005, gt=0)
-    """First sleep after a round that published: doubles per empty look, up to `poll_interval`."""
+    """Sleep between looks while busy: a busy writer's NOTIFY may come late."""
+    busy_window: float = Field(default=1.0, ge=0)
+    """How long after publishing the relay counts as busy."""
     send_timeout: float = Field(default=5.0, gt=0)
     """The producer's request timeout: how long the broker may take to acknowledge."""
     lease_ttl: float = Field(default=30.0, gt=0)
@@ -224,7 +226,7 @@ class Relay:
         self._marking: asyncio.Task[None] | None = None
         self._prefetch: asyncio.Task[list[asyncpg.Record]] | None = None
         self._cursor: int | None = None
-        self._poll = self.settings.poll_interval
+        self._busy_until = 0.0
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -319,7 +321,7 @@ class Relay:
                 broker_delay = self.settings.broker_backoff
                 db_delay = 0.05
                 if sent:
-                    self._poll = self.settings.busy_poll_interval
+                    self._busy_until = time.monotonic() + self.settings.busy_window
                 else:
                     await self._idle()
             except _BrokerDown as exc:
@@ -344,13 +346,14 @@ class Relay:
     async def _idle(self) -> None:
         """Sleep until a NOTIFY, the poll interval, or the next lease check, whichever comes first.
 
-        Right after traffic the poll interval starts short and doubles with every empty look: a
-        writer whose connection pool is saturated sends its NOTIFY late (it waits for a connection),
-        and the relay should not wait for it while messages keep coming.
+        For `busy_window` after publishing it polls every `busy_poll_interval` instead: a writer
+        whose connection pool is saturated sends its NOTIFY late (it waits for a connection), and
+        the relay should not wait for it while messages keep coming.
         """
         await self._listen()
-        timeout = min(self._poll, max(self._next_rebalance - time.monotonic(), 0.0))
-        self._poll = min(self._poll * 2, self.settings.poll_interval)
+        now = time.monotonic()
+        poll = self.settings.busy_poll_interval if now < self._busy_until else self.settings.poll_interval
+        timeout = min(poll, max(self._next_rebalance - now, 0.0))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wakeup.wait(), timeout)
 
