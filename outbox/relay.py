@@ -127,7 +127,7 @@ class RelaySettings(BaseModel):
     poll_interval: float = Field(default=1.0, gt=0)
     """Longest sleep without a notification (NOTIFY lost, listener connection down)."""
     busy_poll_interval: float = Field(default=0.005, gt=0)
-    """Sleep between looks while busy: a busy writer's NOTIFY may come late."""
+    """Sleep between looks while busy (see `Relay._idle`)."""
     busy_window: float = Field(default=1.0, ge=0)
     """How long after publishing the relay counts as busy."""
     send_timeout: float = Field(default=5.0, gt=0)
@@ -225,7 +225,7 @@ class Relay:
         self._next_prune = 0.0
         self._marking: asyncio.Task[None] | None = None
         self._prefetch: asyncio.Task[list[asyncpg.Record]] | None = None
-        self._cursor: int | None = None
+        self._marking_ids: list[int] = []
         self._busy_until = 0.0
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -346,14 +346,16 @@ class Relay:
     async def _idle(self) -> None:
         """Sleep until a NOTIFY, the poll interval, or the next lease check, whichever comes first.
 
-        For `busy_window` after publishing it polls every `busy_poll_interval` instead: a writer
-        whose connection pool is saturated sends its NOTIFY late (it waits for a connection), and
-        the relay should not wait for it while messages keep coming.
+        For `busy_window` after publishing it sleeps `busy_poll_interval` instead, whatever arrives:
+        while messages keep coming, a NOTIFY per commit would only cost a query each, and a writer
+        whose connection pool is saturated sends its NOTIFY late anyway (it waits for a connection).
         """
-        await self._listen()
         now = time.monotonic()
-        poll = self.settings.busy_poll_interval if now < self._busy_until else self.settings.poll_interval
-        timeout = min(poll, max(self._next_rebalance - now, 0.0))
+        if now < self._busy_until:
+            await self._sleep(self.settings.busy_poll_interval)
+            return
+        await self._listen()
+        timeout = min(self.settings.poll_interval, max(self._next_rebalance - now, 0.0))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wakeup.wait(), timeout)
 
@@ -362,33 +364,29 @@ class Relay:
         horizon = time.monotonic() + self.settings.send_margin
         return [slot for slot, deadline in self._deadlines.items() if deadline > horizon]
 
-    async def _fetch(self, slots: list[int], after: int) -> list[asyncpg.Record]:
-        return list(await self.pool.fetch(sql.FETCH_PENDING, slots, self.settings.batch_size, after))
+    async def _fetch(self, slots: list[int], exclude: list[int]) -> list[asyncpg.Record]:
+        return list(await self.pool.fetch(sql.FETCH_PENDING, slots, self.settings.batch_size, exclude))
 
     async def _round(self) -> int:
         """Fetch, send and await acknowledgements for one batch; return how many messages went out.
 
-        Marking a batch published overlaps the next round: while it runs, the next fetch only looks
-        past the batch's last id (those rows are not marked yet and must not be sent twice). A full
-        batch also fetches the next one while its acknowledgements are on their way; nothing of it is
-        sent before they are in. Any row left behind in a round (a held key, a lapsing lease, a
-        refusal) ends both overlaps, so the next fetch starts from the beginning again; so does
-        running out of messages.
+        Marking a batch published overlaps the next round, whose fetch leaves that batch's rows out
+        (acknowledged, not yet marked: they must not be sent twice). A full batch also fetches the
+        next one while its acknowledgements are on their way, leaving its own rows out too; nothing
+        of it is sent before they are in, and it is dropped if any row of this batch was left behind
+        (a held key, a lapsing lease, a refusal), since it may hold later messages of such a key.
+        Fetches never skip ahead by id: a transaction that commits late with a lower id is seen at once.
         """
         slots = self._usable_slots()
         if not slots:
             await self._settle()
             return 0
         self._wakeup.clear()
-        rows: list[asyncpg.Record] = []
         if self._prefetch is not None:
             prefetch, self._prefetch = self._prefetch, None
             rows = await prefetch
-        if not rows and self._cursor is not None:
-            rows = await self._fetch(slots, self._cursor)
-        if not rows:
-            await self._settle()
-            rows = await self._fetch(slots, 0)
+        else:
+            rows = await self._fetch(slots, self._marking_ids)
         if not rows:
             return 0
         self.stats.rounds += 1
@@ -422,7 +420,8 @@ class Relay:
             sent.append((row, future))
         self.stats.max_in_flight = max(self.stats.max_in_flight, len(sent))
         if len(sent) == len(rows) == self.settings.batch_size:
-            self._prefetch = asyncio.create_task(self._fetch(slots, rows[-1][0]))
+            in_flight = [row[0] for row in rows]
+            self._prefetch = asyncio.create_task(self._fetch(slots, self._marking_ids + in_flight))
         results = await asyncio.gather(*(f for _, f in sent), return_exceptions=True)
         published: list[int] = []
         for (row, _), result in zip(sent, results, strict=True):
@@ -435,12 +434,13 @@ class Relay:
         await self._settle_marking()  # at most one batch being marked at a time
         if published:
             self._marking = asyncio.create_task(self._mark_published(published))
-            self._cursor = rows[-1][0]
+            self._marking_ids = published
         if refused:
             await self._record_refusals(refused)
-        if down is not None or refused or len(published) < len(rows):
-            await self._settle()
+        if len(published) < len(rows):
+            await self._drop_prefetch()
         if down is not None:
+            await self._settle_marking()
             raise _BrokerDown(_describe(down)) from down
         return len(sent) + len(refused)
 
@@ -449,17 +449,23 @@ class Relay:
         self.stats.published += len(ids)
 
     async def _settle_marking(self) -> None:
+        """Wait for the batch being marked published (if it fails, its rows are sent again later)."""
         task, self._marking = self._marking, None
-        if task is not None:
-            await task
+        try:
+            if task is not None:
+                await task
+        finally:
+            self._marking_ids = []
 
-    async def _settle(self) -> None:
-        """Drop the prefetched batch, wait for the one being marked; then fetches start from the beginning."""
+    async def _drop_prefetch(self) -> None:
         prefetch, self._prefetch = self._prefetch, None
-        self._cursor = None
         if prefetch is not None:
             with contextlib.suppress(Exception):
                 await prefetch
+
+    async def _settle(self) -> None:
+        """Nothing in the air: no prefetched batch, no batch being marked."""
+        await self._drop_prefetch()
         await self._settle_marking()
 
     async def _persist(self, statement: str, *args: Any) -> list[asyncpg.Record]:
