@@ -226,6 +226,7 @@ class Relay:
         self._marking: asyncio.Task[None] | None = None
         self._prefetch: asyncio.Task[list[asyncpg.Record]] | None = None
         self._marking_ids: list[int] = []
+        self._cursor: int | None = None
         self._busy_until = 0.0
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -364,18 +365,26 @@ class Relay:
         horizon = time.monotonic() + self.settings.send_margin
         return [slot for slot, deadline in self._deadlines.items() if deadline > horizon]
 
-    async def _fetch(self, slots: list[int], exclude: list[int]) -> list[asyncpg.Record]:
-        return list(await self.pool.fetch(sql.FETCH_PENDING, slots, self.settings.batch_size, exclude))
+    async def _fetch(self, slots: list[int]) -> list[asyncpg.Record]:
+        limit = self.settings.batch_size
+        if self._cursor is not None:
+            return list(await self.pool.fetch(sql.FETCH_PENDING_AFTER, slots, limit, self._cursor))
+        return list(await self.pool.fetch(sql.FETCH_PENDING, slots, limit, self._marking_ids))
+
+    async def _fetch_after(self, slots: list[int], after: int) -> list[asyncpg.Record]:
+        return list(await self.pool.fetch(sql.FETCH_PENDING_AFTER, slots, self.settings.batch_size, after))
 
     async def _round(self) -> int:
         """Fetch, send and await acknowledgements for one batch; return how many messages went out.
 
-        Marking a batch published overlaps the next round, whose fetch leaves that batch's rows out
-        (acknowledged, not yet marked: they must not be sent twice). A full batch also fetches the
-        next one while its acknowledgements are on their way, leaving its own rows out too; nothing
-        of it is sent before they are in, and it is dropped if any row of this batch was left behind
-        (a held key, a lapsing lease, a refusal), since it may hold later messages of such a key.
-        Fetches never skip ahead by id: a transaction that commits late with a lower id is seen at once.
+        Marking a batch published overlaps the next round, whose fetch leaves that batch out
+        (acknowledged, not yet marked: it must not be sent twice). While a backlog drains (full
+        batches, all published) fetches continue after the last id instead of from the first
+        pending message, which would wade through the index entries of everything just marked; and
+        the next batch is fetched while this one's acknowledgements are on their way (nothing of it
+        is sent before they are in). A round that is not full, or leaves a row behind (a held key, a
+        lapsing lease, a refusal), ends both: the next fetch starts from the first pending message
+        again, so a transaction that committed late with a lower id is picked up then.
         """
         slots = self._usable_slots()
         if not slots:
@@ -386,7 +395,8 @@ class Relay:
             prefetch, self._prefetch = self._prefetch, None
             rows = await prefetch
         else:
-            rows = await self._fetch(slots, self._marking_ids)
+            rows = await self._fetch(slots)
+        self._cursor = None
         if not rows:
             return 0
         self.stats.rounds += 1
@@ -419,9 +429,9 @@ class Relay:
                 continue
             sent.append((row, future))
         self.stats.max_in_flight = max(self.stats.max_in_flight, len(sent))
-        if len(sent) == len(rows) == self.settings.batch_size:
-            in_flight = [row[0] for row in rows]
-            self._prefetch = asyncio.create_task(self._fetch(slots, self._marking_ids + in_flight))
+        full = len(sent) == len(rows) == self.settings.batch_size
+        if full:
+            self._prefetch = asyncio.create_task(self._fetch_after(slots, rows[-1][0]))
         results = await asyncio.gather(*(f for _, f in sent), return_exceptions=True)
         published: list[int] = []
         for (row, _), result in zip(sent, results, strict=True):
@@ -437,7 +447,9 @@ class Relay:
             self._marking_ids = published
         if refused:
             await self._record_refusals(refused)
-        if len(published) < len(rows):
+        if full and len(published) == len(rows):
+            self._cursor = rows[-1][0]
+        else:
             await self._drop_prefetch()
         if down is not None:
             await self._settle_marking()
@@ -464,7 +476,8 @@ class Relay:
                 await prefetch
 
     async def _settle(self) -> None:
-        """Nothing in the air: no prefetched batch, no batch being marked."""
+        """Nothing in the air: no prefetched batch, no batch being marked; fetch from the start."""
+        self._cursor = None
         await self._drop_prefetch()
         await self._settle_marking()
 

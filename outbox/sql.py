@@ -33,15 +33,15 @@ ON CONFLICT (event_id, topic) DO NOTHING
 
 # -- relaying ----------------------------------------------------------------------------------------
 
-# Pending messages of the given slots in outbox order, except ids $3 (acknowledged, being marked). A message waiting out a retry backoff holds back
+# Pending messages of the given slots in outbox order. A message waiting out a retry backoff holds back
 # the later messages of its key (and only of its key), so a key's messages never overtake each other.
-FETCH_PENDING = """
+_FETCH_PENDING = """
 SELECT o.id, o.slot, o.topic, o.key, o.data, o.event_id::text, o.event_type, o.source, o.stream_id,
        o.stream_version, o.correlation_id, o.causation_id,
        to_char(o.recorded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'), o.attempts
 FROM outbox AS o
 WHERE o.published_at IS NULL AND o.dead_at IS NULL AND o.slot = ANY($1::int[])
-  AND o.id <> ALL($3::bigint[])
+  AND {condition}
   AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= now())
   AND NOT EXISTS (
       SELECT 1 FROM outbox AS b
@@ -51,6 +51,13 @@ WHERE o.published_at IS NULL AND o.dead_at IS NULL AND o.slot = ANY($1::int[])
 ORDER BY o.id
 LIMIT $2
 """
+
+# From the first pending message, leaving out $3 (acknowledged, still being marked published).
+FETCH_PENDING = _FETCH_PENDING.format(condition="o.id <> ALL($3::bigint[])")
+
+# Only after id $3: cheap while draining a backlog, but blind to a transaction that commits late with
+# a lower id, so the relay goes back to FETCH_PENDING as soon as it catches up.
+FETCH_PENDING_AFTER = _FETCH_PENDING.format(condition="o.id > $3")
 
 MARK_PUBLISHED = """
 UPDATE outbox SET published_at = now(), published_by = $2

@@ -231,3 +231,34 @@ async def test_relays_split_the_slots_fairly_and_take_over_from_one_that_stops(
         await second.stop()
     assert await store.pool.fetchval("SELECT count(*) FROM outbox_slots WHERE owner IS NOT NULL") == 0
     assert await store.pool.fetchval("SELECT count(*) FROM outbox_relays") == 0
+
+
+async def test_a_late_commit_with_a_lower_id_is_published_while_traffic_continues(
+    outbox_store: EventStore, database_url: str, kafka: str, collector: Collector
+) -> None:
+    """Ids are handed out before commit: a relay that skipped ahead by id would miss this one."""
+    late = NewEvent("OrderPlaced", {"late": True})
+    stop = asyncio.Event()
+
+    async def writer(w: int) -> None:
+        n = 0
+        while not stop.is_set():
+            await outbox_store.append(f"order-busy{w}-{n % 5}", [NewEvent("OrderPlaced", {"n": n})])
+            n += 1
+
+    async def traffic() -> None:  # enough that every round of the relay finds something new
+        await asyncio.gather(*(writer(w) for w in range(4)))
+
+    async with Relay(database_url, kafka, relay_settings()):
+        async with outbox_store.unit_of_work() as uow:
+            await uow.append("order-late", [late])  # takes an outbox id now, commits below
+            busy = asyncio.create_task(traffic())
+            await collector.wait_count(20)  # later ids are published meanwhile
+        try:
+            await collector.wait_for(lambda c: str(late.event_id) in c.ids(), timeout=10)
+            assert not busy.done(), "the late message came only after the traffic stopped"
+        finally:
+            stop.set()
+            await busy
+    ids = await outbox_store.pool.fetch("SELECT id, event_id FROM outbox ORDER BY id")
+    assert ids[0]["event_id"] == late.event_id, "the late message has the lowest id"
