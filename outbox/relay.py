@@ -4,6 +4,8 @@ Work is split by slot (a key always hashes to the same slot) and each slot is le
 time, so two relays never publish messages of one key concurrently. Within its slots a relay sends
 messages in outbox order, waits for the broker's acknowledgement (acks=all), and only then marks them
 published: a crash between the two publishes them again on restart (at least once, never lost).
+Messages of one key from concurrent transactions go out in commit order (a transaction that commits
+late is picked up when it commits, even though its outbox id is lower).
 
 Failures are split in two. When the broker is unreachable (connection refused, timeouts, leader
 elections: aiokafka's retriable errors) nothing is counted against the messages: the relay backs off
@@ -13,8 +15,13 @@ same key wait too, so the key's order holds. After `max_attempts` it moves to th
 and from then on later messages of its key flow again: a message the broker keeps refusing must not
 stop its key for good (progress over order). `retry_dead` puts it back; it is then published after the
 messages that overtook it, with its original id, time and stream version so a consumer can tell.
-"""
 
+Two limits. A refusal the broker reports only in its acknowledgement (not when the message is
+queued) can come after later messages of the same key in the same batch were already sent; those then
+precede the retry. And a topic that does not exist on a broker that does not create topics looks like
+an unreachable broker (aiokafka times out waiting for its metadata), so the relay backs off as a whole
+until the topic is created.
+"""
 from __future__ import annotations
 
 import asyncio
