@@ -242,6 +242,7 @@ class EventStore:
         self._hooks: list[AppendHook] = []
         self._notify_pending = False
         self._notify_task: asyncio.Task[None] | None = None
+        self._notifier: asyncpg.Connection | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -263,6 +264,10 @@ class EventStore:
         if self._notify_task is not None:
             with contextlib.suppress(Exception):
                 await self._notify_task
+        if self._notifier is not None:
+            notifier, self._notifier = self._notifier, None
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(notifier.close(), 2)
         if self._pool is not None and self._owns_pool:
             await self._pool.close()
             self._pool = None
@@ -400,9 +405,18 @@ class EventStore:
         while self._notify_pending:
             self._notify_pending = False
             try:
-                await self.pool.execute(sql.NOTIFY)
+                if self.url is None:
+                    await self.pool.execute(sql.NOTIFY)
+                    continue
+                # A connection of its own: a pool saturated by writers would delay the wake-up.
+                if self._notifier is None or self._notifier.is_closed():
+                    self._notifier = await asyncpg.connect(self.url, timeout=5)
+                await self._notifier.execute(sql.NOTIFY)
             except Exception as exc:  # subscribers fall back to polling
                 log.debug("notify failed: %s", exc)
+                if self._notifier is not None:
+                    self._notifier.terminate()
+                    self._notifier = None
                 return
 
     # -- reads -------------------------------------------------------------------------------------
