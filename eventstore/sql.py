@@ -55,12 +55,12 @@ LANGUAGE plpgsql AS $$
 DECLARE
     n bigint := cardinality(p_event_ids);
     v_new bigint;
-    dup record;
 BEGIN
-    -- Idempotency first: a retried append of stored events returns the first result.
-    SELECT * INTO dup FROM eventstore_duplicates(p_stream_id, p_expected, p_event_ids, p_types, p_data, p_metadata);
-    IF dup.o_status IS NOT NULL THEN
-        RETURN QUERY SELECT dup.o_status, dup.o_version, dup.o_positions, dup.o_transaction_id, dup.o_recorded_at;
+    -- Idempotency first: a retried append of stored events returns the first result. The cheap
+    -- EXISTS (its plan is cached) guards the full comparison (an SQL function, planned per call).
+    IF EXISTS (SELECT 1 FROM events AS e WHERE e.event_id = ANY (p_event_ids)) THEN
+        RETURN QUERY SELECT * FROM eventstore_duplicates(
+            p_stream_id, p_expected, p_event_ids, p_types, p_data, p_metadata);
         RETURN;
     END IF;
 
@@ -84,9 +84,9 @@ BEGIN
 
     IF v_new IS NULL THEN
         -- Lost a race or a wrong expectation; the winner may have written these very events.
-        SELECT * INTO dup FROM eventstore_duplicates(p_stream_id, p_expected, p_event_ids, p_types, p_data, p_metadata);
-        IF dup.o_status IS NOT NULL THEN
-            RETURN QUERY SELECT dup.o_status, dup.o_version, dup.o_positions, dup.o_transaction_id, dup.o_recorded_at;
+        IF EXISTS (SELECT 1 FROM events AS e WHERE e.event_id = ANY (p_event_ids)) THEN
+            RETURN QUERY SELECT * FROM eventstore_duplicates(
+                p_stream_id, p_expected, p_event_ids, p_types, p_data, p_metadata);
             RETURN;
         END IF;
         RETURN QUERY SELECT 1,
