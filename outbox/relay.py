@@ -7,19 +7,28 @@ published: a crash between the two publishes them again on restart (at least onc
 Messages of one key from concurrent transactions go out in commit order (a transaction that commits
 late is picked up when it commits, even though its outbox id is lower).
 
+A key's messages all go to one partition (the producer's own partitioner picks it from the key), and
+each partition's messages go out as record batches one after another: the next batch is sent only
+once the broker has acknowledged the one before. The broker appends a record batch whole or not at
+all, so when a batch fails (the broker went away, or refused it) nothing after it in its partition has
+been sent, and no message can overtake an earlier message of its key, whatever fails and however it
+fails. Partitions are sent concurrently.
+
 Failures are split in two. When the broker is unreachable (connection refused, timeouts, leader
 elections: aiokafka's retriable errors) nothing is counted against the messages: the relay backs off
 and resumes where it stopped. When the broker refuses a message (too large, invalid, not authorized)
-the message's attempts go up and it is retried after a backoff; while it waits, later messages of the
-same key wait too, so the key's order holds. After `max_attempts` it moves to the dead-letter state,
-and from then on later messages of its key flow again: a message the broker keeps refusing must not
-stop its key for good (progress over order). `retry_dead` puts it back; it is then published after the
-messages that overtook it, with its original id, time and stream version so a consumer can tell.
+the message's attempts go up and it is retried after a backoff, alone; while it waits, later messages
+of the same key wait too, so the key's order holds. A refused batch of several messages does not say
+which one the broker objects to: its halves are sent again, in order, until the refusal is narrowed
+down to a single message, and only that one is counted (the messages before it are published, those
+after it in its partition wait for the next round). After `max_attempts` a message moves to the
+dead-letter state, and from then on later messages of its key flow again: a message the broker keeps
+refusing must not stop its key for good (progress over order). `retry_dead` puts it back; it is then
+published after the messages that overtook it, with its original id, time and stream version so a
+consumer can tell.
 
-Two limits. A refusal the broker reports only in its acknowledgement (not when the message is
-queued) can come after later messages of the same key in the same batch were already sent; those then
-precede the retry. And a topic that does not exist on a broker that does not create topics looks like
-an unreachable broker (aiokafka times out waiting for its metadata), so the relay backs off as a whole
+One limit: a topic that does not exist on a broker that does not create topics looks like an
+unreachable broker (aiokafka times out waiting for its metadata), so the relay backs off as a whole
 until the topic is created.
 """
 from __future__ import annotations
@@ -34,12 +43,14 @@ import ssl
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import asyncpg
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError, KafkaTimeoutError, ProducerClosed
+from aiokafka.errors import KafkaError, KafkaTimeoutError, MessageSizeTooLargeError, ProducerClosed
+from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from eventstore import CONNECTION_ERRORS, DatabaseUnavailable, asyncpg_dsn
@@ -185,6 +196,16 @@ class RelayStats:
     max_in_flight: int = 0
 
 
+@dataclass
+class _Outcome:
+    """What the broker answered in one round, collected from the round's partitions."""
+
+    published: list[int] = field(default_factory=list)
+    refused: list[tuple[asyncpg.Record, BaseException]] = field(default_factory=list)
+    down: BaseException | None = None
+    in_flight: int = 0
+
+
 class _BrokerDown(Exception):
     """The broker could not be reached; nothing is held against the messages."""
 
@@ -193,6 +214,11 @@ def _unreachable(exc: BaseException) -> bool:
     if isinstance(exc, KafkaError):
         return bool(exc.retriable) or isinstance(exc, KafkaTimeoutError | ProducerClosed)
     return isinstance(exc, OSError | TimeoutError)
+
+
+def _refusal(exc: BaseException) -> bool:
+    """The broker answered and said no; anything else ends the round as if the broker were down."""
+    return isinstance(exc, KafkaError) and not _unreachable(exc)
 
 
 def _describe(exc: BaseException) -> str:
@@ -220,6 +246,11 @@ class Relay:
         self._url = asyncpg_dsn(database_url)
         self._pool: asyncpg.Pool | None = None
         self._producer: AIOKafkaProducer | None = None
+        self._producer_options = self.kafka.producer_options(
+            request_timeout_ms=int(self.settings.send_timeout * 1000)
+        )
+        self._max_request_size = int(self._producer_options["max_request_size"])
+        self._partitioner = DefaultPartitioner()
         self._listener: asyncpg.Connection | None = None
         self._deadlines: dict[int, float] = {}
         self._lease_lock = asyncio.Lock()
@@ -388,10 +419,10 @@ class Relay:
         (acknowledged, not yet marked: it must not be sent twice). While a backlog drains (full
         batches, all published) fetches continue after the last id instead of from the first
         pending message, which would wade through the index entries of everything just marked; and
-        the next batch is fetched while this one's acknowledgements are on their way (nothing of it
-        is sent before they are in). A round that is not full, or leaves a row behind (a held key, a
-        lapsing lease, a refusal), ends both: the next fetch starts from the first pending message
-        again, so a transaction that committed late with a lower id is picked up then.
+        the next batch is fetched while this one is sent (nothing of it is sent before this one's
+        acknowledgements are in). A round that is not full, or leaves a row behind (a held key, a
+        lapsing lease, a refusal, a failed send), ends both: the next fetch starts from the first
+        pending message again, so a transaction that committed late with a lower id is picked up then.
         """
         slots = self._usable_slots()
         if not slots:
@@ -410,58 +441,189 @@ class Relay:
         producer = await self._ensure_producer()
         usable = set(self._usable_slots())
         held: set[str] = set()  # keys whose later messages must wait for an earlier one
-        sent: list[tuple[asyncpg.Record, asyncio.Future[Any]]] = []
-        refused: list[tuple[asyncpg.Record, BaseException]] = []
-        down: BaseException | None = None
+        queued: list[asyncpg.Record] = []
         for row in rows:
-            (_id, slot, topic, key, data, event_id, event_type, source, stream_id, stream_version,
-             correlation_id, causation_id, time_text, attempts) = row
+            slot, key, attempts = row[1], row[3], row[13]
             if slot not in usable or key in held:
                 continue
             if attempts:
                 # A retry goes out alone for its key: should it fail again, nothing of the key overtook it.
                 held.add(key)
+            queued.append(row)
+        full = len(queued) == len(rows) == self.settings.batch_size
+        if full:
+            self._prefetch = asyncio.create_task(self._fetch_after(slots, rows[-1][0]))
+        outcome = _Outcome()
+        try:
+            partitions = await self._by_partition(producer, queued, outcome)
+            await asyncio.gather(*(
+                self._send_rows(producer, topic, partition, part, set(), outcome)
+                for (topic, partition), part in partitions.items()
+            ))
+            await self._settle_marking()  # at most one batch being marked at a time
+            if outcome.published:
+                self._marking = asyncio.create_task(self._mark_published(outcome.published))
+                self._marking_ids = outcome.published
+            if outcome.refused:
+                await self._record_refusals(outcome.refused)
+        except Exception:
+            await self._drop_prefetch()  # it skips rows of this round that may still be pending
+            raise
+        if full and len(outcome.published) == len(rows):
+            self._cursor = rows[-1][0]
+        else:
+            await self._drop_prefetch()
+        if outcome.down is not None:
+            await self._settle_marking()
+            raise _BrokerDown(_describe(outcome.down)) from outcome.down
+        return len(outcome.published) + len(outcome.refused)
+
+    async def _by_partition(
+        self, producer: AIOKafkaProducer, rows: list[asyncpg.Record], outcome: _Outcome
+    ) -> dict[tuple[str, int], list[asyncpg.Record]]:
+        """Rows by the partition the producer's partitioner picks for their key, in outbox order."""
+        partitions: dict[str, list[int] | BaseException] = {}
+        for topic in dict.fromkeys(row[2] for row in rows):
+            try:
+                partitions[topic] = sorted(await producer.partitions_for(topic))
+            except KafkaError as exc:
+                if not _refusal(exc):
+                    outcome.down = exc
+                    return {}
+                partitions[topic] = exc
+        chosen: dict[tuple[str, str], int] = {}
+        groups: dict[tuple[str, int], list[asyncpg.Record]] = {}
+        refused_keys: set[str] = set()
+        for row in rows:
+            topic, key = row[2], row[3]
+            candidates = partitions[topic]
+            if isinstance(candidates, BaseException):  # refused for the whole topic (not authorized, ...)
+                if key not in refused_keys:
+                    refused_keys.add(key)
+                    outcome.refused.append((row, candidates))
+                continue
+            partition = chosen.get((topic, key))
+            if partition is None:
+                partition = chosen[topic, key] = self._partitioner(key.encode(), candidates, candidates)
+            groups.setdefault((topic, partition), []).append(row)
+        return groups
+
+    async def _send_rows(
+        self,
+        producer: AIOKafkaProducer,
+        topic: str,
+        partition: int,
+        rows: Sequence[asyncpg.Record],
+        held: set[str],
+        outcome: _Outcome,
+    ) -> bool:
+        """Send one partition's rows as record batches, each only once the one before is acknowledged.
+
+        Returns False when the partition must stop for this round: the broker is unreachable, or it
+        refused a batch and splitting it found the message it objects to (one such search per
+        partition and round; the next round goes on without that message, which waits out its backoff).
+        """
+        start = 0
+        while start < len(rows):
+            if outcome.down is not None:
+                return False
+            batch, members, start = self._fill(producer, rows, start, held, outcome)
+            if not members:
+                continue
+            failure = await self._send_batch(producer, topic, partition, batch, members, outcome)
+            if failure is None:
+                outcome.published.extend(row[0] for row in members)
+            elif not _refusal(failure):
+                outcome.down = outcome.down or failure
+                return False
+            elif len(members) == 1:
+                outcome.refused.append((members[0], failure))
+                held.add(members[0][3])
+                return False
+            else:
+                # Which message does the broker object to (if not to the batch as a whole)? Its halves
+                # go again, in order, until a single message is refused; the others are published.
+                half = len(members) // 2
+                for part in (members[:half], members[half:]):
+                    if not await self._send_rows(producer, topic, partition, part, held, outcome):
+                        return False
+        return True
+
+    def _fill(
+        self,
+        producer: AIOKafkaProducer,
+        rows: Sequence[asyncpg.Record],
+        start: int,
+        held: set[str],
+        outcome: _Outcome,
+    ) -> tuple[Any, list[asyncpg.Record], int]:
+        """A record batch of the rows from `start` on that fit, and the index of the first row left."""
+        batch = producer.create_batch()
+        members: list[asyncpg.Record] = []
+        horizon = time.monotonic() + self.settings.send_margin
+        index = start
+        while index < len(rows):
+            row = rows[index]
+            (_id, slot, _topic, key, data, event_id, event_type, source, stream_id, stream_version,
+             correlation_id, causation_id, time_text, attempts) = row
+            if key in held:
+                index += 1
+                continue
+            if self._deadlines.get(slot, 0.0) <= horizon:  # the lease might lapse while this batch is out
+                held.add(key)
+                index += 1
+                continue
+            if attempts and members:
+                break  # a retry goes in a batch of its own
+            key_bytes, value = key.encode(), data.encode()
             headers = kafka_headers(
                 id=event_id, type=event_type, source=source, time=time_text, subject=stream_id,
                 correlation_id=correlation_id, causation_id=causation_id, stream_version=stream_version,
             )
-            try:
-                future = await producer.send(topic, data.encode(), key=key.encode(), headers=headers)
-            except KafkaError as exc:
-                if _unreachable(exc):
-                    down = exc
-                    break
-                refused.append((row, exc))
+            size = DefaultRecordBatchBuilder.estimate_size_in_bytes(key_bytes, value, headers)
+            if size > self._max_request_size:
+                outcome.refused.append((row, MessageSizeTooLargeError(
+                    f"the message is {size} bytes, more than max_request_size {self._max_request_size}"
+                )))
                 held.add(key)
+                index += 1
                 continue
-            sent.append((row, future))
-        self.stats.max_in_flight = max(self.stats.max_in_flight, len(sent))
-        full = len(sent) == len(rows) == self.settings.batch_size
-        if full:
-            self._prefetch = asyncio.create_task(self._fetch_after(slots, rows[-1][0]))
-        results = await asyncio.gather(*(f for _, f in sent), return_exceptions=True)
-        published: list[int] = []
-        for (row, _), result in zip(sent, results, strict=True):
-            if not isinstance(result, BaseException):
-                published.append(row[0])
-            elif _unreachable(result):
-                down = down or result
-            else:
-                refused.append((row, result))
-        await self._settle_marking()  # at most one batch being marked at a time
-        if published:
-            self._marking = asyncio.create_task(self._mark_published(published))
-            self._marking_ids = published
-        if refused:
-            await self._record_refusals(refused)
-        if full and len(published) == len(rows):
-            self._cursor = rows[-1][0]
-        else:
-            await self._drop_prefetch()
-        if down is not None:
-            await self._settle_marking()
-            raise _BrokerDown(_describe(down)) from down
-        return len(sent) + len(refused)
+            if batch.append(key=key_bytes, value=value, timestamp=None, headers=headers) is None:
+                if members:
+                    break  # full: the row starts the next batch
+                outcome.refused.append((row, MessageSizeTooLargeError(
+                    f"the message is {size} bytes, more than fits in a record batch"
+                )))
+                held.add(key)
+                batch = producer.create_batch()  # a refused append closes the batch
+                index += 1
+                continue
+            members.append(row)
+            index += 1
+            if attempts:
+                break
+        return batch, members, index
+
+    async def _send_batch(
+        self,
+        producer: AIOKafkaProducer,
+        topic: str,
+        partition: int,
+        batch: Any,
+        members: Sequence[asyncpg.Record],
+        outcome: _Outcome,
+    ) -> BaseException | None:
+        """Send a record batch and await the broker's answer; return why it failed, if it did."""
+        count = len(members)
+        outcome.in_flight += count
+        self.stats.max_in_flight = max(self.stats.max_in_flight, outcome.in_flight)
+        try:
+            await (await producer.send_batch(batch, topic, partition=partition))
+        except Exception as exc:
+            return exc
+        finally:
+            outcome.in_flight -= count
+        return None
 
     async def _mark_published(self, ids: list[int]) -> None:
         await self._persist(sql.MARK_PUBLISHED, ids, self.relay_id)
@@ -532,9 +694,7 @@ class Relay:
     async def _ensure_producer(self) -> AIOKafkaProducer:
         if self._producer is not None:
             return self._producer
-        producer = AIOKafkaProducer(
-            **self.kafka.producer_options(request_timeout_ms=int(self.settings.send_timeout * 1000))
-        )
+        producer = AIOKafkaProducer(**self._producer_options)
         try:
             await producer.start()
         except KafkaError as exc:

@@ -1,7 +1,8 @@
 """A Kafka-protocol broker for the outbox tests, and helpers to read what reached it.
 
 `KAFKA_BOOTSTRAP_SERVERS` names a broker to use; without it the embedded `tansu` broker is started once
-for the session. Tests that stop the broker start an embedded one of their own.
+for the session. Tests that stop the broker start an embedded one of their own, and tests that cut the
+network to it put one behind a proxy (`CuttableBroker`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from eventstore import EventStore
 from outbox import Outbox, RelaySettings, Route
 from outbox.cloudevents import CloudEvent, from_record
-from outbox.embedded import BOOTSTRAP_ENV, EmbeddedBroker
+from outbox.embedded import BOOTSTRAP_ENV, EmbeddedBroker, broker_binary, free_port
 
 PARTITIONS = 4
 
@@ -40,6 +41,110 @@ def own_broker() -> Iterator[EmbeddedBroker]:
     """A broker of this test's own, which it may stop and start again."""
     with EmbeddedBroker() as broker:
         yield broker
+
+
+class CuttableBroker:
+    """The embedded broker behind a TCP proxy that can cut the network between it and its clients.
+
+    Requests take `latency` seconds to reach the broker, so one is usually on its way when the network
+    is cut. While cut, nothing is delivered: a connection its client gives up on meanwhile (a request
+    timeout closes it) loses what was on its way, so that request never arrives; connections still open
+    when the cut heals deliver theirs. Unlike stopping the broker this loses nothing the broker stored,
+    so a test can check every message.
+    """
+
+    def __init__(self, latency: float = 0.01) -> None:
+        self.latency = latency
+        self.port = free_port()  # advertised: clients reach the broker through the proxy only
+        self._broker_port = free_port()
+        self._healed = asyncio.Event()
+        self._healed.set()
+        self._server: asyncio.Server | None = None
+        self._process: asyncio.subprocess.Process | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        self._process = await asyncio.create_subprocess_exec(
+            broker_binary(), "broker", "--listener-url", f"tcp://127.0.0.1:{self._broker_port}",
+            "--advertised-listener-url", f"tcp://127.0.0.1:{self.port}",
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL, stdin=asyncio.subprocess.DEVNULL,
+        )
+        for _ in range(500):
+            with contextlib.suppress(OSError):
+                _, writer = await asyncio.open_connection("127.0.0.1", self._broker_port)
+                writer.close()
+                break
+            await asyncio.sleep(0.02)
+        else:
+            raise RuntimeError("the embedded broker did not start")
+        self._server = await asyncio.start_server(self._connect, "127.0.0.1", self.port)
+
+    def cut(self) -> None:
+        self._healed.clear()
+
+    def heal(self) -> None:
+        self._healed.set()
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._process is not None and self._process.returncode is None:
+            self._process.kill()
+            await self._process.wait()
+
+    def _spawn(self, coroutine: Any) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _connect(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        try:
+            broker_reader, broker_writer = await asyncio.open_connection("127.0.0.1", self._broker_port)
+        except OSError:
+            client_writer.close()
+            return
+        self._spawn(self._pump(client_reader, broker_writer, self.latency))
+        self._spawn(self._pump(broker_reader, client_writer, 0.0))
+
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, latency: float) -> None:
+        loop = asyncio.get_running_loop()
+        on_the_way: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+
+        async def deliver() -> None:
+            while True:
+                due, data = await on_the_way.get()
+                await asyncio.sleep(due - loop.time())
+                await self._healed.wait()
+                writer.write(data)
+                await writer.drain()
+
+        delivering = self._spawn(deliver())
+        try:
+            while data := await reader.read(65536):
+                on_the_way.put_nowait((loop.time() + latency, data))
+        except OSError:
+            pass
+        finally:  # the sender closed: what is still on its way is lost with the connection
+            delivering.cancel()
+            writer.close()
+
+
+@pytest.fixture
+async def cuttable_broker() -> AsyncIterator[CuttableBroker]:
+    broker = CuttableBroker()
+    try:
+        await broker.start()
+        yield broker
+    finally:
+        await broker.close()
 
 
 async def create_topic(servers: str, name: str | None = None, partitions: int = PARTITIONS) -> str:

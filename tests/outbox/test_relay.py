@@ -13,7 +13,7 @@ import pytest
 from eventstore import EventStore, NewEvent, asyncpg_dsn
 from outbox import KafkaSettings, Outbox, Relay, Route, retry_dead
 from outbox.embedded import EmbeddedBroker
-from tests.outbox.conftest import Collector, create_topic, relay_settings
+from tests.outbox.conftest import Collector, CuttableBroker, create_topic, relay_settings
 
 
 def versions_by_key(collector: Collector) -> dict[str, list[int]]:
@@ -205,6 +205,60 @@ async def test_broker_down_for_a_while_then_back_loses_nothing(
     assert len(ids) == 20
     assert before.ids() | after.ids() == ids
     assert before.ids().isdisjoint(after.ids())
+
+
+@pytest.mark.fault
+async def test_order_per_key_holds_when_the_network_to_the_broker_fails_mid_stream(
+    store: EventStore, database_url: str, cuttable_broker: CuttableBroker
+) -> None:
+    """A request on its way when the network fails is lost and times out; a later batch of its
+    partition must not reach the broker first once the network is back (later messages of a key
+    would come first), and nothing may be lost."""
+    servers = cuttable_broker.bootstrap_servers
+    topic = await create_topic(servers)
+    Outbox([Route(topic, category="order")], source="/tests").install(store)
+    # Small record batches: a busy partition has later batches waiting behind the one in flight.
+    kafka = KafkaSettings(bootstrap_servers=servers, max_batch_size=1024)
+    collector = Collector(servers, topic)
+    keys = 4
+    appended: list[str] = []
+    stop = asyncio.Event()
+
+    async def writer(key: int) -> None:
+        n = 0
+        while not stop.is_set():
+            events = [NewEvent("OrderPlaced", {"n": n + i}) for i in range(5)]
+            await store.append(f"order-{key}", events)
+            appended.extend(str(e.event_id) for e in events)
+            n += 5
+            await asyncio.sleep(0.05)
+
+    await collector.start()
+    try:
+        async with Relay(database_url, kafka, relay_settings(send_timeout=1.0)) as relay:
+            writers = [asyncio.create_task(writer(k)) for k in range(keys)]
+            try:
+                for _ in range(3):
+                    await collector.wait_count(len(collector.ids()) + 30)  # mid-stream
+                    cuttable_broker.cut()
+                    await asyncio.sleep(1.5)  # what is in flight times out (send_timeout 1 s)
+                    cuttable_broker.heal()
+            finally:
+                stop.set()
+                await asyncio.gather(*writers)
+            await collector.wait_for(lambda c: set(appended) <= c.ids(), timeout=30)
+    finally:
+        await collector.stop()
+    assert relay.stats.broker_errors >= 3
+    assert collector.ids() == set(appended), "every appended event arrived"
+    seen: dict[tuple[str, int], list[int]] = defaultdict(list)
+    for record in collector.records:
+        seen[(record.key.decode(), record.partition)].append(int(dict(record.headers)["ce_streamversion"]))
+    assert len(seen) == keys
+    for key, versions in seen.items():
+        firsts = list(dict.fromkeys(versions))  # at least once: a repeat may come late, a first may not
+        inversions = [firsts[i - 1 : i + 5] for i in range(1, len(firsts)) if firsts[i - 1] > firsts[i]]
+        assert not inversions, f"{key}: a later stream version came first: {inversions[:3]}"
 
 
 async def _pending(pool: asyncpg.Pool) -> int:
