@@ -291,7 +291,12 @@ class EventStore:
 
     # -- retries -----------------------------------------------------------------------------------
 
-    async def _retrying(self, operation: Callable[[], Awaitable[T]]) -> T:
+    async def retrying(self, operation: Callable[[], Awaitable[T]]) -> T:
+        """Run `operation`, retrying it on a fresh connection for `retry_for` seconds after a lost one.
+
+        Only for operations that are safe to repeat (reads, idempotent writes, work whose progress is
+        in the database); raises `DatabaseUnavailable` when the time is up.
+        """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.retry_for
         delay = 0.05
@@ -334,7 +339,7 @@ class EventStore:
                 # A concurrent append stored one of these ids first: a second try sees it and decides.
                 return await once()
 
-        result = await self._retrying(attempt)
+        result = await self.retrying(attempt)
         self._schedule_notify()
         return result
 
@@ -423,7 +428,7 @@ class EventStore:
 
     async def stream_version(self, stream_id: str) -> int:
         """The stream's current version, -1 when it has no events."""
-        version = await self._retrying(lambda: self.pool.fetchval(sql.STREAM_VERSION, stream_id))
+        version = await self.retrying(lambda: self.pool.fetchval(sql.STREAM_VERSION, stream_id))
         return -1 if version is None else int(version)
 
     async def read_stream(
@@ -441,12 +446,12 @@ class EventStore:
             raise ValueError("limit must not be negative")
         if direction is Direction.FORWARDS:
             start = 0 if from_version is None else from_version
-            rows = await self._retrying(
+            rows = await self.retrying(
                 lambda: self.pool.fetch(sql.READ_STREAM_FORWARDS, stream_id, start, count)
             )
         else:
             start = _MAX_VERSION if from_version is None or from_version < 0 else from_version
-            rows = await self._retrying(
+            rows = await self.retrying(
                 lambda: self.pool.fetch(sql.READ_STREAM_BACKWARDS, stream_id, start, count)
             )
         return [_record(r) for r in rows]
@@ -456,7 +461,7 @@ class EventStore:
     ) -> list[RecordedEvent]:
         """Events of one stream recorded at or before `until` (temporal queries)."""
         check_stream_id(stream_id)
-        rows = await self._retrying(
+        rows = await self.retrying(
             lambda: self.pool.fetch(sql.READ_STREAM_UNTIL_TIME, stream_id, from_version, until, _MAX_VERSION)
         )
         return [_record(r) for r in rows]
@@ -485,12 +490,12 @@ class EventStore:
             query, args = sql.READ_ALL_TYPES, (tx, pos, limit, list(types))
         else:
             query, args = sql.READ_ALL, (tx, pos, limit)
-        rows = await self._retrying(lambda: self.pool.fetch(query, *args))
+        rows = await self.retrying(lambda: self.pool.fetch(query, *args))
         return [_record(r) for r in rows]
 
     async def head(self) -> Checkpoint:
         """The checkpoint of the newest event a reader can see now."""
-        row = await self._retrying(lambda: self.pool.fetchrow(sql.HEAD))
+        row = await self.retrying(lambda: self.pool.fetchrow(sql.HEAD))
         return START if row is None else Checkpoint(row[0], row[1])
 
     async def wait_until_visible(self, checkpoint: Checkpoint, timeout: float = 30.0) -> None:
@@ -502,16 +507,16 @@ class EventStore:
         """
         delay = 0.005
         async with asyncio.timeout(timeout):
-            while not await self._retrying(lambda: self.pool.fetchval(sql.VISIBLE, checkpoint[0])):
+            while not await self.retrying(lambda: self.pool.fetchval(sql.VISIBLE, checkpoint[0])):
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 0.1)
 
     async def count_after(self, after: Checkpoint) -> int:
         """How many visible events lie after `after` (a reader's lag)."""
-        return int(await self._retrying(lambda: self.pool.fetchval(sql.COUNT_AFTER, after[0], after[1])))
+        return int(await self.retrying(lambda: self.pool.fetchval(sql.COUNT_AFTER, after[0], after[1])))
 
     async def list_streams(self, category: str | None = None, limit: int = 100) -> list[tuple[str, int]]:
-        rows = await self._retrying(lambda: self.pool.fetch(sql.LIST_STREAMS, category, limit))
+        rows = await self.retrying(lambda: self.pool.fetch(sql.LIST_STREAMS, category, limit))
         return [(r[0], r[1]) for r in rows]
 
     def subscribe(
@@ -537,7 +542,7 @@ class EventStore:
     ) -> None:
         """Store the latest snapshot of a stream; an older one never replaces a newer one."""
         check_stream_id(stream_id)
-        await self._retrying(
+        await self.retrying(
             lambda: self.pool.execute(
                 sql.SAVE_SNAPSHOT, stream_id, snapshot_type, schema_version, stream_version, data
             )
@@ -545,7 +550,7 @@ class EventStore:
 
     async def load_snapshot(self, stream_id: str) -> Snapshot | None:
         check_stream_id(stream_id)
-        row = await self._retrying(lambda: self.pool.fetchrow(sql.LOAD_SNAPSHOT, stream_id))
+        row = await self.retrying(lambda: self.pool.fetchrow(sql.LOAD_SNAPSHOT, stream_id))
         return None if row is None else Snapshot(*row)
 
 

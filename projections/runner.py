@@ -97,10 +97,15 @@ class ProjectionRunner:
 
     async def start(self) -> None:
         """Create missing checkpoint rows and tables, then start competing for every projection."""
-        async with self.store.pool.acquire() as conn:
-            search_path, view_schema = await session_paths(conn)
-            for projection in self.projections:
-                await ensure(conn, projection, search_path, view_schema)
+
+        async def prepare() -> None:
+            async with self.store.pool.acquire() as conn:
+                search_path, view_schema = await session_paths(conn)
+                for projection in self.projections:
+                    await ensure(conn, projection, search_path, view_schema)
+
+        # Creating rows and tables is idempotent: a session killed meanwhile just means doing it again.
+        await self.store.retrying(prepare)
         self._stopping = False
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(w.run(), name=f"projection {w.projection.name}") for w in self._workers]
