@@ -85,9 +85,12 @@ class NewEvent:
         return meta
 
 
-@dataclass(frozen=True, slots=True)
-class RecordedEvent:
-    """An event as stored. `data` and `metadata` are the stored JSON text, decoded on demand."""
+class RecordedEvent(NamedTuple):
+    """An event as stored. `data` and `metadata` are the stored JSON text, decoded on demand.
+
+    A named tuple rather than a frozen dataclass: readers build one per row, and a tuple is built
+    several times faster (it is the largest client-side cost of `read_all`).
+    """
 
     event_id: UUID
     event_type: str

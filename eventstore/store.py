@@ -100,7 +100,8 @@ class Snapshot:
 
 
 def _record(row: asyncpg.Record) -> RecordedEvent:
-    return RecordedEvent(row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], row[8])
+    # The statements select the columns in RecordedEvent's field order.
+    return tuple.__new__(RecordedEvent, row)
 
 
 def _check_text(kind: str, value: object, limit: int) -> str:
