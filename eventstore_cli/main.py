@@ -14,7 +14,9 @@ _GROUPS = ("eventstore_cli.projection_commands", "eventstore_cli.outbox_commands
 
 
 def parser() -> argparse.ArgumentParser:
-    root = argparse.ArgumentParser(prog="eventstore", description=__doc__)
+    root = argparse.ArgumentParser(
+        prog="eventstore", description="Operate the event store, its projections and its outbox; run the demo."
+    )
     root.add_argument("--database-url", help="PostgreSQL URL (default: $EVENTSTORE_DATABASE_URL)")
     root.add_argument("--kafka", help="Kafka bootstrap servers (default: $KAFKA_BOOTSTRAP_SERVERS)")
     commands = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
