@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
@@ -266,14 +267,22 @@ class Projections:
         projection = self.get(name)
         await self._with_reconnects(lambda: self._reset(projection))
 
-    async def _reset(self, projection: Projection) -> None:
-        name = projection.name
-        conn = await connect(self.store, f"reset {name}")
+    @contextlib.asynccontextmanager
+    async def _exclusive(self, projection: Projection, purpose: str) -> AsyncIterator[tuple[Connection, str, str]]:
+        """A connection of its own holding the projection's rebuild lock: rebuilds and resets exclude each other."""
+        conn = await connect(self.store, f"{purpose} {projection.name}")
         try:
-            if not await conn.fetchval(sql.TRY_LOCK, lease_key("rebuild", name)):
-                raise RebuildInProgress(name)
+            if not await conn.fetchval(sql.TRY_LOCK, lease_key("rebuild", projection.name)):
+                raise RebuildInProgress(projection.name)
             search_path, view_schema = await session_paths(conn)
             await _ensure(conn, projection, search_path, view_schema)
+            yield conn, search_path, view_schema
+        finally:
+            await disconnect(self.store, conn)
+
+    async def _reset(self, projection: Projection) -> None:
+        name = projection.name
+        async with self._exclusive(projection, "reset") as (conn, search_path, view_schema):
             tables = [t.name for t in projection.read_model]
             async with conn.transaction():
                 await conn.execute(sql.HOLD_GENERATION, lease_key("inline", name))
@@ -297,8 +306,6 @@ class Projections:
                 await conn.execute(
                     sql.SWAP, name, generation, projection.version, mode_of(projection), tables, end[0], end[1]
                 )
-        finally:
-            await disconnect(self.store, conn)
 
     # -- rebuild -----------------------------------------------------------------------------------
 
@@ -335,12 +342,7 @@ class Projections:
         self, projection: Projection, tracker: _Tracker, batch_size: int, restart: bool
     ) -> RebuildProgress:
         name = projection.name
-        conn = await connect(self.store, f"rebuild {name}")
-        try:
-            if not await conn.fetchval(sql.TRY_LOCK, lease_key("rebuild", name)):
-                raise RebuildInProgress(name)
-            search_path, view_schema = await session_paths(conn)
-            await _ensure(conn, projection, search_path, view_schema)
+        async with self._exclusive(projection, "rebuild") as (conn, search_path, view_schema):
             generation, checkpoint, done = await self._begin(conn, projection, search_path, restart)
             tracker.update(done, force=True)
             tracker.counted(await conn.fetchval(sql.COUNT_LOG, checkpoint[0], checkpoint[1], projection.event_types))
@@ -365,8 +367,6 @@ class Projections:
                 tracker.done = done
                 log.info("projection %s: rebuilt generation %s with %s events", name, generation, done)
                 return tracker.finish()
-        finally:
-            await disconnect(self.store, conn)
 
     async def _begin(
         self, conn: Connection, projection: Projection, search_path: str, restart: bool
