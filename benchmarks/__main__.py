@@ -38,12 +38,7 @@ def main() -> None:
     console = Console()
     with database_url() as url:
         for name in modules:
-            try:
-                module = importlib.import_module(name)
-            except ModuleNotFoundError as exc:
-                if exc.name != name:
-                    raise
-                continue
+            module = importlib.import_module(name)
             console.print(f"running {name} ...")
             results.extend(asyncio.run(module.run(url)))
     table = Table(title=f"{platform.node()} {platform.machine()}, {datetime.now(UTC):%Y-%m-%d}")

@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 from collections.abc import Sequence
 
-from eventstore_cli import store_commands
+from eventstore_cli import demo, outbox_commands, projection_commands, store_commands
 from eventstore_cli.common import exit_with
-
-# Optional command groups: present once their component exists.
-_GROUPS = ("eventstore_cli.projection_commands", "eventstore_cli.outbox_commands", "eventstore_cli.demo")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -20,15 +16,8 @@ def parser() -> argparse.ArgumentParser:
     root.add_argument("--database-url", help="PostgreSQL URL (default: $EVENTSTORE_DATABASE_URL)")
     root.add_argument("--kafka", help="Kafka bootstrap servers (default: $KAFKA_BOOTSTRAP_SERVERS)")
     commands = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    store_commands.register(commands)
-    for name in _GROUPS:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            continue
-        module.register(commands)
+    for group in (store_commands, projection_commands, outbox_commands, demo):
+        group.register(commands)
     return root
 
 

@@ -3,24 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import importlib
 
 from alembic import context
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from eventstore.schema import metadata
-
-# Components register their tables on eventstore's metadata when their schema module is imported.
-for module in ("projections.schema", "outbox.schema"):
-    try:
-        importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        if exc.name != module:
-            raise
+from migrations import target_metadata as all_tables
 
 config = context.config
-target_metadata = metadata
+target_metadata = all_tables()
 
 
 def _run(connection: Connection) -> None:

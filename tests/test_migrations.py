@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-
 import asyncpg
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
@@ -11,14 +9,9 @@ from sqlalchemy import create_engine, inspect
 
 from eventstore import asyncpg_dsn
 from eventstore.migrate import _sqlalchemy_url
-from eventstore.schema import metadata
+from migrations import target_metadata
 
-for module in ("projections.schema", "outbox.schema"):  # the same modules migrations/env.py loads
-    try:
-        importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        if exc.name != module:
-            raise
+metadata = target_metadata()  # the same tables migrations/env.py compares against
 
 
 def _sync_url(url: str) -> str:
