@@ -36,6 +36,7 @@ from eventstore.model import (
     StreamState,
 )
 from eventstore.schema import MAX_EVENT_TYPE_LENGTH, MAX_STREAM_ID_LENGTH
+from eventstore.subscription import Subscription
 
 log = logging.getLogger(__name__)
 
@@ -530,8 +531,6 @@ class EventStore:
         poll_interval: float = 1.0,
     ) -> Subscription:
         """Catch up from `after`, then follow new events (LISTEN/NOTIFY, polling as a fallback)."""
-        from eventstore.subscription import Subscription
-
         return Subscription(
             self, after, types=types, category=category, batch_size=batch_size, poll_interval=poll_interval
         )
@@ -554,5 +553,3 @@ class EventStore:
         row = await self.retrying(lambda: self.pool.fetchrow(sql.LOAD_SNAPSHOT, stream_id))
         return None if row is None else Snapshot(*row)
 
-
-from eventstore.subscription import Subscription  # noqa: E402  (cycle: Subscription needs EventStore)
