@@ -9,7 +9,7 @@ from typing import Any, ClassVar, Generic, TypeVar, get_args, get_origin
 import orjson
 from pydantic import BaseModel
 
-from aggregates.errors import EventRegistrationError, InvalidAggregateId, MissingHandler
+from aggregates.errors import AggregateUsageError, EventRegistrationError, InvalidAggregateId, MissingHandler
 from aggregates.events import DomainEvent
 
 S = TypeVar("S", bound=BaseModel)
@@ -201,7 +201,7 @@ class Aggregate(Generic[S]):
         handler = self._handlers.get(type(event))
         if handler is None:
             if not isinstance(event, DomainEvent):
-                raise TypeError(f"aggregates apply DomainEvent instances, got {type(event).__name__}")
+                raise AggregateUsageError(f"aggregates apply DomainEvent instances, got {type(event).__name__}")
             raise MissingHandler(type(self).__qualname__, event.event_type)
         handler(self, event)
 

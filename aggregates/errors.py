@@ -4,16 +4,22 @@ from __future__ import annotations
 
 from datetime import datetime
 
+from eventstore import EventStoreError, InvalidArgument
 
-class AggregateError(Exception):
+
+class AggregateError(EventStoreError):
     """Base of every error the aggregates layer raises on purpose."""
+
+
+class AggregateUsageError(AggregateError, TypeError):
+    """An aggregate, event or command of the wrong kind was handed over (a programming error)."""
 
 
 class EventRegistrationError(AggregateError, TypeError):
     """An event class, upcaster or handler was declared inconsistently (a programming error)."""
 
 
-class InvalidAggregateId(AggregateError, ValueError):
+class InvalidAggregateId(AggregateError, InvalidArgument):
     """The aggregate id cannot name a stream (empty, not a string, too long, contains NUL)."""
 
     def __init__(self, aggregate_id: object, reason: str) -> None:

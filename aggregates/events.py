@@ -16,7 +16,8 @@ from aggregates.errors import (
     MissingUpcaster,
     UnknownEventType,
 )
-from eventstore import NewEvent, RecordedEvent
+from eventstore import EventSerializationError, NewEvent, RecordedEvent
+from eventstore.store import has_non_finite
 
 SCHEMA_VERSION_KEY = "schema_version"
 """Metadata key holding the schema version an event was written with (absent means 1)."""
@@ -36,7 +37,7 @@ class DomainEvent(BaseModel):
     from the previous version, so that old stored events still decode.
     """
 
-    model_config = ConfigDict(frozen=True, ser_json_inf_nan="strings")
+    model_config = ConfigDict(frozen=True)
 
     event_type: ClassVar[str] = "DomainEvent"
     schema_version: ClassVar[int] = 1
@@ -188,7 +189,10 @@ class EventRegistry:
             raise UnknownEventType(cls.event_type)
         meta: dict[str, Any] = dict(metadata) if metadata else {}
         meta[SCHEMA_VERSION_KEY] = cls.schema_version
-        data = orjson.Fragment(event.model_dump_json().encode())
+        text = event.model_dump_json().encode()
+        if b"null" in text and has_non_finite(event.model_dump()):  # pydantic writes NaN as null
+            raise EventSerializationError(cls.event_type, "NaN and infinity are not JSON")
+        data = orjson.Fragment(text)
         if event_id is None:
             return NewEvent(cls.event_type, data, meta, correlation_id=correlation_id, causation_id=causation_id)
         return NewEvent(

@@ -11,22 +11,24 @@ from typing import Any, Generic, Literal, overload
 from uuid import UUID
 
 import asyncpg
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from aggregates.aggregate import A
-from aggregates.errors import AggregateNotFound, EventRegistrationError, SnapshotError
+from aggregates.errors import AggregateNotFound, AggregateUsageError, EventRegistrationError, SnapshotError
 from aggregates.events import DomainEvent, EventRegistry
 from eventstore import (
     CONNECTION_ERRORS,
     AppendResult,
     EventStore,
     EventStoreError,
+    InvalidArgument,
     RecordedEvent,
     UnitOfWork,
     WrongExpectedVersion,
     expected_version,
 )
 from eventstore import sql as store_sql
+from eventstore.store import has_non_finite
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,15 @@ _SNAPSHOT_WRITE_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.PostgresError,
     *CONNECTION_ERRORS,
 )
+
+
+def _unstorable(state: BaseModel, data: str) -> str | None:
+    """Why the JSON of a state cannot be a faithful snapshot, or None."""
+    if _JSON_NUL.search(data):
+        return "PostgreSQL cannot store the NUL character"
+    if "null" in data and has_non_finite(state.model_dump()):  # pydantic writes NaN as null
+        return "NaN and infinity are not JSON"
+    return None
 
 
 class Repository(Generic[A]):
@@ -71,11 +82,11 @@ class Repository(Generic[A]):
         cls = self.aggregate_type
         stream_id = cls.stream_id_for(aggregate_id)
         if version is not None and as_of is not None:
-            raise ValueError("pass either version or as_of, not both")
+            raise InvalidArgument("pass either version or as_of, not both")
         if as_of is not None:
             return await self._get_as_of(aggregate_id, stream_id, as_of)
         if version is not None and (isinstance(version, bool) or not isinstance(version, int) or version < 0):
-            raise ValueError(f"version must be an int >= 0, got {version!r}")
+            raise InvalidArgument(f"version must be an int >= 0, got {version!r}")
         aggregate = cls(aggregate_id)
         start = 0
         if cls.snapshot_every is not None:
@@ -94,7 +105,7 @@ class Repository(Generic[A]):
 
     async def _get_as_of(self, aggregate_id: str, stream_id: str, as_of: datetime) -> A:
         if not isinstance(as_of, datetime) or as_of.tzinfo is None:
-            raise ValueError(f"as_of must be a timezone-aware datetime, got {as_of!r}")
+            raise InvalidArgument(f"as_of must be a timezone-aware datetime, got {as_of!r}")
         records = await self.store.read_stream_until(stream_id, as_of)
         # recorded_at is the writing transaction's start time, so a later version can carry an earlier
         # time than its predecessor; the state as of `as_of` is the unbroken prefix, never a gapped set.
@@ -166,7 +177,9 @@ class Repository(Generic[A]):
         append returns: discard it if the unit of work then rolls back.
         """
         if not isinstance(aggregate, self.aggregate_type):
-            raise TypeError(f"this repository saves {self.aggregate_type.__qualname__}, got {type(aggregate).__name__}")
+            raise AggregateUsageError(
+                f"this repository saves {self.aggregate_type.__qualname__}, got {type(aggregate).__name__}"
+            )
         pending = aggregate._pending
         if not pending:
             return None
@@ -193,8 +206,9 @@ class Repository(Generic[A]):
         if every is None or (after + 1) // every == (before + 1) // every:
             return None
         data: str = aggregate.state.model_dump_json()
-        if _JSON_NUL.search(data):
-            log.warning("not snapshotting %s: PostgreSQL cannot store the NUL character", aggregate.stream_id)
+        reason = _unstorable(aggregate.state, data)
+        if reason is not None:
+            log.warning("not snapshotting %s: %s", aggregate.stream_id, reason)
             return None
         return data
 
@@ -216,14 +230,15 @@ class Repository(Generic[A]):
         """Snapshot a saved aggregate now (e.g. after a state schema change), not at the next interval."""
         cls = self.aggregate_type
         if not isinstance(aggregate, cls):
-            raise TypeError(f"this repository snapshots {cls.__qualname__}, got {type(aggregate).__name__}")
+            raise AggregateUsageError(f"this repository snapshots {cls.__qualname__}, got {type(aggregate).__name__}")
         if cls.snapshot_every is None:
             raise SnapshotError(f"{cls.__qualname__} does not use snapshots: declare snapshot_every=N")
         if aggregate._pending or aggregate.version < 0:
             raise SnapshotError(f"{aggregate.stream_id}: save the aggregate before snapshotting it")
         data: str = aggregate.state.model_dump_json()
-        if _JSON_NUL.search(data):
-            raise SnapshotError(f"{aggregate.stream_id}: PostgreSQL cannot store the NUL character")
+        reason = _unstorable(aggregate.state, data)
+        if reason is not None:
+            raise SnapshotError(f"{aggregate.stream_id}: {reason}")
         await self.store.save_snapshot(aggregate.stream_id, cls.__name__, cls.snapshot_tag(), aggregate.version, data)
 
     # -- commands ----------------------------------------------------------------------------------
@@ -246,7 +261,7 @@ class Repository(Generic[A]):
         retry the `WrongExpectedVersion` propagates; errors raised by the command propagate at once.
         """
         if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-            raise ValueError(f"retries must be an int >= 0, got {retries!r}")
+            raise InvalidArgument(f"retries must be an int >= 0, got {retries!r}")
         attempt = 0
         while True:
             try:

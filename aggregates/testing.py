@@ -19,6 +19,7 @@ from typing import Any, Generic
 import orjson
 
 from aggregates.aggregate import A
+from aggregates.errors import AggregateUsageError
 from aggregates.events import DomainEvent, EventRegistry
 from eventstore import RecordedEvent
 
@@ -77,7 +78,9 @@ class Scenario(Generic[A]):
             if inspect.isawaitable(result):
                 if inspect.iscoroutine(result):
                     result.close()
-                raise TypeError("given/when/then runs synchronous commands; the command returned an awaitable")
+                raise AggregateUsageError(
+                    "given/when/then runs synchronous commands; the command returned an awaitable"
+                )
         except Exception as exc:
             error = exc
         return Outcome(self, aggregate, error)

@@ -52,7 +52,7 @@ def _producer(kafka: KafkaSettings) -> AIOKafkaProducer:
 async def _throughput(url: str, kafka: KafkaSettings) -> tuple[float, float]:
     topic = await _topic(kafka.bootstrap_servers)
     async with EventStore(url, max_connections=4) as store:
-        Outbox([Route(topic)], source="/bench").install(store)
+        await Outbox([Route(topic)], source="/bench").declare(store)
         per_stream = BACKLOG // STREAMS
         for first in range(0, STREAMS, 50):
             async with store.unit_of_work() as uow:
@@ -182,7 +182,7 @@ async def _latency(url: str, kafka: KafkaSettings) -> tuple[list[float], list[fl
     consumer = _Consumer(servers, topic, count)
     try:
         async with EventStore(url, max_connections=20) as store:
-            Outbox([Route(topic)], source="/bench").install(store)
+            await Outbox([Route(topic)], source="/bench").declare(store)
             await consumer.warm_up(lambda: _discard(store.append("warm-up", [NewEvent("Started")])))
 
             async def append(i: int) -> None:

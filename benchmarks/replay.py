@@ -14,7 +14,7 @@ deposits)`.
   and its tracking record in one transaction per event, as its API processes events one at a time).
   Measured on 30,000 of the events (300 accounts): its rate does not depend on the count, and all
   100,000 would take over a minute of the benchmark's budget.
-- limit: raw asyncpg keyset scan of the same events in (transaction_id, position) order, 1,000 a page,
+- limit: raw asyncpg keyset scan of the same events in (log_xid, position) order, 1,000 a page,
   writing nothing: how fast the events can be read at all.
 
 Every figure is events per second over the events projected (99,000 deposits; the scan reads all 100,000).
@@ -56,9 +56,9 @@ SET balance = {name}.balance + EXCLUDED.balance, deposits = {name}.deposits + EX
 """
 
 SCAN = """
-SELECT event_id, event_type, data, metadata, stream_id, stream_version, position, transaction_id, recorded_at
-FROM events WHERE (transaction_id, position) > ($1, $2)
-ORDER BY transaction_id, position
+SELECT event_id, event_type, data, metadata, stream_id, stream_version, position, log_xid, recorded_at
+FROM events WHERE (log_xid, position) > ($1, $2)
+ORDER BY log_xid, position
 LIMIT $3
 """
 

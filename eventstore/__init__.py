@@ -1,18 +1,21 @@
 """Append-only PostgreSQL event store: streams, optimistic concurrency, a gap-safe global log."""
 
 from eventstore.errors import (
+    AppendRefused,
     DatabaseUnavailable,
     DuplicateEventId,
     EventSerializationError,
     EventStoreError,
     EventTooLarge,
     InvalidAppend,
+    InvalidArgument,
     MigrationFailed,
+    NotStarted,
     SchemaNotMigrated,
     StreamNotFound,
     WrongExpectedVersion,
 )
-from eventstore.migrate import migrate
+from eventstore.migrate import migrate, migrate_async
 from eventstore.model import (
     START,
     AppendResult,
@@ -33,6 +36,7 @@ __all__ = [
     "CONNECTION_ERRORS",
     "START",
     "AppendHook",
+    "AppendRefused",
     "AppendResult",
     "Checkpoint",
     "DatabaseUnavailable",
@@ -44,8 +48,10 @@ __all__ = [
     "EventTooLarge",
     "ExpectedVersion",
     "InvalidAppend",
+    "InvalidArgument",
     "MigrationFailed",
     "NewEvent",
+    "NotStarted",
     "RecordedEvent",
     "SchemaNotMigrated",
     "Snapshot",
@@ -59,4 +65,5 @@ __all__ = [
     "expected_version",
     "metadata",
     "migrate",
+    "migrate_async",
 ]

@@ -10,8 +10,33 @@ class EventStoreError(Exception):
     """Base of every error the event store raises on purpose."""
 
 
-class InvalidAppend(EventStoreError, ValueError):
+class InvalidArgument(EventStoreError, ValueError):
+    """A call was given a value it cannot take (a limit of 0, a negative version, ...); nothing was done.
+
+    The root of every bad-input error of the framework, so one `except InvalidArgument` catches them all.
+    """
+
+
+class InvalidAppend(InvalidArgument):
     """The append was rejected before anything was written (bad stream id, empty batch, ...)."""
+
+
+class AppendRefused(EventStoreError):
+    """A rule kept in the database refused the append, and nothing of it was written.
+
+    Components attach such rules to the events table (an outbox route whose key is missing from the
+    event, an inline projection that the writing process does not run); the message says which.
+    """
+
+    def __init__(self, reason: str, stream_id: str | None = None) -> None:
+        where = f"stream {stream_id!r}: " if stream_id is not None else ""
+        super().__init__(f"{where}append refused: {reason}")
+        self.reason = reason
+        self.stream_id = stream_id
+
+
+class NotStarted(EventStoreError, RuntimeError):
+    """A component was used before `start()` (or outside its `async with` block)."""
 
 
 class EventSerializationError(InvalidAppend):

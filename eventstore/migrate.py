@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import re
 from pathlib import Path
 
@@ -27,7 +28,21 @@ def alembic_config(url: str) -> Config:
 
 
 def migrate(url: str, revision: str = "heads") -> None:
-    """Upgrade the database at `url` to `revision` (every component's head by default)."""
+    """Upgrade the database at `url` to `revision` (every component's head by default).
+
+    Inside a running event loop use `await migrate_async(url)`; called there anyway, this blocks the
+    loop while the migration runs in a thread of its own (Alembic runs its own loop).
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        _upgrade(url, revision)
+        return
+    with concurrent.futures.ThreadPoolExecutor(1) as worker:
+        worker.submit(_upgrade, url, revision).result()
+
+
+def _upgrade(url: str, revision: str) -> None:
     try:
         command.upgrade(alembic_config(url), revision)
     except sa_exc.ArgumentError as exc:
@@ -39,5 +54,5 @@ def migrate(url: str, revision: str = "heads") -> None:
 
 
 async def migrate_async(url: str, revision: str = "heads") -> None:
-    """`migrate` for callers inside an event loop (Alembic itself is synchronous)."""
-    await asyncio.to_thread(migrate, url, revision)
+    """`migrate` for callers inside an event loop (an async main, a FastAPI lifespan)."""
+    await asyncio.to_thread(_upgrade, url, revision)

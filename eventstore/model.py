@@ -42,14 +42,16 @@ class Direction(enum.Enum):
 
 
 class Checkpoint(NamedTuple):
-    """A reader's place in the global log.
+    """A reader's place in the global log, which is ordered by (log_xid, position).
 
-    The log is ordered by (transaction id, position), not by position alone: a reader only sees
-    transactions older than every transaction still running, so an event that commits late can never
-    land behind a checkpoint already handed out.
+    `log_xid` is a PostgreSQL transaction id: the writer's own, or the log_xid of the stream's previous
+    event when that is higher, so a stream's events never go backwards in the log. A reader only sees
+    log_xids below every transaction still running; since an event's log_xid is never below its
+    writer's transaction id, an event that commits late can never land behind a checkpoint already
+    handed out.
     """
 
-    transaction_id: int
+    log_xid: int
     position: int
 
     @classmethod
@@ -99,12 +101,12 @@ class RecordedEvent(NamedTuple):
     stream_id: str
     stream_version: int
     position: int
-    transaction_id: int
+    log_xid: int
     recorded_at: datetime
 
     @property
     def checkpoint(self) -> Checkpoint:
-        return Checkpoint(self.transaction_id, self.position)
+        return Checkpoint(self.log_xid, self.position)
 
     @property
     def category(self) -> str:
@@ -136,13 +138,13 @@ class AppendResult:
     next_expected_version: int
     first_position: int
     last_position: int
-    transaction_id: int
+    log_xid: int
     events: tuple[RecordedEvent, ...] = ()
     duplicate: bool = False
 
     @property
     def checkpoint(self) -> Checkpoint:
-        return Checkpoint(self.transaction_id, self.last_position)
+        return Checkpoint(self.log_xid, self.last_position)
 
 
 def category_of(stream_id: str) -> str:

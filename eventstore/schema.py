@@ -18,19 +18,18 @@ streams = sa.Table(
     metadata,
     sa.Column("stream_id", sa.Text, primary_key=True),
     sa.Column("version", sa.BigInteger, nullable=False),
-    comment="Current version per stream: the row the optimistic concurrency check locks.",
+    sa.Column("log_xid", sa.BigInteger, nullable=False, server_default=sa.text("0")),
+    comment=(
+        "Current version per stream: the row the optimistic concurrency check locks, and the log "
+        "transaction id of the stream's last event, below which its next event may not go."
+    ),
 )
 
 events = sa.Table(
     "events",
     metadata,
     sa.Column("position", sa.BigInteger, sa.Identity(always=False), primary_key=True),
-    sa.Column(
-        "transaction_id",
-        sa.BigInteger,
-        nullable=False,
-        server_default=sa.text("(pg_current_xact_id())::text::bigint"),
-    ),
+    sa.Column("log_xid", sa.BigInteger, nullable=False),
     sa.Column("stream_id", sa.Text, nullable=False),
     sa.Column("stream_version", sa.BigInteger, nullable=False),
     sa.Column(
@@ -53,8 +52,8 @@ events = sa.Table(
         f"char_length(event_type) BETWEEN 1 AND {MAX_EVENT_TYPE_LENGTH}", name="events_event_type_length"
     ),
     sa.CheckConstraint("stream_version >= 0", name="events_stream_version_positive"),
-    sa.Index("events_log_idx", "transaction_id", "position"),
-    sa.Index("events_category_log_idx", "category", "transaction_id", "position"),
+    sa.Index("events_log_idx", "log_xid", "position"),
+    sa.Index("events_category_log_idx", "category", "log_xid", "position"),
     comment="Append-only log of every event; UPDATE, DELETE and TRUNCATE are rejected by triggers.",
 )
 

@@ -8,6 +8,13 @@ from __future__ import annotations
 
 NOTIFY_CHANNEL = "eventstore_events"
 
+APPEND_REFUSED = "ES001"
+"""The SQLSTATE with which a rule on the events table refuses an append (`AppendRefused`).
+
+Components that keep rules in the database (outbox routes, inline projection guards) raise it from
+their triggers; the store turns it into a typed error. Nothing of the append is then written.
+"""
+
 # Status codes returned by eventstore_append.
 APPENDED = 0
 WRONG_VERSION = 1
@@ -111,6 +118,112 @@ END
 $$;
 """
 
+# Version 2 orders the log so that no stream goes backwards in it. An event's log transaction id is
+# its writer's transaction id, raised to that of the stream's previous event when that one is higher
+# (PostgreSQL hands out transaction ids at a transaction's first write, not at commit, so a writer
+# that started early can append after a younger transaction that already committed to the stream).
+# It is never lower than the writer's own id, which is what keeps the log gap-safe; see READ_ALL.
+DUPLICATES_FUNCTION_V2 = """
+CREATE FUNCTION eventstore_duplicates(
+    p_stream_id text, p_expected bigint, p_event_ids uuid[], p_types text[], p_data jsonb[], p_metadata jsonb[]
+) RETURNS TABLE (o_status int, o_version bigint, o_positions bigint[], o_log_xid bigint,
+                 o_recorded_at timestamptz)
+LANGUAGE sql STABLE AS $$
+    WITH given AS (
+        SELECT g.event_id, g.event_type, g.data, g.metadata, g.ord
+        FROM unnest(p_event_ids, p_types, p_data, p_metadata)
+             WITH ORDINALITY AS g(event_id, event_type, data, metadata, ord)
+    ), found AS (
+        SELECT e.position, e.log_xid, e.recorded_at, e.stream_version, g.ord,
+               (e.stream_id = p_stream_id AND e.event_type = g.event_type
+                AND e.data = g.data AND e.metadata = g.metadata) AS same
+        FROM given g JOIN events e ON e.event_id = g.event_id
+    )
+    SELECT CASE
+               WHEN count(*) = 0 THEN NULL
+               WHEN count(*) = cardinality(p_event_ids) AND bool_and(f.same)
+                    AND max(f.stream_version - f.ord) = min(f.stream_version - f.ord)
+                    AND (p_expected IN (-2, -3) OR p_expected = min(f.stream_version) - 1)
+               THEN 2
+               ELSE 3
+           END,
+           max(f.stream_version),
+           array_agg(f.position ORDER BY f.ord),
+           max(f.log_xid),
+           max(f.recorded_at)
+    FROM found f
+$$;
+"""
+
+APPEND_FUNCTION_V2 = """
+CREATE FUNCTION eventstore_append(
+    p_stream_id text, p_expected bigint, p_event_ids uuid[], p_types text[], p_data jsonb[], p_metadata jsonb[]
+) RETURNS TABLE (o_status int, o_version bigint, o_positions bigint[], o_log_xid bigint,
+                 o_recorded_at timestamptz)
+LANGUAGE plpgsql AS $$
+DECLARE
+    n bigint := cardinality(p_event_ids);
+    v_xid bigint;
+    v_new bigint;
+    v_log bigint;
+BEGIN
+    -- Idempotency first: a retried append of stored events returns the first result. The cheap
+    -- EXISTS (its plan is cached) guards the full comparison (an SQL function, planned per call).
+    IF EXISTS (SELECT 1 FROM events AS e WHERE e.event_id = ANY (p_event_ids)) THEN
+        RETURN QUERY SELECT * FROM eventstore_duplicates(
+            p_stream_id, p_expected, p_event_ids, p_types, p_data, p_metadata);
+        RETURN;
+    END IF;
+
+    v_xid := pg_current_xact_id()::text::bigint;
+    -- The stream row is the only lock: writers to different streams never wait for each other. Under
+    -- it, the row's log_xid is that of the stream's last committed (or own) event.
+    IF p_expected = -2 THEN
+        INSERT INTO streams AS s (stream_id, version, log_xid) VALUES (p_stream_id, n - 1, v_xid)
+        ON CONFLICT (stream_id) DO UPDATE SET version = s.version + n, log_xid = greatest(s.log_xid, v_xid)
+        RETURNING s.version, s.log_xid INTO v_new, v_log;
+    ELSIF p_expected = -1 THEN
+        INSERT INTO streams AS s (stream_id, version, log_xid) VALUES (p_stream_id, n - 1, v_xid)
+        ON CONFLICT (stream_id) DO NOTHING
+        RETURNING s.version, s.log_xid INTO v_new, v_log;
+    ELSIF p_expected = -3 THEN
+        UPDATE streams AS s SET version = s.version + n, log_xid = greatest(s.log_xid, v_xid)
+        WHERE s.stream_id = p_stream_id
+        RETURNING s.version, s.log_xid INTO v_new, v_log;
+    ELSE
+        UPDATE streams AS s SET version = s.version + n, log_xid = greatest(s.log_xid, v_xid)
+        WHERE s.stream_id = p_stream_id AND s.version = p_expected
+        RETURNING s.version, s.log_xid INTO v_new, v_log;
+    END IF;
+
+    IF v_new IS NULL THEN
+        -- Lost a race or a wrong expectation; the winner may have written these very events.
+        IF EXISTS (SELECT 1 FROM events AS e WHERE e.event_id = ANY (p_event_ids)) THEN
+            RETURN QUERY SELECT * FROM eventstore_duplicates(
+                p_stream_id, p_expected, p_event_ids, p_types, p_data, p_metadata);
+            RETURN;
+        END IF;
+        RETURN QUERY SELECT 1,
+            coalesce((SELECT s.version FROM streams AS s WHERE s.stream_id = p_stream_id), -1::bigint),
+            NULL::bigint[], NULL::bigint, NULL::timestamptz;
+        RETURN;
+    END IF;
+
+    RETURN QUERY
+    WITH inserted AS (
+        INSERT INTO events AS e (log_xid, stream_id, stream_version, event_id, event_type, data, metadata)
+        SELECT v_log, p_stream_id, v_new - n + u.ord, u.event_id, u.event_type, u.data, u.metadata
+        FROM unnest(p_event_ids, p_types, p_data, p_metadata)
+             WITH ORDINALITY AS u(event_id, event_type, data, metadata, ord)
+        ORDER BY u.ord
+        RETURNING e.position, e.recorded_at, e.stream_version
+    )
+    SELECT 0, v_new, array_agg(i.position ORDER BY i.stream_version), v_log, max(i.recorded_at)
+    FROM inserted AS i;
+END
+$$;
+"""
+
 APPEND_ONLY_TRIGGERS_V1 = (
     """
 CREATE OR REPLACE FUNCTION eventstore_reject_change() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -124,6 +237,11 @@ $$
     " FOR EACH ROW EXECUTE FUNCTION eventstore_reject_change()",
     "CREATE TRIGGER events_append_only_truncate BEFORE TRUNCATE ON events"
     " FOR EACH STATEMENT EXECUTE FUNCTION eventstore_reject_change()",
+)
+
+DROP_APPEND_FUNCTIONS = (
+    "DROP FUNCTION IF EXISTS eventstore_append(text, bigint, uuid[], text[], jsonb[], jsonb[])",
+    "DROP FUNCTION IF EXISTS eventstore_duplicates(text, bigint, uuid[], text[], jsonb[], jsonb[])",
 )
 
 DROP_FUNCTIONS_V1 = (
@@ -143,7 +261,7 @@ APPEND = "SELECT * FROM eventstore_append($1, $2, $3, $4, $5, $6)"
 NOTIFY = f"SELECT pg_notify('{NOTIFY_CHANNEL}', '')"
 
 _COLUMNS = (
-    "event_id, event_type, data, metadata, stream_id, stream_version, position, transaction_id, recorded_at"
+    "event_id, event_type, data, metadata, stream_id, stream_version, position, log_xid, recorded_at"
 )
 
 STREAM_VERSION = "SELECT version FROM streams WHERE stream_id = $1"
@@ -169,43 +287,46 @@ ORDER BY stream_version
 LIMIT $4
 """
 
-# The global log: only transactions older than every running one are visible, so a reader never
-# passes an event whose transaction commits later.
-_VISIBLE = "transaction_id < pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
+# The global log, in (log_xid, position) order. Only log transaction ids below the oldest transaction
+# still running are visible. Every event's log_xid is at least its writer's transaction id, so each
+# event of a running transaction lies above that line and every event below it is final: a reader
+# never passes an event that commits later. And a stream's log_xid never decreases, so its events are
+# read in version order.
+_VISIBLE = "log_xid < pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
 
 READ_ALL = f"""
 SELECT {_COLUMNS} FROM events
-WHERE (transaction_id, position) > ($1, $2) AND {_VISIBLE}
-ORDER BY transaction_id, position
+WHERE (log_xid, position) > ($1, $2) AND {_VISIBLE}
+ORDER BY log_xid, position
 LIMIT $3
 """
 
 READ_ALL_TYPES = f"""
 SELECT {_COLUMNS} FROM events
-WHERE (transaction_id, position) > ($1, $2) AND {_VISIBLE} AND event_type = ANY($4::text[])
-ORDER BY transaction_id, position
+WHERE (log_xid, position) > ($1, $2) AND {_VISIBLE} AND event_type = ANY($4::text[])
+ORDER BY log_xid, position
 LIMIT $3
 """
 
 READ_ALL_CATEGORY = f"""
 SELECT {_COLUMNS} FROM events
-WHERE category = $4 AND (transaction_id, position) > ($1, $2) AND {_VISIBLE}
-ORDER BY transaction_id, position
+WHERE category = $4 AND (log_xid, position) > ($1, $2) AND {_VISIBLE}
+ORDER BY log_xid, position
 LIMIT $3
 """
 
 READ_ALL_CATEGORY_TYPES = f"""
 SELECT {_COLUMNS} FROM events
-WHERE category = $4 AND (transaction_id, position) > ($1, $2) AND {_VISIBLE}
+WHERE category = $4 AND (log_xid, position) > ($1, $2) AND {_VISIBLE}
   AND event_type = ANY($5::text[])
-ORDER BY transaction_id, position
+ORDER BY log_xid, position
 LIMIT $3
 """
 
 HEAD = f"""
-SELECT transaction_id, position FROM events
+SELECT log_xid, position FROM events
 WHERE {_VISIBLE}
-ORDER BY transaction_id DESC, position DESC
+ORDER BY log_xid DESC, position DESC
 LIMIT 1
 """
 
@@ -213,7 +334,7 @@ VISIBLE = "SELECT $1::bigint < pg_snapshot_xmin(pg_current_snapshot())::text::bi
 
 COUNT_AFTER = f"""
 SELECT count(*) FROM events
-WHERE (transaction_id, position) > ($1, $2) AND {_VISIBLE}
+WHERE (log_xid, position) > ($1, $2) AND {_VISIBLE}
 """
 
 LIST_STREAMS = """

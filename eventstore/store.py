@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import math
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -17,11 +19,14 @@ import orjson
 
 from eventstore import sql
 from eventstore.errors import (
+    AppendRefused,
     DatabaseUnavailable,
     DuplicateEventId,
     EventSerializationError,
     EventTooLarge,
     InvalidAppend,
+    InvalidArgument,
+    NotStarted,
     SchemaNotMigrated,
     WrongExpectedVersion,
 )
@@ -68,6 +73,12 @@ _CONNECT_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.InvalidPasswordError,
 )
 
+# What PostgreSQL says of text that is not JSON it can store (a bad orjson.Fragment).
+_JSON_REFUSED: tuple[type[BaseException], ...] = (
+    asyncpg.exceptions.InvalidTextRepresentationError,
+    asyncpg.exceptions.UntranslatableCharacterError,
+)
+
 Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 """A connection as handed out by asyncpg, pooled or not."""
 
@@ -105,20 +116,35 @@ def _record(row: asyncpg.Record) -> RecordedEvent:
     return tuple.__new__(RecordedEvent, row)
 
 
-def _check_text(kind: str, value: object, limit: int) -> str:
+def _check_text(kind: str, value: object, limit: int, error: type[InvalidArgument] = InvalidArgument) -> str:
     if not isinstance(value, str):
-        raise InvalidAppend(f"{kind} must be a string, got {type(value).__name__}")
+        raise error(f"{kind} must be a string, got {type(value).__name__}")
     if not value:
-        raise InvalidAppend(f"{kind} must not be empty")
+        raise error(f"{kind} must not be empty")
     if len(value) > limit:
-        raise InvalidAppend(f"{kind} is {len(value)} characters, over the limit of {limit}")
+        raise error(f"{kind} is {len(value)} characters, over the limit of {limit}")
     if "\x00" in value:
-        raise InvalidAppend(f"{kind} must not contain the NUL character")
+        raise error(f"{kind} must not contain the NUL character")
     return value
 
 
-def check_stream_id(stream_id: object) -> str:
-    return _check_text("stream id", stream_id, MAX_STREAM_ID_LENGTH)
+def _check_int(name: str, value: object, minimum: int | None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgument(f"{name} must be an int, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise InvalidArgument(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+def _checkpoint(value: object) -> Checkpoint:
+    """A checkpoint as a reader passes it: a `Checkpoint` or a pair of non-negative ints."""
+    if not isinstance(value, tuple) or len(value) != 2:
+        raise InvalidArgument(f"a checkpoint is a (log_xid, position) pair, got {value!r}")
+    return Checkpoint(_check_int("checkpoint log_xid", value[0], 0), _check_int("checkpoint position", value[1], 0))
+
+
+def check_stream_id(stream_id: object, error: type[InvalidArgument] = InvalidArgument) -> str:
+    return _check_text("stream id", stream_id, MAX_STREAM_ID_LENGTH, error)
 
 
 def _expected_number(expected: ExpectedVersion) -> int:
@@ -131,21 +157,51 @@ def _expected_number(expected: ExpectedVersion) -> int:
     return expected
 
 
-def _dump(event_type: str, value: Any) -> bytes:
+def has_non_finite(value: Any) -> bool:
+    """Whether a NaN or an infinity hides in `value` (orjson would write it as null)."""
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, dict):
+        return any(has_non_finite(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return any(has_non_finite(v) for v in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return any(has_non_finite(getattr(value, f.name)) for f in dataclasses.fields(value))
+    return False
+
+
+def dump_json(value: Any) -> bytes:
+    """JSON for a jsonb column, or `ValueError` saying why PostgreSQL could not store it as given.
+
+    JSON has no NaN or infinity: orjson writes them as null, which would change the data silently.
+    """
     try:
         text = orjson.dumps(value)
     except (TypeError, orjson.JSONEncodeError) as exc:
-        raise EventSerializationError(event_type, str(exc)) from None
+        raise ValueError(str(exc)) from None
+    if b"null" in text and has_non_finite(value):  # substring test first: most data has no null at all
+        raise ValueError("NaN and infinity are not JSON")
     if b"\\u0000" in text and _JSON_NUL.search(text):  # substring test first: the regex is slow
-        raise EventSerializationError(event_type, "PostgreSQL cannot store the NUL character (\\u0000)")
+        raise ValueError("PostgreSQL cannot store the NUL character (\\u0000)")
     return text
+
+
+def _dump(event_type: str, value: Any) -> bytes:
+    try:
+        return dump_json(value)
+    except ValueError as exc:
+        raise EventSerializationError(event_type, str(exc)) from None
+
+
+def _refusal(exc: BaseException) -> bool:
+    return getattr(exc, "sqlstate", None) == sql.APPEND_REFUSED
 
 
 def prepare_append(
     stream_id: str, events: Sequence[NewEvent], expected_version: ExpectedVersion, max_event_size: int
 ) -> _Prepared:
     """Validate and serialize everything before touching the database, so bad input changes nothing."""
-    check_stream_id(stream_id)
+    check_stream_id(stream_id, InvalidAppend)
     expected = _expected_number(expected_version)
     if isinstance(events, NewEvent) or not isinstance(events, Sequence):
         raise InvalidAppend("events must be a sequence of NewEvent")
@@ -158,7 +214,7 @@ def prepare_append(
     for event in events:
         if not isinstance(event, NewEvent):
             raise InvalidAppend(f"events must be NewEvent instances, got {type(event).__name__}")
-        _check_text("event type", event.type, MAX_EVENT_TYPE_LENGTH)
+        _check_text("event type", event.type, MAX_EVENT_TYPE_LENGTH, InvalidAppend)
         if not isinstance(event.event_id, UUID):
             raise InvalidAppend(f"event id must be a UUID, got {event.event_id!r}")
         body = _dump(event.type, event.data)
@@ -231,7 +287,7 @@ class EventStore:
         check_schema: bool = True,
     ) -> None:
         if url is None and pool is None:
-            raise ValueError("EventStore needs a database url or an asyncpg pool")
+            raise InvalidArgument("EventStore needs a database url or an asyncpg pool")
         self.url = asyncpg_dsn(url) if url is not None else None
         self._pool = pool
         self._owns_pool = pool is None
@@ -284,7 +340,7 @@ class EventStore:
     @property
     def pool(self) -> asyncpg.Pool:
         if self._pool is None:
-            raise RuntimeError("EventStore is not started: use `async with EventStore(...)`")
+            raise NotStarted("EventStore is not started: use `async with EventStore(...)`")
         return self._pool
 
     def add_append_hook(self, hook: AppendHook) -> None:
@@ -331,8 +387,13 @@ class EventStore:
                 if not self._hooks:
                     # One statement is its own transaction: one round trip instead of three.
                     return await self._append_prepared(uow, prepared, expected_version)
-                async with conn.transaction():
-                    return await self._append_prepared(uow, prepared, expected_version)
+                try:
+                    async with conn.transaction():
+                        return await self._append_prepared(uow, prepared, expected_version)
+                except asyncpg.PostgresError as exc:
+                    if _refusal(exc):  # a rule checked at commit
+                        raise AppendRefused(exc.args[0], stream_id) from None
+                    raise
 
         async def attempt() -> AppendResult:
             try:
@@ -350,8 +411,13 @@ class EventStore:
         """A transaction for appends to several streams plus the application's own writes."""
         async with self.pool.acquire() as conn:
             uow = UnitOfWork(self, conn)
-            async with conn.transaction():
-                yield uow
+            try:
+                async with conn.transaction():
+                    yield uow
+            except asyncpg.PostgresError as exc:
+                if _refusal(exc):  # a rule checked at commit
+                    raise AppendRefused(exc.args[0]) from None
+                raise
         if uow.results:
             self._schedule_notify()
 
@@ -366,8 +432,14 @@ class EventStore:
             if exc.constraint_name == "events_event_id_key":
                 raise _ConcurrentDuplicate(p.stream_id, p.event_ids) from None
             raise
+        except _JSON_REFUSED as exc:  # pre-serialized data (orjson.Fragment) that is not valid JSON
+            raise EventSerializationError(", ".join(dict.fromkeys(p.types)), exc.args[0]) from None
+        except asyncpg.PostgresError as exc:
+            if _refusal(exc):
+                raise AppendRefused(exc.args[0], p.stream_id) from None
+            raise
         assert row is not None
-        status, version, positions, transaction_id, recorded_at = row
+        status, version, positions, log_xid, recorded_at = row
         if status == sql.WRONG_VERSION:
             raise WrongExpectedVersion(p.stream_id, expected_version, version)
         if status == sql.ID_CONFLICT:
@@ -376,7 +448,7 @@ class EventStore:
         recorded = tuple(
             RecordedEvent(
                 p.event_ids[i], p.types[i], p.data[i], p.metadata[i], p.stream_id,
-                first_version + i, positions[i], transaction_id, recorded_at,
+                first_version + i, positions[i], log_xid, recorded_at,
             )
             for i in range(len(p.event_ids))
         )
@@ -385,7 +457,7 @@ class EventStore:
             next_expected_version=version,
             first_position=positions[0],
             last_position=positions[-1],
-            transaction_id=transaction_id,
+            log_xid=log_xid,
             events=recorded,
             duplicate=status == sql.IDEMPOTENT,
         )
@@ -443,9 +515,9 @@ class EventStore:
     ) -> list[RecordedEvent]:
         """Events of one stream from `from_version` (inclusive); backwards from the end by default."""
         check_stream_id(stream_id)
-        count = _MAX_VERSION if limit is None else limit
-        if count < 0:
-            raise ValueError("limit must not be negative")
+        count = _MAX_VERSION if limit is None else _check_int("limit", limit, 0)
+        if from_version is not None:
+            _check_int("from_version", from_version, None)
         if direction is Direction.FORWARDS:
             start = 0 if from_version is None else from_version
             rows = await self.retrying(
@@ -477,9 +549,12 @@ class EventStore:
         category: str | None = None,
     ) -> list[RecordedEvent]:
         """The global log after `after`, in commit-safe order; see `Checkpoint` for why it never skips."""
-        if limit <= 0:
-            raise ValueError("limit must be positive")
-        tx, pos = after
+        _check_int("limit", limit, 1)
+        tx, pos = _checkpoint(after)
+        if category is not None:
+            _check_text("category", category, MAX_STREAM_ID_LENGTH)
+        if types is not None and (isinstance(types, str) or not all(isinstance(t, str) for t in types)):
+            raise InvalidArgument(f"types must be a sequence of event type names, got {types!r}")
         if types is not None and not types:
             return []
         query: str
@@ -542,11 +617,14 @@ class EventStore:
     ) -> None:
         """Store the latest snapshot of a stream; an older one never replaces a newer one."""
         check_stream_id(stream_id)
-        await self.retrying(
-            lambda: self.pool.execute(
-                sql.SAVE_SNAPSHOT, stream_id, snapshot_type, schema_version, stream_version, data
+        try:
+            await self.retrying(
+                lambda: self.pool.execute(
+                    sql.SAVE_SNAPSHOT, stream_id, snapshot_type, schema_version, stream_version, data
+                )
             )
-        )
+        except _JSON_REFUSED as exc:
+            raise InvalidArgument(f"snapshot of {stream_id!r} is not JSON PostgreSQL can store: {exc}") from None
 
     async def load_snapshot(self, stream_id: str) -> Snapshot | None:
         check_stream_id(stream_id)

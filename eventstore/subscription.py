@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import asyncpg
 
 from eventstore import sql
-from eventstore.errors import DatabaseUnavailable
+from eventstore.errors import DatabaseUnavailable, InvalidArgument
 from eventstore.model import Checkpoint, RecordedEvent
 
 if TYPE_CHECKING:
@@ -38,8 +38,8 @@ class Subscription:
         batch_size: int = 500,
         poll_interval: float = 1.0,
     ) -> None:
-        if batch_size <= 0:
-            raise ValueError("batch_size must be positive")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+            raise InvalidArgument(f"batch_size must be a positive int, got {batch_size!r}")
         self._store = store
         self.checkpoint = Checkpoint(*after)
         self._types = list(types) if types is not None else None

@@ -1,4 +1,4 @@
-"""`eventstore projections status|run|rebuild NAME|reset NAME|resume NAME`.
+"""`eventstore projections status|run|rebuild NAME|reset NAME|resume NAME|drop NAME`.
 
 Projections are application code, so the commands that need their declarations import them from
 `--app module:attribute` (default `$EVENTSTORE_APP`): a list of projections, one projection, or a
@@ -74,6 +74,11 @@ def register(commands: Any) -> None:
     resume = sub.add_parser("resume", help="let a failed projection retry its failed event")
     resume.add_argument("name")
     resume.set_defaults(handler=lambda a: run(_resume(a)))
+    drop = sub.add_parser(
+        "drop", help="remove a projection the application no longer declares (tables, checkpoint, guard)"
+    )
+    drop.add_argument("name")
+    drop.set_defaults(handler=lambda a: run(_drop(a)))
 
 
 def _positive_int(text: str) -> int:
@@ -183,7 +188,7 @@ def _status_table(statuses: list[ProjectionStatus]) -> Table:
             f"[{colour}]{s.state}[/]" if colour else s.state,
             version,
             "-" if s.generation is None else str(s.generation),
-            "-" if s.checkpoint is None else f"{s.checkpoint.transaction_id}/{s.checkpoint.position}",
+            "-" if s.checkpoint is None else f"{s.checkpoint.log_xid}/{s.checkpoint.position}",
             "-" if s.lag is None else f"{s.lag:,}",
             s.runner or "-",
             "; ".join(notes),
@@ -301,4 +306,14 @@ async def _resume(args: argparse.Namespace) -> int:
         console.print(f"resumed {args.name}: its runner retries the failed event")
     else:
         console.print(f"{args.name} had not failed; nothing to resume")
+    return 0
+
+
+async def _drop(args: argparse.Namespace) -> int:
+    store = await open_store(args)
+    try:
+        await Projections(store, []).drop(args.name)
+    finally:
+        await store.stop()
+    console.print(f"dropped {args.name}: its tables, checkpoint and guard are gone")
     return 0

@@ -1,8 +1,9 @@
 """Transactional outbox: messages written with the events that cause them, relayed to Kafka in order per key.
 
-Writing: `Outbox([Route("orders", ["OrderPlaced"])], source="/shop").install(store)` adds an append
-hook; every event a route matches becomes a row in `outbox` inside the append's own transaction, with
-its topic and key (default: the stream id) computed there. A rolled-back append leaves no message.
+Writing: `await Outbox([Route("orders", ["OrderPlaced"])], source="/shop").declare(store)` puts the
+routes in the database; from then on a trigger turns every event a route matches into a row in
+`outbox` inside the append's own transaction, whichever process appends, with its topic and key
+(default: the stream id). A rolled-back append leaves no message.
 
 Relaying: `async with Relay(url, KafkaSettings(bootstrap_servers=...)) as relay:` (or `eventstore
 outbox relay`) publishes them with acks=all as CloudEvents (Kafka binding, binary mode), at least
@@ -20,13 +21,12 @@ from outbox.errors import (
     InvalidSettings,
     NotACloudEvent,
     OutboxError,
-    RoutingError,
 )
 from outbox.inbox import Inbox
 from outbox.operations import DeadMessage, OutboxStatus, RelayStatus, TopicStatus, prune_published, retry_dead, status
 from outbox.relay import KafkaSettings, Relay, RelaySettings, RelayStats
 from outbox.schema import SLOT_COUNT
-from outbox.writer import Outbox, OutboxMessage, Route, slot_of
+from outbox.writer import Outbox, Route
 
 __all__ = [
     "SLOT_COUNT",
@@ -40,20 +40,17 @@ __all__ = [
     "NotACloudEvent",
     "Outbox",
     "OutboxError",
-    "OutboxMessage",
     "OutboxStatus",
     "Relay",
     "RelaySettings",
     "RelayStats",
     "RelayStatus",
     "Route",
-    "RoutingError",
     "TopicStatus",
     "from_kafka",
     "from_record",
     "kafka_headers",
     "prune_published",
     "retry_dead",
-    "slot_of",
     "status",
 ]

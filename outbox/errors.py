@@ -2,36 +2,22 @@
 
 from __future__ import annotations
 
-from eventstore import EventStoreError
+from eventstore import EventStoreError, InvalidArgument
 
 
 class OutboxError(EventStoreError):
     """Base of every error the outbox raises on purpose."""
 
 
-class InvalidRoute(OutboxError, ValueError):
+class InvalidRoute(OutboxError, InvalidArgument):
     """A routing rule is malformed (bad topic name, empty type list, ...); raised when it is built."""
 
 
-class RoutingError(OutboxError, ValueError):
-    """A routing rule failed for one event (its key function raised or returned no usable key).
-
-    Raised inside the append's transaction, so the events are not written either.
-    """
-
-    def __init__(self, topic: str, event_type: str, stream_id: str, reason: str) -> None:
-        super().__init__(f"route to topic {topic!r} failed for {event_type!r} in {stream_id!r}: {reason}")
-        self.topic = topic
-        self.event_type = event_type
-        self.stream_id = stream_id
-        self.reason = reason
-
-
-class InvalidSettings(OutboxError, ValueError):
+class InvalidSettings(OutboxError, InvalidArgument):
     """Relay or Kafka settings that cannot work together."""
 
 
-class NotACloudEvent(OutboxError, ValueError):
+class NotACloudEvent(OutboxError, InvalidArgument):
     """A Kafka message lacks the headers of the CloudEvents Kafka binding (binary mode)."""
 
     def __init__(self, missing: list[str]) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
-from eventstore import EventStore, UnitOfWork
+from eventstore import EventStore, InvalidArgument, UnitOfWork
 from eventstore.store import Connection
 from outbox import sql
 from outbox.cloudevents import CloudEvent
@@ -21,7 +21,7 @@ Effect = Callable[[UnitOfWork], Awaitable[None]]
 def _message_id(message: CloudEvent | str) -> str:
     message_id = message.id if isinstance(message, CloudEvent) else message
     if not isinstance(message_id, str) or not message_id:
-        raise ValueError(f"a message id is a non-empty string, got {message_id!r}")
+        raise InvalidArgument(f"a message id is a non-empty string, got {message_id!r}")
     return message_id
 
 
@@ -30,7 +30,7 @@ class Inbox:
 
     def __init__(self, store: EventStore, consumer: str) -> None:
         if not isinstance(consumer, str) or not consumer:
-            raise ValueError("consumer must be a non-empty string")
+            raise InvalidArgument("consumer must be a non-empty string")
         self.store = store
         self.consumer = consumer
 
@@ -61,6 +61,6 @@ class Inbox:
     async def prune(self, older_than: float) -> int:
         """Forget ids handled more than `older_than` seconds ago (a redelivery older than that is applied again)."""
         if older_than < 0:
-            raise ValueError("older_than must not be negative")
+            raise InvalidArgument("older_than must not be negative")
         result = await self.store.pool.execute(sql.INBOX_PRUNE, self.consumer, older_than)
         return int(result.split()[-1])

@@ -9,6 +9,7 @@ from uuid import UUID
 
 import asyncpg
 
+from eventstore import InvalidArgument
 from outbox import sql
 
 
@@ -76,7 +77,7 @@ async def retry_dead(
 ) -> list[int]:
     """Put dead messages (all, or those with `ids` / on `topic`) back in line; wake the relays."""
     if ids is not None and (isinstance(ids, str | bytes) or not all(isinstance(i, int) for i in ids)):
-        raise ValueError("ids must be a sequence of integer message ids")
+        raise InvalidArgument("ids must be a sequence of integer message ids")
     async with pool.acquire() as conn:
         async with conn.transaction():
             rows = await conn.fetch(sql.RETRY_DEAD, list(ids) if ids is not None else None, topic)
@@ -88,7 +89,7 @@ async def retry_dead(
 async def prune_published(pool: asyncpg.Pool, older_than: float, *, chunk: int = 5000) -> int:
     """Delete messages published more than `older_than` seconds ago, in chunks; return how many."""
     if older_than < 0:
-        raise ValueError("older_than must not be negative")
+        raise InvalidArgument("older_than must not be negative")
     total = 0
     while True:
         result = await pool.execute(sql.PRUNE_PUBLISHED, older_than, chunk)

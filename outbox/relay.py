@@ -4,8 +4,9 @@ Work is split by slot (a key always hashes to the same slot) and each slot is le
 time, so two relays never publish messages of one key concurrently. Within its slots a relay sends
 messages in outbox order, waits for the broker's acknowledgement (acks=all), and only then marks them
 published: a crash between the two publishes them again on restart (at least once, never lost).
-Messages of one key from concurrent transactions go out in commit order (a transaction that commits
-late is picked up when it commits, even though its outbox id is lower).
+Messages go out in the order of the log (see `eventstore.Checkpoint`): a relay only sees messages
+whose events are visible in the log, so a transaction that commits late can never have a message of
+its key overtaken by a later one, and a stream's messages follow its versions.
 
 A key's messages all go to one partition (the producer's own partitioner picks it from the key), and
 each partition's messages go out as record batches one after another: the next batch is sent only
@@ -51,9 +52,9 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, KafkaTimeoutError, MessageSizeTooLargeError, ProducerClosed
 from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
-from eventstore import CONNECTION_ERRORS, DatabaseUnavailable, asyncpg_dsn
+from eventstore import CONNECTION_ERRORS, DatabaseUnavailable, NotStarted, asyncpg_dsn
 from eventstore import sql as store_sql
 from outbox import sql
 from outbox.cloudevents import kafka_headers
@@ -71,7 +72,17 @@ def _default_relay_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
-class KafkaSettings(BaseModel):
+class _Settings(BaseModel):
+    """Settings whose bad values raise `InvalidSettings` (an `EventStoreError`), not pydantic's error."""
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise InvalidSettings(f"{type(self).__name__}: {exc}") from None
+
+
+class KafkaSettings(_Settings):
     """How the relay reaches Kafka. Everything here is passed through to `aiokafka.AIOKafkaProducer`.
 
     `enable_idempotence` is for real Kafka clusters: the embedded `tansu` broker used by the tests
@@ -133,7 +144,7 @@ class KafkaSettings(BaseModel):
         return options
 
 
-class RelaySettings(BaseModel):
+class RelaySettings(_Settings):
     """Tuning and failure policy of one relay process."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -221,6 +232,11 @@ def _refusal(exc: BaseException) -> bool:
     return isinstance(exc, KafkaError) and not _unreachable(exc)
 
 
+def _place(row: asyncpg.Record) -> tuple[int, int, int]:
+    """A fetched message's place in the log: (log_xid, position, id)."""
+    return row["log_xid"], row["position"], row["id"]
+
+
 def _describe(exc: BaseException) -> str:
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
@@ -264,7 +280,7 @@ class Relay:
         self._marking: asyncio.Task[None] | None = None
         self._prefetch: asyncio.Task[list[asyncpg.Record]] | None = None
         self._marking_ids: list[int] = []
-        self._cursor: int | None = None
+        self._cursor: tuple[int, int, int] | None = None  # (log_xid, position, id) of the last row sent
         self._busy_until = 0.0
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -277,7 +293,7 @@ class Relay:
         except CONNECTION_ERRORS as exc:
             raise DatabaseUnavailable(f"relay cannot connect to PostgreSQL: {exc}") from None
         try:
-            slots = await self._pool.fetchval(sql.SLOT_COUNT)
+            slots = await self._pool.fetchval(sql.COUNT_SLOTS)
             if slots != SLOT_COUNT:
                 raise InvalidSettings(f"outbox_slots has {slots} rows, this code expects {SLOT_COUNT}")
         except BaseException:
@@ -325,7 +341,7 @@ class Relay:
     async def wait(self) -> None:
         """Run until stopped (or until the relay fails in a way it cannot recover from)."""
         if self._main_task is None:
-            raise RuntimeError("Relay is not started")
+            raise NotStarted("Relay is not started")
         await asyncio.shield(self._main_task)
 
     def wake(self) -> None:
@@ -338,7 +354,7 @@ class Relay:
     @property
     def pool(self) -> asyncpg.Pool:
         if self._pool is None:
-            raise RuntimeError("Relay is not started")
+            raise NotStarted("Relay is not started")
         return self._pool
 
     # -- the loop ----------------------------------------------------------------------------------
@@ -404,25 +420,25 @@ class Relay:
         return [slot for slot, deadline in self._deadlines.items() if deadline > horizon]
 
     async def _fetch(self, slots: list[int]) -> list[asyncpg.Record]:
-        limit = self.settings.batch_size
         if self._cursor is not None:
-            return list(await self.pool.fetch(sql.FETCH_PENDING_AFTER, slots, limit, self._cursor))
-        return list(await self.pool.fetch(sql.FETCH_PENDING, slots, limit, self._marking_ids))
+            return await self._fetch_after(slots, self._cursor)
+        return list(await self.pool.fetch(sql.FETCH_PENDING, slots, self.settings.batch_size, self._marking_ids))
 
-    async def _fetch_after(self, slots: list[int], after: int) -> list[asyncpg.Record]:
-        return list(await self.pool.fetch(sql.FETCH_PENDING_AFTER, slots, self.settings.batch_size, after))
+    async def _fetch_after(self, slots: list[int], after: tuple[int, int, int]) -> list[asyncpg.Record]:
+        return list(await self.pool.fetch(sql.FETCH_PENDING_AFTER, slots, self.settings.batch_size, *after))
 
     async def _round(self) -> int:
         """Fetch, send and await acknowledgements for one batch; return how many messages went out.
 
         Marking a batch published overlaps the next round, whose fetch leaves that batch out
         (acknowledged, not yet marked: it must not be sent twice). While a backlog drains (full
-        batches, all published) fetches continue after the last id instead of from the first
-        pending message, which would wade through the index entries of everything just marked; and
-        the next batch is fetched while this one is sent (nothing of it is sent before this one's
-        acknowledgements are in). A round that is not full, or leaves a row behind (a held key, a
-        lapsing lease, a refusal, a failed send), ends both: the next fetch starts from the first
-        pending message again, so a transaction that committed late with a lower id is picked up then.
+        batches, all published) fetches continue after the last message in log order instead of from
+        the first pending one, which would wade through the index entries of everything just marked;
+        and the next batch is fetched while this one is sent (nothing of it is sent before this one's
+        acknowledgements are in). Skipping ahead is safe because fetches only see messages below the
+        log's visibility line, under which nothing new can appear. A round that is not full, or leaves
+        a row behind (a held key, a lapsing lease, a refusal, a failed send), ends both: the next fetch
+        starts from the first pending message again, so the row left behind goes first.
         """
         slots = self._usable_slots()
         if not slots:
@@ -452,7 +468,7 @@ class Relay:
             queued.append(row)
         full = len(queued) == len(rows) == self.settings.batch_size
         if full:
-            self._prefetch = asyncio.create_task(self._fetch_after(slots, rows[-1][0]))
+            self._prefetch = asyncio.create_task(self._fetch_after(slots, _place(rows[-1])))
         outcome = _Outcome()
         try:
             partitions = await self._by_partition(producer, queued, outcome)
@@ -470,7 +486,7 @@ class Relay:
             await self._drop_prefetch()  # it skips rows of this round that may still be pending
             raise
         if full and len(outcome.published) == len(rows):
-            self._cursor = rows[-1][0]
+            self._cursor = _place(rows[-1])
         else:
             await self._drop_prefetch()
         if outcome.down is not None:
@@ -565,7 +581,7 @@ class Relay:
         while index < len(rows):
             row = rows[index]
             (_id, slot, _topic, key, data, event_id, event_type, source, stream_id, stream_version,
-             correlation_id, causation_id, time_text, attempts) = row
+             correlation_id, causation_id, time_text, attempts) = row[:14]
             if key in held:
                 index += 1
                 continue

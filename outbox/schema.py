@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import ARRAY
 
 from eventstore.schema import metadata
 
@@ -22,14 +23,9 @@ outbox = sa.Table(
     sa.Column("slot", sa.Integer, nullable=False),
     sa.Column("topic", sa.Text, nullable=False),
     sa.Column("key", sa.Text, nullable=False),
-    sa.Column("event_id", sa.Uuid, nullable=False),
-    sa.Column("event_type", sa.Text, nullable=False),
     sa.Column("source", sa.Text, nullable=False),
-    sa.Column("stream_id", sa.Text, nullable=False),
-    sa.Column("stream_version", sa.BigInteger, nullable=False),
-    sa.Column("data", sa.Text, nullable=False),
-    sa.Column("correlation_id", sa.Text, nullable=True),
-    sa.Column("causation_id", sa.Text, nullable=True),
+    sa.Column("log_xid", sa.BigInteger, nullable=False),
+    sa.Column("position", sa.BigInteger, nullable=False),
     sa.Column("recorded_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("attempts", sa.Integer, nullable=False, server_default=sa.text("0")),
     sa.Column("next_attempt_at", sa.DateTime(timezone=True), nullable=True),
@@ -37,20 +33,42 @@ outbox = sa.Table(
     sa.Column("published_at", sa.DateTime(timezone=True), nullable=True),
     sa.Column("published_by", sa.Text, nullable=True),
     sa.Column("dead_at", sa.DateTime(timezone=True), nullable=True),
-    sa.UniqueConstraint("event_id", "topic", name="outbox_event_topic_key"),
+    sa.UniqueConstraint("position", "topic", name="outbox_position_topic_key"),
     sa.CheckConstraint(f"slot >= 0 AND slot < {SLOT_COUNT}", name="outbox_slot_range"),
     sa.CheckConstraint("attempts >= 0", name="outbox_attempts_positive"),
-    sa.Index("outbox_pending_idx", "id", postgresql_where=sa.text(_PENDING)),
+    sa.Index("outbox_pending_idx", "log_xid", "position", "id", postgresql_where=sa.text(_PENDING)),
     sa.Index(
         "outbox_backoff_idx",
         "slot",
         "key",
+        "log_xid",
+        "position",
         "id",
         postgresql_where=sa.text(f"{_PENDING} AND next_attempt_at IS NOT NULL"),
     ),
     sa.Index("outbox_published_idx", "published_at", postgresql_where=sa.text("published_at IS NOT NULL")),
     sa.Index("outbox_dead_idx", "id", postgresql_where=sa.text("dead_at IS NOT NULL")),
-    comment="Messages to publish, written in the transaction of the events that cause them.",
+    comment=(
+        "Messages to publish: one per (event, route), written by a trigger in the events' own transaction; "
+        "the payload stays in events (joined by position)."
+    ),
+)
+
+outbox_routes = sa.Table(
+    "outbox_routes",
+    metadata,
+    sa.Column("route", sa.Integer, primary_key=True),
+    sa.Column("topic", sa.Text, nullable=False),
+    sa.Column("event_types", ARRAY(sa.Text), nullable=True),
+    sa.Column("category", sa.Text, nullable=True),
+    sa.Column("key_path", ARRAY(sa.Text), nullable=True),
+    sa.Column("source", sa.Text, nullable=False),
+    sa.Column("declared_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.text("now()")),
+    sa.CheckConstraint("key_path IS NULL OR key_path[1] IN ('data', 'metadata')", name="outbox_routes_key_path"),
+    comment=(
+        "The declared routes: every insert into events, from any process, writes an outbox row for each "
+        "route it matches (trigger events_outbox)."
+    ),
 )
 
 outbox_slots = sa.Table(

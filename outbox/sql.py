@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from eventstore import sql as store_sql
+from outbox.schema import SLOT_COUNT
+
 NOTIFY_CHANNEL = "eventstore_outbox"
 """Out-of-band wake-ups for relays (dead messages put back, for example).
 
-New messages need no NOTIFY of their own: they are written by append hooks, and the event store
-already announces every committed append on `eventstore.sql.NOTIFY_CHANNEL`, after commit and
+New messages need no NOTIFY of their own: they are written by a trigger in the append, and the event
+store already announces every committed append on `eventstore.sql.NOTIFY_CHANNEL`, after commit and
 coalesced; relays listen on both channels.
 """
 
@@ -14,50 +17,107 @@ NOTIFY = f"SELECT pg_notify('{NOTIFY_CHANNEL}', '')"
 
 _PENDING = "published_at IS NULL AND dead_at IS NULL"
 
-# -- writing (inside the append's transaction) -------------------------------------------------------
+# -- writing (a trigger on events, in the append's own transaction) ---------------------------------
 
-INSERT_MESSAGE = """
-INSERT INTO outbox (slot, topic, key, event_id, event_type, source, stream_id, stream_version, data,
-                    correlation_id, causation_id, recorded_at)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
-ON CONFLICT (event_id, topic) DO NOTHING
-"""
+# Rules in the database rather than hooks in the process: every insert into events, by any process
+# (one that imported nothing but the event store, a psql session), writes the messages of the declared
+# routes in its own transaction. The slot is a hash of the key (hashtextextended, which PostgreSQL keeps
+# stable because hash partitioning depends on it), so a key always lands in the same slot.
+WRITE_FUNCTION_V1 = (
+    f"""
+CREATE FUNCTION outbox_missing_key(p_topic text, p_path text[], p_type text, p_stream_id text)
+RETURNS text LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'the outbox route to % keys messages by %, which event % of stream % does not have',
+        p_topic, array_to_string(p_path, '.'), p_type, p_stream_id
+        USING ERRCODE = '{store_sql.APPEND_REFUSED}';
+END
+$$
+""",
+    f"""
+CREATE FUNCTION outbox_write() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO outbox (slot, topic, key, source, log_xid, position, recorded_at)
+    SELECT (hashtextextended(m.key, 0) & {SLOT_COUNT - 1})::int, m.topic, m.key, m.source, m.log_xid, m.position,
+           m.recorded_at
+    FROM (
+        SELECT r.route, r.topic, r.source, e.log_xid, e.position, e.recorded_at,
+               CASE WHEN r.key_path IS NULL THEN e.stream_id
+                    ELSE coalesce(
+                        nullif(CASE r.key_path[1] WHEN 'data' THEN e.data ELSE e.metadata END
+                               #>> r.key_path[2:], ''),
+                        outbox_missing_key(r.topic, r.key_path, e.event_type, e.stream_id))
+               END AS key
+        FROM appended AS e
+        JOIN outbox_routes AS r
+          ON (r.event_types IS NULL OR e.event_type = ANY (r.event_types))
+         AND (r.category IS NULL OR r.category = e.category)
+    ) AS m
+    ORDER BY m.position, m.route
+    ON CONFLICT (position, topic) DO NOTHING;
+    RETURN NULL;
+END
+$$
+""",
+    """
+CREATE TRIGGER events_outbox AFTER INSERT ON events REFERENCING NEW TABLE AS appended
+FOR EACH STATEMENT EXECUTE FUNCTION outbox_write()
+""",
+)
 
-INSERT_MESSAGES = """
-INSERT INTO outbox (slot, topic, key, event_id, event_type, source, stream_id, stream_version, data,
-                    correlation_id, causation_id, recorded_at)
-SELECT * FROM unnest($1::int[], $2::text[], $3::text[], $4::uuid[], $5::text[], $6::text[], $7::text[],
-                     $8::bigint[], $9::text[], $10::text[], $11::text[], $12::timestamptz[])
-ON CONFLICT (event_id, topic) DO NOTHING
+DROP_WRITE_FUNCTION_V1 = (
+    "DROP TRIGGER IF EXISTS events_outbox ON events",
+    "DROP FUNCTION IF EXISTS outbox_write()",
+    "DROP FUNCTION IF EXISTS outbox_missing_key(text, text[], text, text)",
+)
+
+# -- routes --------------------------------------------------------------------------------------------
+
+ROUTES = "SELECT route, topic, event_types, category, key_path, source FROM outbox_routes ORDER BY route"
+
+# Declarations are serialized (two processes starting at once), while appends keep reading the routes.
+LOCK_ROUTES = "LOCK TABLE outbox_routes IN SHARE ROW EXCLUSIVE MODE"
+
+DELETE_ROUTES = "DELETE FROM outbox_routes"
+
+INSERT_ROUTES = """
+INSERT INTO outbox_routes (route, topic, event_types, category, key_path, source)
+SELECT r.route, r.topic, nullif(r.event_types, '')::text[], r.category, nullif(r.key_path, '')::text[], r.source
+FROM unnest($1::int[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[])
+     AS r(route, topic, event_types, category, key_path, source)
 """
+"""Arrays of arrays cannot be ragged, so types and key paths travel as array literals ('' for none)."""
 
 # -- relaying ----------------------------------------------------------------------------------------
 
-# Pending messages of the given slots in outbox order. A message waiting out a retry backoff holds back
-# the later messages of its key (and only of its key), so a key's messages never overtake each other.
+# Pending messages of the given slots, visible in the log (every transaction that could still write one
+# below them has ended), in log order. A message waiting out a retry backoff holds back the later
+# messages of its key (and only of its key), so a key's messages never overtake each other.
 _FETCH_PENDING = """
-SELECT o.id, o.slot, o.topic, o.key, o.data, o.event_id::text, o.event_type, o.source, o.stream_id,
-       o.stream_version, o.correlation_id, o.causation_id,
-       to_char(o.recorded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'), o.attempts
-FROM outbox AS o
+SELECT o.id, o.slot, o.topic, o.key, e.data::text, e.event_id::text, e.event_type, o.source, e.stream_id,
+       e.stream_version, e.metadata ->> 'correlation_id', e.metadata ->> 'causation_id',
+       to_char(e.recorded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'), o.attempts,
+       o.log_xid, o.position
+FROM outbox AS o JOIN events AS e ON e.position = o.position
 WHERE o.published_at IS NULL AND o.dead_at IS NULL AND o.slot = ANY($1::int[])
+  AND o.log_xid < pg_snapshot_xmin(pg_current_snapshot())::text::bigint
   AND {condition}
   AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= now())
   AND NOT EXISTS (
       SELECT 1 FROM outbox AS b
-      WHERE b.slot = o.slot AND b.key = o.key AND b.id < o.id
+      WHERE b.slot = o.slot AND b.key = o.key AND (b.log_xid, b.position, b.id) < (o.log_xid, o.position, o.id)
         AND b.published_at IS NULL AND b.dead_at IS NULL AND b.next_attempt_at IS NOT NULL
         AND b.next_attempt_at > now())
-ORDER BY o.id
+ORDER BY o.log_xid, o.position, o.id
 LIMIT $2
 """
 
 # From the first pending message, leaving out $3 (acknowledged, still being marked published).
 FETCH_PENDING = _FETCH_PENDING.format(condition="o.id <> ALL($3::bigint[])")
 
-# Only after id $3: cheap while draining a backlog, but blind to a transaction that commits late with
-# a lower id, so the relay goes back to FETCH_PENDING as soon as it catches up.
-FETCH_PENDING_AFTER = _FETCH_PENDING.format(condition="o.id > $3")
+# Only after the message at ($3, $4, $5) in log order: cheap while draining a backlog, and safe, since
+# nothing can become visible below a message that is visible already.
+FETCH_PENDING_AFTER = _FETCH_PENDING.format(condition="(o.log_xid, o.position, o.id) > ($3, $4, $5)")
 
 MARK_PUBLISHED = """
 UPDATE outbox SET published_at = now(), published_by = $2
@@ -125,7 +185,7 @@ RELEASE_ALL_SLOTS = "UPDATE outbox_slots SET owner = NULL, lease_until = NULL WH
 
 UNREGISTER_RELAY = "DELETE FROM outbox_relays WHERE relay_id = $1"
 
-SLOT_COUNT = "SELECT count(*) FROM outbox_slots"
+COUNT_SLOTS = "SELECT count(*) FROM outbox_slots"
 
 # -- operations ---------------------------------------------------------------------------------------
 
@@ -151,10 +211,11 @@ ORDER BY r.relay_id
 """
 
 DEAD_MESSAGES = """
-SELECT id, topic, key, event_id, event_type, stream_id, stream_version, attempts, last_error, dead_at
-FROM outbox
-WHERE dead_at IS NOT NULL
-ORDER BY id
+SELECT o.id, o.topic, o.key, e.event_id, e.event_type, e.stream_id, e.stream_version, o.attempts, o.last_error,
+       o.dead_at
+FROM outbox AS o JOIN events AS e ON e.position = o.position
+WHERE o.dead_at IS NOT NULL
+ORDER BY o.id
 LIMIT $1
 """
 

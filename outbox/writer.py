@@ -1,42 +1,51 @@
-"""Routing rules and the append hook that writes outbox messages in the events' own transaction."""
+"""Routing rules, declared in the database so that every append, by any process, writes its messages.
+
+A trigger on the events table (`outbox_write`, migration 0005) turns each inserted event that a route
+matches into an outbox row inside the append's own transaction: a rolled-back append leaves no
+message, and a process that never heard of the outbox (a script that imported only `eventstore`, a
+psql session) writes the messages all the same. The routes it follows are the rows of
+`outbox_routes`, which `Outbox.declare` replaces with the application's declaration.
+"""
 
 from __future__ import annotations
 
+import logging
 import re
-import zlib
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from datetime import datetime
-from uuid import UUID
 
-from eventstore import AppendResult, EventStore, RecordedEvent, UnitOfWork
-from eventstore.model import CAUSATION_ID, CORRELATION_ID
+from eventstore import EventStore
 from outbox import sql
-from outbox.errors import InvalidRoute, RoutingError
-from outbox.schema import SLOT_COUNT
+from outbox.errors import InvalidRoute
+
+log = logging.getLogger(__name__)
 
 _TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+_KEY_PATH = re.compile(r"^(data|metadata)(\.[^.\s]+)+$")
 
-KeyFunction = Callable[[RecordedEvent], str]
 
-
-def slot_of(key: str) -> int:
-    """The slot of a key: stable across processes and Python versions (unlike `hash`)."""
-    return zlib.crc32(key.encode()) % SLOT_COUNT
+def _array_literal(items: Sequence[str] | None) -> str:
+    """A PostgreSQL text[] literal; '' for none (see `sql.INSERT_ROUTES`)."""
+    if items is None:
+        return ""
+    quoted = ('"' + item.replace("\\", "\\\\").replace('"', '\\"') + '"' for item in items)
+    return "{" + ",".join(quoted) + "}"
 
 
 @dataclass(frozen=True, slots=True, init=False)
 class Route:
-    """Events of `types` (and/or `category`) go to `topic`, keyed by `key(event)` (default: stream id).
+    """Events of `types` (and/or `category`) go to `topic`, keyed by `key` (default: the stream id).
 
-    The key decides the Kafka partition and the order guarantee: messages with one key are published
-    in the order they were written.
+    `key` names a field of the event: `"data.customer_id"` or `"metadata.tenant"` (dots go deeper). The
+    key decides the Kafka partition and the order guarantee: a key's messages are published in the
+    order of the log. An event without that field is refused (`AppendRefused`), so no message is ever
+    keyed by accident.
     """
 
     topic: str
     types: frozenset[str] | None
     category: str | None
-    key: KeyFunction | None
+    key: str | None
 
     def __init__(
         self,
@@ -44,7 +53,7 @@ class Route:
         types: Collection[str] | None = None,
         *,
         category: str | None = None,
-        key: KeyFunction | None = None,
+        key: str | None = None,
     ) -> None:
         if not isinstance(topic, str) or not _TOPIC.match(topic) or topic in (".", ".."):
             raise InvalidRoute(f"{topic!r} is not a valid Kafka topic name ([A-Za-z0-9._-], 1-249 chars)")
@@ -55,58 +64,26 @@ class Route:
             raise InvalidRoute("types must be a non-empty collection of non-empty strings (or None: all)")
         if category is not None and (not isinstance(category, str) or not category):
             raise InvalidRoute("category must be a non-empty string (or None: all)")
-        if key is not None and not callable(key):
-            raise InvalidRoute("key must be a function of the recorded event")
+        if key is not None and (not isinstance(key, str) or not _KEY_PATH.match(key)):
+            raise InvalidRoute(
+                f"key must name a field of the event, like 'data.customer_id' or 'metadata.tenant', got {key!r}"
+            )
         object.__setattr__(self, "topic", topic)
         object.__setattr__(self, "types", chosen)
         object.__setattr__(self, "category", category)
         object.__setattr__(self, "key", key)
 
-    def matches(self, event: RecordedEvent) -> bool:
-        if self.types is not None and event.event_type not in self.types:
-            return False
-        return self.category is None or event.category == self.category
-
-    def key_of(self, event: RecordedEvent) -> str:
-        if self.key is None:
-            return event.stream_id
-        try:
-            key = self.key(event)
-        except Exception as exc:
-            raise RoutingError(
-                self.topic, event.event_type, event.stream_id, f"key function raised {exc!r}"
-            ) from exc
-        if not isinstance(key, str) or not key or "\x00" in key:
-            raise RoutingError(
-                self.topic, event.event_type, event.stream_id,
-                f"key function returned {key!r}; a key is a non-empty string without NUL",
-            )
-        return key
-
-
-@dataclass(frozen=True, slots=True)
-class OutboxMessage:
-    """One message as the outbox stores it, before the relay turns it into a Kafka record."""
-
-    slot: int
-    topic: str
-    key: str
-    event_id: UUID
-    event_type: str
-    source: str
-    stream_id: str
-    stream_version: int
-    data: str
-    correlation_id: str | None
-    causation_id: str | None
-    recorded_at: datetime
+    @property
+    def key_path(self) -> list[str] | None:
+        return None if self.key is None else self.key.split(".")
 
 
 class Outbox:
-    """Writes a message for every (event, matching route) inside the append that records the event.
+    """The application's routes, and the CloudEvents `source` its messages carry.
 
-    Every matching route yields a message (fan-out to several topics); events no route matches yield
-    none. Topic and key are computed here, at write time, so the relay needs none of this code.
+    `await outbox.declare(store)` makes the database follow exactly these routes from then on, for every
+    writer. Every matching route yields a message (fan-out to several topics); events no route matches
+    yield none. Declare the same routes from every process of one application: the last declaration wins.
     """
 
     def __init__(self, routes: Sequence[Route], *, source: str = "eventstore") -> None:
@@ -117,55 +94,39 @@ class Outbox:
         self.routes = tuple(routes)
         self.source = source
 
-    def install(self, store: EventStore) -> None:
-        """Write messages in every append of `store` from now on."""
-        store.add_append_hook(self.on_append)
-
-    def messages(self, events: Sequence[RecordedEvent]) -> list[OutboxMessage]:
-        out: list[OutboxMessage] = []
-        for event in events:
-            routes = [route for route in self.routes if route.matches(event)]
-            if not routes:
-                continue
-            meta = event.meta() if event.metadata != "{}" else {}
-            correlation_id, causation_id = meta.get(CORRELATION_ID), meta.get(CAUSATION_ID)
-            for route in routes:
-                key = route.key_of(event)
-                out.append(
-                    OutboxMessage(
-                        slot_of(key), route.topic, key, event.event_id, event.event_type, self.source,
-                        event.stream_id, event.stream_version, event.data,
-                        None if correlation_id is None else str(correlation_id),
-                        None if causation_id is None else str(causation_id),
-                        event.recorded_at,
-                    )
-                )
-        return out
-
-    async def on_append(self, uow: UnitOfWork, result: AppendResult) -> None:
-        """The append hook: runs inside the append's transaction, so messages and events commit together."""
-        messages = self.messages(result.events)
-        if not messages:
-            return
-        if len(messages) == 1:  # the common case, without array round trips
-            m = messages[0]
-            await uow.connection.execute(
-                sql.INSERT_MESSAGE, m.slot, m.topic, m.key, m.event_id, m.event_type, m.source, m.stream_id,
-                m.stream_version, m.data, m.correlation_id, m.causation_id, m.recorded_at,
+    def _rows(self) -> list[tuple[int, str, str, str | None, str, str]]:
+        return [
+            (
+                number,
+                route.topic,
+                _array_literal(None if route.types is None else sorted(route.types)),
+                route.category,
+                _array_literal(route.key_path),
+                self.source,
             )
-            return
-        await uow.connection.execute(
-            sql.INSERT_MESSAGES,
-            [m.slot for m in messages],
-            [m.topic for m in messages],
-            [m.key for m in messages],
-            [m.event_id for m in messages],
-            [m.event_type for m in messages],
-            [m.source for m in messages],
-            [m.stream_id for m in messages],
-            [m.stream_version for m in messages],
-            [m.data for m in messages],
-            [m.correlation_id for m in messages],
-            [m.causation_id for m in messages],
-            [m.recorded_at for m in messages],
-        )
+            for number, route in enumerate(self.routes)
+        ]
+
+    async def declare(self, store: EventStore) -> bool:
+        """Replace the routes in the database with these; return whether they changed."""
+        rows = self._rows()
+
+        async def replace() -> bool:
+            async with store.pool.acquire() as conn, conn.transaction():
+                await conn.execute(sql.LOCK_ROUTES)
+                current = [
+                    (r["route"], r["topic"], _array_literal(r["event_types"]), r["category"],
+                     _array_literal(r["key_path"]), r["source"])
+                    for r in await conn.fetch(sql.ROUTES)
+                ]
+                if current == rows:
+                    return False
+                await conn.execute(sql.DELETE_ROUTES)
+                if rows:
+                    await conn.execute(sql.INSERT_ROUTES, *(list(column) for column in zip(*rows, strict=True)))
+                return True
+
+        changed = await store.retrying(replace)
+        if changed:
+            log.info("outbox routes declared: %s", ", ".join(r.topic for r in self.routes) or "none")
+        return changed

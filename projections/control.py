@@ -14,7 +14,7 @@ from uuid import UUID
 
 import asyncpg
 
-from eventstore import CONNECTION_ERRORS, START, Checkpoint, DatabaseUnavailable, EventStore
+from eventstore import CONNECTION_ERRORS, START, Checkpoint, DatabaseUnavailable, EventStore, InvalidArgument
 from projections import sql
 from projections.errors import (
     InvalidProjection,
@@ -32,6 +32,7 @@ from projections.generations import (
     create_generation,
     disconnect,
     ensure,
+    guard,
     lease_key,
     mismatch,
     mode_of,
@@ -206,7 +207,7 @@ class Projections:
     async def _status_of(self, row: Any, held: set[int]) -> ProjectionStatus:
         name = row["name"]
         projection = self._by_name.get(name)
-        checkpoint = Checkpoint(row["transaction_id"], row["position"])
+        checkpoint = Checkpoint(row["log_xid"], row["position"])
         active = lease_key("run", name) in held
         needs = None if projection is None else mismatch(projection, row["mode"], row["version"], row["tables"])
         inline = row["mode"] == "inline"
@@ -224,7 +225,7 @@ class Projections:
             rebuild = RebuildStatus(
                 generation=row["rebuild_generation"],
                 version=row["rebuild_version"],
-                checkpoint=Checkpoint(row["rebuild_transaction_id"], row["rebuild_position"]),
+                checkpoint=Checkpoint(row["rebuild_log_xid"], row["rebuild_position"]),
                 events_done=row["rebuild_events_done"],
                 last_error=row["rebuild_last_error"],
                 active=lease_key("rebuild", name) in held,
@@ -254,6 +255,39 @@ class Projections:
             known = [r["name"] for r in await self.store.pool.fetch(sql.STATUS)]
             raise UnknownProjection(name, known)
         return False
+
+    async def drop(self, name: str) -> None:
+        """Remove a projection the application no longer declares: its tables, views, checkpoint and guard.
+
+        Works by name alone. Stop its runners first (a running one would create it again); an inline
+        projection's guard goes with it, so its events can be appended again by any process.
+        """
+
+        async def drop() -> None:
+            conn = await connect(self.store, f"drop {name}")
+            try:
+                if not await conn.fetchval(sql.TRY_LOCK, lease_key("rebuild", name)):
+                    raise RebuildInProgress(name)
+                _, view_schema = await session_paths(conn)
+                async with conn.transaction():
+                    await guard(conn, name, None)
+                    await conn.execute(sql.HOLD_GENERATION, lease_key("inline", name))
+                    row = await conn.fetchrow(sql.LOCK_CHECKPOINT, name)
+                    if row is None:
+                        known = [r["name"] for r in await conn.fetch(sql.STATUS)]
+                        raise UnknownProjection(name, known)
+                    state = StoredCheckpoint.of(row)
+                    rebuild = await conn.fetchrow(sql.LOCK_REBUILD, name)
+                    for table in state.tables:
+                        await conn.execute(sql.drop_view(view_schema, table))
+                    for generation in (state.generation, None if rebuild is None else rebuild["generation"]):
+                        if generation is not None:
+                            await conn.execute(sql.drop_schema(schema_for(name, generation)))
+                    await conn.execute(sql.DELETE_CHECKPOINT, name)
+            finally:
+                await disconnect(self.store, conn)
+
+        await self._with_reconnects(drop)
 
     # -- reset -------------------------------------------------------------------------------------
 
@@ -285,6 +319,7 @@ class Projections:
         async with self._exclusive(projection, "reset") as (conn, search_path, view_schema):
             tables = [t.name for t in projection.read_model]
             async with conn.transaction():
+                await guard(conn, name, projection)
                 await conn.execute(sql.HOLD_GENERATION, lease_key("inline", name))
                 state = StoredCheckpoint.of(await conn.fetchrow(sql.LOCK_CHECKPOINT, name))
                 abandoned = await conn.fetchrow(sql.LOCK_REBUILD, name)
@@ -328,7 +363,7 @@ class Projections:
         """
         projection = self.get(name)
         if batch_size <= 0:
-            raise ValueError("batch_size must be positive")
+            raise InvalidArgument("batch_size must be positive")
         tracker = _Tracker(name, progress, progress_interval)
         fresh = [restart]
 
@@ -388,7 +423,7 @@ class Projections:
                 row = None
             if row is not None:
                 log.info("projection %s: resuming the rebuild of generation %s", name, row["generation"])
-                return row["generation"], Checkpoint(row["transaction_id"], row["position"]), row["events_done"]
+                return row["generation"], Checkpoint(row["log_xid"], row["position"]), row["events_done"]
             generation = state.generation + 1
             await create_generation(conn, projection, generation, search_path)
             await conn.execute(sql.INSERT_REBUILD, name, generation, projection.version, tables)
@@ -457,6 +492,7 @@ class Projections:
         name = projection.name
         tables = [t.name for t in projection.read_model]
         async with conn.transaction():
+            await guard(conn, name, projection)
             await conn.execute(sql.HOLD_GENERATION, lease_key("inline", name))
             state = StoredCheckpoint.of(await conn.fetchrow(sql.LOCK_CHECKPOINT, name))
             row = await conn.fetchrow(sql.LOCK_REBUILD, name)

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from uuid import UUID
 
-from eventstore import EventStoreError, RecordedEvent, SchemaNotMigrated
+from eventstore import EventStoreError, InvalidArgument, RecordedEvent, SchemaNotMigrated
 
 
 class ProjectionError(EventStoreError):
     """Base of every error the projections package raises on purpose."""
 
 
-class InvalidProjection(ProjectionError, ValueError):
+class InvalidProjection(ProjectionError, InvalidArgument):
     """A projection declaration is unusable (bad name, no handlers, bad table DDL, ...)."""
 
 
@@ -36,7 +36,7 @@ class ProjectionFailed(ProjectionError):
         event_id: UUID | None = None,
         event_type: str | None = None,
         position: int | None = None,
-        transaction_id: int | None = None,
+        log_xid: int | None = None,
     ) -> None:
         where = "" if event_id is None else f" at event {event_type} {event_id} (position {position})"
         super().__init__(f"projection {name!r} failed{where}: {error}")
@@ -45,7 +45,7 @@ class ProjectionFailed(ProjectionError):
         self.event_id = event_id
         self.event_type = event_type
         self.position = position
-        self.transaction_id = transaction_id
+        self.log_xid = log_xid
 
     @classmethod
     def at(cls, name: str, event: RecordedEvent, error: BaseException) -> ProjectionFailed:
@@ -55,7 +55,7 @@ class ProjectionFailed(ProjectionError):
             event_id=event.event_id,
             event_type=event.event_type,
             position=event.position,
-            transaction_id=event.transaction_id,
+            log_xid=event.log_xid,
         )
 
 

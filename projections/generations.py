@@ -58,7 +58,7 @@ class StoredCheckpoint:
     last_error: str | None
     failed_event_id: UUID | None
     failed_event_type: str | None
-    failed_transaction_id: int | None
+    failed_log_xid: int | None
     failed_position: int | None
     failed_at: datetime | None
     updated_at: datetime
@@ -67,10 +67,10 @@ class StoredCheckpoint:
     def of(cls, row: Any) -> StoredCheckpoint:
         return cls(
             name=row["name"], mode=row["mode"], version=row["version"], generation=row["generation"],
-            tables=list(row["tables"]), checkpoint=Checkpoint(row["transaction_id"], row["position"]),
+            tables=list(row["tables"]), checkpoint=Checkpoint(row["log_xid"], row["position"]),
             status=row["status"], runner=row["runner"], last_error=row["last_error"],
             failed_event_id=row["failed_event_id"], failed_event_type=row["failed_event_type"],
-            failed_transaction_id=row["failed_transaction_id"], failed_position=row["failed_position"],
+            failed_log_xid=row["failed_log_xid"], failed_position=row["failed_position"],
             failed_at=row["failed_at"], updated_at=row["updated_at"],
         )
 
@@ -178,14 +178,39 @@ async def publish(
             await conn.execute(sql.drop_view(view_schema, table))
 
 
+async def guard(conn: Connection, name: str, projection: Projection | None) -> None:
+    """Make the events table refuse what `projection` handles unless its hook runs (None: drop the guard).
+
+    Call it first in the transaction that makes a generation of `name` live, before HOLD_GENERATION:
+    changing a trigger locks the events table until commit, which waits for the appends in flight and
+    holds off new ones, so none can slip past both the old guard and the new one. Unchanged, it costs
+    one catalog lookup and locks nothing.
+    """
+    schema = str(await conn.fetchval(sql.EVENTS_SCHEMA))
+    current = await conn.fetchval(sql.GUARD_ARGUMENTS, sql.guard_name(name), schema)
+    wanted = None
+    if projection is not None and projection.inline:
+        wanted = b"".join(a.encode() + b"\x00" for a in (name, *projection.event_types))
+    if current == wanted:
+        return
+    if current is not None:
+        await conn.execute(sql.drop_guard(schema, name))
+    if projection is not None and projection.inline:
+        await conn.execute(sql.create_guard(schema, name, projection.event_types))
+
+
 async def ensure(conn: Connection, projection: Projection, search_path: str, view_schema: str) -> StoredCheckpoint:
     """Create the projection's checkpoint row and first generation of tables if they do not exist yet.
 
-    An inline projection is filled from the whole log here, in the same transaction: from then on every
-    append's hook keeps it current.
+    An inline projection is filled from the whole log here, in the same transaction, after its guard is
+    in place: from then on every append of the events it handles runs its hook or is refused.
     """
     tables = [t.name for t in projection.read_model]
     async with conn.transaction():
+        if projection.inline:
+            stored = await conn.fetchrow(sql.SELECT_CHECKPOINT, projection.name)
+            if stored is None or StoredCheckpoint.of(stored).mismatch(projection) is None:
+                await guard(conn, projection.name, projection)
         await conn.execute(sql.HOLD_GENERATION, lease_key("inline", projection.name))
         created = await conn.fetchval(
             sql.INSERT_CHECKPOINT, projection.name, mode_of(projection), projection.version, tables

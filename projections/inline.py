@@ -1,8 +1,10 @@
 """Inline projections: updated by an append hook inside the append's own transaction.
 
 The read model then commits or rolls back with the events, so a reader never sees one without the other.
-The price: a failing handler fails the append, and every process that appends must attach the same
-inline projections (an append made without the hook is missing from the read model until a rebuild).
+The price: a failing handler fails the append, and only a process that attaches the projection may
+append the events it handles. The database enforces that: each inline projection has a guard on the
+events table that refuses (`AppendRefused`, nothing written) an event of its types whose transaction did
+not run its hook, so a script that forgot to attach it cannot leave the read model silently behind.
 """
 
 from __future__ import annotations
@@ -75,7 +77,8 @@ class InlineProjections:
             return
         conn = uow.connection
         await conn.execute(sql.SHARE_GENERATION, [lease_key("inline", p.name) for p in relevant])
-        rows = {r["name"]: r for r in await conn.fetch(sql.INLINE_STATE, [p.name for p in relevant])}
+        names = [p.name for p in relevant]
+        rows = {r["name"]: r for r in await conn.fetch(sql.INLINE_STATE, names, ",".join(names))}
         missing = [p.name for p in relevant if p.name not in rows]
         if missing:
             raise ProjectionError(f"inline projections {missing} have no checkpoint row: start InlineProjections")

@@ -14,7 +14,7 @@ import enum
 import logging
 from collections.abc import Iterable
 
-from eventstore import CONNECTION_ERRORS, Checkpoint, DatabaseUnavailable, EventStore
+from eventstore import CONNECTION_ERRORS, Checkpoint, DatabaseUnavailable, EventStore, InvalidArgument
 from eventstore.sql import NOTIFY_CHANNEL
 from projections import sql
 from projections.errors import (
@@ -74,9 +74,9 @@ class ProjectionRunner:
         label: str | None = None,
     ) -> None:
         if batch_size <= 0:
-            raise ValueError("batch_size must be positive")
+            raise InvalidArgument("batch_size must be positive")
         if poll_interval <= 0 or lease_interval <= 0:
-            raise ValueError("poll_interval and lease_interval must be positive")
+            raise InvalidArgument("poll_interval and lease_interval must be positive")
         self.store = store
         self.projections = list(projections)
         names = [p.name for p in self.projections]
@@ -156,7 +156,7 @@ class ProjectionRunner:
             if failed:
                 failure = await self.store.pool.fetchrow(sql.SELECT_CHECKPOINT, failed[0]["name"])
                 raise _failure(StoredCheckpoint.of(failure))
-            done = [r for r in rows if Checkpoint(r["transaction_id"], r["position"]) >= head]
+            done = [r for r in rows if Checkpoint(r["log_xid"], r["position"]) >= head]
             if len(done) == len(names):
                 return
             await asyncio.sleep(interval)
@@ -169,7 +169,7 @@ def _failure(state: StoredCheckpoint) -> ProjectionFailed:
         event_id=state.failed_event_id,
         event_type=state.failed_event_type,
         position=state.failed_position,
-        transaction_id=state.failed_transaction_id,
+        log_xid=state.failed_log_xid,
     )
 
 
@@ -319,5 +319,5 @@ class _Worker:
         )
         await conn.execute(
             sql.FAIL, self.projection.name, self._generation, describe(failure.error),
-            event.event_id, event.event_type, event.transaction_id, event.position,
+            event.event_id, event.event_type, event.log_xid, event.position,
         )

@@ -11,17 +11,17 @@ from eventstore import sql as log
 # -- the global log --------------------------------------------------------------------------------
 
 READ_LOG = log.READ_ALL_TYPES
-"""($1 transaction_id, $2 position, $3 limit, $4 types): the next events a projection handles."""
+"""($1 log_xid, $2 position, $3 limit, $4 types): the next events a projection handles."""
 
 LOG_HEAD = log.HEAD
 
 # Column order of RecordedEvent.
-_COLUMNS = "event_id, event_type, data, metadata, stream_id, stream_version, position, transaction_id, recorded_at"
+_COLUMNS = "event_id, event_type, data, metadata, stream_id, stream_version, position, log_xid, recorded_at"
 
 READ_COMMITTED = f"""
 SELECT {_COLUMNS} FROM events
-WHERE (transaction_id, position) > ($1, $2) AND event_type = ANY($4::text[])
-ORDER BY transaction_id, position
+WHERE (log_xid, position) > ($1, $2) AND event_type = ANY($4::text[])
+ORDER BY log_xid, position
 LIMIT $3
 """
 """Every committed event after a checkpoint, also behind transactions still running.
@@ -33,22 +33,22 @@ committed transactions have applied.
 
 HELD_BACK = """
 SELECT EXISTS (
-    SELECT 1 FROM events WHERE transaction_id >= pg_snapshot_xmin(pg_current_snapshot())::text::bigint
+    SELECT 1 FROM events WHERE log_xid >= pg_snapshot_xmin(pg_current_snapshot())::text::bigint
 )
 """
 """Committed events the log does not show yet: an older transaction still running holds them back."""
 
 COUNT_LOG = """
 SELECT count(*) FROM events
-WHERE (transaction_id, position) > ($1, $2) AND event_type = ANY($3::text[])
-  AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())::text::bigint
+WHERE (log_xid, position) > ($1, $2) AND event_type = ANY($3::text[])
+  AND log_xid < pg_snapshot_xmin(pg_current_snapshot())::text::bigint
 """
 
 # -- checkpoints -----------------------------------------------------------------------------------
 
 _CHECKPOINT = """
-name, mode, version, generation, tables, transaction_id, position, status, runner, last_error,
-failed_event_id, failed_event_type, failed_transaction_id, failed_position, failed_at, updated_at
+name, mode, version, generation, tables, log_xid, position, status, runner, last_error,
+failed_event_id, failed_event_type, failed_log_xid, failed_position, failed_at, updated_at
 """
 
 INSERT_CHECKPOINT = """
@@ -69,15 +69,60 @@ SHARE_GENERATION = "SELECT pg_advisory_xact_lock_shared(key) FROM unnest($1::big
 HOLD_GENERATION = "SELECT pg_advisory_xact_lock($1)"
 """Taken by a swap or reset: waits for the appends writing into the old generation, holds off new ones."""
 
-INLINE_STATE = """
-SELECT name, mode, version, generation, tables, current_setting('search_path') AS search_path
+APPLIED_SETTING = "projections.inline_applied"
+"""Names of the inline projections whose hooks ran in this transaction, comma-separated."""
+
+INLINE_STATE = f"""
+SELECT name, mode, version, generation, tables, current_setting('search_path') AS search_path,
+       set_config('{APPLIED_SETTING}',
+                  concat_ws(',', nullif(current_setting('{APPLIED_SETTING}', true), ''), $2::text), true)
 FROM projection_checkpoints WHERE name = ANY($1::text[])
 """
-"""Read after SHARE_GENERATION, in a statement of its own, so it sees a swap that committed meanwhile."""
+"""Read after SHARE_GENERATION, in a statement of its own, so it sees a swap that committed meanwhile.
+
+It also records ($2) that this transaction applies those projections, for their guards (below).
+"""
+
+# -- guards of inline projections --------------------------------------------------------------------
+
+# An inline projection is only current if every event it handles passes through its hook, and a process
+# that does not run the hook (a script that imported only the event store) would append around it.
+# So each inline projection has a guard on the events table: a constraint trigger, deferred to commit,
+# that refuses an event of the projection's types unless the transaction ran the projection's hook.
+GUARD_FUNCTION_V1 = f"""
+CREATE FUNCTION projections_inline_guard() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NOT coalesce(
+        TG_ARGV[0] = ANY (string_to_array(current_setting('{APPLIED_SETTING}', true), ',')), false
+    ) THEN
+        RAISE EXCEPTION 'event % of stream % is handled by the inline projection %, which the writing process '
+            'does not run: append from a process that attaches it, or drop the projection',
+            NEW.event_type, NEW.stream_id, TG_ARGV[0]
+            USING ERRCODE = '{log.APPEND_REFUSED}';
+    END IF;
+    RETURN NULL;
+END
+$$;
+"""
+
+DROP_GUARD_FUNCTION_V1 = "DROP FUNCTION IF EXISTS projections_inline_guard()"
+
+GUARD_ARGUMENTS = """
+SELECT t.tgargs FROM pg_trigger AS t
+WHERE t.tgrelid = (SELECT c.oid FROM pg_class AS c
+                   WHERE c.relname = 'events' AND c.relnamespace = $2::regnamespace)
+  AND t.tgname = $1
+"""
+"""($1 trigger name, $2 the events table's schema): the arguments of a projection's guard, if it has one."""
+
+EVENTS_SCHEMA = """
+SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.oid = 'events'::regclass
+"""
 
 ADVANCE = """
 UPDATE projection_checkpoints
-SET transaction_id = $2, position = $3, status = 'running', runner = $4, updated_at = now()
+SET log_xid = $2, position = $3, status = 'running', runner = $4, updated_at = now()
 WHERE name = $1
 """
 
@@ -96,13 +141,13 @@ WHERE name = $1 AND runner = $2
 FAIL = """
 UPDATE projection_checkpoints
 SET status = 'failed', last_error = $3, failed_event_id = $4, failed_event_type = $5,
-    failed_transaction_id = $6, failed_position = $7, failed_at = now(), updated_at = now()
+    failed_log_xid = $6, failed_position = $7, failed_at = now(), updated_at = now()
 WHERE name = $1 AND generation = $2
 """
 
 RESUME = """
 UPDATE projection_checkpoints
-SET status = 'stopped', failed_event_id = NULL, failed_event_type = NULL, failed_transaction_id = NULL,
+SET status = 'stopped', failed_event_id = NULL, failed_event_type = NULL, failed_log_xid = NULL,
     failed_position = NULL, failed_at = NULL, updated_at = now()
 WHERE name = $1 AND status = 'failed'
 RETURNING name
@@ -110,9 +155,9 @@ RETURNING name
 
 SWAP = """
 UPDATE projection_checkpoints
-SET generation = $2, version = $3, mode = $4, tables = $5, transaction_id = $6, position = $7,
+SET generation = $2, version = $3, mode = $4, tables = $5, log_xid = $6, position = $7,
     status = CASE WHEN status = 'failed' THEN 'stopped' ELSE status END,
-    failed_event_id = NULL, failed_event_type = NULL, failed_transaction_id = NULL, failed_position = NULL,
+    failed_event_id = NULL, failed_event_type = NULL, failed_log_xid = NULL, failed_position = NULL,
     failed_at = NULL, updated_at = now()
 WHERE name = $1
 """
@@ -120,7 +165,7 @@ WHERE name = $1
 
 # -- rebuilds --------------------------------------------------------------------------------------
 
-_REBUILD = "name, generation, version, tables, transaction_id, position, events_done, last_error, started_at, updated_at"
+_REBUILD = "name, generation, version, tables, log_xid, position, events_done, last_error, started_at, updated_at"
 
 LOCK_REBUILD = f"SELECT {_REBUILD} FROM projection_rebuilds WHERE name = $1 FOR UPDATE"
 
@@ -130,7 +175,7 @@ INSERT INTO projection_rebuilds (name, generation, version, tables) VALUES ($1, 
 
 ADVANCE_REBUILD = """
 UPDATE projection_rebuilds
-SET transaction_id = $2, position = $3, events_done = events_done + $4, last_error = NULL, updated_at = now()
+SET log_xid = $2, position = $3, events_done = events_done + $4, last_error = NULL, updated_at = now()
 WHERE name = $1
 """
 
@@ -138,13 +183,16 @@ FAIL_REBUILD = "UPDATE projection_rebuilds SET last_error = $2, updated_at = now
 
 DELETE_REBUILD = "DELETE FROM projection_rebuilds WHERE name = $1"
 
+DELETE_CHECKPOINT = "DELETE FROM projection_checkpoints WHERE name = $1"
+"""Its rebuild row goes with it (ON DELETE CASCADE)."""
+
 # -- status ----------------------------------------------------------------------------------------
 
 STATUS = """
-SELECT c.name, c.mode, c.version, c.generation, c.tables, c.transaction_id, c.position, c.status, c.runner,
-       c.last_error, c.failed_event_id, c.failed_event_type, c.failed_transaction_id, c.failed_position,
+SELECT c.name, c.mode, c.version, c.generation, c.tables, c.log_xid, c.position, c.status, c.runner,
+       c.last_error, c.failed_event_id, c.failed_event_type, c.failed_log_xid, c.failed_position,
        c.failed_at, c.updated_at,
-       r.generation AS rebuild_generation, r.version AS rebuild_version, r.transaction_id AS rebuild_transaction_id,
+       r.generation AS rebuild_generation, r.version AS rebuild_version, r.log_xid AS rebuild_log_xid,
        r.position AS rebuild_position, r.events_done AS rebuild_events_done, r.last_error AS rebuild_last_error,
        r.started_at AS rebuild_started_at, r.updated_at AS rebuild_updated_at
 FROM projection_checkpoints c LEFT JOIN projection_rebuilds r ON r.name = c.name
@@ -152,7 +200,7 @@ ORDER BY c.name
 """
 
 CHECKPOINTS = """
-SELECT name, mode, version, tables, transaction_id, position, status FROM projection_checkpoints
+SELECT name, mode, version, tables, log_xid, position, status FROM projection_checkpoints
 WHERE name = ANY($1::text[])
 """
 
@@ -220,3 +268,28 @@ def replace_view(view_schema: str, table: str, generation_schema: str) -> str:
 
 def drop_view(view_schema: str, table: str) -> str:
     return f"DROP VIEW IF EXISTS {ident(view_schema)}.{ident(table)}"
+
+
+def literal(value: str) -> str:
+    """Quote an SQL string literal (for DDL, which takes no parameters)."""
+    return "'" + value.replace("'", "''") + "'"
+
+
+def guard_name(projection: str) -> str:
+    return f"projection_inline_{projection}"
+
+
+def create_guard(events_schema: str, projection: str, event_types: list[str]) -> str:
+    """The guard of an inline projection; its arguments are the projection's name, then its event types."""
+    types = ", ".join(literal(t) for t in event_types)
+    arguments = ", ".join(literal(a) for a in (projection, *event_types))
+    return (
+        f"CREATE CONSTRAINT TRIGGER {ident(guard_name(projection))} AFTER INSERT ON "
+        f"{ident(events_schema)}.events DEFERRABLE INITIALLY DEFERRED FOR EACH ROW "
+        f"WHEN (NEW.event_type = ANY (ARRAY[{types}]::text[])) "
+        f"EXECUTE FUNCTION projections_inline_guard({arguments})"
+    )
+
+
+def drop_guard(events_schema: str, projection: str) -> str:
+    return f"DROP TRIGGER IF EXISTS {ident(guard_name(projection))} ON {ident(events_schema)}.events"

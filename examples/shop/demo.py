@@ -211,7 +211,7 @@ async def run_demo(url: str, kafka: str, console: Console, *, customers: int = 6
     report = Report(tally)
     await _ensure_topic(kafka)
     async with EventStore(url, max_connections=concurrency + 8) as store:
-        OUTBOX.install(store)
+        await OUTBOX.declare(store)
         await store.pool.execute(FEED_TABLE)
         shop = Shop(store)
         projections = Projections(store, PROJECTIONS)

@@ -32,7 +32,7 @@ def ev(kind: str = "Happened", **data: object) -> NewEvent:
 async def settled_log(store: EventStore) -> list[RecordedEvent]:
     """The whole log once every stored event is visible (a shared server's other transactions may hold
     the log back for a moment)."""
-    newest = await store.pool.fetchval("SELECT max(transaction_id) FROM events")
+    newest = await store.pool.fetchval("SELECT max(log_xid) FROM events")
     if newest is not None:
         await store.wait_until_visible(Checkpoint(newest, 0))
     return await store.read_all(limit=10_000)
@@ -69,7 +69,7 @@ async def test_recorded_event_carries_everything(store: EventStore) -> None:
     assert stored.correlation_id == str(correlation)
     assert stored.causation_id == str(causation)
     assert stored.stream_id == "order-7" and stored.stream_version == 0 and stored.category == "order"
-    assert stored.position > 0 and stored.transaction_id > 0
+    assert stored.position > 0 and stored.log_xid > 0
     assert stored.recorded_at.tzinfo is not None
 
 

@@ -29,6 +29,7 @@ pytestmark = pytest.mark.fault
 
 ROOT = Path(__file__).resolve().parents[2]
 EVENTSTORE = str(Path(sys.executable).with_name("eventstore"))
+OUTBOX_EVENT_IDS = "SELECT e.event_id FROM outbox JOIN events e USING (position)"
 TERMINATE = """
 SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
 WHERE datname = current_database() AND pid <> pg_backend_pid() AND backend_type = 'client backend'
@@ -67,7 +68,7 @@ async def test_no_event_lost_or_skipped_under_every_fault(database_url: str, tmp
         received: set[str] = set()
         try:
             async with EventStore(database_url, retry_for=60) as store, EventStore(database_url) as admin:
-                Outbox([Route(topic, category="acc")], source="/faults").install(store)
+                await Outbox([Route(topic, category="acc")], source="/faults").declare(store)
 
                 async def writer(a: int) -> None:
                     n = 0
@@ -102,7 +103,7 @@ async def test_no_event_lost_or_skipped_under_every_fault(database_url: str, tmp
                     return bool(pending == 0)
 
                 await eventually(everything_published, 90, "relay publishing everything before the broker stops")
-                published = {str(r[0]) for r in await store.pool.fetch("SELECT event_id FROM outbox")}
+                published = {str(r[0]) for r in await store.pool.fetch(OUTBOX_EVENT_IDS)}
                 await collector.wait_for(lambda c: published <= c.ids(), timeout=60)
                 received |= collector.ids()
                 await collector.stop()
@@ -125,13 +126,13 @@ async def test_no_event_lost_or_skipped_under_every_fault(database_url: str, tmp
 
                 async def runner_caught_up() -> bool:
                     row = await store.pool.fetchrow(
-                        "SELECT transaction_id, position FROM projection_checkpoints WHERE name = 'ledger'")
+                        "SELECT log_xid, position FROM projection_checkpoints WHERE name = 'ledger'")
                     return row is not None and (row[0], row[1]) >= tuple(head)
 
                 await eventually(runner_caught_up, 90, "the restarted runner catching up")
                 ledger_events = await assert_ledger_exactly_once(store)
                 stored = [r[0] for r in await store.pool.fetch("SELECT event_id FROM events ORDER BY position")]
-                after_restart = {str(r[0]) for r in await store.pool.fetch("SELECT event_id FROM outbox")} - published
+                after_restart = {str(r[0]) for r in await store.pool.fetch(OUTBOX_EVENT_IDS)} - published
                 await collector.wait_for(lambda c: after_restart <= c.ids(), timeout=60)
                 received |= collector.ids()
                 versions: dict[tuple[str, int], list[int]] = defaultdict(list)

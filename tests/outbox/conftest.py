@@ -181,7 +181,7 @@ def relay_settings(**overrides: Any) -> RelaySettings:
 @pytest.fixture
 async def outbox_store(store: EventStore, topic: str) -> EventStore:
     """The test's store with an outbox routing every `Order*` event to `topic`."""
-    Outbox([Route(topic, category="order")], source="/tests").install(store)
+    await Outbox([Route(topic, category="order")], source="/tests").declare(store)
     return store
 
 

@@ -11,8 +11,13 @@ from tests.outbox.test_relay_processes import EVENTSTORE
 
 async def cli(database_url: str, *args: str) -> tuple[int, str, str]:
     process = await asyncio.create_subprocess_exec(
-        EVENTSTORE, "--database-url", database_url, "outbox", *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        EVENTSTORE,
+        "--database-url",
+        database_url,
+        "outbox",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
         env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"},
     )
     out, err = await process.communicate()
@@ -21,13 +26,16 @@ async def cli(database_url: str, *args: str) -> tuple[int, str, str]:
 
 
 async def test_status_retry_dead_and_prune(store: EventStore, database_url: str) -> None:
-    Outbox([Route("orders")]).install(store)
+    await Outbox([Route("orders")]).declare(store)
     await store.append("order-1", [NewEvent("OrderPlaced", {"n": n}) for n in range(6)])
     pool = store.pool
-    await pool.execute("UPDATE outbox SET published_at = now() - interval '2 hours' WHERE stream_version < 3")
+    await pool.execute(
+        "UPDATE outbox SET published_at = now() - interval '2 hours'"
+        " WHERE position IN (SELECT position FROM events WHERE stream_version < 3)"
+    )
     dead_id = await pool.fetchval(
         "UPDATE outbox SET dead_at = now(), attempts = 5, last_error = 'MessageSizeTooLargeError: too big'"
-        " WHERE stream_version = 3 RETURNING id"
+        " WHERE position IN (SELECT position FROM events WHERE stream_version = 3) RETURNING id"
     )
 
     code, out, err = await cli(database_url, "status")

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections import defaultdict
 from typing import Any
 
 import asyncpg
+import orjson
 import pytest
 
-from eventstore import EventStore, NewEvent, asyncpg_dsn
+from eventstore import EventStore, NewEvent, StreamState, asyncpg_dsn
 from outbox import KafkaSettings, Outbox, Relay, Route, retry_dead
 from outbox.embedded import EmbeddedBroker
 from tests.outbox.conftest import Collector, CuttableBroker, create_topic, relay_settings
@@ -55,7 +57,7 @@ async def test_messages_arrive_as_cloud_events_in_order_per_key(
         assert event["ce_correlationid"] == str(correlation).encode()
         assert event["ce_time"].endswith(b"Z")
         assert record.key == event["ce_subject"] == f"order-{original.data['stream']}".encode()
-        assert record.value == f'{{"stream":{original.data["stream"]},"version":{original.data["version"]}}}'.encode()
+        assert orjson.loads(record.value) == original.data
     assert versions_by_key(collector) == {f"order-{s}": list(range(10)) for s in range(20)}
     rows = await outbox_store.pool.fetch("SELECT published_at, published_by FROM outbox")
     assert all(r["published_at"] is not None and r["published_by"] == relay.relay_id for r in rows)
@@ -103,10 +105,16 @@ async def test_a_refused_message_is_dead_lettered_without_blocking_other_keys_an
         await collector.wait_count(17)
         assert relay.stats.dead == 1 and relay.stats.refused == 3
     pool = outbox_store.pool
-    dead = await pool.fetchrow("SELECT * FROM outbox WHERE event_id = $1", big.event_id)
+    dead = await pool.fetchrow(
+        "SELECT o.* FROM outbox o JOIN events e USING (position) WHERE e.event_id = $1", big.event_id
+    )
     assert dead["dead_at"] is not None and dead["published_at"] is None and dead["attempts"] == 3
     assert "MessageSizeTooLarge" in dead["last_error"]
-    others = await pool.fetch("SELECT key, stream_version, published_at FROM outbox WHERE id <> $1", dead["id"])
+    others = await pool.fetch(
+        "SELECT o.key, e.stream_version, o.published_at FROM outbox o JOIN events e USING (position)"
+        " WHERE o.id <> $1",
+        dead["id"],
+    )
     # Other keys went out at once, not after the poison message died ...
     assert all(r["published_at"] < dead["dead_at"] for r in others if r["key"] != "order-bad")
     # ... while the next message of its own key waited until it was dead, then flowed (progress over order).
@@ -132,15 +140,17 @@ async def test_retention_prunes_old_published_messages_only(
         await collector.wait_count(10)
         await wait_until(lambda: _none_pending(pool), what="published")
         await pool.execute(
-            "UPDATE outbox SET published_at = now() - interval '2 hours' WHERE stream_version < 4"
+            "UPDATE outbox SET published_at = now() - interval '2 hours'"
+            " WHERE position IN (SELECT position FROM events WHERE stream_version < 4)"
         )
         # A dead message and a pending one are never pruned, however old.
         await pool.execute(
             "UPDATE outbox SET published_at = NULL, dead_at = now() - interval '2 hours',"
-            " recorded_at = now() - interval '2 hours' WHERE stream_version = 0"
+            " recorded_at = now() - interval '2 hours'"
+            " WHERE position IN (SELECT position FROM events WHERE stream_version = 0)"
         )
         await wait_until(lambda: _count(pool, 7), what="pruning")
-    left = await pool.fetch("SELECT stream_version FROM outbox ORDER BY stream_version")
+    left = await pool.fetch("SELECT e.stream_version FROM outbox JOIN events e USING (position) ORDER BY 1")
     assert [r[0] for r in left] == [0, 4, 5, 6, 7, 8, 9]
 
 
@@ -180,7 +190,7 @@ async def test_broker_down_for_a_while_then_back_loses_nothing(
 ) -> None:
     servers = own_broker.bootstrap_servers
     topic = await create_topic(servers)
-    Outbox([Route(topic, category="order")], source="/tests").install(store)
+    await Outbox([Route(topic, category="order")], source="/tests").declare(store)
     before, after = Collector(servers, topic), Collector(servers, topic)
     await before.start()
     try:
@@ -201,7 +211,7 @@ async def test_broker_down_for_a_while_then_back_loses_nothing(
     finally:
         await before.stop()
         await after.stop()
-    ids = {r[0] for r in await store.pool.fetch("SELECT event_id::text FROM outbox")}
+    ids = {r[0] for r in await store.pool.fetch("SELECT e.event_id::text FROM outbox JOIN events e USING (position)")}
     assert len(ids) == 20
     assert before.ids() | after.ids() == ids
     assert before.ids().isdisjoint(after.ids())
@@ -216,7 +226,7 @@ async def test_order_per_key_holds_when_the_network_to_the_broker_fails_mid_stre
     would come first), and nothing may be lost."""
     servers = cuttable_broker.bootstrap_servers
     topic = await create_topic(servers)
-    Outbox([Route(topic, category="order")], source="/tests").install(store)
+    await Outbox([Route(topic, category="order")], source="/tests").declare(store)
     # Small record batches: a busy partition has later batches waiting behind the one in flight.
     kafka = KafkaSettings(bootstrap_servers=servers, max_batch_size=1024)
     collector = Collector(servers, topic)
@@ -287,10 +297,12 @@ async def test_relays_split_the_slots_fairly_and_take_over_from_one_that_stops(
     assert await store.pool.fetchval("SELECT count(*) FROM outbox_relays") == 0
 
 
-async def test_a_late_commit_with_a_lower_id_is_published_while_traffic_continues(
+async def test_an_open_transaction_holds_back_what_comes_after_it_then_goes_out_under_traffic(
     outbox_store: EventStore, database_url: str, kafka: str, collector: Collector
 ) -> None:
-    """Ids are handed out before commit: a relay that skipped ahead by id would miss this one."""
+    """Messages go out in log order: nothing that comes after an open transaction's events in the log is
+    published before it commits (it could still add a message of the same key before them); once it
+    commits, its message goes out at once, though writers keep the relay busy."""
     late = NewEvent("OrderPlaced", {"late": True})
     stop = asyncio.Event()
 
@@ -304,15 +316,54 @@ async def test_a_late_commit_with_a_lower_id_is_published_while_traffic_continue
         await asyncio.gather(*(writer(w) for w in range(4)))
 
     async with Relay(database_url, kafka, relay_settings()):
-        async with outbox_store.unit_of_work() as uow:
-            await uow.append("order-late", [late])  # takes an outbox id now, commits below
-            busy = asyncio.create_task(traffic())
-            await collector.wait_count(20)  # later ids are published meanwhile
+        busy: asyncio.Task[None] | None = None
         try:
+            async with outbox_store.unit_of_work() as uow:
+                await uow.append("order-late", [late])  # its transaction id is older than any of the traffic's
+                busy = asyncio.create_task(traffic())
+                await asyncio.sleep(0.5)
+                assert collector.records == [], "a message after the open transaction went out first"
             await collector.wait_for(lambda c: str(late.event_id) in c.ids(), timeout=10)
             assert not busy.done(), "the late message came only after the traffic stopped"
         finally:
             stop.set()
-            await busy
-    ids = await outbox_store.pool.fetch("SELECT id, event_id FROM outbox ORDER BY id")
-    assert ids[0]["event_id"] == late.event_id, "the late message has the lowest id"
+            if busy is not None:
+                await busy
+    first = await outbox_store.pool.fetchrow(
+        "SELECT e.event_id FROM outbox o JOIN events e USING (position) ORDER BY o.log_xid, o.position LIMIT 1"
+    )
+    assert first["event_id"] == late.event_id, "the late message comes first in the log"
+
+
+async def test_a_late_commit_is_never_overtaken_by_the_next_message_of_its_key(
+    store: EventStore, database_url: str, cuttable_broker: CuttableBroker
+) -> None:
+    """A transaction holds `order-late` v0 open (its outbox row comes first) while a backlog of other keys
+    commits and a relay drains it; then v0 commits and v1 follows. The broker must get v0 before v1.
+
+    The broker sits behind a proxy with 10 ms of latency, so the drain takes long enough for the commit
+    to land in the middle of it (if the relay rightly waits for the open transaction, nothing arrives
+    and the commit comes after a second); a long lease keeps the relay from starting over from the
+    first pending message meanwhile. The relay before the log order fix sent v1, v0 here every time.
+    """
+    servers = cuttable_broker.bootstrap_servers
+    topic = await create_topic(servers)
+    await Outbox([Route(topic, category="order")], source="/tests").declare(store)
+    collector = Collector(servers, topic)
+    await collector.start()
+    late = store.unit_of_work()
+    uow = await late.__aenter__()
+    await uow.append("order-late", [NewEvent("OrderPlaced")], StreamState.NO_STREAM)
+    for stream in range(60):
+        await store.append(f"order-{stream}", [NewEvent("OrderChanged", {"n": n}) for n in range(100)])
+    try:
+        async with Relay(database_url, servers, relay_settings(batch_size=100, lease_ttl=60)):
+            with contextlib.suppress(AssertionError):
+                await collector.wait_for(lambda c: len(c.records) >= 500, timeout=1.0)
+            await late.__aexit__(None, None, None)
+            await store.append("order-late", [NewEvent("OrderPaid")], 0)
+            await collector.wait_for(lambda c: len(c.records) >= 6_002, timeout=60)
+    finally:
+        await collector.stop()
+    assert versions_by_key(collector)["order-late"] == [0, 1]
+    assert all(v == list(range(100)) for k, v in versions_by_key(collector).items() if k != "order-late")

@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaProducer
-from pydantic import SecretStr, ValidationError
+from pydantic import SecretStr
 
-from outbox import KafkaSettings, RelaySettings
+from outbox import InvalidSettings, KafkaSettings, RelaySettings
 
 
 @pytest.mark.parametrize(
@@ -25,7 +25,7 @@ from outbox import KafkaSettings, RelaySettings
     ],
 )
 def test_kafka_settings_that_cannot_work_are_rejected(values: dict[str, Any], message: str) -> None:
-    with pytest.raises(ValidationError, match=message):
+    with pytest.raises(InvalidSettings, match=message):
         KafkaSettings(**{"bootstrap_servers": "127.0.0.1:9092", **values})
 
 
@@ -64,7 +64,7 @@ async def test_tls_sasl_and_idempotence_pass_through_to_aiokafka() -> None:
     ],
 )
 def test_relay_settings_that_cannot_work_are_rejected(values: dict[str, Any], message: str) -> None:
-    with pytest.raises(ValidationError, match=message):
+    with pytest.raises(InvalidSettings, match=message):
         RelaySettings(**values)
 
 

@@ -1,26 +1,33 @@
-"""Routing rules and the append hook: messages commit (or roll back) with the events that cause them."""
+"""Routes in the database: messages commit (or roll back) with the events that cause them, whoever writes."""
 
 from __future__ import annotations
 
-import uuid
+import asyncio
+import sys
+import textwrap
 from typing import Any
 
 import pytest
 
-from eventstore import EventStore, NewEvent, RecordedEvent, StreamState
-from outbox import InvalidRoute, Outbox, Relay, Route, RoutingError, slot_of
+from eventstore import AppendRefused, EventStore, NewEvent, StreamState
+from outbox import InvalidRoute, Outbox, Relay, Route
 from outbox.schema import SLOT_COUNT
 from tests.outbox.conftest import Collector, relay_settings
 
+_ROWS = """
+SELECT o.*, e.event_id, e.event_type, e.stream_id, e.stream_version
+FROM outbox AS o JOIN events AS e USING (position)
+ORDER BY o.id
+"""
+
 
 async def _rows(store: EventStore) -> list[Any]:
-    return list(await store.pool.fetch("SELECT * FROM outbox ORDER BY id"))
+    return list(await store.pool.fetch(_ROWS))
 
 
-async def test_matching_events_become_messages_with_everything_the_relay_needs(store: EventStore) -> None:
-    Outbox([Route("orders", ["OrderPlaced", "OrderShipped"])], source="/shop").install(store)
-    correlation, causation = uuid.uuid4(), uuid.uuid4()
-    placed = NewEvent("OrderPlaced", {"total": 5}, correlation_id=correlation, causation_id=causation)
+async def test_matching_events_become_messages_in_the_events_transaction(store: EventStore) -> None:
+    await Outbox([Route("orders", ["OrderPlaced", "OrderShipped"])], source="/shop").declare(store)
+    placed = NewEvent("OrderPlaced", {"total": 5})
     result = await store.append("order-1", [placed, NewEvent("OrderShipped", {"by": "post"})])
     rows = await _rows(store)
     assert [(r["topic"], r["key"], r["event_type"], r["stream_version"]) for r in rows] == [
@@ -28,17 +35,68 @@ async def test_matching_events_become_messages_with_everything_the_relay_needs(s
         ("orders", "order-1", "OrderShipped", 1),
     ]
     first = rows[0]
-    assert first["event_id"] == placed.event_id
-    assert first["source"] == "/shop" and first["stream_id"] == "order-1"
-    assert first["data"] == '{"total":5}'
-    assert first["correlation_id"] == str(correlation) and first["causation_id"] == str(causation)
+    assert first["event_id"] == placed.event_id and first["source"] == "/shop"
+    assert (first["log_xid"], first["position"]) == result.events[0].checkpoint
     assert first["recorded_at"] == result.events[0].recorded_at
-    assert first["slot"] == slot_of("order-1") and 0 <= first["slot"] < SLOT_COUNT
+    assert 0 <= first["slot"] < SLOT_COUNT
     assert first["published_at"] is None and first["dead_at"] is None and first["attempts"] == 0
 
 
+async def test_a_key_always_lands_in_the_same_slot(store: EventStore) -> None:
+    await Outbox([Route("orders"), Route("copies", key="data.copy_of")]).declare(store)
+    await store.append("order-1", [NewEvent("OrderPlaced", {"copy_of": "order-2"})])
+    await store.append("order-2", [NewEvent("OrderPlaced", {"copy_of": "order-1"})])
+    slots = {(r["topic"], r["key"]): r["slot"] for r in await _rows(store)}
+    assert slots["orders", "order-1"] == slots["copies", "order-1"]
+    assert slots["orders", "order-2"] == slots["copies", "order-2"]
+
+
+async def test_declaring_replaces_the_routes_of_every_writer(store: EventStore) -> None:
+    assert await Outbox([Route("orders")]).declare(store)
+    assert not await Outbox([Route("orders")]).declare(store), "the same declaration changes nothing"
+    await store.append("order-1", [NewEvent("OrderPlaced")])
+    assert await Outbox([Route("shipments", category="order")], source="/v2").declare(store)
+    await store.append("order-1", [NewEvent("OrderShipped")])
+    assert [(r["topic"], r["event_type"], r["source"]) for r in await _rows(store)] == [
+        ("orders", "OrderPlaced", "eventstore"),
+        ("shipments", "OrderShipped", "/v2"),
+    ]
+    assert await Outbox([]).declare(store)
+    await store.append("order-1", [NewEvent("OrderCancelled")])
+    assert len(await _rows(store)) == 2
+
+
+async def test_a_process_that_imported_only_the_event_store_writes_the_messages(
+    store: EventStore, database_url: str
+) -> None:
+    """Routes live in the database: a script that never heard of the outbox still writes its messages."""
+    await Outbox([Route("orders", ["OrderPlaced"])]).declare(store)
+    script = textwrap.dedent(
+        f"""
+        import asyncio, sys
+        from eventstore import EventStore, NewEvent
+
+        async def main():
+            async with EventStore({database_url!r}) as store:
+                await store.append("order-7", [NewEvent("OrderPlaced", {{"n": 1}}), NewEvent("OrderNoted")])
+                async with store.unit_of_work() as uow:
+                    await uow.append("order-8", [NewEvent("OrderPlaced")])
+            assert not any(name.startswith(("outbox", "projections", "aggregates")) for name in sys.modules)
+
+        asyncio.run(main())
+        """
+    )
+    process = await asyncio.create_subprocess_exec(sys.executable, "-c", script, stderr=asyncio.subprocess.PIPE)
+    _, stderr = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 0, stderr.decode()
+    assert [(r["stream_id"], r["event_type"]) for r in await _rows(store)] == [
+        ("order-7", "OrderPlaced"),
+        ("order-8", "OrderPlaced"),
+    ]
+
+
 async def test_events_no_route_matches_produce_no_message(store: EventStore) -> None:
-    Outbox([Route("orders", ["OrderPlaced"], category="order")]).install(store)
+    await Outbox([Route("orders", ["OrderPlaced"], category="order")]).declare(store)
     await store.append("order-1", [NewEvent("OrderNoted")])
     await store.append("invoice-1", [NewEvent("OrderPlaced")])
     assert await _rows(store) == []
@@ -47,23 +105,25 @@ async def test_events_no_route_matches_produce_no_message(store: EventStore) -> 
 
 
 async def test_every_matching_route_fans_out_with_its_own_key(store: EventStore) -> None:
-    def by_customer(event: RecordedEvent) -> str:
-        return f"customer-{event.json()['customer']}"
-
-    Outbox([Route("orders", category="order"), Route("billing", ["OrderPlaced"], key=by_customer)]).install(store)
-    await store.append("order-9", [NewEvent("OrderPlaced", {"customer": 7}), NewEvent("OrderNoted")])
+    await Outbox(
+        [Route("orders", category="order"), Route("billing", ["OrderPlaced"], key="data.customer.id"),
+         Route("tenants", ["OrderPlaced"], key="metadata.tenant")]
+    ).declare(store)
+    await store.append(
+        "order-9",
+        [NewEvent("OrderPlaced", {"customer": {"id": 7}}, metadata={"tenant": "acme"}), NewEvent("OrderNoted")],
+    )
     rows = await _rows(store)
     assert sorted((r["topic"], r["key"], r["event_type"]) for r in rows) == [
-        ("billing", "customer-7", "OrderPlaced"),
+        ("billing", "7", "OrderPlaced"),
         ("orders", "order-9", "OrderNoted"),
         ("orders", "order-9", "OrderPlaced"),
+        ("tenants", "acme", "OrderPlaced"),
     ]
-    billing = next(r for r in rows if r["topic"] == "billing")
-    assert billing["slot"] == slot_of("customer-7")
 
 
 async def test_rolled_back_unit_of_work_leaves_no_message(store: EventStore) -> None:
-    Outbox([Route("orders")]).install(store)
+    await Outbox([Route("orders")]).declare(store)
 
     class Abort(Exception):
         pass
@@ -78,7 +138,7 @@ async def test_rolled_back_unit_of_work_leaves_no_message(store: EventStore) -> 
 
 
 async def test_an_idempotent_retry_of_an_append_writes_no_second_message(store: EventStore) -> None:
-    Outbox([Route("orders")]).install(store)
+    await Outbox([Route("orders")]).declare(store)
     event = NewEvent("OrderPlaced", {"n": 1})
     await store.append("order-1", [event], StreamState.NO_STREAM)
     again = await store.append("order-1", [event], StreamState.NO_STREAM)
@@ -87,21 +147,16 @@ async def test_an_idempotent_retry_of_an_append_writes_no_second_message(store: 
 
 
 @pytest.mark.parametrize(
-    ("key", "reason"),
-    [
-        (lambda e: "", "returned ''"),
-        (lambda e: 42, "returned 42"),
-        (lambda e: "a\x00b", "without NUL"),
-        (lambda e: e.json()["missing"], "raised KeyError"),
-    ],
+    ("data", "meta"),
+    [({}, {}), ({"customer": None}, {}), ({"customer": ""}, {}), ({"customer": {"name": "x"}}, {})],
 )
-async def test_a_failing_key_function_is_a_typed_error_and_writes_nothing(
-    store: EventStore, key: Any, reason: str
+async def test_an_event_without_its_key_is_refused_and_writes_nothing(
+    store: EventStore, data: dict[str, Any], meta: dict[str, Any]
 ) -> None:
-    Outbox([Route("orders", key=key)]).install(store)
-    with pytest.raises(RoutingError, match=reason) as caught:
-        await store.append("order-1", [NewEvent("OrderPlaced", {})])
-    assert caught.value.topic == "orders" and caught.value.stream_id == "order-1"
+    await Outbox([Route("orders", key="data.customer.id")]).declare(store)
+    with pytest.raises(AppendRefused, match=r"data\.customer\.id") as caught:
+        await store.append("order-1", [NewEvent("OrderPlaced", data, metadata=meta)])
+    assert caught.value.stream_id == "order-1" and "orders" in caught.value.reason
     assert await store.stream_version("order-1") == -1
     assert await _rows(store) == []
 
@@ -117,7 +172,10 @@ async def test_a_failing_key_function_is_a_typed_error_and_writes_nothing(
         lambda: Route("orders", []),
         lambda: Route("orders", [""]),
         lambda: Route("orders", category=""),
-        lambda: Route("orders", key="stream_id"),  # type: ignore[arg-type]
+        lambda: Route("orders", key="stream_id"),
+        lambda: Route("orders", key="data"),
+        lambda: Route("orders", key="data..x"),
+        lambda: Route("orders", key=lambda e: e.stream_id),  # type: ignore[arg-type]
         lambda: Outbox(Route("orders")),  # type: ignore[arg-type]
         lambda: Outbox([Route("orders")], source=""),
     ],

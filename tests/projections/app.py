@@ -132,7 +132,7 @@ def withdraw(account: str, amount: int) -> NewEvent:
 
 async def expected_ledger(store: EventStore) -> tuple[dict[str, tuple[int, int]], int]:
     """Balances and moves per account, and the number of ledger events, computed from the log."""
-    last = await store.pool.fetchrow("SELECT transaction_id, position FROM events ORDER BY position DESC LIMIT 1")
+    last = await store.pool.fetchrow("SELECT log_xid, position FROM events ORDER BY position DESC LIMIT 1")
     if last is not None:
         await store.wait_until_visible(Checkpoint(last[0], last[1]))
     balances: dict[str, list[int]] = defaultdict(lambda: [0, 0])

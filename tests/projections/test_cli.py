@@ -42,6 +42,10 @@ async def test_run_status_rebuild_reset_resume(store: EventStore, cli: Cli, caps
     assert await cli("resume", "ledger") == 0
     assert "ledger had not failed; nothing to resume" in capsys.readouterr().out
 
+    assert await cli("drop", "ledger") == 0
+    assert "dropped ledger: its tables, checkpoint and guard are gone" in capsys.readouterr().out
+    assert "ledger" not in {s.name for s in await Projections(store, []).status()}
+
 
 @pytest.mark.parametrize(
     ("argv", "message"),
@@ -49,6 +53,7 @@ async def test_run_status_rebuild_reset_resume(store: EventStore, cli: Cli, caps
         (["rebuild", "nope", "--app", APP], "unknown projection 'nope' (declared: ledger, stream_counts, totals)"),
         (["reset", "nope", "--app", APP], "error: unknown projection 'nope'"),
         (["resume", "nope"], "error: unknown projection 'nope'"),
+        (["drop", "nope"], "error: unknown projection 'nope'"),
         (["rebuild", "ledger"], "error: no projections: pass --app module:attribute or set EVENTSTORE_APP"),
         (["run", "--app", "tests.projections.nothing_here:X"], "cannot import 'tests.projections.nothing_here'"),
         (["run", "--app", "tests.projections.app:NOTHING"], "'tests.projections.app' has no attribute 'NOTHING'"),

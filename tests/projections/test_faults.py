@@ -49,7 +49,7 @@ async def ledger_status(store: EventStore) -> ProjectionStatus:
 
 
 async def reached(store: EventStore, checkpoint: Checkpoint) -> bool:
-    rows = await store.pool.fetch("SELECT transaction_id, position FROM projection_checkpoints WHERE name = 'ledger'")
+    rows = await store.pool.fetch("SELECT log_xid, position FROM projection_checkpoints WHERE name = 'ledger'")
     return bool(rows) and Checkpoint(rows[0][0], rows[0][1]) >= checkpoint
 
 

@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
+import sys
+import textwrap
+from typing import Any
+
 import pytest
 
-from eventstore import EventStore, NewEvent, StreamState, WrongExpectedVersion
+from eventstore import AppendRefused, EventStore, NewEvent, RecordedEvent, StreamState, WrongExpectedVersion
 from projections import (
     InlineProjections,
     InvalidProjection,
+    Projection,
     ProjectionFailed,
     ProjectionNeedsRebuild,
     ProjectionRunner,
     Projections,
+    UnknownProjection,
+    handles,
 )
 from tests.projections.app import Ledger, Totals, balances, deposit, withdraw
 
@@ -81,3 +89,90 @@ def test_inline_and_async_projections_are_kept_apart(store: EventStore) -> None:
         ProjectionRunner(store, [Totals()])
     with pytest.raises(InvalidProjection, match="'ledger' is not inline: run it with a ProjectionRunner"):
         InlineProjections(store, [Ledger()])
+
+
+async def test_a_process_without_the_projection_cannot_append_what_it_handles(
+    store: EventStore, database_url: str
+) -> None:
+    """The guard in the database: a script that imported only the event store is refused, writing nothing,
+    instead of leaving the read model silently behind; events the projection does not handle still go."""
+    async with InlineProjections(store, [Totals()]):
+        await store.append("acc-1", [deposit("a1", 10)])
+    script = textwrap.dedent(
+        f"""
+        import asyncio, sys
+        from eventstore import AppendRefused, EventStore, NewEvent
+
+        async def main():
+            async with EventStore({database_url!r}) as store:
+                try:
+                    await store.append("acc-1", [NewEvent("Deposited", {{"account": "a1", "amount": 5}})])
+                except AppendRefused as refused:
+                    print("refused:", refused.reason)
+                else:
+                    sys.exit("appended around the inline projection")
+                await store.append("other-1", [NewEvent("Opened")])
+            assert not any(name.startswith(("projections", "outbox", "aggregates")) for name in sys.modules)
+
+        asyncio.run(main())
+        """
+    )
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", script, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 0, stderr.decode()
+    assert "inline projection totals" in stdout.decode()
+    assert await store.stream_version("acc-1") == 0
+    assert await store.stream_version("other-1") == 0
+    assert await balances(store) == {"a1": 10}
+
+
+async def test_the_guard_holds_in_units_of_work_and_after_detaching(store: EventStore, database_url: str) -> None:
+    inline = InlineProjections(store, [Totals()])
+    async with EventStore(database_url) as bare:
+        async with inline:
+            async with store.unit_of_work() as uow:  # several appends, one transaction: all applied
+                await uow.append("acc-1", [deposit("a1", 3)])
+                await uow.append("acc-2", [deposit("a2", 4)])
+            with pytest.raises(AppendRefused, match="inline projection totals"):
+                async with bare.unit_of_work() as uow:  # refused at commit, with everything else in it
+                    await uow.append("other-1", [NewEvent("Opened")])
+                    await uow.append("acc-1", [deposit("a1", 100)])
+            assert await bare.stream_version("other-1") == -1
+        with pytest.raises(AppendRefused):  # detached: this process no longer keeps the read model
+            await store.append("acc-1", [deposit("a1", 1)])
+    assert await balances(store) == {"a1": 3, "a2": 4}
+    assert await store.stream_version("acc-1") == 0
+
+
+async def test_dropping_an_inline_projection_removes_its_guard(store: EventStore) -> None:
+    async with InlineProjections(store, [Totals()]):
+        await store.append("acc-1", [deposit("a1", 3)])
+    with pytest.raises(AppendRefused):
+        await store.append("acc-1", [deposit("a1", 1)])
+    await Projections(store, []).drop("totals")
+    await store.append("acc-1", [deposit("a1", 1)])
+    assert await store.pool.fetchval("SELECT to_regclass('account_totals')") is None
+    assert [s.name for s in await Projections(store, []).status()] == []
+    with pytest.raises(UnknownProjection):
+        await Projections(store, []).drop("totals")
+
+
+async def test_a_rebuild_moves_the_guard_to_the_new_declaration(store: EventStore) -> None:
+    class WithdrawalsOnly(Projection):
+        name = "totals"
+        inline = True
+        version = 2
+        tables = {"account_totals": "CREATE TABLE account_totals (account text PRIMARY KEY, balance bigint NOT NULL)"}
+
+        @handles("Withdrawn")
+        async def withdrawn(self, conn: Any, event: RecordedEvent) -> None:
+            await conn.execute("INSERT INTO account_totals VALUES ($1, 0) ON CONFLICT DO NOTHING", event.stream_id)
+
+    async with InlineProjections(store, [Totals()]):
+        await store.append("acc-1", [deposit("a1", 3)])
+    await Projections(store, [WithdrawalsOnly()]).rebuild("totals")
+    await store.append("acc-1", [deposit("a1", 1)])  # no longer guarded
+    with pytest.raises(AppendRefused):
+        await store.append("acc-1", [withdraw("a1", 1)])
