@@ -32,7 +32,7 @@ from eventstore.embedded import EmbeddedPostgres, ShutdownMode
 from outbox import Outbox, Route, from_record
 from outbox.embedded import EmbeddedBroker
 from tests.outbox.conftest import Collector, create_topic
-from tests.projections.app import assert_ledger_exactly_once, eventually
+from tests.projections.app import SLOW_ENV, assert_ledger_exactly_once, eventually
 
 pytestmark = pytest.mark.fault
 
@@ -124,10 +124,10 @@ async def _writer(store: EventStore, a: int, writes: Writes, stop: asyncio.Event
         await asyncio.sleep(0.005)
 
 
-async def _spawn(log: Path, *args: str) -> asyncio.subprocess.Process:
+async def _spawn(log: Path, *args: str, **env: str) -> asyncio.subprocess.Process:
     with log.open("ab") as out:
         return await asyncio.create_subprocess_exec(
-            EVENTSTORE, *args, cwd=ROOT, env=dict(os.environ), stdout=out, stderr=out
+            EVENTSTORE, *args, cwd=ROOT, env={**os.environ, **env}, stdout=out, stderr=out
         )
 
 
@@ -152,6 +152,7 @@ async def test_components_reconnect_by_themselves_after_postgres_restarts(
         runner = await _spawn(
             log, "--database-url", url, "projections", "run", "--app", "tests.projections.app:PROJECTIONS",
             "--only", "ledger", "--batch-size", "20", "--poll-interval", "0.2", "--lease-interval", "0.2",
+            **{SLOW_ENV: "1"},  # 1 ms per event: a batch transaction is open most of the time when the server stops
         )
         relay = await _spawn(
             log, "--database-url", url, "--kafka", servers, "outbox", "relay", "--relay-id", "restart",
