@@ -564,8 +564,6 @@ def _checks(snapshot: Snapshot, journal: Journal, deliveries: Deliveries, final:
 class Soak:
     """The servers, the processes and what has been seen so far."""
 
-    args: argparse.Namespace
-    workdir: Path
     postgres: EmbeddedPostgres
     broker: EmbeddedBroker
     store: EventStore
@@ -577,19 +575,24 @@ class Soak:
     rng: random.Random
     started: float = field(default_factory=time.monotonic)
     faults: Counter[str] = field(default_factory=Counter)
-    notes: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # faults that could not be injected or recovered from
 
     @property
     def processes(self) -> list[Supervised]:
         return [self.writer, self.runner, self.relay]
 
     def note(self, text: str) -> None:
-        line = f"[{time.monotonic() - self.started:7.1f}s] {text}"
-        self.notes.append(line)
-        console.print(line, highlight=False)
+        console.print(f"[{time.monotonic() - self.started:7.1f}s] {text}", highlight=False)
 
     async def fault(self, kind: str) -> None:
         self.faults[kind] += 1
+        try:
+            await self._inject(kind)
+        except Exception as exc:
+            self.errors.append(f"{kind}: {type(exc).__name__}: {exc}")
+            self.note(f"fault {kind} failed: {type(exc).__name__}: {exc}")
+
+    async def _inject(self, kind: str) -> None:
         if kind == "terminate":
             count = await self.store.retrying(lambda: self.store.pool.fetchval(TERMINATE))
             self.note(f"terminated {count} sessions")
@@ -614,8 +617,9 @@ class Soak:
             await _ensure_topic(self.broker.bootstrap_servers)  # before the relay's producer creates it
             self.deliveries.incarnation += 1
             await self.deliveries.start()
-            self.note(f"broker restarted after {down:.1f}s down"
-                      + ("" if drained else " (NOT drained first: its last messages cannot be checked)"))
+            self.note(f"broker restarted after {down:.1f}s down")
+            if not drained:
+                self.errors.append("broker: not drained before its restart, its last messages cannot be checked")
         elif kind == "postgres":
             mode = self.rng.choice(SHUTDOWNS)
             down = self.rng.uniform(1.0, 3.0)
@@ -636,7 +640,10 @@ class Soak:
             self.note(f"{process.role} exited by itself with status {code}:\n{process.tail(1500)}")
             if process is self.writer:
                 raise RuntimeError("the writer exited by itself")
-            await process.start()
+            try:
+                await process.start()
+            except RuntimeError as exc:  # looked at again at the next turn
+                self.errors.append(f"{process.role} could not be started again: {exc}")
 
     def sample(self) -> None:
         now = time.monotonic()
@@ -663,6 +670,7 @@ class Soak:
         checks = _checks(snapshot, self.journal, self.deliveries, final)
         exits = [f"{p.role}: {', '.join(p.unexpected_exits)}" for p in self.processes if p.unexpected_exits]
         checks.append(Check("no process exited by itself", not exits, "; ".join(exits)))
+        checks.append(Check("every fault injected", not self.errors, "; ".join(self.errors)[-300:]))
         elapsed = time.monotonic() - self.started
         commands = self.journal.commands.values()
         errors = Counter(c.error for c in commands if not c.ok)
@@ -736,7 +744,7 @@ async def _soak(args: argparse.Namespace, workdir: Path) -> bool:
         deliveries = Deliveries(servers)
         await deliveries.start()
         async with EventStore(url, retry_for=120, check_schema=False) as store:
-            soak = Soak(args, workdir, postgres, broker, store, writer, runner, relay, deliveries,
+            soak = Soak(postgres, broker, store, writer, runner, relay, deliveries,
                         Journal(workdir / "journal.jsonl"), rng)
             try:
                 for process in (runner, relay, writer):
