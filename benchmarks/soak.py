@@ -725,7 +725,7 @@ async def _soak(args: argparse.Namespace, workdir: Path) -> bool:
         url, servers = postgres.url, broker.bootstrap_servers
         await asyncio.to_thread(migrate, url)
         await _ensure_topic(servers)
-        console.print(f"PostgreSQL {url} (data {postgres.data_dir}), broker {servers}, work directory {workdir}")
+        console.print(f"PostgreSQL {url}, broker {servers}, seed {args.seed}, work directory {workdir}")
         writer = Supervised("writer", [
             sys.executable, "-m", "benchmarks.soak", "writer", "--database-url", url,
             "--journal", str(workdir / "journal.jsonl"), "--rate", str(args.rate),
@@ -812,7 +812,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--writer-retry-for", type=float, default=2.0,
                         help="seconds the writer's store retries after a lost connection: shorter than the longest "
                         "PostgreSQL outage (3 s), so some commands raise and are checked to be stored at most once")
-    parser.add_argument("--seed", type=int, default=20261128)
+    parser.add_argument("--seed", type=int, help="of the fault schedule and the workload (default: random, printed)")
     parser.add_argument("--workdir", type=Path, help="logs and the journal (default: a new temporary directory)")
     sub = parser.add_subparsers(dest="role")
     writer = sub.add_parser("writer", help="(internal) the writer process")
@@ -824,6 +824,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     writer.add_argument("--seed", type=int, default=0)
     writer.add_argument("--retry-for", type=float, default=15.0)
     args = parser.parse_args(argv)
+    if args.seed is None:
+        args.seed = random.randrange(2**32)
     if args.role == "writer":
         with args.journal.open("ab", buffering=0) as journal:
             sys.exit(asyncio.run(_write(args, journal)))
