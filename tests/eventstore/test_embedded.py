@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from eventstore import EventStore, NewEvent, StreamState, migrate
-from eventstore.embedded import DATABASE_URL_ENV, database_url, embedded_postgres
+from eventstore.embedded import DATABASE_URL_ENV, EmbeddedPostgres, database_url, embedded_postgres
 
 
 @pytest.mark.embedded
@@ -24,6 +24,32 @@ def test_embedded_postgres_runs_the_store() -> None:
                 return [e.event_type for e in await store.read_all()]
 
         assert asyncio.run(roundtrip()) == ["Started"]
+
+
+@pytest.mark.embedded
+def test_embedded_postgres_restarts_on_its_port_and_keeps_committed_events() -> None:
+    with EmbeddedPostgres() as server:
+        url = server.url
+        migrate(url)
+
+        async def append(stream: str) -> None:
+            async with EventStore(url) as store:
+                await store.append(stream, [NewEvent("Started")], StreamState.NO_STREAM)
+
+        async def streams() -> list[str]:
+            async with EventStore(url) as store:
+                return [e.stream_id for e in await store.read_all()]
+
+        asyncio.run(append("emb-1"))
+        server.stop("immediate")  # a crash: recovery replays the WAL at the next start
+        assert not server.running
+        assert server.start() == url
+        asyncio.run(append("emb-2"))
+        server.stop("fast")
+        server.start()
+        assert asyncio.run(streams()) == ["emb-1", "emb-2"]
+        data_dir = server.data_dir
+    assert not data_dir.exists()
 
 
 def test_database_url_prefers_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
