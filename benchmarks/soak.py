@@ -67,18 +67,18 @@ from projections import Projections
 # -- what this script relies on of the store and outbox APIs (being reworked: adapt here) -------------
 
 
-def install_outbox(store: EventStore) -> None:
-    """Every appending process writes the shop's outbox messages in its appends."""
-    OUTBOX.install(store)
+async def install_outbox(store: EventStore) -> None:
+    """Declare the shop's routes: from then on every append writes its outbox messages."""
+    await OUTBOX.declare(store)
 
 
 ROUTED_TYPES = frozenset(t for route in OUTBOX.routes for t in route.types or ())
 LOG = """
-SELECT event_id, stream_id, stream_version, event_type, transaction_id AS xid, position, data::text AS data,
+SELECT event_id, stream_id, stream_version, event_type, log_xid AS xid, position, data::text AS data,
        metadata->>'correlation_id' AS command
-FROM events ORDER BY transaction_id, position
+FROM events ORDER BY log_xid, position
 """
-CHECKPOINTS = "SELECT name, transaction_id AS xid, position, status FROM projection_checkpoints WHERE mode = 'async'"
+CHECKPOINTS = "SELECT name, log_xid AS xid, position, status FROM projection_checkpoints WHERE mode = 'async'"
 OUTBOX_STATE = """
 SELECT count(*) FILTER (WHERE published_at IS NULL AND dead_at IS NULL) AS pending,
        count(*) FILTER (WHERE dead_at IS NOT NULL) AS dead,
@@ -147,7 +147,7 @@ async def _write(args: argparse.Namespace, journal: BinaryIO) -> int:
     rng = random.Random(args.seed)
     failed: Counter[str] = Counter()
     async with EventStore(args.database_url, max_connections=args.concurrency + 4, retry_for=args.retry_for) as store:
-        install_outbox(store)
+        await install_outbox(store)
         async with Projections(store, PROJECTIONS).inline():
             shop = Shop(store)
             commands = _JournaledCommands(Tally(), journal)

@@ -28,8 +28,9 @@ from eventstore.model import (
     category_of,
     expected_version,
 )
+from eventstore.retry import CONNECTION_ERRORS, with_retries
 from eventstore.schema import metadata
-from eventstore.store import CONNECTION_ERRORS, AppendHook, EventStore, Snapshot, UnitOfWork, asyncpg_dsn
+from eventstore.store import AppendHook, EventStore, Snapshot, UnitOfWork, asyncpg_dsn
 from eventstore.subscription import Subscription
 
 __all__ = [
@@ -66,4 +67,5 @@ __all__ = [
     "metadata",
     "migrate",
     "migrate_async",
+    "with_retries",
 ]

@@ -40,6 +40,7 @@ from eventstore.model import (
     RecordedEvent,
     StreamState,
 )
+from eventstore.retry import with_retries
 from eventstore.schema import MAX_EVENT_TYPE_LENGTH, MAX_STREAM_ID_LENGTH
 from eventstore.subscription import Subscription
 
@@ -52,26 +53,12 @@ _MAX_VERSION = 2**63 - 1
 # JSON text that PostgreSQL's jsonb refuses: the escaped NUL character.
 _JSON_NUL = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
 
-CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
-    OSError,
-    asyncio.TimeoutError,
-    asyncpg.exceptions.ConnectionDoesNotExistError,
-    asyncpg.exceptions.ConnectionFailureError,
-    asyncpg.exceptions.AdminShutdownError,
-    asyncpg.exceptions.CannotConnectNowError,
-    asyncpg.exceptions.TooManyConnectionsError,
-    asyncpg.exceptions.InterfaceError,
-    # asyncpg's protocol can be left mid-operation when the server kills the session.
-    asyncpg.exceptions.InternalClientError,
-)
-"""Errors after which the operation may be retried on a fresh connection."""
-
-_CONNECT_ERRORS: tuple[type[BaseException], ...] = (
-    *CONNECTION_ERRORS,
+_REFUSED_FOR_GOOD: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.InvalidCatalogNameError,
     asyncpg.exceptions.InvalidAuthorizationSpecificationError,
     asyncpg.exceptions.InvalidPasswordError,
 )
+"""Connection errors that waiting will not cure: no such database, wrong credentials."""
 
 # What PostgreSQL says of text that is not JSON it can store (a bad orjson.Fragment).
 _JSON_REFUSED: tuple[type[BaseException], ...] = (
@@ -283,6 +270,7 @@ class EventStore:
         max_connections: int = 10,
         max_event_size: int = DEFAULT_MAX_EVENT_SIZE,
         retry_for: float = 15.0,
+        connect_timeout: float | None = None,
         notify: bool = True,
         check_schema: bool = True,
     ) -> None:
@@ -295,6 +283,7 @@ class EventStore:
         self._max = max_connections
         self.max_event_size = max_event_size
         self.retry_for = retry_for
+        self.connect_timeout = retry_for if connect_timeout is None else connect_timeout
         self._notify = notify
         self._check_schema = check_schema
         self._hooks: list[AppendHook] = []
@@ -306,12 +295,18 @@ class EventStore:
 
     async def start(self) -> None:
         if self._pool is None:
-            assert self.url is not None
-            try:
-                self._pool = await asyncpg.create_pool(
-                    self.url, min_size=self._min, max_size=self._max, max_inactive_connection_lifetime=60
+            url = self.url
+            assert url is not None
+
+            async def connect() -> asyncpg.Pool:
+                return await asyncpg.create_pool(
+                    url, min_size=self._min, max_size=self._max, max_inactive_connection_lifetime=60
                 )
-            except _CONNECT_ERRORS as exc:
+
+            # A server that is restarting refuses connections for a while: wait up to connect_timeout.
+            try:
+                self._pool = await with_retries(connect, patience=self.connect_timeout, what="cannot connect")
+            except _REFUSED_FOR_GOOD as exc:
                 raise DatabaseUnavailable(f"cannot connect to PostgreSQL: {exc}") from None
         if self._check_schema:
             async with self.pool.acquire() as conn:
@@ -355,20 +350,12 @@ class EventStore:
         Only for operations that are safe to repeat (reads, idempotent writes, work whose progress is
         in the database); raises `DatabaseUnavailable` when the time is up.
         """
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.retry_for
-        delay = 0.05
-        while True:
-            try:
-                return await operation()
-            except CONNECTION_ERRORS as exc:
-                if self._pool is None or self._pool.is_closing():
-                    raise
-                if loop.time() + delay > deadline:
-                    raise DatabaseUnavailable(f"PostgreSQL unavailable: {exc}") from exc
-                log.warning("database connection lost (%s); retrying in %.2fs", exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
+        return await with_retries(
+            operation,
+            patience=self.retry_for,
+            what="event store",
+            give_up=lambda: self._pool is None or self._pool.is_closing(),
+        )
 
     # -- appends -----------------------------------------------------------------------------------
 

@@ -30,7 +30,9 @@ def database_url(args: argparse.Namespace) -> str:
 
 
 async def open_store(args: argparse.Namespace, **kwargs: Any) -> EventStore:
-    store = EventStore(database_url(args), retry_for=2.0, **kwargs)
+    kwargs.setdefault("retry_for", 2.0)
+    kwargs.setdefault("connect_timeout", 0.0)  # a one-shot command with a wrong URL says so at once
+    store = EventStore(database_url(args), **kwargs)
     await store.start()
     return store
 

@@ -28,6 +28,10 @@ from projections import Projection, Projections, ProjectionStatus, RebuildProgre
 APP_ENV = "EVENTSTORE_APP"
 
 
+RUNNER_PATIENCE = 60.0
+"""Seconds a runner waits for PostgreSQL, at start (it may be restarting) and after a lost connection."""
+
+
 def register(commands: Any) -> None:
     group = commands.add_parser("projections", help="run, inspect, rebuild and reset projections")
     sub = group.add_subparsers(dest="projections_command", required=True, metavar="COMMAND")
@@ -201,7 +205,7 @@ async def _run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(message)s", handlers=[RichHandler(console=errors, show_path=False)]
     )
-    store = await open_store(args)
+    store = await open_store(args, retry_for=RUNNER_PATIENCE, connect_timeout=RUNNER_PATIENCE)
     try:
         projections = Projections(store, declared)
         runner = projections.runner(

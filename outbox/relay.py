@@ -54,7 +54,7 @@ from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
-from eventstore import CONNECTION_ERRORS, DatabaseUnavailable, NotStarted, asyncpg_dsn
+from eventstore import CONNECTION_ERRORS, DatabaseUnavailable, NotStarted, asyncpg_dsn, with_retries
 from eventstore import sql as store_sql
 from outbox import sql
 from outbox.cloudevents import kafka_headers
@@ -172,6 +172,8 @@ class RelaySettings(_Settings):
     retention: float | None = Field(default=24 * 3600.0, ge=0)
     """Seconds a published message is kept before pruning; None keeps them."""
     prune_interval: float = Field(default=60.0, gt=0)
+    connect_timeout: float = Field(default=60.0, ge=0)
+    """How long `start()` waits for PostgreSQL to accept connections (it may be restarting)."""
 
     @model_validator(mode="after")
     def _lease_outlives_a_round(self) -> RelaySettings:
@@ -286,12 +288,11 @@ class Relay:
     # -- lifecycle ---------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        try:
-            self._pool = await asyncpg.create_pool(
-                self._url, min_size=1, max_size=3, max_inactive_connection_lifetime=60
-            )
-        except CONNECTION_ERRORS as exc:
-            raise DatabaseUnavailable(f"relay cannot connect to PostgreSQL: {exc}") from None
+        async def connect() -> asyncpg.Pool:
+            return await asyncpg.create_pool(self._url, min_size=1, max_size=3, max_inactive_connection_lifetime=60)
+
+        # A server that is restarting refuses connections for a while: a relay started meanwhile waits.
+        self._pool = await with_retries(connect, patience=self.settings.connect_timeout, what="relay cannot connect")
         try:
             slots = await self._pool.fetchval(sql.COUNT_SLOTS)
             if slots != SLOT_COUNT:

@@ -40,18 +40,18 @@ pytestmark = pytest.mark.fault
 # -- the store and outbox API this test relies on, in one place: they are being reworked ------------
 
 ROUTED_CATEGORY = "acc"
-LEDGER_CHECKPOINT = "SELECT transaction_id, position FROM projection_checkpoints WHERE name = 'ledger'"
+LEDGER_CHECKPOINT = "SELECT log_xid, position FROM projection_checkpoints WHERE name = 'ledger'"
 UNPUBLISHED = "SELECT count(*) FROM outbox WHERE published_at IS NULL AND dead_at IS NULL"
 PUBLISHED = "SELECT count(*) FROM outbox WHERE published_at IS NOT NULL"
 DEAD = "SELECT count(*) FROM outbox WHERE dead_at IS NOT NULL"
-ROUTED_EVENTS = "SELECT event_id FROM outbox"
+ROUTED_EVENTS = "SELECT e.event_id FROM outbox JOIN events e USING (position)"
 
 
 @contextlib.asynccontextmanager
 async def writer_store(url: str, topic: str, retry_for: float) -> AsyncIterator[EventStore]:
     """A store whose appends to streams of `ROUTED_CATEGORY` write outbox messages for `topic`."""
     async with EventStore(url, retry_for=retry_for) as store:
-        Outbox([Route(topic, category=ROUTED_CATEGORY)], source="/faults/restart").install(store)
+        await Outbox([Route(topic, category=ROUTED_CATEGORY)], source="/faults/restart").declare(store)
         yield store
 
 
@@ -168,7 +168,6 @@ async def test_components_reconnect_by_themselves_after_postgres_restarts(
         try:
             async with writer_store(url, topic, retry_for=0.5) as store:
                 writers = [asyncio.create_task(_writer(store, a, writes, stop)) for a in range(WRITERS)]
-                # Restarts hit running components: a runner or relay that cannot connect at start exits.
                 await eventually(lambda: _working(store), 30, "the runner and the relay at work")
                 await asyncio.sleep(0.5)
                 for mode, down in RESTARTS:
@@ -247,6 +246,48 @@ async def test_components_reconnect_by_themselves_after_postgres_restarts(
         firsts = list(dict.fromkeys(versions))
         assert firsts == list(range(len(by_stream[key]))), f"{key} (partition {partition}): {firsts}"
     assert {key for key, _ in first_seen} == set(by_stream)
+
+
+async def test_a_runner_and_a_relay_started_while_postgres_is_down_wait_for_it(
+    private_postgres: EmbeddedPostgres, tmp_path: Path
+) -> None:
+    """A supervisor that starts them during a restart (or before the database) gets processes that wait,
+    not processes that exit."""
+    server = private_postgres
+    url = server.url
+    with EmbeddedBroker() as broker:
+        servers = broker.bootstrap_servers
+        topic = await create_topic(servers, f"late-{uuid.uuid4().hex[:8]}")
+        async with writer_store(url, topic, retry_for=5) as store:
+            await store.append(f"{ROUTED_CATEGORY}-1", _move(f"{ROUTED_CATEGORY}1", 0))
+        await asyncio.to_thread(server.stop, "fast")
+        log = tmp_path / "processes.log"
+        runner = await _spawn(
+            log, "--database-url", url, "projections", "run", "--app", "tests.projections.app:PROJECTIONS",
+            "--only", "ledger", "--poll-interval", "0.2", "--lease-interval", "0.2",
+        )
+        relay = await _spawn(
+            log, "--database-url", url, "--kafka", servers, "outbox", "relay", "--relay-id", "late",
+            "--send-timeout", "1", "--lease-ttl", "6", "--poll-interval", "0.3",
+        )
+        collector = Collector(servers, topic)
+        try:
+            await asyncio.sleep(3.0)
+            assert (runner.returncode, relay.returncode) == (None, None), log.read_text(errors="replace")
+            await asyncio.to_thread(server.start)
+            await collector.start()
+            async with EventStore(url) as admin:
+                head = await admin.head()
+                await eventually(lambda: _projected(admin, head), 60, "the runner projecting")
+                await eventually(lambda: _none_pending(admin), 60, "the relay publishing")
+                assert await assert_ledger_exactly_once(admin) == 2
+            await collector.wait_count(2, timeout=30)
+        finally:
+            await collector.stop()
+            for process in (runner, relay):
+                if process.returncode is None:
+                    process.send_signal(signal.SIGKILL)
+                    await process.wait()
 
 
 async def _postmaster_start_time(url: str) -> Any:
