@@ -13,7 +13,7 @@ import asyncpg
 from sqlalchemy.engine import make_url
 
 from eventstore import asyncpg_dsn
-from eventstore.migrate import migrate_async
+from eventstore_app import migrate_async
 
 
 @dataclass

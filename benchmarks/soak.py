@@ -56,23 +56,19 @@ from rich.console import Console
 from rich.table import Table
 
 from aggregates import Repository
-from eventstore import Checkpoint, EventStore, migrate
+from eventstore import Checkpoint, EventStore
 from eventstore.embedded import EmbeddedPostgres, ShutdownMode
-from examples.shop.app import ORDERS_TOPIC, OUTBOX, PROJECTIONS, Shop
-from examples.shop.demo import PRODUCTS, Tally, _Commands, _customer, _ensure_topic
+from eventstore_app import ApplicationSettings, migrate
+from examples.shop.app import APP, ORDERS_TOPIC
+from examples.shop.demo import PRODUCTS, Shop, Tally, _Commands, _customer, _ensure_topic
 from outbox import from_record
 from outbox.embedded import EmbeddedBroker
-from projections import Projections
 
 # -- what this script relies on of the store and outbox APIs (being reworked: adapt here) -------------
 
 
-async def install_outbox(store: EventStore) -> None:
-    """Declare the shop's routes: from then on every append writes its outbox messages."""
-    await OUTBOX.declare(store)
-
-
-ROUTED_TYPES = frozenset(t for route in OUTBOX.routes for t in route.types or ())
+assert APP.outbox is not None
+ROUTED_TYPES = frozenset(t for route in APP.outbox.routes for t in route.types or ())
 LOG = """
 SELECT event_id, stream_id, stream_version, event_type, log_xid AS xid, position, data::text AS data,
        metadata->>'correlation_id' AS command
@@ -146,43 +142,42 @@ async def _write(args: argparse.Namespace, journal: BinaryIO) -> int:
         loop.add_signal_handler(signum, stop.set)
     rng = random.Random(args.seed)
     failed: Counter[str] = Counter()
-    async with EventStore(args.database_url, max_connections=args.concurrency + 4, retry_for=args.retry_for) as store:
-        await install_outbox(store)
-        async with Projections(store, PROJECTIONS).inline():
-            shop = Shop(store)
-            commands = _JournaledCommands(Tally(), journal)
-            prices = {f"sku{i:03d}": 500 + 250 * (i % 9) for i in range(PRODUCTS)}
-            for i, (sku, price) in enumerate(prices.items()):
-                stock = POPULAR_STOCK if i < 4 else args.stock
-                await commands.run(
-                    shop.products, sku, lambda p, pr=price, st=stock: p.list_for_sale(pr, st), create=True
-                )
-            gate = asyncio.Semaphore(args.concurrency)
-            running: set[asyncio.Task[None]] = set()
+    settings = ApplicationSettings(max_connections=args.concurrency + 4, retry_for=args.retry_for)
+    async with APP.using(database_url=args.database_url, settings=settings) as app:
+        shop = Shop(app)
+        commands = _JournaledCommands(Tally(), journal)
+        prices = {f"sku{i:03d}": 500 + 250 * (i % 9) for i in range(PRODUCTS)}
+        for i, (sku, price) in enumerate(prices.items()):
+            stock = POPULAR_STOCK if i < 4 else args.stock
+            await commands.run(
+                shop.products, sku, lambda p, pr=price, st=stock: p.list_for_sale(pr, st), create=True
+            )
+        gate = asyncio.Semaphore(args.concurrency)
+        running: set[asyncio.Task[None]] = set()
 
-            async def customer(n: int) -> None:
-                try:
-                    await _customer(shop, commands, random.Random(rng.random()), n, prices)
-                except Exception as exc:  # a command raised: this customer gives up
-                    failed[type(exc).__name__] += 1
-                finally:
-                    gate.release()
+        async def customer(n: int) -> None:
+            try:
+                await _customer(shop, commands, random.Random(rng.random()), n, prices)
+            except Exception as exc:  # a command raised: this customer gives up
+                failed[type(exc).__name__] += 1
+            finally:
+                gate.release()
 
-            print("writing", flush=True)
-            started = loop.time()
-            n = 0
-            while not stop.is_set():
-                delay = started + n / args.rate - loop.time()
-                if delay > 0:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), delay)
-                    continue
-                await gate.acquire()
-                task = loop.create_task(customer(n))
-                running.add(task)
-                task.add_done_callback(running.discard)
-                n += 1
-            await asyncio.gather(*running)
+        print("writing", flush=True)
+        started = loop.time()
+        n = 0
+        while not stop.is_set():
+            delay = started + n / args.rate - loop.time()
+            if delay > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
+                continue
+            await gate.acquire()
+            task = loop.create_task(customer(n))
+            running.add(task)
+            task.add_done_callback(running.discard)
+            n += 1
+        await asyncio.gather(*running)
     tally = commands.tally
     print(f"customers {n}, commands {tally.commands}, conflicts retried {tally.conflicts}, "
           f"customers given up {dict(failed)}", flush=True)
@@ -733,7 +728,7 @@ async def _soak(args: argparse.Namespace, workdir: Path) -> bool:
             "--retry-for", str(args.writer_retry_for),
         ], workdir / "writer.log", "writing")
         runner = Supervised("runner", [
-            EVENTSTORE, "--database-url", url, "projections", "run", "--app", "examples.shop.app:PROJECTIONS",
+            EVENTSTORE, "--database-url", url, "projections", "run", "--app", "eventstore_examples.shop.app:APP",
             "--batch-size", "200", "--poll-interval", "0.5", "--lease-interval", "1",
         ], workdir / "runner.log", "running ")
         relay = Supervised("relay", [

@@ -15,7 +15,6 @@ from eventstore.errors import (
     StreamNotFound,
     WrongExpectedVersion,
 )
-from eventstore.migrate import migrate, migrate_async
 from eventstore.model import (
     START,
     AppendResult,
@@ -65,7 +64,5 @@ __all__ = [
     "category_of",
     "expected_version",
     "metadata",
-    "migrate",
-    "migrate_async",
     "with_retries",
 ]

@@ -1,6 +1,6 @@
-"""The event store's tables: the one source of truth for the schema (migrations compare against it).
+"""The event store's tables: the one source of truth for its schema (migrations compare against it).
 
-Other packages add their own tables to the same `metadata` so that one Alembic environment owns them all.
+Each component owns a MetaData of its own; only the migration environment combines them.
 """
 
 from __future__ import annotations

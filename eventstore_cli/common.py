@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import os
 import sys
 from collections.abc import Coroutine
@@ -13,6 +14,7 @@ from rich.console import Console
 
 from eventstore import DatabaseUnavailable, EventStore, EventStoreError
 from eventstore.embedded import DATABASE_URL_ENV
+from eventstore_app import Application
 
 console = Console()
 errors = Console(stderr=True)
@@ -20,6 +22,35 @@ errors = Console(stderr=True)
 
 class CommandError(Exception):
     """A failure the user can fix; printed as one line, no traceback."""
+
+
+APP_ENV = "EVENTSTORE_APP"
+
+
+def load_app(spec: str | None) -> Application:
+    """Import the application declared at `module:attribute` (the working directory is importable)."""
+    if not spec:
+        raise CommandError(f"no application: pass --app module:attribute or set {APP_ENV}")
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise CommandError(f"--app must look like module:attribute, got {spec!r}")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        raise CommandError(f"--app {spec}: cannot import {module_name!r}: {exc}") from None
+    except Exception as exc:
+        raise CommandError(f"--app {spec}: importing {module_name!r} failed: {type(exc).__name__}: {exc}") from None
+    value: Any = module
+    for part in attribute.split("."):
+        try:
+            value = getattr(value, part)
+        except AttributeError:
+            raise CommandError(f"--app {spec}: {module_name!r} has no attribute {attribute!r}") from None
+    if not isinstance(value, Application):
+        raise CommandError(f"--app {spec}: expected an eventstore_app.Application, got {type(value).__name__}")
+    return value
 
 
 def database_url(args: argparse.Namespace) -> str:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib
 import logging
 import os
 from typing import Any
 
 from eventstore import EventStore, NewEvent, WrongExpectedVersion, expected_version
 from eventstore.embedded import DATABASE_URL_ENV, embedded_postgres
-from eventstore.migrate import migrate_async
+from eventstore_app import migrate_async
 from eventstore_cli.common import CommandError, console, run
 
 KAFKA_ENV = "KAFKA_BOOTSTRAP_SERVERS"
@@ -43,10 +44,10 @@ async def _demo(args: argparse.Namespace) -> int:
             console.print("starting the embedded Kafka-protocol broker (tansu) ...")
             broker = stack.enter_context(EmbeddedBroker())
             kafka = await asyncio.to_thread(broker.start)
-        from examples.shop.demo import print_report, run_demo
-
-        report = await run_demo(url, kafka, console, customers=args.customers, concurrency=args.concurrency)
-        print_report(report, console)
+        # The shop is the repository's examples/ folder, installed as `eventstore_examples`.
+        shop: Any = importlib.import_module("eventstore_examples.shop.demo")
+        report = await shop.run_demo(url, kafka, console, customers=args.customers, concurrency=args.concurrency)
+        shop.print_report(report, console)
         if not report.ok:
             raise CommandError("the demo's checks failed: see the table above")
         console.print("[bold green]all checks passed[/]: nothing lost, nothing applied twice")

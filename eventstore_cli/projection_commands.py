@@ -1,8 +1,7 @@
 """`eventstore projections status|run|rebuild NAME|reset NAME|resume NAME|drop NAME`.
 
-Projections are application code, so the commands that need their declarations import them from
-`--app module:attribute` (default `$EVENTSTORE_APP`): a list of projections, one projection, or a
-`Projections` object.
+Projections are application code, so the commands that need their declarations import the
+application from `--app module:attribute` (default `$EVENTSTORE_APP`): an `eventstore_app.Application`.
 """
 
 from __future__ import annotations
@@ -10,23 +9,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib
 import logging
 import os
 import signal
-import sys
-from collections.abc import Iterable
 from typing import Any
 
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from eventstore_cli.common import CommandError, console, errors, open_store, run
+from eventstore_cli.common import APP_ENV, CommandError, console, errors, load_app, open_store, run
 from projections import Projection, Projections, ProjectionStatus, RebuildProgress
-
-APP_ENV = "EVENTSTORE_APP"
-
 
 RUNNER_PATIENCE = 60.0
 """Seconds a runner waits for PostgreSQL, at start (it may be restarting) and after a lost connection."""
@@ -40,7 +33,7 @@ def register(commands: Any) -> None:
         parser.add_argument(
             "--app",
             default=os.environ.get(APP_ENV),
-            help=f"module:attribute naming the projections (default: ${APP_ENV})"
+            help=f"module:attribute naming the application (default: ${APP_ENV})"
             + ("" if required else "; without it only recorded projections are shown"),
         )
 
@@ -100,52 +93,8 @@ def _positive_float(text: str) -> float:
 
 
 def load_projections(spec: str | None) -> list[Projection]:
-    """Import the application's projections from `module:attribute`."""
-    if not spec:
-        raise CommandError(f"no projections: pass --app module:attribute or set {APP_ENV}")
-    module_name, _, attribute = spec.partition(":")
-    if not module_name or not attribute:
-        raise CommandError(f"--app must look like module:attribute, got {spec!r}")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        raise CommandError(f"--app {spec}: cannot import {module_name!r}: {exc}") from None
-    except Exception as exc:
-        raise CommandError(f"--app {spec}: importing {module_name!r} failed: {type(exc).__name__}: {exc}") from None
-    value: Any = module
-    for part in attribute.split("."):
-        try:
-            value = getattr(value, part)
-        except AttributeError:
-            raise CommandError(f"--app {spec}: {module_name!r} has no attribute {attribute!r}") from None
-    found = _projections_in(value)
-    if found is None:
-        raise CommandError(
-            f"--app {spec}: expected a list of projections, a Projection or Projections, got {type(value).__name__}"
-        )
-    return found
-
-
-def _projections_in(value: Any) -> list[Projection] | None:
-    if isinstance(value, Projections):
-        return list(value.projections)
-    if isinstance(value, Projection):
-        return [value]
-    if isinstance(value, type) and issubclass(value, Projection):
-        return [value()]
-    if isinstance(value, Iterable) and not isinstance(value, str | bytes):
-        result: list[Projection] = []
-        for item in value:
-            if isinstance(item, Projection):
-                result.append(item)
-            elif isinstance(item, type) and issubclass(item, Projection):
-                result.append(item())
-            else:
-                return None
-        return result
-    return None
+    """The projections the application at `module:attribute` declares."""
+    return list(load_app(spec).projections)
 
 
 async def _status(args: argparse.Namespace) -> int:

@@ -8,7 +8,7 @@ from typing import Any
 from rich.table import Table
 
 from eventstore import START, Checkpoint, Direction, StreamNotFound
-from eventstore.migrate import migrate_async
+from eventstore_app import migrate_async
 from eventstore_cli.common import console, database_url, open_store, run
 
 

@@ -1,12 +1,20 @@
-"""Alembic environment and revisions for every table the framework owns."""
+"""Alembic environment and revisions for every table the framework owns (installed as `eventstore_migrations`).
+
+The one place where the components' tables meet: each component owns its MetaData, and this
+environment combines them to compare and migrate.
+"""
 
 from sqlalchemy import MetaData
 
 
 def target_metadata() -> MetaData:
-    """Every component's tables: each registers them on eventstore's metadata when its schema loads."""
-    import outbox.schema  # noqa: F401
-    import projections.schema  # noqa: F401
-    from eventstore.schema import metadata
+    """Every component's tables in one MetaData (copies: the components' own stay apart)."""
+    import eventstore.schema
+    import outbox.schema
+    import projections.schema
 
-    return metadata
+    combined = MetaData()
+    for component in (eventstore.schema.metadata, projections.schema.metadata, outbox.schema.metadata):
+        for table in component.tables.values():
+            table.to_metadata(combined)
+    return combined

@@ -1,11 +1,13 @@
-"""The outbox's tables, registered on the event store's metadata so one Alembic environment owns them all."""
+"""The outbox's tables: the one source of truth for its schema (migrations compare against it)."""
 
 from __future__ import annotations
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import ARRAY
 
-from eventstore.schema import metadata
+metadata = sa.MetaData()
+"""The outbox's own tables; only the migration environment combines them with the others."""
+
 
 SLOT_COUNT = 64
 """Messages are spread over this many slots by key; a slot is leased to one relay at a time.

@@ -19,7 +19,6 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.schema import CreateIndex, CreateTable
 
 from eventstore import RecordedEvent
-from eventstore.schema import metadata
 from projections.errors import InvalidProjection
 
 Connection: TypeAlias = "asyncpg.Connection[Any] | asyncpg.pool.PoolConnectionProxy[Any]"
@@ -37,6 +36,14 @@ _NAME = re.compile(r"[a-z_][a-z0-9_]{0,39}")
 _TABLE = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 _MARK = "__projection_handles__"
 
+
+FRAMEWORK_TABLES = frozenset({
+    "events", "streams", "snapshots",
+    "projection_checkpoints", "projection_rebuilds",
+    "outbox", "outbox_routes", "outbox_slots", "outbox_relays", "inbox",
+    "alembic_version",
+})
+"""Table names of the framework itself, which a read model may not take (a test checks the list)."""
 
 def handles(*event_types: str, batch: bool = False) -> Callable[[F], F]:
     """Mark a method of a `Projection` as the handler of `event_types`.
@@ -206,14 +213,13 @@ def _read_model(name: str, tables: TableDeclaration) -> tuple[ReadModelTable, ..
     if not result:
         raise InvalidProjection(f"projection {name!r} declares no read-model tables")
     seen: set[str] = set()
-    reserved = set(metadata.tables)
     for table in result:
         if not isinstance(table.name, str) or not _TABLE.fullmatch(table.name):
             raise InvalidProjection(
                 f"projection {name!r}: table name {table.name!r} must be a lower-case SQL identifier"
             )
-        if table.name in reserved:
-            raise InvalidProjection(f"projection {name!r}: table name {table.name!r} belongs to the event store")
+        if table.name in FRAMEWORK_TABLES:
+            raise InvalidProjection(f"projection {name!r}: table name {table.name!r} belongs to the framework")
         if table.name in seen:
             raise InvalidProjection(f"projection {name!r}: table {table.name!r} is declared twice")
         seen.add(table.name)

@@ -1,6 +1,6 @@
 """Tables of the projections: where each projection stands in the log, and its rebuild in progress.
 
-Registered on `eventstore.schema.metadata`, mirrored exactly by migration 0002.
+Mirrored exactly by the projections branch of the migrations.
 """
 
 from __future__ import annotations
@@ -8,7 +8,9 @@ from __future__ import annotations
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import ARRAY
 
-from eventstore.schema import metadata
+metadata = sa.MetaData()
+"""The projections' own tables; only the migration environment combines them with the others."""
+
 
 STATUSES = ("running", "stopped", "failed")
 MODES = ("async", "inline")

@@ -16,8 +16,9 @@ import asyncpg
 import pytest
 from sqlalchemy.engine import make_url
 
-from eventstore import EventStore, asyncpg_dsn, migrate
+from eventstore import EventStore, asyncpg_dsn
 from eventstore.embedded import DATABASE_URL_ENV, embedded_postgres
+from eventstore_app import migrate
 
 
 def with_database(url: str, name: str) -> str:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncpg
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from eventstore_migrations import target_metadata
 from sqlalchemy import create_engine, inspect
 
 from eventstore import asyncpg_dsn
-from eventstore.migrate import _sqlalchemy_url
-from migrations import target_metadata
+from eventstore_app.migrate import _sqlalchemy_url
 
 metadata = target_metadata()  # the same tables migrations/env.py compares against
 
@@ -66,7 +66,7 @@ async def test_drift_check_sees_a_changed_database(database_url: str) -> None:
 def test_migrations_are_one_linear_history_per_component() -> None:
     from alembic.script import ScriptDirectory
 
-    from eventstore.migrate import alembic_config
+    from eventstore_app.migrate import alembic_config
 
     scripts = ScriptDirectory.from_config(alembic_config("postgresql://unused/unused"))
     heads = scripts.get_heads()
@@ -79,7 +79,7 @@ def test_migrations_are_one_linear_history_per_component() -> None:
 def test_downgrade_to_base_and_upgrade_again(database_url: str) -> None:
     from alembic import command
 
-    from eventstore.migrate import alembic_config, migrate
+    from eventstore_app.migrate import alembic_config, migrate
 
     command.downgrade(alembic_config(database_url), "base")
     assert not set(metadata.tables) & _tables(database_url)

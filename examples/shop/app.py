@@ -1,30 +1,19 @@
-"""Wiring of the shop: repositories, the outbox routes and the declared projections."""
+"""The shop, declared once: every process builds it from here (`--app eventstore_examples.shop.app:APP`)."""
 
 from __future__ import annotations
 
-from aggregates import Repository
-from eventstore import EventStore
-from examples.shop.domain import Cart, Order, Product
-from examples.shop.read_models import OrderSummary, ProductSales, StockLevels
-from outbox import Outbox, Route
+from eventstore_app import Application
+from outbox import Route
+
+from .domain import Cart, Order, Product
+from .read_models import OrderSummary, ProductSales, StockLevels
 
 ORDERS_TOPIC = "shop.orders"
 
-PROJECTIONS = [OrderSummary(), ProductSales(), StockLevels()]
-"""What `eventstore projections ... --app examples.shop.app:PROJECTIONS` loads."""
-
-OUTBOX = Outbox(
-    [Route(ORDERS_TOPIC, ["OrderPlaced", "PaymentCaptured", "OrderShipped", "OrderCancelled"])],
-    source="examples.shop",
+APP = Application(
+    "examples.shop",
+    aggregates=[Product, Cart, Order],
+    projections=[OrderSummary(), ProductSales(), StockLevels()],
+    # Integration events for other services, keyed by order stream so each order's messages stay in order.
+    routes=[Route(ORDERS_TOPIC, ["OrderPlaced", "PaymentCaptured", "OrderShipped", "OrderCancelled"])],
 )
-"""Integration events for other services, keyed by order stream so each order's messages stay in order."""
-
-
-class Shop:
-    """The application service: one repository per aggregate on a store with the outbox installed."""
-
-    def __init__(self, store: EventStore) -> None:
-        self.store = store
-        self.products = Repository(store, Product)
-        self.carts = Repository(store, Cart)
-        self.orders = Repository(store, Order)

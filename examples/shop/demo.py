@@ -24,11 +24,13 @@ from rich.table import Table
 
 from aggregates import AggregateNotFound, Repository
 from eventstore import START, EventStore, UnitOfWork
-from examples.shop.app import ORDERS_TOPIC, OUTBOX, PROJECTIONS, Shop
-from examples.shop.domain import OrderLine
-from outbox import CloudEvent, Inbox, Relay, RelaySettings, from_record
+from eventstore_app import Application, ApplicationSettings
+from outbox import CloudEvent, Inbox, RelaySettings, from_record
 from outbox import status as outbox_status
-from projections import Projections, RebuildProgress
+from projections import RebuildProgress
+
+from .app import APP, ORDERS_TOPIC
+from .domain import Cart, Order, OrderLine, Product
 
 PRODUCTS = 24
 ORDER_EVENTS = ("OrderPlaced", "PaymentCaptured", "OrderShipped", "OrderCancelled")
@@ -94,6 +96,15 @@ class _Commands:
         return result[0] if result else None
 
 
+class Shop:
+    """The demo's handles on the shop's repositories."""
+
+    def __init__(self, app: Application) -> None:
+        self.products = app.repository(Product)
+        self.carts = app.repository(Cart)
+        self.orders = app.repository(Order)
+
+
 async def _customer(shop: Shop, commands: _Commands, rng: random.Random, n: int, prices: dict[str, int]) -> None:
     tally = commands.tally
     cart_id, order_id = f"c{n:05d}", f"o{n:05d}"
@@ -142,8 +153,8 @@ async def _ensure_topic(servers: str) -> None:
 class _Billing:
     """A downstream consumer of the orders topic, made idempotent by the inbox."""
 
-    def __init__(self, store: EventStore, servers: str, group: str) -> None:
-        self.inbox = Inbox(store, "shop-billing")
+    def __init__(self, inbox: Inbox, servers: str, group: str) -> None:
+        self.inbox = inbox
         self.servers = servers
         self.group = group
         self.applied = 0
@@ -210,15 +221,15 @@ async def run_demo(url: str, kafka: str, console: Console, *, customers: int = 6
     tally = Tally(customers=customers)
     report = Report(tally)
     await _ensure_topic(kafka)
-    async with EventStore(url, max_connections=concurrency + 8) as store:
-        await OUTBOX.declare(store)
+    settings = ApplicationSettings(
+        max_connections=concurrency + 8, projection_poll_interval=0.5,
+        relay=RelaySettings(relay_id=f"demo-{uuid.uuid4().hex[:6]}", poll_interval=0.5, retention=None),
+    )
+    async with APP.using(database_url=url, kafka=kafka, settings=settings) as app:
+        store = app.store
         await store.pool.execute(FEED_TABLE)
-        shop = Shop(store)
-        projections = Projections(store, PROJECTIONS)
-        relay_settings = RelaySettings(relay_id=f"demo-{uuid.uuid4().hex[:6]}", poll_interval=0.5, retention=None)
-        async with projections.inline(), projections.runner(batch_size=500, poll_interval=0.5) as runner, Relay(
-            url, kafka, relay_settings
-        ):
+        shop = Shop(app)
+        async with app.runner() as runner, app.relay():
             commands = _Commands(tally)
             prices = {f"sku{i:03d}": 500 + 250 * (i % 9) for i in range(PRODUCTS)}
             stock = stock_per_product(customers)
@@ -248,7 +259,7 @@ async def run_demo(url: str, kafka: str, console: Console, *, customers: int = 6
             console.print("[bold]2.[/] projections catch up; outbox relays to Kafka; billing consumes ...")
             await runner.wait_caught_up()
             order_events = await _count_events(store, ORDER_EVENTS)
-            billing = _Billing(store, kafka, f"shop-billing-{uuid.uuid4().hex[:6]}")
+            billing = _Billing(app.inbox("shop-billing"), kafka, f"shop-billing-{uuid.uuid4().hex[:6]}")
             await billing.consume(order_events, timeout=120)
             await billing.replay_all(timeout=120)
             console.print(
@@ -265,7 +276,7 @@ async def run_demo(url: str, kafka: str, console: Console, *, customers: int = 6
                     bar.update(task, completed=p.done, total=max(p.total, p.done),
                                description=f"rebuild order_summary ({p.rate:,.0f} events/s)")
 
-                done = await projections.rebuild("order_summary", progress=shown)
+                done = await app.admin.rebuild("order_summary", progress=shown)
             console.print(f"   rebuilt from {done.done:,} events at {done.rate:,.0f} events/s")
             await runner.wait_caught_up()
             after = await _rows(store, "SELECT * FROM order_summary ORDER BY order_id")

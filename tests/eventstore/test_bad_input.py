@@ -17,9 +17,8 @@ from eventstore import (
     EventStoreError,
     InvalidArgument,
     NewEvent,
-    migrate,
-    migrate_async,
 )
+from eventstore_app import migrate, migrate_async
 from outbox import InvalidSettings, KafkaSettings, OutboxError, RelaySettings
 from projections import ProjectionError
 

@@ -9,8 +9,9 @@ import sys
 
 import pytest
 
-from eventstore import EventStore, NewEvent, StreamState, migrate
+from eventstore import EventStore, NewEvent, StreamState
 from eventstore.embedded import DATABASE_URL_ENV, EmbeddedPostgres, database_url, embedded_postgres
+from eventstore_app import migrate
 
 
 @pytest.mark.embedded

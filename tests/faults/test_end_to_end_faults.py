@@ -54,7 +54,7 @@ async def test_no_event_lost_or_skipped_under_every_fault(database_url: str, tmp
         servers = broker.start()
         topic = await create_topic(servers, f"faults-{uuid.uuid4().hex[:8]}")
         runner_args = ("--database-url", database_url, "projections", "run", "--app",
-                       "tests.projections.app:PROJECTIONS", "--only", "ledger", "--batch-size", "20",
+                       "tests.projections.app:APP", "--only", "ledger", "--batch-size", "20",
                        "--poll-interval", "0.2", "--lease-interval", "0.2")
         relay_args = ("--database-url", database_url, "--kafka", servers, "outbox", "relay", "--relay-id", "r1",
                       "--send-timeout", "1", "--lease-ttl", "6", "--poll-interval", "0.3", "--batch-size", "50")

@@ -27,8 +27,9 @@ from typing import Any
 import asyncpg
 import pytest
 
-from eventstore import Checkpoint, EventStore, NewEvent, StreamState, migrate
+from eventstore import Checkpoint, EventStore, NewEvent, StreamState
 from eventstore.embedded import EmbeddedPostgres, ShutdownMode
+from eventstore_app import migrate
 from outbox import Outbox, Route, from_record
 from outbox.embedded import EmbeddedBroker
 from tests.outbox.conftest import Collector, create_topic
@@ -150,7 +151,7 @@ async def test_components_reconnect_by_themselves_after_postgres_restarts(
         topic = await create_topic(servers, f"restart-{uuid.uuid4().hex[:8]}")
         log = tmp_path / "processes.log"
         runner = await _spawn(
-            log, "--database-url", url, "projections", "run", "--app", "tests.projections.app:PROJECTIONS",
+            log, "--database-url", url, "projections", "run", "--app", "tests.projections.app:APP",
             "--only", "ledger", "--batch-size", "20", "--poll-interval", "0.2", "--lease-interval", "0.2",
             **{SLOW_ENV: "1"},  # 1 ms per event: a batch transaction is open most of the time when the server stops
         )
@@ -263,7 +264,7 @@ async def test_a_runner_and_a_relay_started_while_postgres_is_down_wait_for_it(
         await asyncio.to_thread(server.stop, "fast")
         log = tmp_path / "processes.log"
         runner = await _spawn(
-            log, "--database-url", url, "projections", "run", "--app", "tests.projections.app:PROJECTIONS",
+            log, "--database-url", url, "projections", "run", "--app", "tests.projections.app:APP",
             "--only", "ledger", "--poll-interval", "0.2", "--lease-interval", "0.2",
         )
         relay = await _spawn(

@@ -12,6 +12,7 @@ import orjson
 import sqlalchemy as sa
 
 from eventstore import START, Checkpoint, EventStore, NewEvent, RecordedEvent
+from eventstore_app import Application
 from projections import Projection, ProjectionRunner, handles
 
 # Set by fault tests: sleep this long per event (client side, inside the batch's transaction) and
@@ -120,6 +121,9 @@ async def balances(store: EventStore) -> dict[str, int]:
 
 
 PROJECTIONS = [Ledger(), StreamCounts(), Totals()]
+
+APP = Application("accounts", projections=PROJECTIONS)
+"""What `--app tests.projections.app:APP` loads in the CLI tests and fault tests."""
 
 
 def deposit(account: str, amount: int) -> NewEvent:

@@ -9,7 +9,7 @@ from projections import Projections
 from tests.projections.app import PROJECTIONS, assert_ledger_exactly_once, fill
 from tests.projections.conftest import Cli
 
-APP = "tests.projections.app:PROJECTIONS"
+APP = "tests.projections.app:APP"
 
 
 async def test_run_status_rebuild_reset_resume(store: EventStore, cli: Cli, capsys: pytest.CaptureFixture[str]) -> None:
@@ -54,10 +54,10 @@ async def test_run_status_rebuild_reset_resume(store: EventStore, cli: Cli, caps
         (["reset", "nope", "--app", APP], "error: unknown projection 'nope'"),
         (["resume", "nope"], "error: unknown projection 'nope'"),
         (["drop", "nope"], "error: unknown projection 'nope'"),
-        (["rebuild", "ledger"], "error: no projections: pass --app module:attribute or set EVENTSTORE_APP"),
+        (["rebuild", "ledger"], "error: no application: pass --app module:attribute or set EVENTSTORE_APP"),
         (["run", "--app", "tests.projections.nothing_here:X"], "cannot import 'tests.projections.nothing_here'"),
         (["run", "--app", "tests.projections.app:NOTHING"], "'tests.projections.app' has no attribute 'NOTHING'"),
-        (["run", "--app", "tests.projections.app:deposit"], "expected a list of projections, a Projection or"),
+        (["run", "--app", "tests.projections.app:PROJECTIONS"], "expected an eventstore_app.Application, got list"),
         (["run", "--app", "tests.projections.app"], "--app must look like module:attribute"),
         (["run", "--app", APP, "--only", "totals"], "no asynchronous projections to run"),
         (["run", "--app", APP, "--only", "ledgr"], "unknown projection 'ledgr'"),

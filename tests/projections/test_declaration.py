@@ -84,7 +84,7 @@ _TABLES = {"t": "CREATE TABLE t (x int)"}
         ({"handlers": {"": _noop}}, "bad event type"),
         ({"tables": {}}, "declares no read-model tables"),
         ({"tables": {"Bad Table": "CREATE TABLE x ()"}}, "lower-case SQL identifier"),
-        ({"tables": {"events": "CREATE TABLE events ()"}}, "belongs to the event store"),
+        ({"tables": {"events": "CREATE TABLE events ()"}}, "belongs to the framework"),
         ({"tables": {"t": ""}}, "needs DDL text"),
         (
             {"tables": [sa.Table("t", sa.MetaData(), sa.Column("x", sa.Integer), schema="other")]},
@@ -147,3 +147,14 @@ async def test_an_override_replaces_the_inherited_handler() -> None:
 def test_handles_needs_an_event_type() -> None:
     with pytest.raises(InvalidProjection, match="at least one event type"):
         handles()
+
+
+def test_the_framework_table_list_names_every_table_of_every_component() -> None:
+    """The reserved names are a fixed list, not whatever happened to be imported: it must stay complete."""
+    from eventstore_migrations import target_metadata
+    from projections.projection import FRAMEWORK_TABLES
+
+    assert set(target_metadata().tables) | {"alembic_version"} == FRAMEWORK_TABLES
+    for name in ("outbox", "inbox", "outbox_routes", "projection_rebuilds"):
+        with pytest.raises(InvalidProjection, match="belongs to the framework"):
+            Projection(name="p", tables={name: f"CREATE TABLE {name} ()"}, handlers={"A": _noop})

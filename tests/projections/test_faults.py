@@ -36,7 +36,7 @@ async def spawn_runner(database_url: str, log: Path, *, batch_size: int = 10, **
     """`eventstore projections run` for the ledger projection, as a process of its own."""
     with log.open("ab") as stderr:
         return await asyncio.create_subprocess_exec(
-            str(EVENTSTORE), "projections", "run", "--app", "tests.projections.app:PROJECTIONS", "--only", "ledger",
+            str(EVENTSTORE), "projections", "run", "--app", "tests.projections.app:APP", "--only", "ledger",
             "--batch-size", str(batch_size), "--poll-interval", "0.2", "--lease-interval", "0.2",
             cwd=ROOT, env={**os.environ, "EVENTSTORE_DATABASE_URL": database_url, **env},
             stdout=asyncio.subprocess.DEVNULL, stderr=stderr,

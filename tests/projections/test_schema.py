@@ -12,10 +12,10 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from eventstore import EventStore, asyncpg_dsn, metadata
-from eventstore.migrate import _sqlalchemy_url, alembic_config
+from eventstore import EventStore, asyncpg_dsn
+from eventstore_app.migrate import _sqlalchemy_url, alembic_config
 from projections import Projections
-from projections.schema import projection_checkpoints, projection_rebuilds
+from projections.schema import metadata, projection_checkpoints, projection_rebuilds
 from tests.projections.app import Ledger
 
 OURS = {projection_checkpoints.name, projection_rebuilds.name}

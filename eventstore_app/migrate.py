@@ -1,9 +1,13 @@
-"""Apply the Alembic migrations from Python or the CLI."""
+"""Apply the Alembic migrations of every component, from Python or the CLI.
+
+It lives here, above the components, because only the migration environment may see them all.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import importlib.util
 import re
 from pathlib import Path
 
@@ -18,11 +22,18 @@ def _sqlalchemy_url(url: str) -> str:
     return re.sub(r"^postgres(?:ql)?(?:\+\w+)?://", "postgresql+asyncpg://", url)
 
 
-def alembic_config(url: str) -> Config:
-    import migrations
+def _script_location() -> str:
+    # The migrations ship as the package `eventstore_migrations` (the repository's migrations/ folder),
+    # never as a top-level `migrations` that an application's own Alembic folder would shadow.
+    spec = importlib.util.find_spec("eventstore_migrations")
+    if spec is None or not spec.submodule_search_locations:
+        raise MigrationFailed("the eventstore_migrations package is not installed")
+    return str(Path(next(iter(spec.submodule_search_locations))))
 
+
+def alembic_config(url: str) -> Config:
     config = Config()
-    config.set_main_option("script_location", str(Path(migrations.__file__).parent))
+    config.set_main_option("script_location", _script_location())
     config.set_main_option("sqlalchemy.url", _sqlalchemy_url(url).replace("%", "%%"))
     return config
 

@@ -1,0 +1,205 @@
+"""The composition root: an application declared once, built the same way by every process."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import AsyncIterator, Iterable, Sequence
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from aggregates import Aggregate, EventRegistry, Repository
+from eventstore import DatabaseUnavailable, EventStore, InvalidArgument, NotStarted
+from eventstore.embedded import DATABASE_URL_ENV
+from eventstore_app.migrate import migrate_async
+from outbox import Inbox, KafkaSettings, Outbox, Relay, RelaySettings, Route
+from outbox.embedded import BOOTSTRAP_ENV
+from projections import InlineProjections, Projection, ProjectionRunner, Projections
+
+A = TypeVar("A", bound=Aggregate[Any])
+
+
+class ApplicationSettings(BaseModel):
+    """How an application's processes use PostgreSQL and run their projections; defaults suit most."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_connections: int = Field(default=10, gt=0)
+    retry_for: float = Field(default=15.0, ge=0)
+    """Seconds an operation is retried after a lost connection (and start waits for the server)."""
+    max_event_size: int = Field(default=1024 * 1024, gt=0)
+    projection_batch_size: int = Field(default=500, gt=0)
+    projection_poll_interval: float = Field(default=1.0, gt=0)
+    projection_lease_interval: float = Field(default=1.0, gt=0)
+    relay: RelaySettings = Field(default_factory=RelaySettings)
+
+
+class Application:
+    """Everything one application declares: its aggregates, projections and outbox routes.
+
+    Declare it once in a module; every process builds the same thing from it:
+
+        APP = Application("shop", aggregates=[Cart, Order], projections=[OrderSummary()],
+                          routes=[Route("shop.orders", ["OrderPlaced"])])
+
+        async with APP as app:          # the web process: store started, routes declared,
+            orders = app.repository(Order)       # inline projections attached
+            await orders.execute("o1", lambda o: o.place(...))
+
+    and `eventstore projections run --app shop.app:APP` or `eventstore outbox relay --app shop.app:APP`
+    runs the rest in processes of their own (or `app.running()` in this one). The database URL and the
+    Kafka servers are deployment, not declaration: they come from `using(...)`, else from
+    `EVENTSTORE_DATABASE_URL` and `KAFKA_BOOTSTRAP_SERVERS`.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        aggregates: Iterable[type[Aggregate[Any]]] = (),
+        projections: Iterable[Projection] = (),
+        routes: Sequence[Route] | None = None,
+        source: str | None = None,
+        database_url: str | None = None,
+        kafka: str | KafkaSettings | None = None,
+        settings: ApplicationSettings | None = None,
+    ) -> None:
+        if not isinstance(name, str) or not name:
+            raise InvalidArgument("an application needs a name (the CloudEvents source of its messages by default)")
+        self.name = name
+        self.aggregates = tuple(aggregates)
+        self.projections = tuple(projections)
+        self.outbox = None if routes is None else Outbox(routes, source=source or name)
+        self.database_url = database_url
+        self.kafka = kafka
+        self.settings = settings or ApplicationSettings()
+        self.registry = EventRegistry()
+        for aggregate_type in self.aggregates:
+            self.registry.register(*aggregate_type.event_types())
+        self._store: EventStore | None = None
+        self._inline: InlineProjections | None = None
+        self._repositories: dict[type[Aggregate[Any]], Repository[Any]] = {}
+
+    def using(
+        self,
+        *,
+        database_url: str | None = None,
+        kafka: str | KafkaSettings | None = None,
+        settings: ApplicationSettings | None = None,
+    ) -> Application:
+        """The same application on other servers or settings (what a CLI flag or a test changes)."""
+        return Application(
+            self.name,
+            aggregates=self.aggregates,
+            projections=self.projections,
+            routes=None if self.outbox is None else self.outbox.routes,
+            source=None if self.outbox is None else self.outbox.source,
+            database_url=database_url or self.database_url,
+            kafka=kafka or self.kafka,
+            settings=settings or self.settings,
+        )
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    def url(self) -> str:
+        url = self.database_url or os.environ.get(DATABASE_URL_ENV)
+        if not url:
+            raise DatabaseUnavailable(f"application {self.name!r}: no database URL: pass one or set {DATABASE_URL_ENV}")
+        return url
+
+    async def migrate(self) -> None:
+        """Bring the database schema to this version of the framework (every component's tables)."""
+        await migrate_async(self.url())
+
+    async def start(self) -> None:
+        """Start the store, declare the outbox routes and attach the inline projections."""
+        s = self.settings
+        store = EventStore(
+            self.url(), max_connections=s.max_connections, retry_for=s.retry_for, max_event_size=s.max_event_size
+        )
+        await store.start()
+        try:
+            if self.outbox is not None:
+                await self.outbox.declare(store)
+            inline = [p for p in self.projections if p.inline]
+            if inline:
+                self._inline = InlineProjections(store, inline)
+                await self._inline.start()
+        except BaseException:
+            await store.stop()
+            raise
+        self._store = store
+
+    async def stop(self) -> None:
+        store, self._store = self._store, None
+        if self._inline is not None:
+            await self._inline.stop()
+            self._inline = None
+        self._repositories.clear()
+        if store is not None:
+            await store.stop()
+
+    async def __aenter__(self) -> Application:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # -- what the application hands out ------------------------------------------------------------
+
+    @property
+    def store(self) -> EventStore:
+        if self._store is None:
+            raise NotStarted(f"application {self.name!r} is not started: use `async with app:`")
+        return self._store
+
+    def repository(self, aggregate_type: type[A]) -> Repository[A]:
+        """The repository of a declared aggregate type (one per type, sharing the application's events)."""
+        if aggregate_type not in self.aggregates:
+            declared = ", ".join(a.__name__ for a in self.aggregates) or "none"
+            raise InvalidArgument(
+                f"{aggregate_type.__name__} is not an aggregate of {self.name!r} (declared: {declared})"
+            )
+        repository = self._repositories.get(aggregate_type)
+        if repository is None:
+            repository = self._repositories[aggregate_type] = Repository(
+                self.store, aggregate_type, registry=self.registry
+            )
+        return repository
+
+    @property
+    def admin(self) -> Projections:
+        """Status, rebuild, reset, resume and drop of the declared projections."""
+        return Projections(self.store, self.projections)
+
+    def runner(self, only: Iterable[str] | None = None) -> ProjectionRunner:
+        """A runner of the asynchronous projections (or of those named in `only`)."""
+        s = self.settings
+        return self.admin.runner(
+            only, batch_size=s.projection_batch_size, poll_interval=s.projection_poll_interval,
+            lease_interval=s.projection_lease_interval,
+        )
+
+    def relay(self, settings: RelaySettings | None = None) -> Relay:
+        """A relay publishing the outbox to Kafka."""
+        kafka = self.kafka or os.environ.get(BOOTSTRAP_ENV)
+        if not kafka:
+            raise InvalidArgument(f"application {self.name!r}: no Kafka servers: pass kafka= or set {BOOTSTRAP_ENV}")
+        return Relay(self.url(), kafka, settings or self.settings.relay)
+
+    def inbox(self, consumer: str) -> Inbox:
+        """The idempotent inbox of one consumer of this application's messages."""
+        return Inbox(self.store, consumer)
+
+    @contextlib.asynccontextmanager
+    async def running(self, *, projections: bool = True, relay: bool = False) -> AsyncIterator[Application]:
+        """Run the projection runner and/or the relay in this process while the block runs."""
+        async with contextlib.AsyncExitStack() as stack:
+            if projections and any(not p.inline for p in self.projections):
+                await stack.enter_async_context(self.runner())
+            if relay:
+                await stack.enter_async_context(self.relay())
+            yield self
+
