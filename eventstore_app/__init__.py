@@ -11,7 +11,7 @@
 The CLI's `--app module:attribute` loads such an object; see `Application`.
 """
 
-from eventstore_app.application import Application, ApplicationSettings
+from eventstore_app.application import Application, ApplicationSettings, Running
 from eventstore_app.migrate import migrate, migrate_async
 
-__all__ = ["Application", "ApplicationSettings", "migrate", "migrate_async"]
+__all__ = ["Application", "ApplicationSettings", "Running", "migrate", "migrate_async"]

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -14,6 +16,7 @@ from eventstore import DatabaseUnavailable, EventStore, InvalidArgument, NotStar
 from eventstore.embedded import DATABASE_URL_ENV
 from eventstore_app.migrate import migrate_async
 from outbox import Inbox, KafkaSettings, Outbox, Relay, RelaySettings, Route
+from outbox import status as outbox_status
 from outbox.embedded import BOOTSTRAP_ENV
 from projections import InlineProjections, Projection, ProjectionRunner, Projections
 
@@ -61,6 +64,7 @@ class Application:
         projections: Iterable[Projection] = (),
         routes: Sequence[Route] | None = None,
         source: str | None = None,
+        registry: EventRegistry | None = None,
         database_url: str | None = None,
         kafka: str | KafkaSettings | None = None,
         settings: ApplicationSettings | None = None,
@@ -74,7 +78,8 @@ class Application:
         self.database_url = database_url
         self.kafka = kafka
         self.settings = settings or ApplicationSettings()
-        self.registry = EventRegistry()
+        self.registry = registry if registry is not None else EventRegistry()
+        """The event types of every aggregate; register upcasters here (`APP.registry.upcaster(...)`)."""
         for aggregate_type in self.aggregates:
             self.registry.register(*aggregate_type.event_types())
         self._store: EventStore | None = None
@@ -95,6 +100,7 @@ class Application:
             projections=self.projections,
             routes=None if self.outbox is None else self.outbox.routes,
             source=None if self.outbox is None else self.outbox.source,
+            registry=self.registry,
             database_url=database_url or self.database_url,
             kafka=kafka or self.kafka,
             settings=settings or self.settings,
@@ -194,12 +200,31 @@ class Application:
         return Inbox(self.store, consumer)
 
     @contextlib.asynccontextmanager
-    async def running(self, *, projections: bool = True, relay: bool = False) -> AsyncIterator[Application]:
+    async def running(self, *, projections: bool = True, relay: bool = False) -> AsyncIterator[Running]:
         """Run the projection runner and/or the relay in this process while the block runs."""
         async with contextlib.AsyncExitStack() as stack:
+            runner = None
             if projections and any(not p.inline for p in self.projections):
-                await stack.enter_async_context(self.runner())
-            if relay:
-                await stack.enter_async_context(self.relay())
-            yield self
+                runner = await stack.enter_async_context(self.runner())
+            publisher = await stack.enter_async_context(self.relay()) if relay else None
+            yield Running(self.store, runner, publisher)
 
+
+@dataclass(frozen=True, slots=True)
+class Running:
+    """What `Application.running` runs: its runner and relay (None where not asked for)."""
+
+    store: EventStore
+    runner: ProjectionRunner | None
+    relay: Relay | None
+
+    async def wait_caught_up(self, poll: float = 0.02) -> None:
+        """Wait until the projections have the whole log and the relay has published every message.
+
+        Bound it with `asyncio.timeout`; raises `ProjectionFailed` if a projection fails meanwhile.
+        """
+        if self.runner is not None:
+            await self.runner.wait_caught_up()
+        if self.relay is not None:
+            while (await outbox_status(self.store.pool)).pending:  # noqa: ASYNC110 - state in the database
+                await asyncio.sleep(poll)

@@ -19,6 +19,7 @@ from sqlalchemy.engine import make_url
 from eventstore import EventStore, asyncpg_dsn
 from eventstore.embedded import DATABASE_URL_ENV, embedded_postgres
 from eventstore_app import migrate
+from outbox.embedded import BOOTSTRAP_ENV, EmbeddedBroker
 
 
 def with_database(url: str, name: str) -> str:
@@ -42,6 +43,17 @@ def server_url() -> Iterator[str]:
         return
     with embedded_postgres() as embedded:
         yield embedded
+
+
+@pytest.fixture(scope="session")
+def kafka() -> Iterator[str]:
+    """A Kafka-protocol broker: `KAFKA_BOOTSTRAP_SERVERS`, else the embedded one, started once."""
+    servers = os.environ.get(BOOTSTRAP_ENV)
+    if servers:
+        yield servers
+        return
+    with EmbeddedBroker() as broker:
+        yield broker.bootstrap_servers
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -21,19 +20,9 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from eventstore import EventStore
 from outbox import Outbox, RelaySettings, Route
 from outbox.cloudevents import CloudEvent, from_record
-from outbox.embedded import BOOTSTRAP_ENV, EmbeddedBroker, broker_binary, free_port
+from outbox.embedded import EmbeddedBroker, broker_binary, free_port
 
 PARTITIONS = 4
-
-
-@pytest.fixture(scope="session")
-def kafka() -> Iterator[str]:
-    servers = os.environ.get(BOOTSTRAP_ENV)
-    if servers:
-        yield servers
-        return
-    with EmbeddedBroker() as broker:
-        yield broker.bootstrap_servers
 
 
 @pytest.fixture
