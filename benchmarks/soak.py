@@ -17,8 +17,9 @@ intervals:
 
 The broker keeps everything in memory, so a restart loses what it held. To still check every message,
 the relay is paused (SIGSTOP) just before, the checking consumer reads every partition to its end, then
-the broker stops, the relay resumes (to find it gone, with batches possibly in flight) and the broker
-comes back empty: every message any incarnation of the broker acknowledged was read before it was lost.
+the broker stops and comes back empty, the topic is created again with the same partition count, and
+the relay resumes (to find its connections broken, with batches possibly in flight): every message any
+incarnation of the broker acknowledged was read before it was lost.
 
 Runner and relay live only from one kill to the next: to watch the memory of long-lived ones, leave
 their kills out (`--faults terminate,broker,postgres`).
@@ -598,18 +599,23 @@ class Soak:
             await process.start()
             self.note(f"{process.role} SIGKILLed and started again (pid {process.pid})")
         elif kind == "broker":
+            # The relay stays stopped until the new broker has the topic with the demo's partition count:
+            # memory storage loses topics, and a topic the relay's producer auto-created would get the
+            # broker's default count, remapping keys to other partitions mid-stream (as adding
+            # partitions to a Kafka topic does for any producer); the relay still finds its
+            # connections broken when it resumes.
             self.relay.signal(signal.SIGSTOP)
             try:
                 await asyncio.sleep(0.5)  # what the relay had sent reaches the broker
                 drained = await self.deliveries.drain()
                 await self.deliveries.stop()
                 await asyncio.to_thread(self.broker.stop)
+                down = self.rng.uniform(1.0, 3.0)
+                await asyncio.sleep(down)
+                await asyncio.to_thread(self.broker.start)
+                await _ensure_topic(self.broker.bootstrap_servers)
             finally:
                 self.relay.signal(signal.SIGCONT)
-            down = self.rng.uniform(1.0, 3.0)
-            await asyncio.sleep(down)
-            await asyncio.to_thread(self.broker.start)
-            await _ensure_topic(self.broker.bootstrap_servers)  # before the relay's producer creates it
             self.deliveries.incarnation += 1
             await self.deliveries.start()
             self.note(f"broker restarted after {down:.1f}s down")
