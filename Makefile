@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test check lint typecheck bench fault soak clean
+.PHONY: demo test check lint typecheck bench fault soak wheel clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,5 +31,11 @@ MINUTES ?= 30
 soak: $(STAMP)
 	$(BIN)/python -m benchmarks.soak --minutes $(MINUTES)
 
+# The wheel in dist/. build/ goes first: setuptools packs whatever an earlier build left in build/lib,
+# so a module since renamed or removed (a top-level `migrations`, say) would ship again.
+wheel: $(STAMP)
+	rm -rf build
+	$(BIN)/python -m pip wheel --no-deps --no-build-isolation -w dist .
+
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis build dist *.egg-info

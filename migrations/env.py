@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 
 from alembic import context
-from eventstore_migrations import target_metadata as all_tables
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
+
+from eventstore_migrations import target_metadata as all_tables
 
 config = context.config
 target_metadata = all_tables()

@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncpg
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from eventstore_migrations import target_metadata
 from sqlalchemy import create_engine, inspect
 
 from eventstore import asyncpg_dsn
 from eventstore_app.migrate import _sqlalchemy_url
+from eventstore_migrations import target_metadata
 
 metadata = target_metadata()  # the same tables migrations/env.py compares against
 
