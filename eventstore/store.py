@@ -40,7 +40,7 @@ from eventstore.model import (
     RecordedEvent,
     StreamState,
 )
-from eventstore.retry import with_retries
+from eventstore.retry import Backoff, with_retries
 from eventstore.schema import MAX_EVENT_TYPE_LENGTH, MAX_STREAM_ID_LENGTH
 from eventstore.subscription import Subscription
 
@@ -569,11 +569,11 @@ class EventStore:
         PostgreSQL cluster (transaction ids are cluster-wide), so a long transaction, even in another
         database, holds it back until it ends. Raises `TimeoutError` after `timeout` seconds.
         """
-        delay = 0.005
+        polls = Backoff(0.005, 0.1)
         async with asyncio.timeout(timeout):
             while not await self.retrying(lambda: self.pool.fetchval(sql.VISIBLE, checkpoint[0])):
+                delay = polls.failed()  # not visible yet: look again, less and less often
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 0.1)
 
     async def count_after(self, after: Checkpoint) -> int:
         """How many visible events lie after `after` (a reader's lag)."""
