@@ -571,7 +571,7 @@ class EventStore:
         """
         polls = Backoff(0.005, 0.1)
         async with asyncio.timeout(timeout):
-            while not await self.retrying(lambda: self.pool.fetchval(sql.VISIBLE, checkpoint[0])):
+            while not await self.retrying(lambda: self.pool.fetchval(sql.CHECKPOINT_VISIBLE, checkpoint[0])):
                 delay = polls.failed()  # not visible yet: look again, less and less often
                 await asyncio.sleep(delay)
 
