@@ -253,6 +253,17 @@ class UnitOfWork:
         )
         return [_record(r) for r in rows]
 
+    async def save_snapshot(
+        self, stream_id: str, snapshot_type: str, schema_version: str, stream_version: int, data: str
+    ) -> None:
+        """Store the latest snapshot of a stream in this transaction; an older one never replaces a newer one.
+
+        In a savepoint of its own: should it fail, the unit of work goes on without it.
+        """
+        check_stream_id(stream_id)
+        async with self.connection.transaction():
+            await _save_snapshot(self.connection, stream_id, snapshot_type, schema_version, stream_version, data)
+
 
 class EventStore:
     """Async event store on PostgreSQL. Use as `async with EventStore(url) as store:`.
@@ -604,17 +615,25 @@ class EventStore:
     ) -> None:
         """Store the latest snapshot of a stream; an older one never replaces a newer one."""
         check_stream_id(stream_id)
-        try:
-            await self.retrying(
-                lambda: self.pool.execute(
-                    sql.SAVE_SNAPSHOT, stream_id, snapshot_type, schema_version, stream_version, data
-                )
-            )
-        except _JSON_REFUSED as exc:
-            raise InvalidArgument(f"snapshot of {stream_id!r} is not JSON PostgreSQL can store: {exc}") from None
+        await self.retrying(
+            lambda: _save_snapshot(self.pool, stream_id, snapshot_type, schema_version, stream_version, data)
+        )
 
     async def load_snapshot(self, stream_id: str) -> Snapshot | None:
         check_stream_id(stream_id)
         row = await self.retrying(lambda: self.pool.fetchrow(sql.LOAD_SNAPSHOT, stream_id))
         return None if row is None else Snapshot(*row)
 
+
+async def _save_snapshot(
+    executor: Connection | asyncpg.Pool,
+    stream_id: str,
+    snapshot_type: str,
+    schema_version: str,
+    stream_version: int,
+    data: str,
+) -> None:
+    try:
+        await executor.execute(sql.SAVE_SNAPSHOT, stream_id, snapshot_type, schema_version, stream_version, data)
+    except _JSON_REFUSED as exc:
+        raise InvalidArgument(f"snapshot of {stream_id!r} is not JSON PostgreSQL can store: {exc}") from None
