@@ -62,7 +62,7 @@ from examples.shop.app import ORDERS_TOPIC, OUTBOX, PROJECTIONS, Shop
 from examples.shop.demo import PRODUCTS, Tally, _Commands, _customer, _ensure_topic
 from outbox import from_record
 from outbox.embedded import EmbeddedBroker
-from projections import Projections
+from projections import ProjectionAdmin
 
 # -- what this script relies on of the store and outbox APIs (being reworked: adapt here) -------------
 
@@ -148,7 +148,7 @@ async def _write(args: argparse.Namespace, journal: BinaryIO) -> int:
     failed: Counter[str] = Counter()
     async with EventStore(args.database_url, max_connections=args.concurrency + 4, retry_for=args.retry_for) as store:
         await install_outbox(store)
-        async with Projections(store, PROJECTIONS).inline():
+        async with ProjectionAdmin(store, PROJECTIONS).inline():
             shop = Shop(store)
             commands = _JournaledCommands(Tally(), journal)
             prices = {f"sku{i:03d}": 500 + 250 * (i % 9) for i in range(PRODUCTS)}

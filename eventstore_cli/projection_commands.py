@@ -2,7 +2,7 @@
 
 Projections are application code, so the commands that need their declarations import them from
 `--app module:attribute` (default `$EVENTSTORE_APP`): a list of projections, one projection, or a
-`Projections` object.
+`ProjectionAdmin` object.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from eventstore_cli.common import CommandError, console, errors, open_store, run
-from projections import Projection, Projections, ProjectionStatus, RebuildProgress
+from projections import Projection, ProjectionAdmin, ProjectionStatus, RebuildProgress
 
 APP_ENV = "EVENTSTORE_APP"
 
@@ -123,13 +123,13 @@ def load_projections(spec: str | None) -> list[Projection]:
     found = _projections_in(value)
     if found is None:
         raise CommandError(
-            f"--app {spec}: expected a list of projections, a Projection or Projections, got {type(value).__name__}"
+            f"--app {spec}: expected a list of projections, a Projection or ProjectionAdmin, got {type(value).__name__}"
         )
     return found
 
 
 def _projections_in(value: Any) -> list[Projection] | None:
-    if isinstance(value, Projections):
+    if isinstance(value, ProjectionAdmin):
         return list(value.projections)
     if isinstance(value, Projection):
         return [value]
@@ -152,7 +152,7 @@ async def _status(args: argparse.Namespace) -> int:
     declared = load_projections(args.app) if args.app else []
     store = await open_store(args)
     try:
-        statuses = await Projections(store, declared).status()
+        statuses = await ProjectionAdmin(store, declared).status()
     finally:
         await store.stop()
     if not statuses:
@@ -207,7 +207,7 @@ async def _run(args: argparse.Namespace) -> int:
     )
     store = await open_store(args, retry_for=RUNNER_PATIENCE, connect_timeout=RUNNER_PATIENCE)
     try:
-        projections = Projections(store, declared)
+        projections = ProjectionAdmin(store, declared)
         runner = projections.runner(
             args.only, batch_size=args.batch_size, poll_interval=args.poll_interval,
             lease_interval=args.lease_interval,
@@ -248,7 +248,7 @@ async def _rebuild(args: argparse.Namespace) -> int:
     declared = load_projections(args.app)
     store = await open_store(args)
     try:
-        projections = Projections(store, declared)
+        projections = ProjectionAdmin(store, declared)
         projections.get(args.name)
         columns = (
             TextColumn("[bold]{task.description}"),
@@ -288,7 +288,7 @@ async def _reset(args: argparse.Namespace) -> int:
     declared = load_projections(args.app)
     store = await open_store(args)
     try:
-        projections = Projections(store, declared)
+        projections = ProjectionAdmin(store, declared)
         projection = projections.get(args.name)
         await projections.reset(args.name)
     finally:
@@ -303,7 +303,7 @@ async def _reset(args: argparse.Namespace) -> int:
 async def _resume(args: argparse.Namespace) -> int:
     store = await open_store(args)
     try:
-        resumed = await Projections(store, []).resume(args.name)
+        resumed = await ProjectionAdmin(store, []).resume(args.name)
     finally:
         await store.stop()
     if resumed:
@@ -316,7 +316,7 @@ async def _resume(args: argparse.Namespace) -> int:
 async def _drop(args: argparse.Namespace) -> int:
     store = await open_store(args)
     try:
-        await Projections(store, []).drop(args.name)
+        await ProjectionAdmin(store, []).drop(args.name)
     finally:
         await store.stop()
     console.print(f"dropped {args.name}: its tables, checkpoint and guard are gone")

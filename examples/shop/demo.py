@@ -28,7 +28,7 @@ from examples.shop.app import ORDERS_TOPIC, OUTBOX, PROJECTIONS, Shop
 from examples.shop.domain import OrderLine
 from outbox import CloudEvent, Inbox, Relay, RelaySettings, from_record
 from outbox import status as outbox_status
-from projections import Projections, RebuildProgress
+from projections import ProjectionAdmin, RebuildProgress
 
 PRODUCTS = 24
 ORDER_EVENTS = ("OrderPlaced", "PaymentCaptured", "OrderShipped", "OrderCancelled")
@@ -214,7 +214,7 @@ async def run_demo(url: str, kafka: str, console: Console, *, customers: int = 6
         await OUTBOX.declare(store)
         await store.pool.execute(FEED_TABLE)
         shop = Shop(store)
-        projections = Projections(store, PROJECTIONS)
+        projections = ProjectionAdmin(store, PROJECTIONS)
         relay_settings = RelaySettings(relay_id=f"demo-{uuid.uuid4().hex[:6]}", poll_interval=0.5, retention=None)
         async with projections.inline(), projections.runner(batch_size=500, poll_interval=0.5) as runner, Relay(
             url, kafka, relay_settings
