@@ -217,7 +217,7 @@ async def run_demo(url: str, kafka: str, console: Console, *, customers: int = 6
         projections = ProjectionAdmin(store, PROJECTIONS)
         relay_settings = RelaySettings(relay_id=f"demo-{uuid.uuid4().hex[:6]}", poll_interval=0.5, retention=None)
         async with projections.inline(), projections.runner(batch_size=500, poll_interval=0.5) as runner, Relay(
-            url, kafka, relay_settings
+            store, kafka, relay_settings
         ):
             commands = _Commands(tally)
             prices = {f"sku{i:03d}": 500 + 250 * (i % 9) for i in range(PRODUCTS)}
@@ -270,7 +270,7 @@ async def run_demo(url: str, kafka: str, console: Console, *, customers: int = 6
             await runner.wait_caught_up()
             after = await _rows(store, "SELECT * FROM order_summary ORDER BY order_id")
             report.checks.extend(await _checks(store, shop, tally, billing, order_events, before, after))
-            pending = (await outbox_status(store.pool)).pending
+            pending = (await outbox_status(store)).pending
             report.checks.append(Check("outbox messages left unpublished", 0, pending))
     report.seconds = time.perf_counter() - started
     return report
