@@ -15,7 +15,7 @@ import logging
 import math
 import time
 
-from eventstore import CONNECTION_ERRORS, DatabaseUnavailable, EventStore
+from eventstore import CONNECTION_ERRORS, Connection, DatabaseUnavailable, EventStore
 from outbox import sql
 from outbox.errors import InvalidSettings
 from outbox.schema import SLOT_COUNT
@@ -63,10 +63,9 @@ class SlotLeases:
         async with self._lock:
             started = time.monotonic()
             async with self._store.pool.acquire() as conn, conn.transaction():
-                await conn.execute(sql.HEARTBEAT, self._relay_id, self._ttl)
+                owned = await self._renew(conn)
                 await conn.execute(sql.FORGET_EXPIRED_RELAYS)
                 live = int(await conn.fetchval(sql.LIVE_RELAYS))
-                owned = {r["slot"] for r in await conn.fetch(sql.RENEW_LEASES, self._relay_id, self._ttl)}
                 share = math.ceil(SLOT_COUNT / max(live, 1))
                 if len(owned) > share:
                     extra = sorted(owned)[share:]
@@ -81,12 +80,16 @@ class SlotLeases:
         async with self._lock:
             started = time.monotonic()
             async with self._store.pool.acquire() as conn, conn.transaction():
-                await conn.execute(sql.HEARTBEAT, self._relay_id, self._ttl)
-                renewed = {r["slot"] for r in await conn.fetch(sql.RENEW_LEASES, self._relay_id, self._ttl)}
+                renewed = await self._renew(conn)
             lost = set(self._deadlines) - renewed
             if lost:
                 log.warning("lost the lease of slot(s) %s to another relay", sorted(lost))
             self._deadlines = dict.fromkeys(renewed, started + self._ttl)
+
+    async def _renew(self, conn: Connection) -> set[int]:
+        """Heartbeat, then extend every lease this relay holds; returns the slots it holds."""
+        await conn.execute(sql.HEARTBEAT, self._relay_id, self._ttl)
+        return {r["slot"] for r in await conn.fetch(sql.RENEW_LEASES, self._relay_id, self._ttl)}
 
     async def renew_forever(self) -> None:
         """Keeps leases alive independently of the rounds, which may be slow while the broker is down."""

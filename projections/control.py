@@ -27,9 +27,11 @@ from projections.generations import (
     connect,
     create_generation,
     disconnect,
+    distinct,
     ensure,
     go_live,
     guard,
+    hold_for_swap,
     lease_key,
     mismatch,
     mode_of,
@@ -101,9 +103,7 @@ class ProjectionAdmin:
         for projection in self.projections:
             if not isinstance(projection, Projection):
                 raise InvalidProjection(f"expected Projection instances, got {type(projection).__name__}")
-        names = [p.name for p in self.projections]
-        if len(set(names)) != len(names):
-            raise InvalidProjection(f"projection names must be unique, got {names}")
+        distinct(self.projections)
         self._by_name = {p.name: p for p in self.projections}
 
     def get(self, name: str) -> Projection:
@@ -231,10 +231,7 @@ class ProjectionAdmin:
         async with self._exclusive(name, "reset") as (conn, search_path, view_schema):
             await _ensure(conn, projection, search_path, view_schema)
             async with conn.transaction():
-                await guard(conn, name, projection)
-                await conn.execute(sql.HOLD_GENERATION, lease_key("inline", name))
-                state = StoredCheckpoint.of(await conn.fetchrow(sql.LOCK_CHECKPOINT, name))
-                abandoned = await conn.fetchrow(sql.LOCK_REBUILD, name)
+                state, abandoned = await hold_for_swap(conn, projection)
                 if abandoned is not None:
                     await conn.execute(sql.drop_schema(schema_for(name, abandoned["generation"])))
                     await conn.execute(sql.DELETE_REBUILD, name)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -37,6 +37,15 @@ def lease_key(kind: str, name: str) -> int:
 def runner_identity(label: str | None = None) -> str:
     base = f"{socket.gethostname()}:{os.getpid()}"
     return base if label is None else f"{base}:{label}"
+
+
+def distinct(projections: Iterable[Projection]) -> list[Projection]:
+    """The projections as a list; `InvalidProjection` if two share a name (they would share tables)."""
+    chosen = list(projections)
+    names = [p.name for p in chosen]
+    if len(set(names)) != len(names):
+        raise InvalidProjection(f"projection names must be unique, got {names}")
+    return chosen
 
 
 def mode_of(projection: Projection) -> str:
@@ -178,6 +187,21 @@ async def publish(
             await conn.execute(sql.drop_view(view_schema, table))
 
 
+async def hold_for_swap(conn: Connection, projection: Projection) -> tuple[StoredCheckpoint, Any]:
+    """First in a transaction that makes another generation of `projection` live; returns its checkpoint
+    and rebuild rows (None without a rebuild), locked.
+
+    The guard comes first (see `guard`); the generation lock then waits for every append whose hook
+    writes into the live generation and holds off the next ones; the checkpoint row lock waits for the
+    runner's batch in flight and holds off the next one.
+    """
+    name = projection.name
+    await guard(conn, name, projection)
+    await conn.execute(sql.HOLD_GENERATION, lease_key("inline", name))
+    state = StoredCheckpoint.of(await conn.fetchrow(sql.LOCK_CHECKPOINT, name))
+    return state, await conn.fetchrow(sql.LOCK_REBUILD, name)
+
+
 async def go_live(
     conn: Connection,
     projection: Projection,
@@ -188,8 +212,7 @@ async def go_live(
 ) -> None:
     """Make `generation`, built up to `checkpoint`, the live one, and drop the one it replaces.
 
-    Inside the caller's transaction, which holds the projection's checkpoint row (`previous`) and its
-    generation lock, and has run `guard` first.
+    Inside the caller's transaction, after `hold_for_swap` (which returned `previous`).
     """
     name = projection.name
     tables = [t.name for t in projection.read_model]

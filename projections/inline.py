@@ -15,6 +15,7 @@ from eventstore import AppendResult, EventStore, UnitOfWork
 from projections import sql
 from projections.errors import InvalidProjection, ProjectionError, ProjectionFailed, ProjectionNeedsRebuild
 from projections.generations import (
+    distinct,
     ensure,
     lease_key,
     mismatch,
@@ -36,10 +37,7 @@ class InlineProjections:
 
     def __init__(self, store: EventStore, projections: Iterable[Projection]) -> None:
         self.store = store
-        self.projections = list(projections)
-        names = [p.name for p in self.projections]
-        if len(set(names)) != len(names):
-            raise InvalidProjection(f"projection names must be unique, got {names}")
+        self.projections = distinct(projections)
         for projection in self.projections:
             if not projection.inline:
                 raise InvalidProjection(

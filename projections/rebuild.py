@@ -23,8 +23,7 @@ from projections.generations import (
     apply_committed,
     create_generation,
     go_live,
-    guard,
-    lease_key,
+    hold_for_swap,
     raise_if_disconnected,
     read_batch,
     schema_for,
@@ -208,18 +207,14 @@ class Rebuild:
     async def _swap(self) -> None:
         """Apply the last few events and make the new generation the live one, in one transaction.
 
-        Locking the checkpoint row waits for the runner's batch in flight and holds off the next one; for
-        an inline projection, the generation lock waits for every append whose hook has written into the
-        old generation and holds off the next ones, so the last few events can be read from the log
-        even behind transactions still running: the appends that have not run their hook yet will write
-        into the new generation.
+        Under the locks of `hold_for_swap` no runner batch is in flight, and for an inline projection no
+        append is between writing its events and running its hook, so the last few events can be read
+        from the log even behind transactions still running: the appends that have not run their hook
+        yet will write into the new generation.
         """
         conn, projection, name = self.connection, self.projection, self.projection.name
         async with conn.transaction():
-            await guard(conn, name, projection)
-            await conn.execute(sql.HOLD_GENERATION, lease_key("inline", name))
-            state = StoredCheckpoint.of(await conn.fetchrow(sql.LOCK_CHECKPOINT, name))
-            row = await conn.fetchrow(sql.LOCK_REBUILD, name)
+            state, row = await hold_for_swap(conn, projection)
             if row is None or row["generation"] != self.generation:
                 raise ProjectionError(f"the rebuild of projection {name!r} was abandoned (reset meanwhile?)")
             await use_generation(conn, name, self.generation, self.search_path)

@@ -37,6 +37,7 @@ from projections.generations import (
     StoredCheckpoint,
     connect,
     disconnect,
+    distinct,
     ensure,
     lease_key,
     mismatch,
@@ -88,10 +89,7 @@ class ProjectionRunner:
         if poll_interval <= 0 or lease_interval <= 0:
             raise InvalidArgument("poll_interval and lease_interval must be positive")
         self.store = store
-        self.projections = list(projections)
-        names = [p.name for p in self.projections]
-        if len(set(names)) != len(names):
-            raise InvalidProjection(f"projection names must be unique, got {names}")
+        self.projections = distinct(projections)
         for projection in self.projections:
             if projection.inline:
                 raise InvalidProjection(
