@@ -16,8 +16,7 @@ from aggregates.errors import (
     MissingUpcaster,
     UnknownEventType,
 )
-from eventstore import EventSerializationError, NewEvent, RecordedEvent
-from eventstore.store import has_non_finite
+from eventstore import EventSerializationError, NewEvent, RecordedEvent, has_non_finite
 
 SCHEMA_VERSION_KEY = "schema_version"
 """Metadata key holding the schema version an event was written with (absent means 1)."""

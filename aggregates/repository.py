@@ -26,9 +26,8 @@ from eventstore import (
     UnitOfWork,
     WrongExpectedVersion,
     expected_version,
+    has_non_finite,
 )
-from eventstore import sql as store_sql
-from eventstore.store import has_non_finite
 
 log = logging.getLogger(__name__)
 
@@ -219,10 +218,7 @@ class Repository(Generic[A]):
             if uow is None:
                 await self.store.save_snapshot(stream_id, cls.__name__, cls.snapshot_tag(), version, data)
             else:
-                async with uow.connection.transaction():  # a savepoint: a failure keeps the unit of work
-                    await uow.connection.execute(
-                        store_sql.SAVE_SNAPSHOT, stream_id, cls.__name__, cls.snapshot_tag(), version, data
-                    )
+                await uow.save_snapshot(stream_id, cls.__name__, cls.snapshot_tag(), version, data)
         except _SNAPSHOT_WRITE_ERRORS as exc:
             log.warning("snapshot of %s at version %d not saved: %s", stream_id, version, exc)
 

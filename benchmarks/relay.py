@@ -63,7 +63,7 @@ async def _throughput(url: str, kafka: KafkaSettings) -> tuple[float, float]:
             " to_char(e.recorded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
             " FROM outbox o JOIN events e USING (position) ORDER BY o.id"
         )
-        relay = Relay(url, kafka, SETTINGS)
+        relay = Relay(store, kafka, SETTINGS)
         with Timer() as ours:
             await relay.start()
             while relay.stats.published < BACKLOG:  # noqa: ASYNC110 - polling a counter
@@ -130,7 +130,9 @@ def _relay_process(url: str, servers: str, stop: Any) -> None:
     """The relay in a process of its own, as deployed (`eventstore outbox relay`)."""
 
     async def main() -> None:
-        async with Relay(url, KafkaSettings(bootstrap_servers=servers), SETTINGS):
+        async with EventStore(url, max_connections=3, notify=False) as store, Relay(
+            store, KafkaSettings(bootstrap_servers=servers), SETTINGS
+        ):
             await asyncio.to_thread(stop.wait)
 
     logging.getLogger("aiokafka").setLevel(logging.ERROR)

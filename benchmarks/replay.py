@@ -6,7 +6,7 @@ deposits)`.
 - ours, batch handler: a `ProjectionRunner` catching up from zero; the handler receives each batch's
   deposits and writes them with one `INSERT ... SELECT FROM unnest(...) ON CONFLICT` statement.
 - ours, event handler: the same runner, one upsert statement per event (what the peer does).
-- ours, rebuild: `Projections.rebuild` of the batch-handler projection into a new generation of tables,
+- ours, rebuild: `ProjectionAdmin.rebuild` of the batch-handler projection into a new generation of tables,
   swapped in at the end (the blue/green path, with its extra bookkeeping).
 - peer: `eventsourcing` 9.5's own projection machinery, the closest equivalent it has: a `Projection`
   run by its `ProjectionRunner`, subscribed to the `Deposited` topic of an `Application`'s
@@ -30,7 +30,7 @@ import orjson
 
 from benchmarks.common import Result, Timer, eventsourcing_env, fresh_database, rate
 from eventstore import START, Checkpoint, EventStore, NewEvent, RecordedEvent, asyncpg_dsn
-from projections import Projection, ProjectionRunner, Projections, handles
+from projections import Projection, ProjectionAdmin, ProjectionRunner, handles
 
 ACCOUNTS = 1_000
 PER_ACCOUNT = 100  # one Opened and 99 Deposited
@@ -158,7 +158,7 @@ async def _ours(server_url: str) -> dict[str, float]:
         out["batch"] = await _replay(store, BatchBalances(), last)
         out["each"] = await _replay(store, EventBalances(), last)
         with Timer() as timer:
-            await Projections(store, [BatchBalances()]).rebuild("balances_batch", batch_size=BATCH)
+            await ProjectionAdmin(store, [BatchBalances()]).rebuild("balances_batch", batch_size=BATCH)
         await _check(store, "balances_batch")
         out["rebuild"] = rate(DEPOSITS, timer.seconds)
         return out

@@ -27,18 +27,22 @@ from eventstore.model import (
     category_of,
     expected_version,
 )
-from eventstore.retry import CONNECTION_ERRORS, with_retries
+from eventstore.retry import CONNECTION_ERRORS, Backoff, with_retries
 from eventstore.schema import metadata
-from eventstore.store import AppendHook, EventStore, Snapshot, UnitOfWork, asyncpg_dsn
+from eventstore.sql import NOTIFY_CHANNEL
+from eventstore.store import AppendHook, Connection, EventStore, Snapshot, UnitOfWork, asyncpg_dsn, has_non_finite
 from eventstore.subscription import Subscription
 
 __all__ = [
     "CONNECTION_ERRORS",
+    "NOTIFY_CHANNEL",
     "START",
     "AppendHook",
     "AppendRefused",
     "AppendResult",
+    "Backoff",
     "Checkpoint",
+    "Connection",
     "DatabaseUnavailable",
     "Direction",
     "DuplicateEventId",
@@ -63,6 +67,7 @@ __all__ = [
     "asyncpg_dsn",
     "category_of",
     "expected_version",
+    "has_non_finite",
     "metadata",
     "with_retries",
 ]

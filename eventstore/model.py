@@ -110,7 +110,7 @@ class RecordedEvent(NamedTuple):
 
     @property
     def category(self) -> str:
-        return self.stream_id.split("-", 1)[0]
+        return category_of(self.stream_id)
 
     def json(self) -> Any:
         return orjson.loads(self.data)
@@ -148,5 +148,8 @@ class AppendResult:
 
 
 def category_of(stream_id: str) -> str:
-    """The category is the stream id's prefix before the first '-' (`order-42` -> `order`)."""
+    """The category is the stream id's prefix before the first '-' (`order-42` -> `order`).
+
+    The one rule, in Python; `eventstore.sql.CATEGORY` is the same rule in SQL.
+    """
     return stream_id.split("-", 1)[0]

@@ -8,6 +8,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB
 
+from eventstore.sql import CATEGORY
+
 MAX_STREAM_ID_LENGTH = 255
 MAX_EVENT_TYPE_LENGTH = 255
 
@@ -35,7 +37,7 @@ events = sa.Table(
     sa.Column(
         "category",
         sa.Text,
-        sa.Computed("split_part(stream_id, '-'::text, 1)", persisted=True),
+        sa.Computed(CATEGORY, persisted=True),
         nullable=False,
     ),
     sa.Column("event_id", sa.Uuid, nullable=False),

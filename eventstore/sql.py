@@ -1,5 +1,8 @@
 """Every SQL statement of the event store, by name. The rest of the package calls these names.
 
+Other components build their own queries of the log on the pieces below "the contract" (the columns of
+a `RecordedEvent`, the log's visibility rule, the category rule), never on copies of them.
+
 DDL that tables cannot express (functions, triggers) is versioned here (`*_V1`) so that a migration
 keeps applying the exact text it was written with.
 """
@@ -260,64 +263,74 @@ APPEND = "SELECT * FROM eventstore_append($1, $2, $3, $4, $5, $6)"
 
 NOTIFY = f"SELECT pg_notify('{NOTIFY_CHANNEL}', '')"
 
-_COLUMNS = (
+# -- the contract other components build their queries on ---------------------------------------------
+
+EVENT_COLUMNS = (
     "event_id, event_type, data, metadata, stream_id, stream_version, position, log_xid, recorded_at"
 )
-
-STREAM_VERSION = "SELECT version FROM streams WHERE stream_id = $1"
-
-READ_STREAM_FORWARDS = f"""
-SELECT {_COLUMNS} FROM events
-WHERE stream_id = $1 AND stream_version >= $2
-ORDER BY stream_version
-LIMIT $3
-"""
-
-READ_STREAM_BACKWARDS = f"""
-SELECT {_COLUMNS} FROM events
-WHERE stream_id = $1 AND stream_version <= $2
-ORDER BY stream_version DESC
-LIMIT $3
-"""
-
-READ_STREAM_UNTIL_TIME = f"""
-SELECT {_COLUMNS} FROM events
-WHERE stream_id = $1 AND stream_version >= $2 AND recorded_at <= $3
-ORDER BY stream_version
-LIMIT $4
-"""
+"""The columns of `events` in the field order of `RecordedEvent`: select them to build one from a row."""
 
 # The global log, in (log_xid, position) order. Only log transaction ids below the oldest transaction
 # still running are visible. Every event's log_xid is at least its writer's transaction id, so each
 # event of a running transaction lies above that line and every event below it is final: a reader
 # never passes an event that commits later. And a stream's log_xid never decreases, so its events are
 # read in version order.
-_VISIBLE = "log_xid < pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
+LOG_HORIZON = "pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
+"""The visibility line of the global log: log transaction ids below it are final."""
+
+LOG_VISIBLE = f"log_xid < {LOG_HORIZON}"
+"""The condition every reader of the global log puts on `events`, so that it never skips an event."""
+
+CATEGORY = "split_part(stream_id, '-'::text, 1)"
+"""A stream's category in SQL (the `events.category` column, category filters): `category_of` in Python."""
+
+STREAM_VERSION = "SELECT version FROM streams WHERE stream_id = $1"
+
+READ_STREAM_FORWARDS = f"""
+SELECT {EVENT_COLUMNS} FROM events
+WHERE stream_id = $1 AND stream_version >= $2
+ORDER BY stream_version
+LIMIT $3
+"""
+
+READ_STREAM_BACKWARDS = f"""
+SELECT {EVENT_COLUMNS} FROM events
+WHERE stream_id = $1 AND stream_version <= $2
+ORDER BY stream_version DESC
+LIMIT $3
+"""
+
+READ_STREAM_UNTIL_TIME = f"""
+SELECT {EVENT_COLUMNS} FROM events
+WHERE stream_id = $1 AND stream_version >= $2 AND recorded_at <= $3
+ORDER BY stream_version
+LIMIT $4
+"""
 
 READ_ALL = f"""
-SELECT {_COLUMNS} FROM events
-WHERE (log_xid, position) > ($1, $2) AND {_VISIBLE}
+SELECT {EVENT_COLUMNS} FROM events
+WHERE (log_xid, position) > ($1, $2) AND {LOG_VISIBLE}
 ORDER BY log_xid, position
 LIMIT $3
 """
 
 READ_ALL_TYPES = f"""
-SELECT {_COLUMNS} FROM events
-WHERE (log_xid, position) > ($1, $2) AND {_VISIBLE} AND event_type = ANY($4::text[])
+SELECT {EVENT_COLUMNS} FROM events
+WHERE (log_xid, position) > ($1, $2) AND {LOG_VISIBLE} AND event_type = ANY($4::text[])
 ORDER BY log_xid, position
 LIMIT $3
 """
 
 READ_ALL_CATEGORY = f"""
-SELECT {_COLUMNS} FROM events
-WHERE category = $4 AND (log_xid, position) > ($1, $2) AND {_VISIBLE}
+SELECT {EVENT_COLUMNS} FROM events
+WHERE category = $4 AND (log_xid, position) > ($1, $2) AND {LOG_VISIBLE}
 ORDER BY log_xid, position
 LIMIT $3
 """
 
 READ_ALL_CATEGORY_TYPES = f"""
-SELECT {_COLUMNS} FROM events
-WHERE category = $4 AND (log_xid, position) > ($1, $2) AND {_VISIBLE}
+SELECT {EVENT_COLUMNS} FROM events
+WHERE category = $4 AND (log_xid, position) > ($1, $2) AND {LOG_VISIBLE}
   AND event_type = ANY($5::text[])
 ORDER BY log_xid, position
 LIMIT $3
@@ -325,21 +338,22 @@ LIMIT $3
 
 HEAD = f"""
 SELECT log_xid, position FROM events
-WHERE {_VISIBLE}
+WHERE {LOG_VISIBLE}
 ORDER BY log_xid DESC, position DESC
 LIMIT 1
 """
 
-VISIBLE = "SELECT $1::bigint < pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
+CHECKPOINT_VISIBLE = f"SELECT $1::bigint < {LOG_HORIZON}"
+"""($1 log_xid): whether readers of the log see a checkpoint with this log transaction id."""
 
 COUNT_AFTER = f"""
 SELECT count(*) FROM events
-WHERE (log_xid, position) > ($1, $2) AND {_VISIBLE}
+WHERE (log_xid, position) > ($1, $2) AND {LOG_VISIBLE}
 """
 
-LIST_STREAMS = """
+LIST_STREAMS = f"""
 SELECT stream_id, version FROM streams
-WHERE ($1::text IS NULL OR split_part(stream_id, '-', 1) = $1)
+WHERE ($1::text IS NULL OR {CATEGORY} = $1)
 ORDER BY stream_id
 LIMIT $2
 """

@@ -40,7 +40,7 @@ from eventstore.model import (
     RecordedEvent,
     StreamState,
 )
-from eventstore.retry import with_retries
+from eventstore.retry import Backoff, with_retries
 from eventstore.schema import MAX_EVENT_TYPE_LENGTH, MAX_STREAM_ID_LENGTH
 from eventstore.subscription import Subscription
 
@@ -252,6 +252,17 @@ class UnitOfWork:
             sql.READ_STREAM_FORWARDS, stream_id, from_version, limit if limit is not None else _MAX_VERSION
         )
         return [_record(r) for r in rows]
+
+    async def save_snapshot(
+        self, stream_id: str, snapshot_type: str, schema_version: str, stream_version: int, data: str
+    ) -> None:
+        """Store the latest snapshot of a stream in this transaction; an older one never replaces a newer one.
+
+        In a savepoint of its own: should it fail, the unit of work goes on without it.
+        """
+        check_stream_id(stream_id)
+        async with self.connection.transaction():
+            await _save_snapshot(self.connection, stream_id, snapshot_type, schema_version, stream_version, data)
 
 
 class EventStore:
@@ -569,11 +580,11 @@ class EventStore:
         PostgreSQL cluster (transaction ids are cluster-wide), so a long transaction, even in another
         database, holds it back until it ends. Raises `TimeoutError` after `timeout` seconds.
         """
-        delay = 0.005
+        polls = Backoff(0.005, 0.1)
         async with asyncio.timeout(timeout):
-            while not await self.retrying(lambda: self.pool.fetchval(sql.VISIBLE, checkpoint[0])):
+            while not await self.retrying(lambda: self.pool.fetchval(sql.CHECKPOINT_VISIBLE, checkpoint[0])):
+                delay = polls.failed()  # not visible yet: look again, less and less often
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 0.1)
 
     async def count_after(self, after: Checkpoint) -> int:
         """How many visible events lie after `after` (a reader's lag)."""
@@ -604,17 +615,25 @@ class EventStore:
     ) -> None:
         """Store the latest snapshot of a stream; an older one never replaces a newer one."""
         check_stream_id(stream_id)
-        try:
-            await self.retrying(
-                lambda: self.pool.execute(
-                    sql.SAVE_SNAPSHOT, stream_id, snapshot_type, schema_version, stream_version, data
-                )
-            )
-        except _JSON_REFUSED as exc:
-            raise InvalidArgument(f"snapshot of {stream_id!r} is not JSON PostgreSQL can store: {exc}") from None
+        await self.retrying(
+            lambda: _save_snapshot(self.pool, stream_id, snapshot_type, schema_version, stream_version, data)
+        )
 
     async def load_snapshot(self, stream_id: str) -> Snapshot | None:
         check_stream_id(stream_id)
         row = await self.retrying(lambda: self.pool.fetchrow(sql.LOAD_SNAPSHOT, stream_id))
         return None if row is None else Snapshot(*row)
 
+
+async def _save_snapshot(
+    executor: Connection | asyncpg.Pool,
+    stream_id: str,
+    snapshot_type: str,
+    schema_version: str,
+    stream_version: int,
+    data: str,
+) -> None:
+    try:
+        await executor.execute(sql.SAVE_SNAPSHOT, stream_id, snapshot_type, schema_version, stream_version, data)
+    except _JSON_REFUSED as exc:
+        raise InvalidArgument(f"snapshot of {stream_id!r} is not JSON PostgreSQL can store: {exc}") from None

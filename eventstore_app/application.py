@@ -18,7 +18,7 @@ from eventstore_app.migrate import migrate_async
 from outbox import Inbox, KafkaSettings, Outbox, Relay, RelaySettings, Route
 from outbox import status as outbox_status
 from outbox.embedded import BOOTSTRAP_ENV
-from projections import InlineProjections, Projection, ProjectionRunner, Projections
+from projections import InlineProjections, Projection, ProjectionAdmin, ProjectionRunner
 
 A = TypeVar("A", bound=Aggregate[Any])
 
@@ -176,9 +176,9 @@ class Application:
         return repository
 
     @property
-    def admin(self) -> Projections:
+    def admin(self) -> ProjectionAdmin:
         """Status, rebuild, reset, resume and drop of the declared projections."""
-        return Projections(self.store, self.projections)
+        return ProjectionAdmin(self.store, self.projections)
 
     def runner(self, only: Iterable[str] | None = None) -> ProjectionRunner:
         """A runner of the asynchronous projections (or of those named in `only`)."""
@@ -189,11 +189,15 @@ class Application:
         )
 
     def relay(self, settings: RelaySettings | None = None) -> Relay:
-        """A relay publishing the outbox to Kafka."""
+        """A relay publishing the outbox to Kafka, on the application's connection pool.
+
+        A process that only relays does better with a small store of its own (`eventstore outbox relay`
+        builds one): the relay's lease renewals then never queue behind the application's queries.
+        """
         kafka = self.kafka or os.environ.get(BOOTSTRAP_ENV)
         if not kafka:
             raise InvalidArgument(f"application {self.name!r}: no Kafka servers: pass kafka= or set {BOOTSTRAP_ENV}")
-        return Relay(self.url(), kafka, settings or self.settings.relay)
+        return Relay(self.store, kafka, settings or self.settings.relay)
 
     def inbox(self, consumer: str) -> Inbox:
         """The idempotent inbox of one consumer of this application's messages."""
@@ -226,5 +230,5 @@ class Running:
         if self.runner is not None:
             await self.runner.wait_caught_up()
         if self.relay is not None:
-            while (await outbox_status(self.store.pool)).pending:  # noqa: ASYNC110 - state in the database
+            while (await outbox_status(self.store)).pending:  # noqa: ASYNC110 - state in the database
                 await asyncio.sleep(poll)

@@ -16,11 +16,15 @@ import asyncpg
 from pydantic import SecretStr, ValidationError
 from rich.table import Table
 
-from eventstore_cli.common import CommandError, console, database_url, open_store, run
+from eventstore import EventStore
+from eventstore_cli.common import CommandError, console, open_store, run
 from outbox import KafkaSettings, Relay, RelaySettings, prune_published, retry_dead, status
 from outbox.embedded import BOOTSTRAP_ENV
 
 SASL_PASSWORD_ENV = "KAFKA_SASL_PASSWORD"
+
+RELAY_PATIENCE = 60.0
+"""Seconds the relay waits at start for PostgreSQL to accept connections (it may be restarting)."""
 
 
 def register(commands: Any) -> None:
@@ -111,10 +115,10 @@ def relay_settings(args: argparse.Namespace) -> RelaySettings:
 
 
 @contextlib.asynccontextmanager
-async def _outbox_pool(args: argparse.Namespace) -> AsyncIterator[asyncpg.Pool]:
-    store = await open_store(args, notify=False)
+async def _outbox_store(args: argparse.Namespace, **options: Any) -> AsyncIterator[EventStore]:
+    store = await open_store(args, notify=False, **options)
     try:
-        yield store.pool
+        yield store
     except asyncpg.UndefinedTableError:
         raise CommandError("the outbox tables are missing: run `eventstore migrate`") from None
     finally:
@@ -122,8 +126,8 @@ async def _outbox_pool(args: argparse.Namespace) -> AsyncIterator[asyncpg.Pool]:
 
 
 async def _status(args: argparse.Namespace) -> int:
-    async with _outbox_pool(args) as pool:
-        current = await status(pool, dead_limit=args.dead)
+    async with _outbox_store(args) as store:
+        current = await status(store, dead_limit=args.dead)
     topics = Table("topic", "pending", "published", "dead", "oldest pending", title="outbox")
     for t in current.topics:
         oldest = t.oldest_pending.isoformat(timespec="seconds") if t.oldest_pending else "-"
@@ -149,24 +153,23 @@ async def _relay(args: argparse.Namespace) -> int:
     settings = relay_settings(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("aiokafka").setLevel(logging.ERROR)
-    relay = Relay(database_url(args), kafka, settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    try:
+    # A store of the relay's own, as small as the relay needs; a server that is restarting gets time.
+    async with _outbox_store(args, min_connections=1, max_connections=3, connect_timeout=RELAY_PATIENCE) as store:
+        relay = Relay(store, kafka, settings)
         await relay.start()
-    except asyncpg.UndefinedTableError:
-        raise CommandError("the outbox tables are missing: run `eventstore migrate`") from None
-    console.print(f"relay {settings.relay_id} publishing to {kafka.bootstrap_servers}", highlight=False)
-    try:
-        stopped = asyncio.create_task(stop.wait())
-        running = asyncio.create_task(relay.wait())
-        await asyncio.wait([stopped, running], return_when=asyncio.FIRST_COMPLETED)
-        stopped.cancel()
-        running.cancel()
-    finally:
-        await relay.stop()
+        console.print(f"relay {settings.relay_id} publishing to {kafka.bootstrap_servers}", highlight=False)
+        try:
+            stopped = asyncio.create_task(stop.wait())
+            running = asyncio.create_task(relay.wait())
+            await asyncio.wait([stopped, running], return_when=asyncio.FIRST_COMPLETED)
+            stopped.cancel()
+            running.cancel()
+        finally:
+            await relay.stop()
     s = relay.stats
     console.print(f"relay stopped: published {s.published}, refused {s.refused}, dead {s.dead}",
                   highlight=False)
@@ -174,8 +177,8 @@ async def _relay(args: argparse.Namespace) -> int:
 
 
 async def _retry_dead(args: argparse.Namespace) -> int:
-    async with _outbox_pool(args) as pool:
-        ids = await retry_dead(pool, ids=args.ids, topic=args.topic)
+    async with _outbox_store(args) as store:
+        ids = await retry_dead(store, ids=args.ids, topic=args.topic)
     if not ids:
         console.print("no dead messages matched")
         return 0
@@ -186,7 +189,7 @@ async def _retry_dead(args: argparse.Namespace) -> int:
 async def _prune(args: argparse.Namespace) -> int:
     if args.older_than < 0:
         raise CommandError("--older-than must not be negative")
-    async with _outbox_pool(args) as pool:
-        deleted = await prune_published(pool, args.older_than)
+    async with _outbox_store(args) as store:
+        deleted = await prune_published(store, args.older_than)
     console.print(f"pruned {deleted} published message(s)")
     return 0

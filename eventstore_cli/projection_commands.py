@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from eventstore_cli.common import APP_ENV, CommandError, console, errors, load_app, open_store, run
-from projections import Projection, Projections, ProjectionStatus, RebuildProgress
+from projections import Projection, ProjectionAdmin, ProjectionStatus, RebuildProgress
 
 RUNNER_PATIENCE = 60.0
 """Seconds a runner waits for PostgreSQL, at start (it may be restarting) and after a lost connection."""
@@ -101,7 +101,7 @@ async def _status(args: argparse.Namespace) -> int:
     declared = load_projections(args.app) if args.app else []
     store = await open_store(args)
     try:
-        statuses = await Projections(store, declared).status()
+        statuses = await ProjectionAdmin(store, declared).status()
     finally:
         await store.stop()
     if not statuses:
@@ -156,7 +156,7 @@ async def _run(args: argparse.Namespace) -> int:
     )
     store = await open_store(args, retry_for=RUNNER_PATIENCE, connect_timeout=RUNNER_PATIENCE)
     try:
-        projections = Projections(store, declared)
+        projections = ProjectionAdmin(store, declared)
         runner = projections.runner(
             args.only, batch_size=args.batch_size, poll_interval=args.poll_interval,
             lease_interval=args.lease_interval,
@@ -197,7 +197,7 @@ async def _rebuild(args: argparse.Namespace) -> int:
     declared = load_projections(args.app)
     store = await open_store(args)
     try:
-        projections = Projections(store, declared)
+        projections = ProjectionAdmin(store, declared)
         projections.get(args.name)
         columns = (
             TextColumn("[bold]{task.description}"),
@@ -237,7 +237,7 @@ async def _reset(args: argparse.Namespace) -> int:
     declared = load_projections(args.app)
     store = await open_store(args)
     try:
-        projections = Projections(store, declared)
+        projections = ProjectionAdmin(store, declared)
         projection = projections.get(args.name)
         await projections.reset(args.name)
     finally:
@@ -252,7 +252,7 @@ async def _reset(args: argparse.Namespace) -> int:
 async def _resume(args: argparse.Namespace) -> int:
     store = await open_store(args)
     try:
-        resumed = await Projections(store, []).resume(args.name)
+        resumed = await ProjectionAdmin(store, []).resume(args.name)
     finally:
         await store.stop()
     if resumed:
@@ -265,7 +265,7 @@ async def _resume(args: argparse.Namespace) -> int:
 async def _drop(args: argparse.Namespace) -> int:
     store = await open_store(args)
     try:
-        await Projections(store, []).drop(args.name)
+        await ProjectionAdmin(store, []).drop(args.name)
     finally:
         await store.stop()
     console.print(f"dropped {args.name}: its tables, checkpoint and guard are gone")

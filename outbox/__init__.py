@@ -5,11 +5,12 @@ routes in the database; from then on a trigger turns every event a route matches
 `outbox` inside the append's own transaction, whichever process appends, with its topic and key
 (default: the stream id). A rolled-back append leaves no message.
 
-Relaying: `async with Relay(url, KafkaSettings(bootstrap_servers=...)) as relay:` (or `eventstore
+Relaying: `async with Relay(store, KafkaSettings(bootstrap_servers=...)) as relay:` (or `eventstore
 outbox relay`) publishes them with acks=all as CloudEvents (Kafka binding, binary mode), at least
 once and in order per key, also with several relays running (keys are hashed into `SLOT_COUNT` slots
-and each slot is leased to one relay). See `outbox.relay` for failures: an unreachable broker costs
-nothing but time; a message the broker refuses is retried, then dead-lettered (`retry_dead`).
+and each slot is leased to one relay: `outbox.leases`). See `outbox.relay` and `outbox.publishing` for
+failures: an unreachable broker costs nothing but time; a message the broker refuses is retried, then
+dead-lettered (`retry_dead`).
 
 Consuming: `Inbox(store, "billing").handle(from_record(record), effect)` applies each message once.
 """
@@ -24,8 +25,9 @@ from outbox.errors import (
 )
 from outbox.inbox import Inbox
 from outbox.operations import DeadMessage, OutboxStatus, RelayStatus, TopicStatus, prune_published, retry_dead, status
-from outbox.relay import KafkaSettings, Relay, RelaySettings, RelayStats
+from outbox.relay import Relay, RelayStats
 from outbox.schema import SLOT_COUNT
+from outbox.settings import KafkaSettings, RelaySettings
 from outbox.writer import Outbox, Route
 
 __all__ = [

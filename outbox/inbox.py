@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
-from eventstore import EventStore, InvalidArgument, UnitOfWork
-from eventstore.store import Connection
+from eventstore import Connection, EventStore, InvalidArgument, UnitOfWork
 from outbox import sql
 from outbox.cloudevents import CloudEvent
 

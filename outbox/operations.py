@@ -7,9 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from uuid import UUID
 
-import asyncpg
-
-from eventstore import InvalidArgument
+from eventstore import EventStore, InvalidArgument
 from outbox import sql
 
 
@@ -63,9 +61,9 @@ class OutboxStatus:
         return sum(t.dead for t in self.topics)
 
 
-async def status(pool: asyncpg.Pool, *, dead_limit: int = 20) -> OutboxStatus:
+async def status(store: EventStore, *, dead_limit: int = 20) -> OutboxStatus:
     """Counts per topic, the running relays with their slots, and the first dead messages."""
-    async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+    async with store.pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
         topics = [TopicStatus(*r) for r in await conn.fetch(sql.STATUS_BY_TOPIC)]
         relays = [RelayStatus(*r) for r in await conn.fetch(sql.RELAYS)]
         dead = [DeadMessage(*r) for r in await conn.fetch(sql.DEAD_MESSAGES, dead_limit)]
@@ -73,26 +71,26 @@ async def status(pool: asyncpg.Pool, *, dead_limit: int = 20) -> OutboxStatus:
 
 
 async def retry_dead(
-    pool: asyncpg.Pool, *, ids: Sequence[int] | None = None, topic: str | None = None
+    store: EventStore, *, ids: Sequence[int] | None = None, topic: str | None = None
 ) -> list[int]:
     """Put dead messages (all, or those with `ids` / on `topic`) back in line; wake the relays."""
     if ids is not None and (isinstance(ids, str | bytes) or not all(isinstance(i, int) for i in ids)):
         raise InvalidArgument("ids must be a sequence of integer message ids")
-    async with pool.acquire() as conn:
+    async with store.pool.acquire() as conn:
         async with conn.transaction():
             rows = await conn.fetch(sql.RETRY_DEAD, list(ids) if ids is not None else None, topic)
         if rows:
             await conn.execute(sql.NOTIFY)
-    return sorted(r[0] for r in rows)
+    return sorted(r["id"] for r in rows)
 
 
-async def prune_published(pool: asyncpg.Pool, older_than: float, *, chunk: int = 5000) -> int:
+async def prune_published(store: EventStore, older_than: float, *, chunk: int = 5000) -> int:
     """Delete messages published more than `older_than` seconds ago, in chunks; return how many."""
     if older_than < 0:
         raise InvalidArgument("older_than must not be negative")
     total = 0
     while True:
-        result = await pool.execute(sql.PRUNE_PUBLISHED, older_than, chunk)
+        result = await store.pool.execute(sql.PRUNE_PUBLISHED, older_than, chunk)
         deleted = int(result.split()[-1])
         total += deleted
         if deleted < chunk:

@@ -92,16 +92,20 @@ FROM unnest($1::int[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[
 
 # Pending messages of the given slots, visible in the log (every transaction that could still write one
 # below them has ended), in log order. A message waiting out a retry backoff holds back the later
-# messages of its key (and only of its key), so a key's messages never overtake each other.
-_FETCH_PENDING = """
-SELECT o.id, o.slot, o.topic, o.key, e.data::text, e.event_id::text, e.event_type, o.source, e.stream_id,
-       e.stream_version, e.metadata ->> 'correlation_id', e.metadata ->> 'causation_id',
-       to_char(e.recorded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'), o.attempts,
+# messages of its key (and only of its key), so a key's messages never overtake each other. The log's
+# visibility rule applies to the message's own copy of its event's log_xid (o.log_xid, written with the
+# message and never changed), so the pending index, in log order, stops at the visibility line. The
+# columns are those of `outbox.publishing.OutboxMessage`, in its order.
+_FETCH_PENDING = f"""
+SELECT o.id, o.slot, o.topic, o.key, e.data::text AS data, e.event_id::text AS event_id, e.event_type,
+       o.source, e.stream_id, e.stream_version, e.metadata ->> 'correlation_id' AS correlation_id,
+       e.metadata ->> 'causation_id' AS causation_id,
+       to_char(e.recorded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS time, o.attempts,
        o.log_xid, o.position
 FROM outbox AS o JOIN events AS e ON e.position = o.position
 WHERE o.published_at IS NULL AND o.dead_at IS NULL AND o.slot = ANY($1::int[])
-  AND o.log_xid < pg_snapshot_xmin(pg_current_snapshot())::text::bigint
-  AND {condition}
+  AND o.log_xid < {store_sql.LOG_HORIZON}
+  AND {{condition}}
   AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= now())
   AND NOT EXISTS (
       SELECT 1 FROM outbox AS b
@@ -134,7 +138,7 @@ SET attempts = o.attempts + 1,
     dead_at = CASE WHEN o.attempts + 1 >= $4 THEN now() END
 FROM unnest($1::bigint[], $2::text[], $3::float8[]) AS f(id, error, delay)
 WHERE o.id = f.id AND o.published_at IS NULL AND o.dead_at IS NULL
-RETURNING o.id, o.dead_at IS NOT NULL
+RETURNING o.id, o.dead_at IS NOT NULL AS dead
 """
 
 PRUNE_PUBLISHED = """

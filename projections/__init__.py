@@ -14,14 +14,14 @@
 
     async with ProjectionRunner(store, [OrderTotals()]) as runner:   # or `eventstore projections run`
         ...
-    await Projections(store, [OrderTotals()]).rebuild("order_totals")  # blue/green, while serving
+    await ProjectionAdmin(store, [OrderTotals()]).rebuild("order_totals")  # blue/green, while serving
 
 Handlers write plain SQL to their table names; readers query the same names (views of the live
 generation). Mark a projection `inline = True` and attach it with `InlineProjections` to update it
 inside every append's transaction instead.
 """
 
-from projections.control import ProgressCallback, Projections, ProjectionStatus, RebuildProgress, RebuildStatus
+from projections.control import ProjectionAdmin, ProjectionStatus, RebuildStatus
 from projections.errors import (
     InvalidProjection,
     ProjectionError,
@@ -33,6 +33,7 @@ from projections.errors import (
 )
 from projections.inline import InlineProjections
 from projections.projection import BatchHandler, Connection, EventHandler, Projection, ReadModelTable, handles
+from projections.rebuild import ProgressCallback, RebuildProgress
 from projections.runner import ProjectionRunner
 
 __all__ = [
@@ -43,12 +44,12 @@ __all__ = [
     "InvalidProjection",
     "ProgressCallback",
     "Projection",
+    "ProjectionAdmin",
     "ProjectionError",
     "ProjectionFailed",
     "ProjectionNeedsRebuild",
     "ProjectionRunner",
     "ProjectionStatus",
-    "Projections",
     "ProjectionsNotMigrated",
     "ReadModelTable",
     "RebuildInProgress",

@@ -1,11 +1,9 @@
-"""Operating declared projections against a store: status, rebuild while serving, reset, resume."""
+"""Operating declared projections against a store: status, rebuild while serving, reset, resume, drop."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -14,16 +12,14 @@ from uuid import UUID
 
 import asyncpg
 
-from eventstore import CONNECTION_ERRORS, START, Checkpoint, DatabaseUnavailable, EventStore, InvalidArgument
+from eventstore import START, Checkpoint, EventStore, InvalidArgument, with_retries
 from projections import sql
 from projections.errors import (
     InvalidProjection,
-    ProjectionError,
     ProjectionFailed,
     ProjectionsNotMigrated,
     RebuildInProgress,
     UnknownProjection,
-    describe,
 )
 from projections.generations import (
     StoredCheckpoint,
@@ -31,46 +27,26 @@ from projections.generations import (
     connect,
     create_generation,
     disconnect,
+    distinct,
     ensure,
+    go_live,
     guard,
+    hold_for_swap,
     lease_key,
     mismatch,
     mode_of,
-    publish,
-    read_batch,
     schema_for,
     session_paths,
     use_generation,
 )
 from projections.inline import InlineProjections
 from projections.projection import Connection, HandlerFailed, Projection
+from projections.rebuild import ProgressCallback, ProgressTracker, Rebuild, RebuildProgress
 from projections.runner import ProjectionRunner
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True, slots=True)
-class RebuildProgress:
-    """How far a rebuild has got; `total` is an estimate (the log may grow while it runs)."""
-
-    name: str
-    phase: str  # "building", "swapping" or "done"
-    done: int
-    total: int
-    elapsed: float
-    rate: float  # events per second in this run
-
-    @property
-    def eta(self) -> float | None:
-        """Seconds left at the current rate, None before there is a rate."""
-        if self.rate <= 0:
-            return None
-        return max(self.total - self.done, 0) / self.rate
-
-
-ProgressCallback = Callable[[RebuildProgress], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,54 +89,12 @@ class ProjectionStatus:
     rebuild: RebuildStatus | None
 
 
-class _Tracker:
-    """Turns rebuild progress into `RebuildProgress` calls, at most every `interval` seconds."""
+class ProjectionAdmin:
+    """The operator's handle on the declared projections of an application, bound to a store.
 
-    def __init__(self, name: str, callback: ProgressCallback | None, interval: float) -> None:
-        self.name = name
-        self.callback = callback
-        self.interval = interval
-        self.started = time.perf_counter()
-        self.first_done: int | None = None
-        self.done = 0
-        self.remaining_at = (0, 0)  # (done, remaining) when the log was last counted
-        self.last_report = 0.0
-        self.last_count = 0.0
-
-    def snapshot(self, phase: str) -> RebuildProgress:
-        elapsed = time.perf_counter() - self.started
-        first = self.first_done if self.first_done is not None else self.done
-        rate = (self.done - first) / elapsed if elapsed > 0 else 0.0
-        counted_done, remaining = self.remaining_at
-        total = max(self.done, counted_done + remaining)
-        return RebuildProgress(self.name, phase, self.done, total, elapsed, rate)
-
-    def counted(self, remaining: int) -> None:
-        self.remaining_at = (self.done, remaining)
-        self.last_count = time.perf_counter()
-
-    def update(self, done: int, phase: str = "building", force: bool = False) -> None:
-        if self.first_done is None:
-            self.first_done = done
-        self.done = done
-        now = time.perf_counter()
-        if self.callback is not None and (force or now - self.last_report >= self.interval):
-            self.last_report = now
-            self.callback(self.snapshot(phase))
-
-    def finish(self) -> RebuildProgress:
-        self.remaining_at = (self.done, 0)
-        final = self.snapshot("done")
-        if self.callback is not None:
-            self.callback(final)
-        return final
-
-
-class Projections:
-    """The declared projections of an application, bound to a store.
-
-    The runner and the inline hook keep them current; this is where an operator asks how they stand,
-    rebuilds one from the start while it keeps serving, resets one, or resumes one that failed.
+    The runner and the inline hook keep them current (`runner()`, `inline()` build those); this is
+    where an operator asks how they stand, rebuilds one from the start while it keeps serving, resets
+    one, resumes one that failed, or drops one no longer declared.
     """
 
     def __init__(self, store: EventStore, projections: Iterable[Projection]) -> None:
@@ -169,9 +103,7 @@ class Projections:
         for projection in self.projections:
             if not isinstance(projection, Projection):
                 raise InvalidProjection(f"expected Projection instances, got {type(projection).__name__}")
-        names = [p.name for p in self.projections]
-        if len(set(names)) != len(names):
-            raise InvalidProjection(f"projection names must be unique, got {names}")
+        distinct(self.projections)
         self._by_name = {p.name: p for p in self.projections}
 
     def get(self, name: str) -> Projection:
@@ -264,30 +196,23 @@ class Projections:
         """
 
         async def drop() -> None:
-            conn = await connect(self.store, f"drop {name}")
-            try:
-                if not await conn.fetchval(sql.TRY_LOCK, lease_key("rebuild", name)):
-                    raise RebuildInProgress(name)
-                _, view_schema = await session_paths(conn)
-                async with conn.transaction():
-                    await guard(conn, name, None)
-                    await conn.execute(sql.HOLD_GENERATION, lease_key("inline", name))
-                    row = await conn.fetchrow(sql.LOCK_CHECKPOINT, name)
-                    if row is None:
-                        known = [r["name"] for r in await conn.fetch(sql.STATUS)]
-                        raise UnknownProjection(name, known)
-                    state = StoredCheckpoint.of(row)
-                    rebuild = await conn.fetchrow(sql.LOCK_REBUILD, name)
-                    for table in state.tables:
-                        await conn.execute(sql.drop_view(view_schema, table))
-                    for generation in (state.generation, None if rebuild is None else rebuild["generation"]):
-                        if generation is not None:
-                            await conn.execute(sql.drop_schema(schema_for(name, generation)))
-                    await conn.execute(sql.DELETE_CHECKPOINT, name)
-            finally:
-                await disconnect(self.store, conn)
+            async with self._exclusive(name, "drop") as (conn, _, view_schema), conn.transaction():
+                await guard(conn, name, None)
+                await conn.execute(sql.HOLD_GENERATION, lease_key("inline", name))
+                row = await conn.fetchrow(sql.LOCK_CHECKPOINT, name)
+                if row is None:
+                    known = [r["name"] for r in await conn.fetch(sql.STATUS)]
+                    raise UnknownProjection(name, known)
+                state = StoredCheckpoint.of(row)
+                rebuild = await conn.fetchrow(sql.LOCK_REBUILD, name)
+                for table in state.tables:
+                    await conn.execute(sql.drop_view(view_schema, table))
+                for generation in (state.generation, None if rebuild is None else rebuild["generation"]):
+                    if generation is not None:
+                        await conn.execute(sql.drop_schema(schema_for(name, generation)))
+                await conn.execute(sql.DELETE_CHECKPOINT, name)
 
-        await self._with_reconnects(drop)
+        await self._retrying(f"drop {name}", drop)
 
     # -- reset -------------------------------------------------------------------------------------
 
@@ -299,30 +224,14 @@ class Projections:
         back appends of the events it handles until it is done. Use `rebuild` to keep serving instead.
         """
         projection = self.get(name)
-        await self._with_reconnects(lambda: self._reset(projection))
-
-    @contextlib.asynccontextmanager
-    async def _exclusive(self, projection: Projection, purpose: str) -> AsyncIterator[tuple[Connection, str, str]]:
-        """A connection of its own holding the projection's rebuild lock: rebuilds and resets exclude each other."""
-        conn = await connect(self.store, f"{purpose} {projection.name}")
-        try:
-            if not await conn.fetchval(sql.TRY_LOCK, lease_key("rebuild", projection.name)):
-                raise RebuildInProgress(projection.name)
-            search_path, view_schema = await session_paths(conn)
-            await _ensure(conn, projection, search_path, view_schema)
-            yield conn, search_path, view_schema
-        finally:
-            await disconnect(self.store, conn)
+        await self._retrying(f"reset {name}", lambda: self._reset(projection))
 
     async def _reset(self, projection: Projection) -> None:
         name = projection.name
-        async with self._exclusive(projection, "reset") as (conn, search_path, view_schema):
-            tables = [t.name for t in projection.read_model]
+        async with self._exclusive(name, "reset") as (conn, search_path, view_schema):
+            await _ensure(conn, projection, search_path, view_schema)
             async with conn.transaction():
-                await guard(conn, name, projection)
-                await conn.execute(sql.HOLD_GENERATION, lease_key("inline", name))
-                state = StoredCheckpoint.of(await conn.fetchrow(sql.LOCK_CHECKPOINT, name))
-                abandoned = await conn.fetchrow(sql.LOCK_REBUILD, name)
+                state, abandoned = await hold_for_swap(conn, projection)
                 if abandoned is not None:
                     await conn.execute(sql.drop_schema(schema_for(name, abandoned["generation"])))
                     await conn.execute(sql.DELETE_REBUILD, name)
@@ -336,11 +245,7 @@ class Projections:
                     except HandlerFailed as failure:
                         raise ProjectionFailed.at(name, failure.event, failure.error) from failure.error
                     await conn.execute(sql.RESTORE_SEARCH_PATH, search_path)
-                await publish(conn, view_schema, name, generation, tables, state.tables)
-                await conn.execute(sql.drop_schema(schema_for(name, state.generation)))
-                await conn.execute(
-                    sql.SWAP, name, generation, projection.version, mode_of(projection), tables, end[0], end[1]
-                )
+                await go_live(conn, projection, generation, view_schema, state, end)
 
     # -- rebuild -----------------------------------------------------------------------------------
 
@@ -364,182 +269,42 @@ class Projections:
         projection = self.get(name)
         if batch_size <= 0:
             raise InvalidArgument("batch_size must be positive")
-        tracker = _Tracker(name, progress, progress_interval)
+        tracker = ProgressTracker(name, progress, progress_interval)
         fresh = [restart]
 
         async def attempt() -> RebuildProgress:
             restart_now, fresh[0] = fresh[0], False
-            return await self._rebuild(projection, tracker, batch_size, restart_now)
+            async with self._exclusive(name, "rebuild") as (conn, search_path, view_schema):
+                await _ensure(conn, projection, search_path, view_schema)
+                rebuild = Rebuild(conn, projection, search_path, view_schema, batch_size, tracker)
+                return await rebuild.run(restart_now)
 
-        return await self._with_reconnects(attempt)
-
-    async def _rebuild(
-        self, projection: Projection, tracker: _Tracker, batch_size: int, restart: bool
-    ) -> RebuildProgress:
-        name = projection.name
-        async with self._exclusive(projection, "rebuild") as (conn, search_path, view_schema):
-            generation, checkpoint, done = await self._begin(conn, projection, search_path, restart)
-            tracker.update(done, force=True)
-            tracker.counted(await conn.fetchval(sql.COUNT_LOG, checkpoint[0], checkpoint[1], projection.event_types))
-            swap_failures = 0
-            while True:
-                checkpoint, done = await self._build(
-                    conn, projection, generation, checkpoint, done, search_path, batch_size, tracker
-                )
-                tracker.update(done, "swapping", force=True)
-                try:
-                    done = await self._swap(
-                        conn, projection, generation, checkpoint, done, search_path, view_schema, batch_size
-                    )
-                except HandlerFailed as failure:
-                    if isinstance(failure.error, CONNECTION_ERRORS) and conn.is_closed():
-                        raise failure.error from None
-                    swap_failures += 1
-                    if swap_failures >= 2:
-                        await conn.execute(sql.FAIL_REBUILD, name, describe(failure.error))
-                        raise ProjectionFailed.at(name, failure.event, failure.error) from failure.error
-                    continue  # the build loop pins down the failing event
-                tracker.done = done
-                log.info("projection %s: rebuilt generation %s with %s events", name, generation, done)
-                return tracker.finish()
-
-    async def _begin(
-        self, conn: Connection, projection: Projection, search_path: str, restart: bool
-    ) -> tuple[int, Checkpoint, int]:
-        """Start a rebuild's generation of tables, or pick up the one an interrupted rebuild left."""
-        name = projection.name
-        tables = [t.name for t in projection.read_model]
-        async with conn.transaction():
-            state = StoredCheckpoint.of(await conn.fetchrow(sql.SELECT_CHECKPOINT, name))
-            row = await conn.fetchrow(sql.LOCK_REBUILD, name)
-            if row is not None and (
-                restart
-                or row["version"] != projection.version
-                or sorted(row["tables"]) != sorted(tables)
-                or row["generation"] != state.generation + 1
-            ):
-                await conn.execute(sql.drop_schema(schema_for(name, row["generation"])))
-                await conn.execute(sql.DELETE_REBUILD, name)
-                row = None
-            if row is not None:
-                log.info("projection %s: resuming the rebuild of generation %s", name, row["generation"])
-                return row["generation"], Checkpoint(row["log_xid"], row["position"]), row["events_done"]
-            generation = state.generation + 1
-            await create_generation(conn, projection, generation, search_path)
-            await conn.execute(sql.INSERT_REBUILD, name, generation, projection.version, tables)
-            return generation, START, 0
-
-    async def _build(
-        self,
-        conn: Connection,
-        projection: Projection,
-        generation: int,
-        checkpoint: Checkpoint,
-        done: int,
-        search_path: str,
-        batch_size: int,
-        tracker: _Tracker,
-    ) -> tuple[Checkpoint, int]:
-        """Fill the new generation batch by batch until a batch comes back short (nearly caught up)."""
-        name = projection.name
-        careful = 0  # after a failed batch, one event per transaction to find the failing event
-        while True:
-            limit = 1 if careful else batch_size
-            try:
-                async with conn.transaction():
-                    await use_generation(conn, name, generation, search_path)
-                    events, end = await read_batch(conn, projection, checkpoint, limit)
-                    await projection.apply(conn, events)
-                    if end != checkpoint:
-                        await conn.execute(sql.ADVANCE_REBUILD, name, end[0], end[1], len(events))
-            except HandlerFailed as failure:
-                if isinstance(failure.error, CONNECTION_ERRORS) and conn.is_closed():
-                    raise failure.error from None
-                if limit > 1:
-                    careful = limit
-                    continue
-                await conn.execute(sql.FAIL_REBUILD, name, describe(failure.error))
-                raise ProjectionFailed.at(name, failure.event, failure.error) from failure.error
-            checkpoint = end
-            done += len(events)
-            if time.perf_counter() - tracker.last_count > 10:
-                tracker.counted(await conn.fetchval(sql.COUNT_LOG, end[0], end[1], projection.event_types))
-            tracker.update(done)
-            if careful:
-                careful = max(0, careful - len(events)) if events else 0
-            if len(events) < limit and not careful:
-                return checkpoint, done
-
-    async def _swap(
-        self,
-        conn: Connection,
-        projection: Projection,
-        generation: int,
-        checkpoint: Checkpoint,
-        done: int,
-        search_path: str,
-        view_schema: str,
-        batch_size: int,
-    ) -> int:
-        """Apply the last few events and make the new generation the live one, in one transaction.
-
-        Locking the checkpoint row waits for the runner's batch in flight and holds off the next one; for
-        an inline projection, the generation lock waits for every append whose hook has written into the
-        old generation and holds off the next ones, so the last few events can be read from the log
-        even behind transactions still running: the appends that have not run their hook yet will write
-        into the new generation.
-        """
-        name = projection.name
-        tables = [t.name for t in projection.read_model]
-        async with conn.transaction():
-            await guard(conn, name, projection)
-            await conn.execute(sql.HOLD_GENERATION, lease_key("inline", name))
-            state = StoredCheckpoint.of(await conn.fetchrow(sql.LOCK_CHECKPOINT, name))
-            row = await conn.fetchrow(sql.LOCK_REBUILD, name)
-            if row is None or row["generation"] != generation:
-                raise ProjectionError(f"the rebuild of projection {name!r} was abandoned (reset meanwhile?)")
-            await use_generation(conn, name, generation, search_path)
-            if projection.inline:
-                checkpoint, count = await apply_committed(conn, projection, checkpoint, batch_size)
-                done += count
-            else:
-                while True:
-                    events, checkpoint = await read_batch(conn, projection, checkpoint, batch_size)
-                    await projection.apply(conn, events)
-                    done += len(events)
-                    if len(events) < batch_size:
-                        break
-            await conn.execute(sql.RESTORE_SEARCH_PATH, search_path)
-            await publish(conn, view_schema, name, generation, tables, state.tables)
-            await conn.execute(sql.drop_schema(schema_for(name, state.generation)))
-            await conn.execute(
-                sql.SWAP, name, generation, projection.version, mode_of(projection), tables,
-                checkpoint[0], checkpoint[1],
-            )
-            await conn.execute(sql.DELETE_REBUILD, name)
-        return done
+        return await self._retrying(f"rebuild {name}", attempt)
 
     # -- connections -------------------------------------------------------------------------------
 
-    async def _with_reconnects(self, operation: Callable[[], Awaitable[T]]) -> T:
-        """Retry an operation whose connection was lost; its progress is in the database, so it resumes."""
-        loop = asyncio.get_running_loop()
-        patience = max(self.store.retry_for, 1.0)
-        streak_started: float | None = None
-        delay = 0.05
-        while True:
-            started = loop.time()
-            try:
-                return await operation()
-            except CONNECTION_ERRORS as exc:
-                now = loop.time()
-                if streak_started is None or now - started > 1.0:  # it had been working: a new streak
-                    streak_started, delay = started, 0.05
-                if now - streak_started + delay > patience:
-                    raise DatabaseUnavailable(f"PostgreSQL unavailable: {exc}") from exc
-                log.warning("connection lost (%s); retrying in %.2fs", exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
+    @contextlib.asynccontextmanager
+    async def _exclusive(self, name: str, purpose: str) -> AsyncIterator[tuple[Connection, str, str]]:
+        """A connection of its own holding the projection's rebuild lock, with its search_path and view schema.
+
+        Rebuilds, resets and drops of one projection exclude each other.
+        """
+        conn = await connect(self.store, f"{purpose} {name}")
+        try:
+            if not await conn.fetchval(sql.TRY_LOCK, lease_key("rebuild", name)):
+                raise RebuildInProgress(name)
+            search_path, view_schema = await session_paths(conn)
+            yield conn, search_path, view_schema
+        finally:
+            await disconnect(self.store, conn)
+
+    async def _retrying(self, what: str, operation: Callable[[], Awaitable[T]]) -> T:
+        """Run an operation again after a lost connection: its progress is in the database, so it resumes.
+
+        An attempt that had been working for a second before it failed starts the patience afresh, so a
+        long rebuild survives any number of outages that are each shorter than the store's `retry_for`.
+        """
+        return await with_retries(operation, patience=max(self.store.retry_for, 1.0), what=what, fresh_after=1.0)
 
 
 async def _migrated(query: Awaitable[T]) -> T:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -18,10 +18,10 @@ from uuid import UUID
 
 import asyncpg
 
-from eventstore import START, Checkpoint, EventStore, RecordedEvent
+from eventstore import CONNECTION_ERRORS, START, Checkpoint, EventStore, RecordedEvent
 from projections import sql
 from projections.errors import InvalidProjection, ProjectionError, ProjectionsNotMigrated
-from projections.projection import Connection, Projection
+from projections.projection import Connection, HandlerFailed, Projection
 
 
 def schema_for(name: str, generation: int) -> str:
@@ -37,6 +37,15 @@ def lease_key(kind: str, name: str) -> int:
 def runner_identity(label: str | None = None) -> str:
     base = f"{socket.gethostname()}:{os.getpid()}"
     return base if label is None else f"{base}:{label}"
+
+
+def distinct(projections: Iterable[Projection]) -> list[Projection]:
+    """The projections as a list; `InvalidProjection` if two share a name (they would share tables)."""
+    chosen = list(projections)
+    names = [p.name for p in chosen]
+    if len(set(names)) != len(names):
+        raise InvalidProjection(f"projection names must be unique, got {names}")
+    return chosen
 
 
 def mode_of(projection: Projection) -> str:
@@ -178,6 +187,42 @@ async def publish(
             await conn.execute(sql.drop_view(view_schema, table))
 
 
+async def hold_for_swap(conn: Connection, projection: Projection) -> tuple[StoredCheckpoint, Any]:
+    """First in a transaction that makes another generation of `projection` live; returns its checkpoint
+    and rebuild rows (None without a rebuild), locked.
+
+    The guard comes first (see `guard`); the generation lock then waits for every append whose hook
+    writes into the live generation and holds off the next ones; the checkpoint row lock waits for the
+    runner's batch in flight and holds off the next one.
+    """
+    name = projection.name
+    await guard(conn, name, projection)
+    await conn.execute(sql.HOLD_GENERATION, lease_key("inline", name))
+    state = StoredCheckpoint.of(await conn.fetchrow(sql.LOCK_CHECKPOINT, name))
+    return state, await conn.fetchrow(sql.LOCK_REBUILD, name)
+
+
+async def go_live(
+    conn: Connection,
+    projection: Projection,
+    generation: int,
+    view_schema: str,
+    previous: StoredCheckpoint,
+    checkpoint: Checkpoint,
+) -> None:
+    """Make `generation`, built up to `checkpoint`, the live one, and drop the one it replaces.
+
+    Inside the caller's transaction, after `hold_for_swap` (which returned `previous`).
+    """
+    name = projection.name
+    tables = [t.name for t in projection.read_model]
+    await publish(conn, view_schema, name, generation, tables, previous.tables)
+    await conn.execute(sql.drop_schema(schema_for(name, previous.generation)))
+    await conn.execute(
+        sql.SWAP, name, generation, projection.version, mode_of(projection), tables, checkpoint[0], checkpoint[1]
+    )
+
+
 async def guard(conn: Connection, name: str, projection: Projection | None) -> None:
     """Make the events table refuse what `projection` handles unless its hook runs (None: drop the guard).
 
@@ -229,6 +274,45 @@ async def ensure(conn: Connection, projection: Projection, search_path: str, vie
     return StoredCheckpoint.of(row)
 
 
+class BatchLimit:
+    """How many events the next batch of a projection takes: `size`, or one while a failure is looked for.
+
+    A batch whose handler fails does not say which event it failed at, so the events it held are then
+    applied one per transaction: those before the failing event commit, and the failing event fails
+    alone, where it can be recorded. A batch that comes back empty ends the search: the events it was
+    about are no longer ahead (a rebuild or a reset moved the checkpoint past them).
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._left = 0  # events still to take one at a time
+
+    @property
+    def next(self) -> int:
+        return 1 if self._left else self.size
+
+    @property
+    def searching(self) -> bool:
+        return self._left > 0
+
+    def failed(self) -> bool:
+        """A batch of `next` events failed. True: try them one at a time. False: that one event failed."""
+        if self.next == 1:
+            return False
+        self._left = self.size
+        return True
+
+    def applied(self, count: int) -> None:
+        """A batch of `count` events committed."""
+        self._left = max(0, self._left - count) if count else 0
+
+
+def raise_if_disconnected(failure: HandlerFailed, conn: Connection) -> None:
+    """A handler that failed because the connection was lost did not fail: raise the connection error."""
+    if isinstance(failure.error, CONNECTION_ERRORS) and conn.is_closed():
+        raise failure.error from None
+
+
 def _events(rows: Sequence[Any]) -> list[RecordedEvent]:
     return [RecordedEvent(*row) for row in rows]
 
@@ -247,7 +331,7 @@ async def read_batch(
         return events, events[-1].checkpoint
     end = events[-1].checkpoint if events else Checkpoint(*after)
     if head is not None:
-        end = max(end, Checkpoint(head[0], head[1]))
+        end = max(end, Checkpoint(head["log_xid"], head["position"]))
     return events, end
 
 

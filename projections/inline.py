@@ -11,10 +11,18 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from eventstore import CONNECTION_ERRORS, AppendResult, EventStore, UnitOfWork
+from eventstore import AppendResult, EventStore, UnitOfWork
 from projections import sql
 from projections.errors import InvalidProjection, ProjectionError, ProjectionFailed, ProjectionNeedsRebuild
-from projections.generations import ensure, lease_key, mismatch, session_paths, use_generation
+from projections.generations import (
+    distinct,
+    ensure,
+    lease_key,
+    mismatch,
+    raise_if_disconnected,
+    session_paths,
+    use_generation,
+)
 from projections.projection import HandlerFailed, Projection
 
 
@@ -29,10 +37,7 @@ class InlineProjections:
 
     def __init__(self, store: EventStore, projections: Iterable[Projection]) -> None:
         self.store = store
-        self.projections = list(projections)
-        names = [p.name for p in self.projections]
-        if len(set(names)) != len(names):
-            raise InvalidProjection(f"projection names must be unique, got {names}")
+        self.projections = distinct(projections)
         for projection in self.projections:
             if not projection.inline:
                 raise InvalidProjection(
@@ -92,8 +97,7 @@ class InlineProjections:
             try:
                 await projection.apply(conn, result.events)
             except HandlerFailed as failure:
-                if isinstance(failure.error, CONNECTION_ERRORS) and conn.is_closed():
-                    raise failure.error from None
+                raise_if_disconnected(failure, conn)
                 raise ProjectionFailed.at(projection.name, failure.event, failure.error) from failure.error
         await conn.execute(sql.RESTORE_SEARCH_PATH, search_path)
 

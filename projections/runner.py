@@ -12,10 +12,18 @@ import asyncio
 import contextlib
 import enum
 import logging
+import time
 from collections.abc import Iterable
 
-from eventstore import CONNECTION_ERRORS, Checkpoint, DatabaseUnavailable, EventStore, InvalidArgument
-from eventstore.sql import NOTIFY_CHANNEL
+from eventstore import (
+    CONNECTION_ERRORS,
+    NOTIFY_CHANNEL,
+    Backoff,
+    Checkpoint,
+    DatabaseUnavailable,
+    EventStore,
+    InvalidArgument,
+)
 from projections import sql
 from projections.errors import (
     InvalidProjection,
@@ -25,12 +33,15 @@ from projections.errors import (
     describe,
 )
 from projections.generations import (
+    BatchLimit,
     StoredCheckpoint,
     connect,
     disconnect,
+    distinct,
     ensure,
     lease_key,
     mismatch,
+    raise_if_disconnected,
     read_batch,
     runner_identity,
     session_paths,
@@ -78,10 +89,7 @@ class ProjectionRunner:
         if poll_interval <= 0 or lease_interval <= 0:
             raise InvalidArgument("poll_interval and lease_interval must be positive")
         self.store = store
-        self.projections = list(projections)
-        names = [p.name for p in self.projections]
-        if len(set(names)) != len(names):
-            raise InvalidProjection(f"projection names must be unique, got {names}")
+        self.projections = distinct(projections)
         for projection in self.projections:
             if projection.inline:
                 raise InvalidProjection(
@@ -196,10 +204,9 @@ class _Worker:
             await asyncio.wait_for(self.wakeup.wait(), seconds)
 
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        delay = 0.05
+        sessions = Backoff(limit=2.0, fresh_after=2.0)  # a session that ran for a while had been working
         while not self.runner._stopping:
-            started = loop.time()
+            started = time.monotonic()
             try:
                 await self._session()
             except _RETRYABLE as exc:
@@ -212,11 +219,9 @@ class _Worker:
                 self.owned = False
             if self.runner._stopping:
                 return
-            if loop.time() - started > 2.0:  # it had been working: start backing off afresh
-                delay = 0.05
+            delay = sessions.failed(time.monotonic() - started)
             self.wakeup.clear()
             await self._pause(delay)
-            delay = min(delay * 2, 2.0)
 
     async def _session(self) -> None:
         name = self.projection.name
@@ -242,33 +247,27 @@ class _Worker:
         name = self.projection.name
         log.info("projection %s: owned by %s", name, self.runner.identity)
         await conn.add_listener(NOTIFY_CHANNEL, self._notified)
-        careful = 0  # after a failed batch, go one event per transaction to find the failing event
-        held_delay = 0.0
+        batches = BatchLimit(self.runner.batch_size)
+        # No notification comes when a long transaction elsewhere ends: look again, backing off.
+        held = Backoff(min(0.02, self.runner.poll_interval), self.runner.poll_interval)
         try:
             while not self.runner._stopping:
                 self.wakeup.clear()
-                limit = 1 if careful else self.runner.batch_size
                 try:
-                    outcome, count = await self._step(conn, limit)
+                    outcome, count = await self._step(conn, batches.next)
                 except HandlerFailed as failure:
-                    if limit > 1:
-                        careful = limit
-                        continue
-                    await self._fail(conn, failure)
+                    if not batches.failed():
+                        await self._fail(conn, failure)
                     continue
-                careful = max(0, careful - max(count, 1)) if careful else 0
-                if outcome is _Outcome.MORE:
-                    held_delay = 0.0
-                    continue
+                batches.applied(count)
                 if outcome is _Outcome.MISMATCH:
                     return
                 if outcome is _Outcome.HELD:
-                    # No notification comes when a long transaction elsewhere ends: look again, backing off.
-                    held_delay = min(max(held_delay * 2, 0.02), self.runner.poll_interval)
-                    await self._pause(held_delay)
+                    await self._pause(held.failed())
                     continue
-                held_delay = 0.0
-                await self._pause(self.runner.poll_interval)
+                held.reset()
+                if outcome is not _Outcome.MORE:
+                    await self._pause(self.runner.poll_interval)
         finally:
             if not conn.is_closed():
                 with contextlib.suppress(Exception):
@@ -298,8 +297,7 @@ class _Worker:
             try:
                 await projection.apply(conn, events)
             except HandlerFailed as failure:
-                if isinstance(failure.error, CONNECTION_ERRORS) and conn.is_closed():
-                    raise failure.error from None
+                raise_if_disconnected(failure, conn)
                 raise
             if end != state.checkpoint:
                 await conn.execute(sql.ADVANCE, projection.name, end[0], end[1], self.runner.identity)

@@ -1,7 +1,7 @@
 """Every SQL statement of the projections, by name. The rest of the package calls these names.
 
-Reads of the global log reuse the event store's statements, which carry its visibility rule (a reader
-never passes an event whose transaction commits later).
+Reads of the global log reuse the event store's statements, or build on its columns and visibility
+rule (a reader never passes an event whose transaction commits later), never on copies of them.
 """
 
 from __future__ import annotations
@@ -15,11 +15,8 @@ READ_LOG = log.READ_ALL_TYPES
 
 LOG_HEAD = log.HEAD
 
-# Column order of RecordedEvent.
-_COLUMNS = "event_id, event_type, data, metadata, stream_id, stream_version, position, log_xid, recorded_at"
-
 READ_COMMITTED = f"""
-SELECT {_COLUMNS} FROM events
+SELECT {log.EVENT_COLUMNS} FROM events
 WHERE (log_xid, position) > ($1, $2) AND event_type = ANY($4::text[])
 ORDER BY log_xid, position
 LIMIT $3
@@ -31,17 +28,14 @@ between writing its events and running its hook, so what this reads is exactly w
 committed transactions have applied.
 """
 
-HELD_BACK = """
-SELECT EXISTS (
-    SELECT 1 FROM events WHERE log_xid >= pg_snapshot_xmin(pg_current_snapshot())::text::bigint
-)
+HELD_BACK = f"""
+SELECT EXISTS (SELECT 1 FROM events WHERE log_xid >= {log.LOG_HORIZON})
 """
 """Committed events the log does not show yet: an older transaction still running holds them back."""
 
-COUNT_LOG = """
+COUNT_LOG = f"""
 SELECT count(*) FROM events
-WHERE (log_xid, position) > ($1, $2) AND event_type = ANY($3::text[])
-  AND log_xid < pg_snapshot_xmin(pg_current_snapshot())::text::bigint
+WHERE (log_xid, position) > ($1, $2) AND event_type = ANY($3::text[]) AND {log.LOG_VISIBLE}
 """
 
 # -- checkpoints -----------------------------------------------------------------------------------

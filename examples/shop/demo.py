@@ -281,7 +281,7 @@ async def run_demo(url: str, kafka: str, console: Console, *, customers: int = 6
             await runner.wait_caught_up()
             after = await _rows(store, "SELECT * FROM order_summary ORDER BY order_id")
             report.checks.extend(await _checks(store, shop, tally, billing, order_events, before, after))
-            pending = (await outbox_status(store.pool)).pending
+            pending = (await outbox_status(store)).pending
             report.checks.append(Check("outbox messages left unpublished", 0, pending))
     report.seconds = time.perf_counter() - started
     return report

@@ -22,6 +22,7 @@ from eventstore import (
     RecordedEvent,
     StreamState,
     WrongExpectedVersion,
+    category_of,
 )
 
 
@@ -201,6 +202,23 @@ async def test_read_all_filters_by_type_and_category(store: EventStore) -> None:
     assert await store.head() == everything[-1].checkpoint
     assert await store.count_after(START) == 5
     assert await store.count_after(everything[1].checkpoint) == 3
+
+
+CATEGORY_CASES = ["order-42", "order", "a--b", "a-b-c", "x-", "-lead", "ünï-cødé", "tab\t-x"]
+
+
+async def test_the_category_rule_is_the_same_in_python_and_in_sql(store: EventStore) -> None:
+    """`category_of`, `RecordedEvent.category`, the stored column and the category filters all agree."""
+    for stream_id in CATEGORY_CASES:
+        await store.append(stream_id, [ev()])
+    recorded = {e.stream_id: e for e in await settled_log(store)}
+    for stream_id in CATEGORY_CASES:
+        category = category_of(stream_id)
+        assert recorded[stream_id].category == category
+        assert await store.pool.fetchval("SELECT category FROM events WHERE stream_id = $1", stream_id) == category
+        assert stream_id in [s for s, _ in await store.list_streams(category)]
+        if category:  # an empty category is no filter read_all accepts
+            assert stream_id in [e.stream_id for e in await store.read_all(category=category)]
 
 
 async def test_unit_of_work_is_atomic_across_streams_and_own_tables(store: EventStore) -> None:

@@ -111,17 +111,17 @@ async def test_bad_ids_and_names_are_rejected(store: EventStore, bad: object) ->
 
 
 async def test_duplicates_from_kafka_are_applied_once(
-    outbox_store: EventStore, database_url: str, kafka: str, topic: str
+    outbox_store: EventStore, kafka: str, topic: str
 ) -> None:
     """Publish every message twice (a relay that crashed before marking), consume through the inbox."""
     await outbox_store.pool.execute(LEDGER)
     for n in range(20):
         await outbox_store.append(f"order-{n % 4}", [NewEvent("OrderPaid", {"amount": n})])
     settings = relay_settings()
-    async with Relay(database_url, kafka, settings):
+    async with Relay(outbox_store, kafka, settings):
         await _wait_published(outbox_store, 20)
     await outbox_store.pool.execute("UPDATE outbox SET published_at = NULL")
-    async with Relay(database_url, kafka, settings):
+    async with Relay(outbox_store, kafka, settings):
         await _wait_published(outbox_store, 20)
 
     inbox = Inbox(outbox_store, "ledger")

@@ -36,7 +36,7 @@ async def wait_until(condition: Any, timeout: float = 20.0, what: str = "conditi
 
 
 async def test_messages_arrive_as_cloud_events_in_order_per_key(
-    outbox_store: EventStore, database_url: str, kafka: str, collector: Collector
+    outbox_store: EventStore, kafka: str, collector: Collector
 ) -> None:
     correlation = uuid.uuid4()
     written: dict[str, NewEvent] = {}
@@ -45,7 +45,7 @@ async def test_messages_arrive_as_cloud_events_in_order_per_key(
             event = NewEvent("OrderChanged", {"stream": stream, "version": version}, correlation_id=correlation)
             await outbox_store.append(f"order-{stream}", [event])
             written[str(event.event_id)] = event
-    async with Relay(database_url, kafka, relay_settings(batch_size=64)) as relay:
+    async with Relay(outbox_store, kafka, relay_settings(batch_size=64)) as relay:
         await collector.wait_count(200)
     assert relay.stats.published == 200  # counted once marked; stopping waits for the last marks
     assert len(collector.records) == 200, "no duplicates without a crash"
@@ -64,11 +64,11 @@ async def test_messages_arrive_as_cloud_events_in_order_per_key(
 
 
 async def test_a_notification_wakes_an_idle_relay(
-    outbox_store: EventStore, database_url: str, kafka: str, collector: Collector
+    outbox_store: EventStore, kafka: str, collector: Collector
 ) -> None:
     # Without NOTIFY the relay would sleep for lease_ttl / 6 = 20 s (and polls only every 60 s).
     settings = relay_settings(poll_interval=60.0, lease_ttl=120.0)
-    async with Relay(database_url, kafka, settings) as relay:
+    async with Relay(outbox_store, kafka, settings) as relay:
         await wait_until(lambda: _true(relay.owned_slots), what="slots")
         await asyncio.sleep(0.3)  # the relay found nothing and went to sleep
         await outbox_store.append("order-1", [NewEvent("OrderPlaced")])
@@ -80,12 +80,12 @@ async def _true(value: object) -> bool:
 
 
 async def test_in_flight_messages_are_bounded_by_the_batch_size(
-    outbox_store: EventStore, database_url: str, kafka: str, collector: Collector
+    outbox_store: EventStore, kafka: str, collector: Collector
 ) -> None:
     async with outbox_store.unit_of_work() as uow:
         for stream in range(10):
             await uow.append(f"order-{stream}", [NewEvent("OrderPlaced", {"n": n}) for n in range(30)])
-    async with Relay(database_url, kafka, relay_settings(batch_size=25)) as relay:
+    async with Relay(outbox_store, kafka, relay_settings(batch_size=25)) as relay:
         await collector.wait_count(300)
     assert relay.stats.max_in_flight <= 25
     assert relay.stats.rounds >= 12
@@ -93,7 +93,7 @@ async def test_in_flight_messages_are_bounded_by_the_batch_size(
 
 
 async def test_a_refused_message_is_dead_lettered_without_blocking_other_keys_and_can_be_retried(
-    outbox_store: EventStore, database_url: str, kafka: str, collector: Collector
+    outbox_store: EventStore, kafka: str, collector: Collector
 ) -> None:
     big = NewEvent("OrderPlaced", {"blob": "x" * 5000})
     await outbox_store.append("order-bad", [NewEvent("OrderPlaced", {"n": 0}), big, NewEvent("OrderPlaced", {"n": 2})])
@@ -101,7 +101,7 @@ async def test_a_refused_message_is_dead_lettered_without_blocking_other_keys_an
         await outbox_store.append(f"order-good{stream}", [NewEvent("OrderPlaced", {"n": n}) for n in range(3)])
     small = KafkaSettings(bootstrap_servers=kafka, max_request_size=2000)
     settings = relay_settings(max_attempts=3, retry_backoff=0.2)
-    async with Relay(database_url, small, settings) as relay:
+    async with Relay(outbox_store, small, settings) as relay:
         await collector.wait_count(17)
         assert relay.stats.dead == 1 and relay.stats.refused == 3
     pool = outbox_store.pool
@@ -122,8 +122,8 @@ async def test_a_refused_message_is_dead_lettered_without_blocking_other_keys_an
     assert successor["published_at"] >= dead["dead_at"]
     assert versions_by_key(collector)["order-bad"] == [0, 2]
 
-    assert await retry_dead(pool, ids=[dead["id"]]) == [dead["id"]]
-    async with Relay(database_url, kafka, settings):  # default max_request_size: 1 MiB
+    assert await retry_dead(outbox_store, ids=[dead["id"]]) == [dead["id"]]
+    async with Relay(outbox_store, kafka, settings):  # default max_request_size: 1 MiB
         await collector.wait_count(18)
     assert versions_by_key(collector)["order-bad"] == [0, 2, 1]
     row = await pool.fetchrow("SELECT published_at, dead_at FROM outbox WHERE id = $1", dead["id"])
@@ -131,12 +131,12 @@ async def test_a_refused_message_is_dead_lettered_without_blocking_other_keys_an
 
 
 async def test_retention_prunes_old_published_messages_only(
-    outbox_store: EventStore, database_url: str, kafka: str, collector: Collector
+    outbox_store: EventStore, kafka: str, collector: Collector
 ) -> None:
     await outbox_store.append("order-1", [NewEvent("OrderPlaced", {"n": n}) for n in range(10)])
     settings = relay_settings(retention=3600.0, prune_interval=0.1)
     pool = outbox_store.pool
-    async with Relay(database_url, kafka, settings):
+    async with Relay(outbox_store, kafka, settings):
         await collector.wait_count(10)
         await wait_until(lambda: _none_pending(pool), what="published")
         await pool.execute(
@@ -168,7 +168,7 @@ async def test_relay_survives_its_connections_being_terminated(
 ) -> None:
     admin = await asyncpg.connect(asyncpg_dsn(database_url))
     try:
-        async with Relay(database_url, kafka, relay_settings(batch_size=20)) as relay:
+        async with Relay(outbox_store, kafka, relay_settings(batch_size=20)) as relay:
             for round_ in range(10):
                 for stream in range(10):
                     await outbox_store.append(f"order-{stream}", [NewEvent("OrderPlaced", {"n": round_})])
@@ -186,7 +186,7 @@ async def test_relay_survives_its_connections_being_terminated(
 
 @pytest.mark.fault
 async def test_broker_down_for_a_while_then_back_loses_nothing(
-    store: EventStore, database_url: str, own_broker: EmbeddedBroker
+    store: EventStore, own_broker: EmbeddedBroker
 ) -> None:
     servers = own_broker.bootstrap_servers
     topic = await create_topic(servers)
@@ -194,7 +194,7 @@ async def test_broker_down_for_a_while_then_back_loses_nothing(
     before, after = Collector(servers, topic), Collector(servers, topic)
     await before.start()
     try:
-        async with Relay(database_url, servers, relay_settings()) as relay:
+        async with Relay(store, servers, relay_settings()) as relay:
             for n in range(10):
                 await store.append(f"order-{n % 3}", [NewEvent("OrderPlaced", {"n": n})])
             await before.wait_count(10)  # memory storage: read them now, a restart loses them
@@ -219,7 +219,7 @@ async def test_broker_down_for_a_while_then_back_loses_nothing(
 
 @pytest.mark.fault
 async def test_order_per_key_holds_when_the_network_to_the_broker_fails_mid_stream(
-    store: EventStore, database_url: str, cuttable_broker: CuttableBroker
+    store: EventStore, cuttable_broker: CuttableBroker
 ) -> None:
     """A request on its way when the network fails is lost and times out; a later batch of its
     partition must not reach the broker first once the network is back (later messages of a key
@@ -245,7 +245,7 @@ async def test_order_per_key_holds_when_the_network_to_the_broker_fails_mid_stre
 
     await collector.start()
     try:
-        async with Relay(database_url, kafka, relay_settings(send_timeout=1.0)) as relay:
+        async with Relay(store, kafka, relay_settings(send_timeout=1.0)) as relay:
             writers = [asyncio.create_task(writer(k)) for k in range(keys)]
             try:
                 for _ in range(3):
@@ -276,10 +276,10 @@ async def _pending(pool: asyncpg.Pool) -> int:
 
 
 async def test_relays_split_the_slots_fairly_and_take_over_from_one_that_stops(
-    store: EventStore, database_url: str, kafka: str
+    store: EventStore, kafka: str
 ) -> None:
-    first = Relay(database_url, kafka, relay_settings(relay_id="first"))
-    second = Relay(database_url, kafka, relay_settings(relay_id="second"))
+    first = Relay(store, kafka, relay_settings(relay_id="first"))
+    second = Relay(store, kafka, relay_settings(relay_id="second"))
     await first.start()
     try:
         await wait_until(lambda: _true(len(first.owned_slots) == 64), what="first relay takes every slot")
@@ -298,7 +298,7 @@ async def test_relays_split_the_slots_fairly_and_take_over_from_one_that_stops(
 
 
 async def test_an_open_transaction_holds_back_what_comes_after_it_then_goes_out_under_traffic(
-    outbox_store: EventStore, database_url: str, kafka: str, collector: Collector
+    outbox_store: EventStore, kafka: str, collector: Collector
 ) -> None:
     """Messages go out in log order: nothing that comes after an open transaction's events in the log is
     published before it commits (it could still add a message of the same key before them); once it
@@ -315,7 +315,7 @@ async def test_an_open_transaction_holds_back_what_comes_after_it_then_goes_out_
     async def traffic() -> None:  # enough that every round of the relay finds something new
         await asyncio.gather(*(writer(w) for w in range(4)))
 
-    async with Relay(database_url, kafka, relay_settings()):
+    async with Relay(outbox_store, kafka, relay_settings()):
         busy: asyncio.Task[None] | None = None
         try:
             async with outbox_store.unit_of_work() as uow:
@@ -336,7 +336,7 @@ async def test_an_open_transaction_holds_back_what_comes_after_it_then_goes_out_
 
 
 async def test_a_late_commit_is_never_overtaken_by_the_next_message_of_its_key(
-    store: EventStore, database_url: str, cuttable_broker: CuttableBroker
+    store: EventStore, cuttable_broker: CuttableBroker
 ) -> None:
     """A transaction holds `order-late` v0 open (its outbox row comes first) while a backlog of other keys
     commits and a relay drains it; then v0 commits and v1 follows. The broker must get v0 before v1.
@@ -357,7 +357,7 @@ async def test_a_late_commit_is_never_overtaken_by_the_next_message_of_its_key(
     for stream in range(60):
         await store.append(f"order-{stream}", [NewEvent("OrderChanged", {"n": n}) for n in range(100)])
     try:
-        async with Relay(database_url, servers, relay_settings(batch_size=100, lease_ttl=60)):
+        async with Relay(store, servers, relay_settings(batch_size=100, lease_ttl=60)):
             with contextlib.suppress(AssertionError):
                 await collector.wait_for(lambda c: len(c.records) >= 500, timeout=1.0)
             await late.__aexit__(None, None, None)

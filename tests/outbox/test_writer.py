@@ -186,7 +186,7 @@ def test_malformed_routes_are_rejected_when_built(build: Any) -> None:
 
 
 async def test_rollback_publishes_nothing(
-    outbox_store: EventStore, database_url: str, kafka: str, collector: Collector
+    outbox_store: EventStore, kafka: str, collector: Collector
 ) -> None:
     rolled_back = NewEvent("OrderPlaced", {"n": "rolled back"})
     with pytest.raises(RuntimeError):
@@ -195,7 +195,7 @@ async def test_rollback_publishes_nothing(
             raise RuntimeError("abort")
     committed = NewEvent("OrderPlaced", {"n": "committed"})
     await outbox_store.append("order-1", [committed])
-    async with Relay(database_url, kafka, relay_settings()):
+    async with Relay(outbox_store, kafka, relay_settings()):
         await collector.wait_count(1)
     # Same key, so a published rolled-back message would sit before the committed one in one partition.
     assert [e.id for e in collector.events()] == [str(committed.event_id)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from eventstore import START, EventStore
-from projections import Projections
+from projections import ProjectionAdmin
 from tests.projections.app import PROJECTIONS, assert_ledger_exactly_once, fill
 from tests.projections.conftest import Cli
 
@@ -36,7 +36,7 @@ async def test_run_status_rebuild_reset_resume(store: EventStore, cli: Cli, caps
 
     assert await cli("reset", "ledger", "--app", APP) == 0
     assert "reset ledger: its tables are empty; a runner replays it from the start" in capsys.readouterr().out
-    statuses = {s.name: s for s in await Projections(store, PROJECTIONS).status()}
+    statuses = {s.name: s for s in await ProjectionAdmin(store, PROJECTIONS).status()}
     assert (statuses["ledger"].generation, statuses["ledger"].checkpoint, statuses["ledger"].lag) == (3, START, 120)
 
     assert await cli("resume", "ledger") == 0
@@ -44,7 +44,7 @@ async def test_run_status_rebuild_reset_resume(store: EventStore, cli: Cli, caps
 
     assert await cli("drop", "ledger") == 0
     assert "dropped ledger: its tables, checkpoint and guard are gone" in capsys.readouterr().out
-    assert "ledger" not in {s.name for s in await Projections(store, []).status()}
+    assert "ledger" not in {s.name for s in await ProjectionAdmin(store, []).status()}
 
 
 @pytest.mark.parametrize(

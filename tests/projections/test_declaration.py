@@ -152,7 +152,6 @@ def test_handles_needs_an_event_type() -> None:
 def test_the_framework_table_list_names_every_table_of_every_component() -> None:
     """The reserved names are a fixed list, not whatever happened to be imported: it must stay complete."""
     from eventstore_migrations import target_metadata
-
     from projections.projection import FRAMEWORK_TABLES
 
     assert set(target_metadata().tables) | {"alembic_version"} == FRAMEWORK_TABLES

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
 
 from eventstore import Checkpoint, EventStore, NewEvent, RecordedEvent
-from projections import Projection, ProjectionFailed, Projections, UnknownProjection
-from tests.projections.app import Ledger, assert_ledger_exactly_once, caught_up, eventually, fill
+from projections import Projection, ProjectionAdmin, ProjectionFailed, UnknownProjection
+from tests.projections.app import Ledger, assert_ledger_exactly_once, caught_up, deposit, eventually, fill
 from tests.projections.conftest import Cli
 
 
@@ -47,7 +48,7 @@ async def test_failing_handler_stops_only_its_projection_until_resumed(
     poison = poisoned.events[0]
     last = await fill(store, accounts=2, rounds=2, prefix="later")
     picky = Picky()
-    projections = Projections(store, [Ledger(), picky.projection(batch)])
+    projections = ProjectionAdmin(store, [Ledger(), picky.projection(batch)])
     async with projections.runner(batch_size=50, poll_interval=0.2) as runner:
         with pytest.raises(ProjectionFailed) as failed:
             await caught_up(runner, last)
@@ -92,9 +93,37 @@ async def test_failing_handler_stops_only_its_projection_until_resumed(
 
 
 async def test_resume_of_a_healthy_or_unknown_projection(store: EventStore) -> None:
-    projections = Projections(store, [Ledger()])
+    projections = ProjectionAdmin(store, [Ledger()])
     async with projections.runner() as runner:
         await runner.wait_caught_up()
     assert await projections.resume("ledger") is False
     with pytest.raises(UnknownProjection, match="unknown projection 'nope' \\(declared: ledger\\)"):
         await projections.resume("nope")
+
+
+async def test_after_a_failed_batch_its_events_go_one_at_a_time_then_full_batches_again(store: EventStore) -> None:
+    """A failed batch does not say which event failed, so its events are retried one per transaction.
+    Once the runner has caught up the search is over: later events come in full batches again (the
+    runner used to stay in one-event transactions for up to `batch_size` events after any failure)."""
+    sizes: list[int] = []
+    transient = [RuntimeError("the first try fails, whatever the events")]
+
+    async def many(conn: Any, events: list[RecordedEvent]) -> None:
+        if transient:
+            raise transient.pop()
+        sizes.append(len(events))
+        await conn.executemany("INSERT INTO flaky_seen VALUES ($1)", [(e.position,) for e in events])
+
+    flaky = Projection(
+        name="flaky",
+        tables={"flaky_seen": "CREATE TABLE flaky_seen (position bigint PRIMARY KEY)"},
+        batch_handlers={"Deposited": many},
+    )
+    first = await fill(store, accounts=1, rounds=3)
+    async with ProjectionAdmin(store, [flaky]).runner(batch_size=100, poll_interval=0.2) as runner:
+        await caught_up(runner, first)
+        assert sizes == [1, 1, 1]
+        await asyncio.sleep(1.0)  # the runner looks again, finds nothing, and waits for events
+        later = await store.append("acc-9", [deposit("acc9", n) for n in range(20)])
+        await caught_up(runner, later.checkpoint)
+    assert sizes == [1, 1, 1, 20]

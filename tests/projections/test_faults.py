@@ -13,7 +13,7 @@ import asyncpg
 import pytest
 
 from eventstore import Checkpoint, EventStore
-from projections import Projections, ProjectionStatus
+from projections import ProjectionAdmin, ProjectionStatus
 from tests.projections.app import (
     SLOW_ENV,
     TRACE_ENV,
@@ -44,7 +44,7 @@ async def spawn_runner(database_url: str, log: Path, *, batch_size: int = 10, **
 
 
 async def ledger_status(store: EventStore) -> ProjectionStatus:
-    (status,) = await Projections(store, [Ledger()]).status()
+    (status,) = await ProjectionAdmin(store, [Ledger()]).status()
     return status
 
 
@@ -151,7 +151,7 @@ async def _terminate(store: EventStore, application_name: str) -> int:
 
 
 async def test_runner_survives_terminated_connections(store: EventStore) -> None:
-    projections = Projections(store, [Ledger()])
+    projections = ProjectionAdmin(store, [Ledger()])
     stop_writing = asyncio.Event()
 
     async def writer() -> Checkpoint:
@@ -180,7 +180,7 @@ async def test_runner_survives_terminated_connections(store: EventStore) -> None
 
 async def test_rebuild_survives_terminated_connections(store: EventStore) -> None:
     await store.wait_until_visible(await fill(store, accounts=5, rounds=20))
-    projections = Projections(store, [Ledger()])
+    projections = ProjectionAdmin(store, [Ledger()])
     async with projections.runner() as runner:
         await runner.wait_caught_up()
     rebuilding = asyncio.create_task(projections.rebuild("ledger", batch_size=3))

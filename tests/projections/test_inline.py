@@ -14,10 +14,10 @@ from projections import (
     InlineProjections,
     InvalidProjection,
     Projection,
+    ProjectionAdmin,
     ProjectionFailed,
     ProjectionNeedsRebuild,
     ProjectionRunner,
-    Projections,
     UnknownProjection,
     handles,
 )
@@ -74,7 +74,7 @@ async def test_a_changed_declaration_needs_a_rebuild_first(store: EventStore, da
         await old_process.append("acc-1", [deposit("a1", 7)])
         with pytest.raises(ProjectionNeedsRebuild, match="built by version 1, declared version is 2"):
             await InlineProjections(store, [TotalsV2()]).start()
-        await Projections(store, [TotalsV2()]).rebuild("totals")
+        await ProjectionAdmin(store, [TotalsV2()]).rebuild("totals")
         async with InlineProjections(store, [TotalsV2()]):
             await store.append("acc-1", [deposit("a1", 1)])
         # A process still on the old declaration may not write into the new tables: its appends fail.
@@ -151,12 +151,12 @@ async def test_dropping_an_inline_projection_removes_its_guard(store: EventStore
         await store.append("acc-1", [deposit("a1", 3)])
     with pytest.raises(AppendRefused):
         await store.append("acc-1", [deposit("a1", 1)])
-    await Projections(store, []).drop("totals")
+    await ProjectionAdmin(store, []).drop("totals")
     await store.append("acc-1", [deposit("a1", 1)])
     assert await store.pool.fetchval("SELECT to_regclass('account_totals')") is None
-    assert [s.name for s in await Projections(store, []).status()] == []
+    assert [s.name for s in await ProjectionAdmin(store, []).status()] == []
     with pytest.raises(UnknownProjection):
-        await Projections(store, []).drop("totals")
+        await ProjectionAdmin(store, []).drop("totals")
 
 
 async def test_a_rebuild_moves_the_guard_to_the_new_declaration(store: EventStore) -> None:
@@ -172,7 +172,7 @@ async def test_a_rebuild_moves_the_guard_to_the_new_declaration(store: EventStor
 
     async with InlineProjections(store, [Totals()]):
         await store.append("acc-1", [deposit("a1", 3)])
-    await Projections(store, [WithdrawalsOnly()]).rebuild("totals")
+    await ProjectionAdmin(store, [WithdrawalsOnly()]).rebuild("totals")
     await store.append("acc-1", [deposit("a1", 1)])  # no longer guarded
     with pytest.raises(AppendRefused):
         await store.append("acc-1", [withdraw("a1", 1)])

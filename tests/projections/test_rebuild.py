@@ -12,9 +12,9 @@ import pytest
 from eventstore import START, Checkpoint, EventStore, RecordedEvent, asyncpg_dsn
 from projections import (
     InlineProjections,
+    ProjectionAdmin,
     ProjectionFailed,
     ProjectionNeedsRebuild,
-    Projections,
     RebuildInProgress,
     RebuildProgress,
     UnknownProjection,
@@ -43,7 +43,7 @@ async def _schemas(store: EventStore, name: str) -> list[str]:
 
 async def test_rebuild_while_serving_and_writing_swaps_atomically(store: EventStore) -> None:
     await store.wait_until_visible(await fill(store, accounts=4, rounds=25))
-    projections = Projections(store, [Ledger()])
+    projections = ProjectionAdmin(store, [Ledger()])
     stop = asyncio.Event()
     reads: list[tuple[int, int]] = []
 
@@ -127,7 +127,7 @@ class LedgerV2(Ledger):
 
 async def test_rebuild_to_a_new_version_hands_over_to_runners_of_that_version(store: EventStore) -> None:
     first = await fill(store, accounts=3, rounds=5)
-    old, new = Projections(store, [Ledger()]), Projections(store, [LedgerV2()])
+    old, new = ProjectionAdmin(store, [Ledger()]), ProjectionAdmin(store, [LedgerV2()])
     async with old.runner(poll_interval=0.1, lease_interval=0.1, label="v1") as v1, new.runner(
         poll_interval=0.1, lease_interval=0.1, label="v2"
     ) as v2:
@@ -169,7 +169,7 @@ class Fragile(Ledger):
 async def test_an_interrupted_rebuild_resumes_where_it_stopped(store: EventStore) -> None:
     await store.wait_until_visible(await fill(store, accounts=3, rounds=10))
     fragile = Fragile()
-    projections = Projections(store, [fragile])
+    projections = ProjectionAdmin(store, [fragile])
     async with projections.runner() as runner:
         await runner.wait_caught_up()
     deposits = await store.read_all(limit=1000, types=["Deposited"])
@@ -193,7 +193,7 @@ async def test_an_interrupted_rebuild_resumes_where_it_stopped(store: EventStore
 
 
 async def test_only_one_rebuild_at_a_time(store: EventStore, database_url: str) -> None:
-    projections = Projections(store, [Ledger()])
+    projections = ProjectionAdmin(store, [Ledger()])
     other = await asyncpg.connect(asyncpg_dsn(database_url))
     try:
         await other.fetchval("SELECT pg_advisory_lock($1)", lease_key("rebuild", "ledger"))
@@ -209,7 +209,7 @@ async def test_only_one_rebuild_at_a_time(store: EventStore, database_url: str) 
 
 async def test_reset_replays_in_place(store: EventStore) -> None:
     first = await fill(store, accounts=2, rounds=5)
-    projections = Projections(store, [Ledger()])
+    projections = ProjectionAdmin(store, [Ledger()])
     async with projections.runner(poll_interval=0.1) as runner:
         await caught_up(runner, first)
         await runner.stop()
@@ -236,7 +236,7 @@ async def test_inline_rebuild_and_reset_under_concurrent_appends(store: EventSto
 
     async with InlineProjections(store, [Totals()]):
         await fill(store, accounts=3, rounds=10)
-        projections = Projections(store, [Totals()])
+        projections = ProjectionAdmin(store, [Totals()])
         writers = [asyncio.create_task(writer(p)) for p in ("w", "x", "y")]
         await asyncio.sleep(0.2)
         await projections.rebuild("totals", batch_size=10)

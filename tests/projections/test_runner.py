@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from eventstore import EventStore, NewEvent, RecordedEvent
-from projections import InvalidProjection, Projection, ProjectionRunner, Projections, ProjectionsNotMigrated
+from projections import InvalidProjection, Projection, ProjectionAdmin, ProjectionRunner, ProjectionsNotMigrated
 from tests.projections.app import (
     Ledger,
     StreamCounts,
@@ -25,7 +25,7 @@ from tests.projections.app import (
 async def test_catches_up_from_the_start_exactly_once(store: EventStore) -> None:
     await fill(store, accounts=5, rounds=20)
     last = (await store.append("other-1", [NewEvent("Opened"), NewEvent("Ignored")])).checkpoint
-    projections = Projections(store, [Ledger(), StreamCounts()])
+    projections = ProjectionAdmin(store, [Ledger(), StreamCounts()])
     async with projections.runner(batch_size=7) as runner:
         await caught_up(runner, last)
     assert await assert_ledger_exactly_once(store) == 300
@@ -46,7 +46,7 @@ async def test_catches_up_from_the_start_exactly_once(store: EventStore) -> None
 
 
 async def test_restarted_runner_continues_from_its_checkpoint(store: EventStore) -> None:
-    projections = Projections(store, [Ledger()])
+    projections = ProjectionAdmin(store, [Ledger()])
     first = await fill(store, accounts=3, rounds=4)
     async with projections.runner(batch_size=5) as runner:
         await caught_up(runner, first)
@@ -60,7 +60,7 @@ async def test_restarted_runner_continues_from_its_checkpoint(store: EventStore)
 
 
 async def test_follows_new_events_without_polling(store: EventStore) -> None:
-    projections = Projections(store, [Ledger()])
+    projections = ProjectionAdmin(store, [Ledger()])
     async with projections.runner(poll_interval=120) as runner:
         await runner.wait_caught_up()
         for i in range(3):
@@ -85,7 +85,7 @@ async def test_batch_handlers_receive_consecutive_runs(store: EventStore) -> Non
             await super().withdrawn(conn, events)
 
     last = await fill(store, accounts=2, rounds=3)
-    async with Projections(store, [RecordingLedger()]).runner(batch_size=100) as runner:
+    async with ProjectionAdmin(store, [RecordingLedger()]).runner(batch_size=100) as runner:
         await caught_up(runner, last)
     # Each append is deposit, withdrawal, withdrawal: the two withdrawals arrive together.
     assert sizes == [2] * 6
@@ -93,7 +93,7 @@ async def test_batch_handlers_receive_consecutive_runs(store: EventStore) -> Non
 
 
 async def test_two_runners_in_one_process_share_out_the_projections(store: EventStore) -> None:
-    projections = Projections(store, [Ledger(), StreamCounts()])
+    projections = ProjectionAdmin(store, [Ledger(), StreamCounts()])
     last = await fill(store, accounts=2, rounds=2)
     first = projections.runner(lease_interval=0.1, label="first")
     second = projections.runner(lease_interval=0.1, label="second")
@@ -152,6 +152,6 @@ async def test_an_unmigrated_database_is_a_clear_error(store: EventStore) -> Non
     with pytest.raises(ProjectionsNotMigrated, match="run `eventstore migrate`"):
         await ProjectionRunner(store, [Ledger()]).start()
     with pytest.raises(ProjectionsNotMigrated):
-        await Projections(store, [Ledger()]).status()
+        await ProjectionAdmin(store, [Ledger()]).status()
     with pytest.raises(ProjectionsNotMigrated):
-        await Projections(store, [Ledger()]).rebuild("ledger")
+        await ProjectionAdmin(store, [Ledger()]).rebuild("ledger")

@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from eventstore import EventStore, asyncpg_dsn
 from eventstore_app.migrate import _sqlalchemy_url, alembic_config
-from projections import Projections
+from projections import ProjectionAdmin
 from projections.schema import metadata, projection_checkpoints, projection_rebuilds
 from tests.projections.app import Ledger
 
@@ -68,7 +68,7 @@ async def test_the_checks_of_the_tables_hold(database_url: str) -> None:
 
 
 async def test_downgrade_drops_tables_and_generations_and_upgrade_restores(database_url: str) -> None:
-    async with EventStore(database_url) as store, Projections(store, [Ledger()]).runner():
+    async with EventStore(database_url) as store, ProjectionAdmin(store, [Ledger()]).runner():
         pass  # starting creates the checkpoint row and the first generation's schema
     conn = await asyncpg.connect(asyncpg_dsn(database_url))
     try:
