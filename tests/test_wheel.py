@@ -37,7 +37,6 @@ from eventstore import asyncpg_dsn
 from eventstore.embedded import free_port
 from eventstore_app import migrate
 from eventstore_migrations import target_metadata
-from outbox.embedded import BOOTSTRAP_ENV, EmbeddedBroker
 from tests.conftest import _admin, with_database
 
 pytestmark = pytest.mark.wheel
@@ -221,16 +220,6 @@ def empty_database(server_url: str) -> Iterator[str]:
         yield with_database(server_url, name)
     finally:
         asyncio.run(_admin(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-
-
-@pytest.fixture(scope="module")
-def kafka() -> Iterator[str]:
-    servers = os.environ.get(BOOTSTRAP_ENV)
-    if servers:
-        yield servers
-        return
-    with EmbeddedBroker() as broker:
-        yield broker.start()
 
 
 def tables(url: str) -> set[str]:
