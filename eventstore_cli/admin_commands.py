@@ -41,9 +41,8 @@ def register(commands: Any) -> None:
 
 async def _admin(args: argparse.Namespace) -> int:
     try:
-        import uvicorn
-
-        from eventstore_admin import AdminSettings, ConsoleError, create_app
+        from eventstore_admin import AdminSettings, ConsoleError
+        from eventstore_admin.server import serve
     except ImportError as exc:
         raise CommandError(
             f"the admin console needs its extra ({exc.name} is missing): pip install 'eventstore[admin]'"
@@ -56,13 +55,6 @@ async def _admin(args: argparse.Namespace) -> int:
         )
     except ConsoleError as exc:
         raise CommandError(str(exc)) from None
-    app = create_app(settings)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app, host=settings.host, port=settings.port, log_level="warning", access_log=False,
-            timeout_graceful_shutdown=3, server_header=False,
-        )
-    )
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     mode = "read-only" if settings.read_only else "operators sign in with the token"
     console.print(f"admin console on http://{host}:{settings.port}/ ({mode})", highlight=False)
@@ -74,5 +66,6 @@ async def _admin(args: argparse.Namespace) -> int:
         )
     if not projections:
         console.print("no --app given: projections are shown, but only resume works (rebuild and reset run handlers)")
-    await server.serve()
+    await serve(settings)
+    console.print("admin console stopped")
     return 0
