@@ -7,13 +7,11 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-import asyncpg
 import httpx
 import pytest
 
-from eventstore import asyncpg_dsn
 from tests.admin.conftest import console_client, settings_for, sign_in, with_password
-from tests.admin.workload import fill
+from tests.admin.workload import dead_at, fill, kill_a_message
 from tests.conftest import _admin, with_database
 
 
@@ -111,23 +109,3 @@ async def test_a_dead_letter_is_retried_once(operator: Operator, operated_databa
     assert everything.status_code == 200 and everything.json()["message"].startswith("3 dead")
     assert [await dead_at(operated_database, m) for m in others] == [None, None]
 
-
-async def kill_a_message(url: str) -> int:
-    """Dead-letter a pending message as the relay does after its last refused attempt."""
-    conn = await asyncpg.connect(asyncpg_dsn(url))
-    try:
-        message_id: int = await conn.fetchval(
-            "UPDATE outbox SET dead_at = now(), attempts = 5, last_error = 'refused'"
-            " WHERE id = (SELECT min(id) FROM outbox WHERE dead_at IS NULL AND published_at IS NULL) RETURNING id"
-        )
-        return message_id
-    finally:
-        await conn.close()
-
-
-async def dead_at(url: str, message_id: int) -> object:
-    conn = await asyncpg.connect(asyncpg_dsn(url))
-    try:
-        return await conn.fetchval("SELECT dead_at FROM outbox WHERE id = $1", message_id)
-    finally:
-        await conn.close()

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import random
+from datetime import datetime
 
-from eventstore import EventStore, NewEvent
+import asyncpg
+
+from eventstore import EventStore, NewEvent, asyncpg_dsn
 from examples.shop.app import OUTBOX, Shop
 from examples.shop.domain import OrderLine
 from projections import ProjectionFailed, Projections
@@ -71,3 +74,25 @@ async def _customer(shop: Shop, rng: random.Random, n: int, prices: dict[str, in
     await shop.orders.execute(order_id, lambda o: o.capture_payment(f"pay-{n}"))
     if n % 3:
         await shop.orders.execute(order_id, lambda o: o.ship())
+
+
+async def kill_a_message(url: str) -> int:
+    """Dead-letter a pending message as the relay does after its last refused attempt."""
+    conn = await asyncpg.connect(asyncpg_dsn(url))
+    try:
+        message_id: int = await conn.fetchval(
+            "UPDATE outbox SET dead_at = now(), attempts = 5, last_error = 'refused'"
+            " WHERE id = (SELECT min(id) FROM outbox WHERE dead_at IS NULL AND published_at IS NULL) RETURNING id"
+        )
+        return message_id
+    finally:
+        await conn.close()
+
+
+async def dead_at(url: str, message_id: int) -> datetime | None:
+    conn = await asyncpg.connect(asyncpg_dsn(url))
+    try:
+        value: datetime | None = await conn.fetchval("SELECT dead_at FROM outbox WHERE id = $1", message_id)
+        return value
+    finally:
+        await conn.close()
