@@ -212,7 +212,7 @@ class Backend:
 
         async def batches() -> AsyncIterator[list[EventView]]:
             async for batch in subscription.batches():
-                yield [_event(e, None) for e in batch]
+                yield [_event(e, None, pretty=False) for e in batch]
 
         async with subscription:
             yield batches()
@@ -310,11 +310,13 @@ class Backend:
 # -- conversions -----------------------------------------------------------------------------------
 
 
-def _event(e: RecordedEvent, limit: int | None) -> EventView:
+def _event(e: RecordedEvent, limit: int | None, *, pretty: bool = True) -> EventView:
+    """The console's view of an event; the live log keeps the stored JSON text (one line, no parsing)."""
     return EventView(
         position=e.position, log_xid=e.log_xid, stream_id=e.stream_id, version=e.stream_version,
         event_type=e.event_type, event_id=str(e.event_id), recorded_at=e.recorded_at,
-        data=pretty_json(e.data, limit), metadata=pretty_json(e.metadata, limit),
+        data=pretty_json(e.data, limit) if pretty else e.data,
+        metadata=pretty_json(e.metadata, limit) if pretty else e.metadata,
     )
 
 
