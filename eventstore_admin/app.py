@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
 
@@ -37,8 +37,6 @@ PAGE_SIZE = 50
 CSRF_HEADER = "x-csrf-token"
 HEARTBEAT = 15.0
 """Seconds between keep-alive comments on a quiet live log, so proxies and browsers keep it open."""
-
-Endpoint = Callable[[Request], Coroutine[Any, Any, Response]]
 
 
 class AdminConsole:
@@ -320,6 +318,7 @@ class AdminConsole:
         return self.render(request, "login.html", nav="login", failed=False)
 
     async def login(self, request: Request) -> Response:
+        """No CSRF token here: only a holder of the token can sign in, and other sites cannot post (origin)."""
         if not self.sessions.enabled:
             raise Forbidden("this console is read-only: start it with --token to operate")
         if not same_origin(request):

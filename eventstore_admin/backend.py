@@ -105,8 +105,7 @@ class Backend:
 
         async def once() -> list[asyncpg.Record]:
             async with self._store.pool.acquire() as conn, conn.transaction(readonly=True):
-                await conn.execute(sql.CUSTOM_PLANS)
-                await conn.execute(sql.STATEMENT_TIMEOUT, self._timeout)
+                await conn.execute(sql.BOUNDED, self._timeout)
                 rows: list[asyncpg.Record] = await conn.fetch(statement, *args)
                 return rows
 
@@ -155,8 +154,6 @@ class Backend:
     async def _streams(
         self, category: str | None, prefix: str | None, cursor: int | None, newer: bool, limit: int
     ) -> list[asyncpg.Record]:
-        if newer and cursor is None:
-            raise ConsoleError("a page of newer streams needs the position to start after")
         if prefix is None:
             statement = sql.STREAMS_NEWER if newer else sql.STREAMS_OLDER
             return await self._query(statement, category, cursor, limit)

@@ -1,6 +1,6 @@
 """The console's own SQL, by name: reads the library has no call for (browsing streams, slot leases).
 
-Each statement runs with `plan_cache_mode = force_custom_plan` (see `backend`): the optional filters
+Each statement runs after BOUNDED, with `plan_cache_mode = force_custom_plan`: the optional filters
 (`$1::text IS NULL OR ...`) then fold away at planning, and each search gets the plan for its own
 filters instead of one generic plan for all of them.
 """
@@ -122,9 +122,10 @@ ORDER BY slot
 
 # -- session ---------------------------------------------------------------------------------------
 
-CUSTOM_PLANS = "SET LOCAL plan_cache_mode = force_custom_plan"
-
-STATEMENT_TIMEOUT = "SELECT set_config('statement_timeout', $1, true)"
-"""A bound on every console query: a page that cannot be served fast fails instead of loading the server."""
+BOUNDED = """
+SELECT set_config('plan_cache_mode', 'force_custom_plan', true), set_config('statement_timeout', $1, true)
+"""
+"""For the rest of the transaction: plans for the arguments at hand (above), and ($1) a time limit, so a
+page that cannot be served fast fails instead of loading the server."""
 
 NOW = "SELECT now()"
