@@ -56,6 +56,20 @@ events = sa.Table(
     sa.CheckConstraint("stream_version >= 0", name="events_stream_version_positive"),
     sa.Index("events_log_idx", "log_xid", "position"),
     sa.Index("events_category_log_idx", "category", "log_xid", "position"),
+    # One entry per stream (its first event), for browsing streams newest first: by category a page
+    # costs a page of index entries however many streams there are, by stream id prefix one entry per
+    # matching stream (index only). Appends to existing streams never touch these indexes.
+    sa.Index("events_stream_start_idx", "position", postgresql_where=sa.text("stream_version = 0")),
+    sa.Index(
+        "events_stream_start_category_idx", "category", "position", postgresql_where=sa.text("stream_version = 0")
+    ),
+    sa.Index(
+        "events_stream_start_id_idx",
+        "stream_id",
+        postgresql_ops={"stream_id": "text_pattern_ops"},
+        postgresql_include=["position"],
+        postgresql_where=sa.text("stream_version = 0"),
+    ),
     comment="Append-only log of every event; UPDATE, DELETE and TRUNCATE are rejected by triggers.",
 )
 

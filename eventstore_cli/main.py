@@ -5,18 +5,19 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from eventstore_cli import demo, outbox_commands, projection_commands, store_commands
+from eventstore_cli import admin_commands, demo, outbox_commands, projection_commands, store_commands
 from eventstore_cli.common import exit_with
 
 
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(
-        prog="eventstore", description="Operate the event store, its projections and its outbox; run the demo."
+        prog="eventstore",
+        description="Operate the event store, its projections and its outbox; serve the admin console; run the demo.",
     )
     root.add_argument("--database-url", help="PostgreSQL URL (default: $EVENTSTORE_DATABASE_URL)")
     root.add_argument("--kafka", help="Kafka bootstrap servers (default: $KAFKA_BOOTSTRAP_SERVERS)")
     commands = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for group in (store_commands, projection_commands, outbox_commands, demo):
+    for group in (store_commands, projection_commands, outbox_commands, admin_commands, demo):
         group.register(commands)
     return root
 

@@ -1,0 +1,401 @@
+"""The console's web application: pages, JSON for their scripts, the live log, and the operations.
+
+Pages are rendered by Jinja with autoescaping, and every script builds the page with `textContent`:
+event data, stream ids and error messages are untrusted text wherever they appear.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from datetime import datetime
+from typing import Any
+
+import jinja2
+import orjson
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.templating import Jinja2Templates
+
+from eventstore_admin.backend import Backend
+from eventstore_admin.errors import ConsoleError, Forbidden, NotFound, Unavailable
+from eventstore_admin.jobs import RebuildJobs
+from eventstore_admin.model import EventView, LogPosition
+from eventstore_admin.sampler import LagSampler
+from eventstore_admin.security import Guard, Redactor, Session, Sessions, allowed_hosts, mask_url, same_origin
+from eventstore_admin.settings import AdminSettings
+
+log = logging.getLogger(__name__)
+
+PAGE_SIZE = 50
+CSRF_HEADER = "x-csrf-token"
+HEARTBEAT = 15.0
+"""Seconds between keep-alive comments on a quiet live log, so proxies and browsers keep it open."""
+
+
+class AdminConsole:
+    """The console's state for one server process: the backend, sessions, rebuild jobs and lag samples."""
+
+    def __init__(self, settings: AdminSettings) -> None:
+        self.settings = settings
+        url = settings.database_url.get_secret_value()
+        token = None if settings.token is None else settings.token.get_secret_value()
+        self.backend = Backend(url, settings.projections, query_timeout=settings.query_timeout)
+        self.sessions = Sessions(token, cookie_name=f"eventstore_admin_{settings.port}")
+        self.jobs = RebuildJobs(self.backend)
+        self.sampler = LagSampler(self.backend, settings.sample_interval, settings.lag_window)
+        self.redact = Redactor.for_settings(url, token)
+        self.database = mask_url(url)
+        self.live_logs = 0
+        self.stopping = asyncio.Event()
+        environment = jinja2.Environment(
+            loader=jinja2.PackageLoader("eventstore_admin", "templates"),
+            autoescape=True,
+            undefined=jinja2.StrictUndefined,
+        )
+        environment.filters["when"] = _when
+        environment.filters["age"] = _age
+        self.templates = Jinja2Templates(env=environment)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        await self.backend.start()
+        self.sampler.start()
+        try:
+            yield
+        finally:
+            self.stopping.set()
+            await self.sampler.stop()
+            await self.jobs.stop()
+            await self.backend.stop()
+
+    # -- helpers ----------------------------------------------------------------------------------
+
+    def render(self, request: Request, template: str, status: int = 200, **context: Any) -> Response:
+        session = self.sessions.session(request)
+        context.setdefault("nav", "")
+        context.update(
+            request=request,
+            database=self.database,
+            signed_in=session is not None,
+            csrf=None if session is None else session.csrf,
+            can_sign_in=self.sessions.enabled,
+        )
+        return self.templates.TemplateResponse(request, template, context, status_code=status)
+
+    async def authorize(self, request: Request) -> Session:
+        """The session of a state-changing request, which must be signed in, same-origin and carry its CSRF token."""
+        if not self.sessions.enabled:
+            raise Forbidden("this console is read-only: start it with --token to operate")
+        session = self.sessions.session(request)
+        if session is None:
+            raise Forbidden("sign in with the console's token first")
+        if not same_origin(request):
+            raise Forbidden("the request does not come from the console's own pages")
+        offered = request.headers.get(CSRF_HEADER)
+        if offered is None and request.headers.get("content-type", "").startswith(
+            "application/x-www-form-urlencoded"
+        ):
+            offered = str((await request.form()).get("csrf", ""))
+        if not self.sessions.csrf_matches(session, offered):
+            raise Forbidden("missing or wrong CSRF token: reload the page")
+        return session
+
+    async def on_error(self, request: Request, exc: Exception) -> Response:
+        if isinstance(exc, ConsoleError):
+            status, message = exc.status, self.redact(str(exc))
+        else:
+            log.error("unexpected error serving %s", request.url.path, exc_info=exc)
+            status, message = 500, "internal error: see the console's log"
+        if request.url.path.startswith("/api/"):
+            return JSONResponse({"error": message}, status_code=status)
+        return self.render(request, "error.html", status=status, message=message, status_code=status)
+
+    async def on_not_found(self, request: Request, exc: Exception) -> Response:
+        return await self.on_error(request, NotFound(f"no page at {request.url.path}"))
+
+    # -- streams ----------------------------------------------------------------------------------
+
+    async def home(self, request: Request) -> Response:
+        return RedirectResponse("/streams", status_code=303)
+
+    async def streams(self, request: Request) -> Response:
+        q = request.query_params
+        category, prefix = q.get("category", ""), q.get("prefix", "")
+        page = await self.backend.search_streams(
+            category=category, prefix=prefix, before=_int(q.get("before")), after=_int(q.get("after")),
+            limit=PAGE_SIZE,
+        )
+        categories = await self.backend.categories()
+        return self.render(
+            request, "streams.html", nav="streams", page=page, category=category, prefix=prefix,
+            categories=categories,
+        )
+
+    async def stream(self, request: Request) -> Response:
+        stream_id = request.query_params.get("id", "")
+        start = max(_int(request.query_params.get("from")) or 0, 0)
+        info = await self.backend.stream(stream_id)
+        events = await self.backend.stream_events(stream_id, start, PAGE_SIZE)
+        last_page = max(info.version - info.version % PAGE_SIZE, 0)
+        return self.render(
+            request, "stream.html", nav="streams", info=info, events=events, start=start,
+            previous=max(start - PAGE_SIZE, 0) if start > 0 else None,
+            following=start + PAGE_SIZE if start + PAGE_SIZE <= info.version else None,
+            last_page=last_page if last_page > start else None,
+        )
+
+    async def event(self, request: Request) -> Response:
+        position = _int(request.query_params.get("position"))
+        if position is None:
+            raise ConsoleError("which event? give its position")
+        event = await self.backend.event_at(position)
+        return self.render(request, "event.html", nav="streams", event=event)
+
+    # -- the live log -----------------------------------------------------------------------------
+
+    async def log_page(self, request: Request) -> Response:
+        q = request.query_params
+        categories = await self.backend.categories()
+        return self.render(
+            request, "log.html", nav="log", category=q.get("category", ""), types=q.get("types", ""),
+            categories=categories,
+        )
+
+    async def live(self, request: Request) -> Response:
+        """The global log as server-sent events, a message per batch; reconnects resume gap-free.
+
+        Each message's id is the log position of its last event, so the browser's automatic reconnect
+        (which sends it back as Last-Event-ID) continues right after it.
+        """
+        q = request.query_params
+        category = q.get("category") or None
+        types = [t.strip() for t in q.get("types", "").split(",") if t.strip()] or None
+        resume = request.headers.get("last-event-id") or q.get("after")
+        after = LogPosition.parse(resume) if resume else None
+        if resume and after is None:
+            raise ConsoleError(f"not a log position: {resume!r}")
+        if self.live_logs >= self.settings.max_live_logs:
+            raise Unavailable(f"{self.live_logs} live logs are open already; close one")
+        return StreamingResponse(
+            self._live(after, category, types),
+            media_type="text/event-stream",
+            headers={"x-accel-buffering": "no"},
+        )
+
+    async def _live(
+        self, after: LogPosition | None, category: str | None, types: list[str] | None
+    ) -> AsyncIterator[str]:
+        queue: asyncio.Queue[list[EventView] | Exception] = asyncio.Queue(maxsize=4)
+
+        async def pump() -> None:
+            # A task of its own: the subscription's cleanup must not run inside the response's
+            # cancelled scope, where every await would be cancelled again.
+            try:
+                async with self.backend.follow(after, category=category, types=types) as batches:
+                    async for batch in batches:
+                        await queue.put(batch)
+            except Exception as exc:
+                await queue.put(exc)
+
+        self.live_logs += 1
+        task = asyncio.get_running_loop().create_task(pump(), name="live log")
+        try:
+            yield "retry: 2000\n\n"
+            while not self.stopping.is_set():
+                try:
+                    async with asyncio.timeout(HEARTBEAT):  # not wait_for: see LagSampler._run
+                        item = await queue.get()
+                except TimeoutError:
+                    yield ": keep-alive\n\n"
+                    continue
+                if isinstance(item, Exception):
+                    message = self.redact(str(item)) if isinstance(item, ConsoleError) else "the live log failed"
+                    if not isinstance(item, ConsoleError):
+                        log.error("live log failed", exc_info=item)
+                    yield f"event: failure\ndata: {orjson.dumps({'error': message}).decode()}\n\n"
+                    return
+                last = item[-1]
+                body = orjson.dumps([e.brief() for e in item]).decode()
+                yield f"id: {last.log_xid}.{last.position}\nevent: events\ndata: {body}\n\n"
+        finally:
+            self.live_logs -= 1
+            task.cancel()
+
+    # -- projections ------------------------------------------------------------------------------
+
+    async def projections_page(self, request: Request) -> Response:
+        views = await self.sampler.sample()
+        return self.render(
+            request, "projections.html", nav="projections", projections=views,
+            jobs={p.name: p for p in self.jobs.running()}, interval=self.settings.sample_interval,
+        )
+
+    async def projections_json(self, request: Request) -> Response:
+        views = await self.sampler.sample() if request.query_params.get("fresh") else self.sampler.latest
+        return JSONResponse(
+            {
+                "projections": [v.as_json() for v in views],
+                "jobs": [p.as_json() for p in self.jobs.running()],
+                "error": None if self.sampler.error is None else self.redact(self.sampler.error),
+            }
+        )
+
+    async def lag_json(self, request: Request) -> Response:
+        return JSONResponse(self.sampler.series())
+
+    async def rebuild(self, request: Request) -> Response:
+        await self.authorize(request)
+        progress = self.jobs.start(request.path_params["name"])
+        return JSONResponse({"message": f"rebuilding {progress.name}", "progress": progress.as_json()}, 202)
+
+    async def rebuild_progress(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        progress = self.jobs.progress(name)
+        if progress is None:
+            raise NotFound(f"no rebuild of {name!r} was started here")
+        if progress.finished:
+            self.sampler.poke()
+        payload = progress.as_json()
+        if payload["error"] is not None:
+            payload["error"] = self.redact(payload["error"])
+        return JSONResponse(payload)
+
+    async def reset(self, request: Request) -> Response:
+        await self.authorize(request)
+        name = request.path_params["name"]
+        if not self.backend.declared(name):
+            raise ConsoleError(f"projection {name!r} is not declared here: start the console with --app")
+        await self.backend.reset(name)
+        self.sampler.poke()
+        return JSONResponse({"message": f"reset {name}: its runner replays it from the start of the log"})
+
+    async def resume(self, request: Request) -> Response:
+        await self.authorize(request)
+        name = request.path_params["name"]
+        resumed = await self.backend.resume(name)
+        self.sampler.poke()
+        message = f"resumed {name}: its runner retries the failed event" if resumed else f"{name} had not failed"
+        return JSONResponse({"message": message})
+
+    # -- outbox -----------------------------------------------------------------------------------
+
+    async def outbox_page(self, request: Request) -> Response:
+        view = await self.backend.outbox()
+        owners = sorted({r.relay_id for r in view.relays})
+        return self.render(
+            request, "outbox.html", nav="outbox", outbox=view,
+            relay_colour={name: i % 8 for i, name in enumerate(owners)},
+        )
+
+    async def outbox_json(self, request: Request) -> Response:
+        return JSONResponse((await self.backend.outbox()).as_json())
+
+    async def retry_one(self, request: Request) -> Response:
+        await self.authorize(request)
+        message_id = _int(request.path_params["id"])
+        if message_id is None:
+            raise ConsoleError("which message?")
+        retried = await self.backend.retry_dead([message_id])
+        if not retried:
+            raise NotFound(f"message {message_id} is not dead (retried already?)")
+        return JSONResponse({"message": f"message {message_id} is back in line"})
+
+    async def retry_all(self, request: Request) -> Response:
+        await self.authorize(request)
+        retried = await self.backend.retry_dead(None)
+        return JSONResponse({"message": f"{len(retried)} dead message(s) back in line"})
+
+    # -- signing in -------------------------------------------------------------------------------
+
+    async def login_page(self, request: Request) -> Response:
+        return self.render(request, "login.html", nav="login", failed=False)
+
+    async def login(self, request: Request) -> Response:
+        """No CSRF token here: only a holder of the token can sign in, and other sites cannot post (origin)."""
+        if not self.sessions.enabled:
+            raise Forbidden("this console is read-only: start it with --token to operate")
+        if not same_origin(request):
+            raise Forbidden("the request does not come from the console's own pages")
+        offered = str((await request.form()).get("token", ""))
+        if not self.sessions.check_token(offered):
+            await asyncio.sleep(1.0)  # guessing costs a second a try
+            return self.render(request, "login.html", status=403, nav="login", failed=True)
+        response = RedirectResponse("/projections", status_code=303)
+        response.set_cookie(
+            self.sessions.cookie_name, self.sessions.issue(), httponly=True, samesite="strict", path="/",
+            secure=request.url.scheme == "https",
+        )
+        return response
+
+    async def logout(self, request: Request) -> Response:
+        session = await self.authorize(request)
+        self.sessions.end(session)
+        response = RedirectResponse("/streams", status_code=303)
+        response.delete_cookie(self.sessions.cookie_name, path="/")
+        return response
+
+
+def create_app(settings: AdminSettings) -> Starlette:
+    """The console as an ASGI application; its lifespan opens and closes the database connections."""
+    console = AdminConsole(settings)
+    routes = [
+        Route("/", console.home),
+        Route("/streams", console.streams),
+        Route("/stream", console.stream),
+        Route("/event", console.event),
+        Route("/log", console.log_page),
+        Route("/api/log", console.live),
+        Route("/projections", console.projections_page),
+        Route("/api/projections", console.projections_json),
+        Route("/api/projections/lag", console.lag_json),
+        Route("/api/projections/{name}/rebuild", console.rebuild, methods=["POST"]),
+        Route("/api/projections/{name}/rebuild", console.rebuild_progress, methods=["GET"]),
+        Route("/api/projections/{name}/reset", console.reset, methods=["POST"]),
+        Route("/api/projections/{name}/resume", console.resume, methods=["POST"]),
+        Route("/outbox", console.outbox_page),
+        Route("/api/outbox", console.outbox_json),
+        Route("/api/outbox/dead/retry", console.retry_all, methods=["POST"]),
+        Route("/api/outbox/dead/{id}/retry", console.retry_one, methods=["POST"]),
+        Route("/login", console.login_page, methods=["GET"]),
+        Route("/login", console.login, methods=["POST"]),
+        Route("/logout", console.logout, methods=["POST"]),
+        Mount("/static", StaticFiles(packages=[("eventstore_admin", "static")]), name="static"),
+    ]
+    app = Starlette(
+        routes=routes,
+        middleware=[Middleware(Guard, hosts=allowed_hosts(settings.host, settings.allowed_hosts))],
+        exception_handlers={ConsoleError: console.on_error, Exception: console.on_error, 404: console.on_not_found},
+        lifespan=console.lifespan,
+    )
+    app.state.console = console
+    return app
+
+
+def _int(text: str | None) -> int | None:
+    if text is None or not text.strip().isdigit():
+        return None
+    return int(text)
+
+
+def _when(value: datetime | None) -> str:
+    return "-" if value is None else value.isoformat(sep=" ", timespec="milliseconds")
+
+
+def _age(seconds: float | None) -> str:
+    """Seconds as people read them: 850 ms, 12.3 s, 4 min 5 s, 2 h 10 min."""
+    if seconds is None:
+        return "-"
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    if seconds < 3600:
+        return f"{int(seconds // 60)} min {int(seconds % 60)} s"
+    return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60)} min"

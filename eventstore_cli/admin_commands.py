@@ -1,0 +1,71 @@
+"""`eventstore admin`: serve the web console (the `admin` extra), read-only unless given a token."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+from eventstore_cli.common import APP_ENV, CommandError, console, database_url, errors, run
+from eventstore_cli.projection_commands import load_projections
+
+TOKEN_ENV = "EVENTSTORE_ADMIN_TOKEN"
+
+
+def register(commands: Any) -> None:
+    admin = commands.add_parser(
+        "admin",
+        help="serve the web admin console (read-only unless started with a token)",
+        description=(
+            "Serve the admin console: streams, the live log, projections and the outbox. It is read-only "
+            f"unless started with a token (--token or ${TOKEN_ENV}; the variable keeps it out of the process "
+            "list); operators sign in with it to rebuild, reset and resume projections and retry dead letters."
+        ),
+    )
+    admin.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)"
+    )
+    admin.add_argument("--port", type=int, default=8000)
+    admin.add_argument("--token", default=os.environ.get(TOKEN_ENV), help=f"operators' token (default: ${TOKEN_ENV})")
+    admin.add_argument(
+        "--app",
+        default=os.environ.get(APP_ENV),
+        help=f"module:attribute naming the projections to rebuild and reset (default: ${APP_ENV})",
+    )
+    admin.add_argument(
+        "--allowed-host", action="append", default=[], metavar="NAME",
+        help="a host name browsers use to reach the console, besides the bind address and localhost (repeatable)",
+    )
+    admin.set_defaults(handler=lambda a: run(_admin(a)))
+
+
+async def _admin(args: argparse.Namespace) -> int:
+    try:
+        from eventstore_admin import AdminSettings, ConsoleError
+        from eventstore_admin.server import serve
+    except ImportError as exc:
+        raise CommandError(
+            f"the admin console needs its extra ({exc.name} is missing): pip install 'eventstore[admin]'"
+        ) from None
+    projections = load_projections(args.app) if args.app else []
+    try:
+        settings = AdminSettings(
+            database_url=database_url(args), projections=projections, token=args.token, host=args.host,
+            port=args.port, allowed_hosts=args.allowed_host,
+        )
+    except ConsoleError as exc:
+        raise CommandError(str(exc)) from None
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    mode = "read-only" if settings.read_only else "operators sign in with the token"
+    console.print(f"admin console on http://{host}:{settings.port}/ ({mode})", highlight=False)
+    if not settings.loopback:
+        errors.print(
+            f"[yellow]warning:[/] listening on {settings.host}: whoever reaches this port can read every event; "
+            "put it behind TLS, and name the hosts it is reached by with --allowed-host",
+            highlight=False,
+        )
+    if not projections:
+        console.print("no --app given: projections are shown, but only resume works (rebuild and reset run handlers)")
+    await serve(settings)
+    console.print("admin console stopped")
+    return 0
