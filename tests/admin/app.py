@@ -1,4 +1,4 @@
-"""What the console tests declare (`--app tests.admin.app:PROJECTIONS`): the shop's projections, and one
+"""What the console tests declare (`--app tests.admin.app:APP`): the shop, plus a projection
 that fails on purpose so the console has a failed projection, its error and its failing event to show."""
 
 from __future__ import annotations
@@ -6,7 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 from eventstore import RecordedEvent
-from examples.shop.app import PROJECTIONS as SHOP_PROJECTIONS
+from eventstore_app import Application
+from examples.shop.app import APP as SHOP
 from projections import Projection, handles
 
 
@@ -24,4 +25,12 @@ class Notes(Projection):
         await conn.execute("INSERT INTO notes VALUES ($1, $2)", event.position, text)
 
 
-PROJECTIONS = [*SHOP_PROJECTIONS, Notes()]
+assert SHOP.outbox is not None
+APP = Application(
+    "admin-tests",
+    aggregates=SHOP.aggregates,
+    projections=[*SHOP.projections, Notes()],
+    routes=SHOP.outbox.routes,
+    registry=SHOP.registry,
+)
+PROJECTIONS = list(APP.projections)

@@ -22,7 +22,7 @@ def admin(database_url: str, *args: str) -> subprocess.Popen[str]:
 
 def test_the_command_serves_read_only_on_loopback_and_stops_on_sigterm(shop_database: str) -> None:
     port = free_port()
-    process = admin(shop_database, "--port", str(port), "--app", "tests.admin.app:PROJECTIONS")
+    process = admin(shop_database, "--port", str(port), "--app", "tests.admin.app:APP")
     try:
         deadline = time.monotonic() + 60
         while True:

@@ -8,11 +8,11 @@ from datetime import datetime
 
 import asyncpg
 
-from eventstore import EventStore, NewEvent, asyncpg_dsn
-from examples.shop.app import OUTBOX, Shop
+from eventstore import NewEvent, asyncpg_dsn
+from examples.shop.demo import Shop
 from examples.shop.domain import OrderLine
-from projections import ProjectionFailed, Projections
-from tests.admin.app import PROJECTIONS
+from projections import ProjectionFailed
+from tests.admin.app import APP
 
 XSS_SCRIPT = "<script>window.__xss = 'script'</script>"
 XSS_IMG = "\"><img src=x onerror=\"window.__xss='img'\">"
@@ -34,12 +34,12 @@ async def fill(url: str, customers: int = 12, seed: int = 7) -> None:
     """Products, carts and orders through the shop's aggregates, the read models caught up, the outbox's
     messages pending (no relay runs), one dead letter, the XSS events, and the `notes` projection failed."""
     rng = random.Random(seed)
-    async with EventStore(url) as store:
-        await OUTBOX.declare(store)
-        shop = Shop(store)
-        projections = Projections(store, PROJECTIONS)
+    async with APP.using(database_url=url) as app:
+        store = app.store
+        shop = Shop(app)
+        projections = app.admin
         shop_runner = projections.runner(["order_summary", "product_sales"], batch_size=200, poll_interval=0.2)
-        async with projections.inline(), shop_runner:
+        async with shop_runner:
             prices = {f"sku{i:03d}": 500 + 250 * i for i in range(6)}
             for sku, price in prices.items():
                 await shop.products.execute(sku, lambda p, pr=price: p.list_for_sale(pr, 1000), create=True)
