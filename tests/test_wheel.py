@@ -46,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {
     "eventstore": "eventstore",
     "eventstore_app": "eventstore_app",
+    "eventstore_admin": "eventstore_admin",
     "eventstore_cli": "eventstore_cli",
     "aggregates": "aggregates",
     "projections": "projections",
@@ -55,6 +56,8 @@ PACKAGES = {
 }
 # Names an application typically has of its own: the framework must not install any of them.
 APPLICATION_NAMES = ("migrations", "examples", "benchmarks", "tests")
+# What a package ships: modules, type markers, the Alembic template, the admin console's pages and assets.
+PACKAGE_FILES = (".py", ".typed", ".mako", ".html", ".css", ".js", ".LICENSE")
 EXTRAS = ("http",)  # installed too, so `uvicorn eventstore_examples.http_api:api` can be checked
 NOT_SOURCES = shutil.ignore_patterns(
     ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".*_cache", ".hypothesis", ".eventstore"
@@ -248,7 +251,7 @@ def test_the_wheel_installs_only_the_frameworks_own_modules(installed: Installed
         f"{installed_as}/{path.relative_to(ROOT / folder).as_posix()}"
         for installed_as, folder in PACKAGES.items()
         for path in (ROOT / folder).rglob("*")
-        if path.suffix in (".py", ".typed", ".mako") and "__pycache__" not in path.parts
+        if path.suffix in PACKAGE_FILES and "__pycache__" not in path.parts
     }
     assert shipped == sources
     assert {"eventstore_migrations/script.py.mako", "eventstore_migrations/env.py"} <= shipped

@@ -15,7 +15,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 from rich.console import Console
@@ -151,23 +151,44 @@ async def _ensure_topic(servers: str) -> None:
 
 
 class _Billing:
-    """A downstream consumer of the orders topic, made idempotent by the inbox."""
+    """A downstream consumer of the orders topic, made idempotent by the inbox.
 
-    def __init__(self, inbox: Inbox, servers: str, group: str) -> None:
+    It reads from the offsets the topic had when the demo began, so messages of an earlier run on
+    the same broker are not counted as this run's.
+    """
+
+    def __init__(self, inbox: Inbox, servers: str) -> None:
         self.inbox = inbox
         self.servers = servers
-        self.group = group
+        self.start: dict[TopicPartition, int] = {}
         self.applied = 0
         self.skipped = 0
         self.received = 0
 
-    async def consume(self, until: int, timeout: float) -> None:
-        """Read from the earliest offset until `until` messages were applied (or `timeout`)."""
-        consumer = AIOKafkaConsumer(
-            ORDERS_TOPIC, bootstrap_servers=self.servers, group_id=self.group, auto_offset_reset="earliest",
-            enable_auto_commit=False, metadata_max_age_ms=1000,
-        )
+    async def mark_start(self) -> None:
+        """Remember where the topic ends now; this run's messages come after."""
+        consumer = await self._consumer()
+        try:
+            self.start = await consumer.end_offsets(list(consumer.assignment()))
+        finally:
+            await consumer.stop()
+
+    async def _consumer(self) -> AIOKafkaConsumer:
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.servers, enable_auto_commit=False)
         await consumer.start()
+        partitions = consumer.partitions_for_topic(ORDERS_TOPIC)
+        while not partitions:
+            await asyncio.sleep(0.1)
+            await consumer.topics()
+            partitions = consumer.partitions_for_topic(ORDERS_TOPIC)
+        consumer.assign([TopicPartition(ORDERS_TOPIC, p) for p in sorted(partitions)])
+        for tp in consumer.assignment():
+            consumer.seek(tp, self.start.get(tp, 0))
+        return consumer
+
+    async def consume(self, until: int, timeout: float) -> None:
+        """Read this run's messages until `until` were applied (or `timeout`)."""
+        consumer = await self._consumer()
         try:
             async with asyncio.timeout(timeout):
                 while self.applied < until:
@@ -175,18 +196,12 @@ class _Billing:
                     for records in batches.values():
                         for record in records:
                             await self._handle(from_record(record))
-                    if batches:
-                        await consumer.commit()
         finally:
             await consumer.stop()
 
     async def replay_all(self, timeout: float) -> None:
-        """Read the whole topic again, as after a consumer crash before its offsets were committed."""
-        consumer = AIOKafkaConsumer(
-            ORDERS_TOPIC, bootstrap_servers=self.servers, group_id=None, auto_offset_reset="earliest",
-            enable_auto_commit=False,
-        )
-        await consumer.start()
+        """Read this run's messages again, as after a consumer crash before its offsets were committed."""
+        consumer = await self._consumer()
         try:
             seen = 0
             async with asyncio.timeout(timeout):
@@ -229,6 +244,8 @@ async def run_demo(url: str, kafka: str, console: Console, *, customers: int = 6
         store = app.store
         await store.pool.execute(FEED_TABLE)
         shop = Shop(app)
+        billing = _Billing(app.inbox("shop-billing"), kafka)
+        await billing.mark_start()
         async with app.runner() as runner, app.relay():
             commands = _Commands(tally)
             prices = {f"sku{i:03d}": 500 + 250 * (i % 9) for i in range(PRODUCTS)}
@@ -259,7 +276,6 @@ async def run_demo(url: str, kafka: str, console: Console, *, customers: int = 6
             console.print("[bold]2.[/] projections catch up; outbox relays to Kafka; billing consumes ...")
             await runner.wait_caught_up()
             order_events = await _count_events(store, ORDER_EVENTS)
-            billing = _Billing(app.inbox("shop-billing"), kafka, f"shop-billing-{uuid.uuid4().hex[:6]}")
             await billing.consume(order_events, timeout=120)
             await billing.replay_all(timeout=120)
             console.print(
