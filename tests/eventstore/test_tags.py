@@ -66,7 +66,8 @@ async def test_a_condition_fails_on_a_matching_event_after_the_checkpoint(store:
     with pytest.raises(AppendConditionFailed):
         await store.append(fresh(), [NewEvent("Registered", tags=["username:ann"])], condition=(query, START))
     # Another tag does not match; a checkpoint past the matching event passes.
-    await store.append(fresh(), [NewEvent("Registered", tags=["username:bob"])], condition=(query, START))
+    bob = Query.of(["Registered"], ["username:bob"])
+    await store.append(fresh(), [NewEvent("Registered", tags=["username:bob"])], condition=(bob, START))
     written = await store.append(fresh(), [NewEvent("Other", tags=["username:ann"])])  # another type
     await store.wait_until_visible(written.checkpoint)
     seen = await store.read_query(query)
