@@ -115,9 +115,15 @@ class AppendConditionFailed(EventStoreError):
     """
 
     def __init__(
-        self, query: Any, after: Any, reason: str = "an event matching the query was appended after it"
+        self,
+        query: Any,
+        after: Any,
+        reason: str = "an event matching the query was appended after it",
+        conflict: Any = None,
     ) -> None:
         super().__init__(f"append condition failed at checkpoint {tuple(after)}: {reason}")
         self.query = query
         self.after = after
         self.reason = reason
+        self.conflict = conflict
+        """The checkpoint of a conflicting event, when one is known: a retry can wait until readers see it."""

@@ -408,6 +408,8 @@ DECLARE
     v_positions bigint[];
     v_log bigint;
     v_at timestamptz;
+    v_hit_xid bigint;
+    v_hit_position bigint;
 BEGIN
     -- A retried append of stored events is answered by eventstore_append, condition or not: the
     -- condition was checked when they were written (and their own tags would now fail it).
@@ -445,24 +447,28 @@ BEGIN
             RETURN;
         END IF;
 
-        IF v_conditional AND EXISTS (
-            SELECT 1 FROM {_BRANCHES.format(tags="p_tag_branches", types="p_type_branches", type_sets="p_type_sets", others="p_other_tags")}
+        IF v_conditional THEN
+            SELECT hit.log_xid, hit.position INTO v_hit_xid, v_hit_position
+            FROM {_BRANCHES.format(tags="p_tag_branches", types="p_type_branches", type_sets="p_type_sets", others="p_other_tags")}
             CROSS JOIN LATERAL (
-                (SELECT 1 FROM event_tags AS t
+                (SELECT t.log_xid, t.position FROM event_tags AS t
                  WHERE b.tag IS NOT NULL AND t.tag = b.tag
                    AND (t.log_xid, t.position) > (p_after_xid, p_after_position)
                    AND (b.types IS NULL OR b.types ? t.event_type)
                    AND {_HAS_OTHER_TAGS}
                  LIMIT 1)
                 UNION ALL
-                (SELECT 1 FROM events AS e
+                (SELECT e.log_xid, e.position FROM events AS e
                  WHERE b.tag IS NULL AND e.event_type = b.type
                    AND (e.log_xid, e.position) > (p_after_xid, p_after_position)
                  LIMIT 1)
             ) AS hit
-        ) THEN
-            RETURN QUERY SELECT {CONDITION_FAILED}, NULL::bigint, NULL::bigint[], NULL::bigint, NULL::timestamptz;
-            RETURN;
+            LIMIT 1;
+            IF FOUND THEN  -- returns where the conflicting event is, so a retry can wait until it shows
+                RETURN QUERY SELECT {CONDITION_FAILED}, NULL::bigint, ARRAY[v_hit_position], v_hit_xid,
+                                    NULL::timestamptz;
+                RETURN;
+            END IF;
         END IF;
     END IF;
 

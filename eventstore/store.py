@@ -479,7 +479,7 @@ class EventStore:
         status, version, positions, log_xid, recorded_at = row
         if status == sql.CONDITION_FAILED:
             assert condition is not None
-            raise AppendConditionFailed(condition.query, condition.after)
+            raise AppendConditionFailed(condition.query, condition.after, conflict=Checkpoint(log_xid, positions[0]))
         if status == sql.OVERTAKEN:
             raise AppendConditionFailed(
                 condition.query if condition else None, condition.after if condition else START,
