@@ -456,11 +456,13 @@ BEGIN
                    AND (t.log_xid, t.position) > (p_after_xid, p_after_position)
                    AND (b.types IS NULL OR b.types ? t.event_type)
                    AND {_HAS_OTHER_TAGS}
+                 ORDER BY t.log_xid, t.position
                  LIMIT 1)
                 UNION ALL
                 (SELECT e.log_xid, e.position FROM events AS e
                  WHERE b.tag IS NULL AND e.event_type = b.type
                    AND (e.log_xid, e.position) > (p_after_xid, p_after_position)
+                 ORDER BY e.event_type, e.log_xid, e.position  -- the index's order: never a scan of the log
                  LIMIT 1)
             ) AS hit
             LIMIT 1;
@@ -514,7 +516,7 @@ WHERE position = ANY (ARRAY(SELECT page.position FROM (
         UNION ALL
         (SELECT e.log_xid, e.position FROM events AS e
          WHERE b.tag IS NULL AND e.event_type = b.type AND (e.log_xid, e.position) > ($1, $2) AND e.log_xid < {LOG_HORIZON}
-         ORDER BY e.log_xid, e.position
+         ORDER BY e.event_type, e.log_xid, e.position
          LIMIT $3)
     ) AS m
     ORDER BY m.log_xid, m.position
