@@ -15,7 +15,6 @@ and `Decisions.execute` then reads and decides again, like `Repository.execute`.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -25,10 +24,9 @@ from typing import Any, Generic, TypeVar
 from uuid_utils.compat import uuid7
 
 from eventstore import (
-    START,
     AppendConditionFailed,
     AppendResult,
-    Checkpoint,
+    Condition,
     EventStore,
     InvalidArgument,
     NewEvent,
@@ -41,8 +39,6 @@ from eventstore import (
 log = logging.getLogger(__name__)
 
 S = TypeVar("S")
-
-_PAGE = 1000
 
 Decide = Callable[[Mapping[str, Any]], Sequence[NewEvent] | Awaitable[Sequence[NewEvent]]]
 """A function from the projections' states (by name) to the events to append (sync or async)."""
@@ -62,8 +58,7 @@ class DecisionState:
     """The projections' states after one read, and the condition an append decided on them must carry."""
 
     states: Mapping[str, Any]
-    query: Query
-    after: Checkpoint
+    condition: Condition
 
     def __getitem__(self, name: str) -> Any:
         return self.states[name]
@@ -76,8 +71,6 @@ class Decisions:
     never wait on a stream row: only the locks of overlapping conditions order them.
     """
 
-    visibility_timeout = 5.0
-
     def __init__(self, store: EventStore, *, category: str = "decision") -> None:
         if not isinstance(category, str) or not category or category_of(category) != category:
             raise InvalidArgument(f"category must be a non-empty name without '-', got {category!r}")
@@ -85,7 +78,11 @@ class Decisions:
         self.category = category
 
     async def build(self, projections: Mapping[str, DecisionProjection[Any]]) -> DecisionState:
-        """Read every event the projections need, once and in log order, and fold each into its projections."""
+        """Read every event the projections need, once and in log order, and fold each into its projections.
+
+        The read sees every committed event, not only what the log shows yet (see
+        `EventStore.read_with_condition`): a decision never waits for someone else's long transaction.
+        """
         if not isinstance(projections, Mapping) or not projections:
             raise InvalidArgument("a decision needs at least one projection, by name")
         for name, projection in projections.items():
@@ -93,18 +90,13 @@ class Decisions:
                 raise InvalidArgument(f"projection {name!r} must be a DecisionProjection")
         query = Query(*(item for p in projections.values() for item in p.query.items))
         states = {name: p.initial for name, p in projections.items()}
-        after = START
-        while True:
-            page = await self.store.read_query(query, after, limit=_PAGE)
-            for event in page:
-                tags = event.tags
-                for name, projection in projections.items():
-                    if any(item.matches(event.event_type, tags) for item in projection.query.items):
-                        states[name] = projection.apply(states[name], event)
-            if page:
-                after = page[-1].checkpoint
-            if len(page) < _PAGE:  # a short page ends the read: nothing more below the horizon it used
-                return DecisionState(states, query, after)
+        events, condition = await self.store.read_with_condition(query)
+        for event in events:
+            tags = event.tags
+            for name, projection in projections.items():
+                if any(item.matches(event.event_type, tags) for item in projection.query.items):
+                    states[name] = projection.apply(states[name], event)
+        return DecisionState(states, condition)
 
     async def execute(
         self,
@@ -132,14 +124,9 @@ class Decisions:
             stream = stream_id if stream_id is not None else f"{self.category}-{uuid7().hex}"
             expected = StreamState.ANY if stream_id is not None else StreamState.NO_STREAM
             try:
-                return await self.store.append(stream, events, expected, condition=(state.query, state.after))
+                return await self.store.append(stream, events, expected, condition=state.condition)
             except AppendConditionFailed as exc:
                 if attempt >= retries:
                     raise
                 attempt += 1
                 log.debug("decision overtaken (%s); retry %d of %d", exc.reason, attempt, retries)
-                if exc.conflict is not None:
-                    # The conflicting event may have committed behind the log's horizon: reading again
-                    # before it shows would decide on the same stale state.
-                    with contextlib.suppress(TimeoutError):
-                        await self.store.wait_until_visible(exc.conflict, timeout=self.visibility_timeout)

@@ -124,10 +124,15 @@ class Query:
 
 
 class Condition(NamedTuple):
-    """Fail the append if an event matching `query` was appended after `after` (the read's checkpoint)."""
+    """Fail the append if an event matching `query` was appended after `after` (the read's checkpoint).
+
+    `seen` are the positions of matching events after `after` that the decision did read: a read of
+    everything committed (`EventStore.read_with_condition`) sees some events the log does not show yet.
+    """
 
     query: Query
     after: Checkpoint
+    seen: tuple[int, ...] = ()
 
 
 # -- what the SQL takes ------------------------------------------------------------------------------

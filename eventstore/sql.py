@@ -396,7 +396,7 @@ CREATE FUNCTION eventstore_append_tagged(
     p_stream_id text, p_expected bigint, p_event_ids uuid[], p_types text[], p_data jsonb[], p_metadata jsonb[],
     p_tags text[], p_tag_events int[], p_lock_keys bigint[], p_lock_modes int[],
     p_tag_branches text[], p_type_branches text[], p_type_sets jsonb[], p_other_tags jsonb[],
-    p_after_xid bigint, p_after_position bigint
+    p_after_xid bigint, p_after_position bigint, p_seen bigint[]
 ) RETURNS TABLE (o_status int, o_version bigint, o_positions bigint[], o_log_xid bigint,
                  o_recorded_at timestamptz)
 LANGUAGE plpgsql AS $$
@@ -419,7 +419,7 @@ BEGIN
                 RAISE EXCEPTION 'a conditional append needs READ COMMITTED isolation, not %',
                     current_setting('transaction_isolation') USING ERRCODE = 'feature_not_supported';
             END IF;
-            IF p_after_xid >= pg_snapshot_xmax(pg_current_snapshot())::text::bigint
+            IF p_after_xid > pg_snapshot_xmax(pg_current_snapshot())::text::bigint
                OR p_after_position > coalesce((SELECT max(e.position) FROM events AS e), 0) THEN
                 RETURN QUERY SELECT {FUTURE_CHECKPOINT}, NULL::bigint, NULL::bigint[], NULL::bigint, NULL::timestamptz;
                 RETURN;
@@ -453,7 +453,7 @@ BEGIN
             CROSS JOIN LATERAL (
                 (SELECT t.log_xid, t.position FROM event_tags AS t
                  WHERE b.tag IS NOT NULL AND t.tag = b.tag
-                   AND (t.log_xid, t.position) > (p_after_xid, p_after_position)
+                   AND (t.log_xid, t.position) > (p_after_xid, p_after_position) AND t.position <> ALL (p_seen)
                    AND (b.types IS NULL OR b.types ? t.event_type)
                    AND {_HAS_OTHER_TAGS}
                  ORDER BY t.log_xid, t.position
@@ -461,7 +461,7 @@ BEGIN
                 UNION ALL
                 (SELECT e.log_xid, e.position FROM events AS e
                  WHERE b.tag IS NULL AND e.event_type = b.type
-                   AND (e.log_xid, e.position) > (p_after_xid, p_after_position)
+                   AND (e.log_xid, e.position) > (p_after_xid, p_after_position) AND e.position <> ALL (p_seen)
                  ORDER BY e.event_type, e.log_xid, e.position  -- the index's order: never a scan of the log
                  LIMIT 1)
             ) AS hit
@@ -495,27 +495,30 @@ $$;
 
 DROP_APPEND_TAGGED_FUNCTION = (
     "DROP FUNCTION IF EXISTS eventstore_append_tagged(text, bigint, uuid[], text[], jsonb[], jsonb[], text[], int[],"
-    " bigint[], int[], text[], text[], jsonb[], jsonb[], bigint, bigint)"
+    " bigint[], int[], text[], text[], jsonb[], jsonb[], bigint, bigint, bigint[])"
 )
 
-APPEND_TAGGED = "SELECT * FROM eventstore_append_tagged($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)"
+APPEND_TAGGED = (
+    "SELECT * FROM eventstore_append_tagged($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)"
+)
 
-# ($1, $2 after; $3 limit; $4-$7 branches) Events matching a query, in log order, with read_all's
-# visibility. Each branch reads at most a page in index order, so a page costs what a category's does.
-READ_QUERY = f"""
-SELECT {EVENT_COLUMNS} FROM events
+
+
+def _read_query(visible: str, tail: str = "") -> str:
+    return f"""
+SELECT {EVENT_COLUMNS}{tail} FROM events
 WHERE position = ANY (ARRAY(SELECT page.position FROM (
     SELECT DISTINCT m.log_xid, m.position FROM {_BRANCHES.format(tags="$4", types="$5", type_sets="$6", others="$7")}
     CROSS JOIN LATERAL (
         (SELECT t.log_xid, t.position FROM event_tags AS t
-         WHERE b.tag IS NOT NULL AND t.tag = b.tag AND (t.log_xid, t.position) > ($1, $2) AND t.log_xid < {LOG_HORIZON}
+         WHERE b.tag IS NOT NULL AND t.tag = b.tag AND (t.log_xid, t.position) > ($1, $2){visible.format(x="t")}
            AND (b.types IS NULL OR b.types ? t.event_type)
            AND {_HAS_OTHER_TAGS}
          ORDER BY t.log_xid, t.position
          LIMIT $3)
         UNION ALL
         (SELECT e.log_xid, e.position FROM events AS e
-         WHERE b.tag IS NULL AND e.event_type = b.type AND (e.log_xid, e.position) > ($1, $2) AND e.log_xid < {LOG_HORIZON}
+         WHERE b.tag IS NULL AND e.event_type = b.type AND (e.log_xid, e.position) > ($1, $2){visible.format(x="e")}
          ORDER BY e.event_type, e.log_xid, e.position
          LIMIT $3)
     ) AS m
@@ -523,4 +526,18 @@ WHERE position = ANY (ARRAY(SELECT page.position FROM (
     LIMIT $3
 ) AS page))
 ORDER BY log_xid, position
+"""
+
+
+READ_QUERY = _read_query(f" AND {{x}}.log_xid < {LOG_HORIZON}")
+"""($1, $2 after; $3 limit; $4-$7 branches) Events matching a query, in log order, with read_all's visibility.
+
+Each branch reads at most a page in index order, so a page costs what a category's does.
+"""
+
+READ_QUERY_COMMITTED = _read_query("", f", {LOG_HORIZON} AS horizon")
+"""READ_QUERY over every committed event, each row with the horizon of the statement's snapshot.
+
+For decisions: every event below the horizon is final, so the append condition needs only the horizon
+and the events read above it, and a decision never waits for the log to show a commit.
 """

@@ -11,6 +11,7 @@ import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from typing import Any, TypeVar
 from uuid import UUID
 
@@ -628,6 +629,32 @@ class EventStore:
         rows = await self.retrying(lambda: self.pool.fetch(sql.READ_QUERY, *args))
         return [_record(r) for r in rows]
 
+    async def read_with_condition(self, query: Query, *, page: int = 1000) -> tuple[list[RecordedEvent], Condition]:
+        """Every committed event matching `query`, in log order, and the condition to append a decision with.
+
+        Unlike `read_query` it does not wait for the log to show a commit: a long transaction elsewhere
+        in the cluster holds the log's horizon back, and a decision made on what the log showed would
+        fail its condition until the horizon passed. Events below the horizon of the first page's read
+        are final; the condition names the horizon and the events read above it.
+        """
+        args = _query_args(query, START, page)
+        events: list[RecordedEvent] = []
+        horizon: int | None = None
+        after = START
+        while True:
+            page_args = (after[0], after[1], *args[2:])
+            rows = await self.retrying(partial(self.pool.fetch, sql.READ_QUERY_COMMITTED, *page_args))
+            if rows and horizon is None:
+                horizon = int(rows[0]["horizon"])
+            events.extend(tuple.__new__(RecordedEvent, r[:9]) for r in rows)
+            if len(rows) < page:
+                break
+            after = events[-1].checkpoint
+        if horizon is None:  # nothing matched: anything matching now is news
+            return events, Condition(query, START)
+        seen = tuple(e.position for e in events if e.log_xid >= horizon)
+        return events, Condition(query, Checkpoint(horizon, 0), seen)
+
     async def head(self) -> Checkpoint:
         """The checkpoint of the newest event a reader can see now."""
         row = await self.retrying(lambda: self.pool.fetchrow(sql.HEAD))
@@ -703,9 +730,12 @@ def _condition(value: object) -> Condition | None:
     """A condition as a caller passes it: a `Condition` or a (query, checkpoint) pair."""
     if value is None:
         return None
-    if not isinstance(value, tuple) or len(value) != 2 or not isinstance(value[0], Query):
+    if not isinstance(value, tuple) or len(value) not in (2, 3) or not isinstance(value[0], Query):
         raise InvalidAppend(f"a condition is a (Query, Checkpoint) pair, got {value!r}")
-    return Condition(value[0], _checkpoint(value[1]))
+    seen = value[2] if len(value) == 3 else ()
+    if not isinstance(seen, tuple) or not all(isinstance(p, int) and not isinstance(p, bool) for p in seen):
+        raise InvalidAppend(f"a condition's seen positions must be a tuple of ints, got {seen!r}")
+    return Condition(value[0], _checkpoint(value[1]), seen)
 
 
 def _query_args(query: object, after: object, limit: object) -> tuple[object, ...]:
@@ -720,9 +750,9 @@ def _tagged_args(p: _Prepared, condition: Condition | None) -> tuple[object, ...
     flat_tags = [tag for event_tags in p.tags for tag in event_tags]
     tag_events = [i for i, event_tags in enumerate(p.tags, 1) for _ in event_tags]
     if condition is None:
-        after: tuple[object, ...] = (None, None, None, None, 0, 0)
+        after: tuple[object, ...] = (None, None, None, None, 0, 0, [])
     else:
-        after = (*branches(condition.query), condition.after.log_xid, condition.after.position)
+        after = (*branches(condition.query), condition.after.log_xid, condition.after.position, list(condition.seen))
     return (
         p.stream_id, p.expected, p.event_ids, p.types, p.data, p.metadata, flat_tags, tag_events, keys, modes, *after
     )

@@ -67,7 +67,7 @@ class _Stepped:
         try:
             await self.decisions.store.append(
                 f"decision-{uuid.uuid4().hex}", events, StreamState.NO_STREAM,
-                condition=(state.query, state.after),
+                condition=state.condition,
             )
             self.done = True
         except AppendConditionFailed:

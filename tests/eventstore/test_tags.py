@@ -33,9 +33,8 @@ async def test_reads_select_by_type_and_tag_in_log_order(store: EventStore) -> N
     await store.append(fresh(), [NewEvent("Subscribed", {"s": 1}, tags=["course:1", "student:1"])])
     await store.append(fresh(), [NewEvent("Subscribed", {"s": 2}, tags=["course:2", "student:1"])])
     await store.append(fresh(), [NewEvent("Untagged", {"x": 1})])
-    await store.append(fresh(), [NewEvent("Subscribed", {"s": 3}, tags=["course:1", "student:2"])])
-    head = await store.head()
-    await store.wait_until_visible(head)
+    last = await store.append(fresh(), [NewEvent("Subscribed", {"s": 3}, tags=["course:1", "student:2"])])
+    await store.wait_until_visible(last.checkpoint)
 
     events = await store.read_query(Query.of(tags=["course:1"]))
     assert [(e.event_type, e.json()) for e in events] == [
@@ -104,7 +103,31 @@ async def test_a_check_waits_for_an_open_writer_of_a_matching_event_and_then_see
         assert not racing.done(), "an overlapping conditional append waits for the open one"
     with pytest.raises(AppendConditionFailed):
         await racing
-    assert len(await store.read_query(query)) == 1
+    events, _ = await store.read_with_condition(query)
+    assert len(events) == 1
+
+
+async def test_a_decision_reads_what_is_committed_beyond_the_horizon_and_appends_on_it(store: EventStore) -> None:
+    """With the horizon held back, `read_with_condition` sees a commit that `read_query` does not show yet; its
+    condition lets that event through (it was read) and stops one committed after the read."""
+    query = Query.of(["Booked"], ["room:1"])
+    assert store.url is not None
+    blocker = await asyncpg.connect(store.url)
+    try:
+        await blocker.execute("BEGIN")
+        await blocker.execute("SELECT pg_current_xact_id()")
+        await store.append(fresh(), [NewEvent("Booked", {"n": 1}, tags=["room:1"])])
+        assert await store.read_query(query) == []
+        events, condition = await store.read_with_condition(query)
+        assert [e.json() for e in events] == [{"n": 1}]
+        assert condition.seen == (events[0].position,)
+        await store.append(fresh(), [NewEvent("Booked", {"n": 2}, tags=["room:1"])], condition=condition)
+        with pytest.raises(AppendConditionFailed):  # the same decision again: it did not read n=2
+            await store.append(fresh(), [NewEvent("Booked", {"n": 3}, tags=["room:1"])], condition=condition)
+    finally:
+        await blocker.close()
+    events, _ = await store.read_with_condition(query)
+    assert [e.json() for e in events] == [{"n": 1}, {"n": 2}]
 
 
 async def test_appends_whose_queries_cannot_overlap_do_not_wait(store: EventStore) -> None:
