@@ -15,6 +15,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from eventstore import EventStore
+from eventstore.query import check_tag
 from outbox import sql
 from outbox.errors import InvalidRoute
 
@@ -34,7 +35,8 @@ def _array_literal(items: Sequence[str] | None) -> str:
 
 @dataclass(frozen=True, slots=True, init=False)
 class Route:
-    """Events of `types` (and/or `category`) go to `topic`, keyed by `key` (default: the stream id).
+    """Events of `types` (and/or `category`, and/or carrying `tag`) go to `topic`, keyed by `key` (default: the
+    stream id).
 
     `key` names a field of the event: `"data.customer_id"` or `"metadata.tenant"` (dots go deeper). The
     key decides the Kafka partition and the order guarantee: a key's messages are published in the
@@ -46,6 +48,7 @@ class Route:
     types: frozenset[str] | None
     category: str | None
     key: str | None
+    tag: str | None
 
     def __init__(
         self,
@@ -54,6 +57,7 @@ class Route:
         *,
         category: str | None = None,
         key: str | None = None,
+        tag: str | None = None,
     ) -> None:
         if not isinstance(topic, str) or not _TOPIC.match(topic) or topic in (".", ".."):
             raise InvalidRoute(f"{topic!r} is not a valid Kafka topic name ([A-Za-z0-9._-], 1-249 chars)")
@@ -72,6 +76,7 @@ class Route:
         object.__setattr__(self, "types", chosen)
         object.__setattr__(self, "category", category)
         object.__setattr__(self, "key", key)
+        object.__setattr__(self, "tag", None if tag is None else check_tag(tag, InvalidRoute))
 
     @property
     def key_path(self) -> list[str] | None:
@@ -94,13 +99,14 @@ class Outbox:
         self.routes = tuple(routes)
         self.source = source
 
-    def _rows(self) -> list[tuple[int, str, str, str | None, str, str]]:
+    def _rows(self) -> list[tuple[int, str, str, str | None, str | None, str, str]]:
         return [
             (
                 number,
                 route.topic,
                 _array_literal(None if route.types is None else sorted(route.types)),
                 route.category,
+                route.tag,
                 _array_literal(route.key_path),
                 self.source,
             )
@@ -115,7 +121,7 @@ class Outbox:
             async with store.pool.acquire() as conn, conn.transaction():
                 await conn.execute(sql.LOCK_ROUTES)
                 current = [
-                    (r["route"], r["topic"], _array_literal(r["event_types"]), r["category"],
+                    (r["route"], r["topic"], _array_literal(r["event_types"]), r["category"], r["tag"],
                      _array_literal(r["key_path"]), r["source"])
                     for r in await conn.fetch(sql.ROUTES)
                 ]
