@@ -163,7 +163,10 @@ class _Comparison:
         if _branches(w) is not None:
             findings: list[Finding] = []
             for branch in _branches(w) or ():
-                findings += self.check(r, _merge(w, branch), path)
+                for where, reason in self.check(r, _merge(w, branch), path):
+                    if where == path and reason.startswith("type changed"):
+                        reason = self._type_changed(r, w)  # name the whole union the writer had
+                    findings.append((where, reason))
             return findings
         branches = _branches(r)
         if branches is not None:
@@ -183,7 +186,7 @@ class _Comparison:
             return candidates[0]  # the one branch of the right type: say what in it broke
         return [(path, self._type_changed(r, w))]
 
-    def _type_changed(self, r: dict[str, Any], w: dict[str, Any]) -> str:
+    def _type_changed(self, r: Any, w: Any) -> str:
         return f"type changed from {_describe(w, self._writer_root)} to {_describe(r, self._reader_root)}"
 
     def _single(self, r: dict[str, Any], w: dict[str, Any], path: str) -> list[Finding]:
