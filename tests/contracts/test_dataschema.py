@@ -11,7 +11,7 @@ from eventstore import EventStore, NewEvent
 from eventstore_contracts import Contracts, standalone_schema
 from eventstore_examples.shop.app import APP
 from eventstore_examples.shop.domain import OrderLine, OrderPlaced
-from outbox import InvalidSettings, Outbox, Relay, RelaySettings, Route
+from outbox import InvalidRoute, InvalidSettings, Outbox, Relay, RelaySettings, Route
 from outbox.cloudevents import DATASCHEMA, DataSchemas, from_record
 from tests.outbox.conftest import Collector, create_topic, relay_settings
 
@@ -56,3 +56,10 @@ def test_the_default_template_matches_the_exported_ids() -> None:
 def test_a_template_without_type_and_version_is_refused(template: str) -> None:
     with pytest.raises(InvalidSettings, match="dataschema"):
         RelaySettings(dataschema=template)
+
+
+def test_a_route_promises_one_of_the_known_compatibilities() -> None:
+    assert Route("t", ["A"]).compatibility == "backward"
+    assert Route("t", ["A"], compatibility="full").compatibility == "full"
+    with pytest.raises(InvalidRoute, match="compatibility must be one of backward, forward, full, none"):
+        Route("t", ["A"], compatibility="sideways")  # type: ignore[arg-type]
