@@ -78,12 +78,14 @@ def check(contracts: Contracts, lock: SchemaLock) -> CheckResult:
                 STORED,
             ))
             continue
-        for version in sorted(versions):
-            if version < event.version and version not in event.upcasts_from:
+        oldest = min(versions)
+        for step in range(oldest, event.version):  # every locked version needs the whole chain to the current
+            if step not in event.upcasts_from:
                 breaking.append(Incompatibility(
-                    name, version, "",
-                    f"no upcaster lifts v{version} to v{version + 1}, and events may be stored as v{version}"
-                    f" (register one: @registry.upcaster({name}, from_version={version}))",
+                    name, step, "",
+                    f"no upcaster lifts v{step} to v{step + 1}, and events may be stored as v{oldest}"
+                    f"{'' if step == oldest else f' to v{step}'}"
+                    f" (register one: @registry.upcaster({name}, from_version={step}))",
                     STORED,
                 ))
         if event.version in versions:

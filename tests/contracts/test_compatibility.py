@@ -141,6 +141,15 @@ def test_a_version_bump_needs_an_upcaster_from_every_locked_version() -> None:
     with_upcaster = check_change(app_of(Placed), app_of(PlacedV2, upcasters=(1,)))
     assert with_upcaster.breaking == [] and with_upcaster.outdated == ["OrderPlaced v2 is new"]
 
+    class PlacedV3(DomainEvent, event_type="OrderPlaced", version=3):
+        customer: str
+        total: int
+        currency: str
+
+    # v2 never shipped, but a stored v1 event goes through v2 on its way to v3: each step needs an upcaster.
+    gap = check_change(app_of(Placed), app_of(PlacedV3, upcasters=(1,)))
+    assert [(p.version, p.reason.split(",")[0]) for p in gap.breaking] == [(2, "no upcaster lifts v2 to v3")]
+
 
 def test_going_back_a_version_or_dropping_a_type_breaks_stored_events() -> None:
     class PlacedV2(DomainEvent, event_type="OrderPlaced", version=2):
