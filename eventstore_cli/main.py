@@ -19,7 +19,10 @@ from eventstore_cli.common import exit_with
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(
         prog="eventstore",
-        description="Operate the event store, its projections and its outbox; serve the admin console; run the demo.",
+        description=(
+            "Operate the event store, its projections and its outbox; check event schemas and describe the topics;"
+            " serve the admin console; run the demo."
+        ),
     )
     root.add_argument("--database-url", help="PostgreSQL URL (default: $EVENTSTORE_DATABASE_URL)")
     root.add_argument("--kafka", help="Kafka bootstrap servers (default: $KAFKA_BOOTSTRAP_SERVERS)")

@@ -140,3 +140,12 @@ async def test_verify_stored_walks_the_demo_database(database_url: str, kafka: s
     assert failed.returncode == 1
     assert "1 of" in failed.stderr and "no longer load" in failed.stderr
     assert "order-bad" in one_line(failed.stdout) and "total" in failed.stdout
+
+
+def test_an_event_type_registered_twice_is_one_line_naming_both_classes() -> None:
+    done = eventstore("schemas", "check", "--app", "tests.contracts.duplicate_app:APP", "--lock", str(SHOP_LOCK))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    errors = one_line(done.stderr)
+    path = ROOT / "tests" / "contracts" / "duplicate_app.py"
+    assert "DuplicateEventType: event type 'Counted' is registered twice" in errors
+    assert f"Counted ({path}:9)" in errors and f"CountedAsText ({path}:13)" in errors
