@@ -42,7 +42,8 @@ def test_the_lock_round_trips_and_is_stable(tmp_path: Path) -> None:
 
 
 def test_the_committed_shop_lock_matches_the_shop() -> None:
-    assert lock_text(locked(Contracts.of(APP), read_lock(SHOP_LOCK))) == SHOP_LOCK.read_text()
+    committed = read_lock(SHOP_LOCK)
+    assert locked(Contracts.of(APP), committed) == committed  # the generator line may name another version
 
 
 def test_locking_a_new_version_keeps_the_old_ones() -> None:
