@@ -21,6 +21,7 @@ ASYNCAPI_VERSION = "3.0.0"
 KAFKA_BINDING_VERSION = "0.5.0"
 
 _NOT_AN_ID = re.compile(r"[^\w.\-]")
+_NAMED_SCHEMAS = frozenset({"properties", "patternProperties", "dependentSchemas", "$defs", "definitions"})
 _UNDESCRIBED: Mapping[int, Mapping[str, Any] | None] = {0: None}
 """A routed type no class describes (raw events): one message without a version or payload schema."""
 
@@ -168,11 +169,19 @@ def _add_schema(schemas: dict[str, Any], name: str, schema: Mapping[str, Any]) -
     return name
 
 
-def _rewrite(node: Any, names: Mapping[str, str]) -> Any:
+def _rewrite(node: Any, names: Mapping[str, str], *, by_name: bool = False) -> Any:
+    """References to hoisted definitions, and no OpenAPI-style `discriminator` (AsyncAPI's is a plain name).
+
+    `by_name` marks a map of names to schemas (`properties`), whose keys are field names, not keywords.
+    """
     if isinstance(node, dict):
-        rewritten = {k: _rewrite(v, names) for k, v in node.items()}
+        rewritten: dict[str, Any] = {}
+        for key, value in node.items():
+            if not by_name and key == "discriminator" and isinstance(value, dict):
+                continue
+            rewritten[key] = _rewrite(value, names, by_name=not by_name and key in _NAMED_SCHEMAS)
         ref = node.get("$ref")
-        if isinstance(ref, str) and ref.startswith("#/$defs/"):
+        if not by_name and isinstance(ref, str) and ref.startswith("#/$defs/"):
             rewritten["$ref"] = f"#/components/schemas/{names.get(ref[len('#/$defs/'):], ref)}"
         return rewritten
     if isinstance(node, list):

@@ -20,6 +20,7 @@ STORED = "stored events"
 _ANNOTATIONS = frozenset({
     "title", "description", "examples", "default", "deprecated", "readOnly", "writeOnly", "$comment",
     "$schema", "$id", "$defs", "definitions",
+    "discriminator",  # an OpenAPI hint beside a oneOf, which says the same
 })
 _LOWER_BOUNDS = ("minimum", "exclusiveMinimum", "minLength", "minItems", "minProperties")
 _UPPER_BOUNDS = ("maximum", "exclusiveMaximum", "maxLength", "maxItems", "maxProperties")

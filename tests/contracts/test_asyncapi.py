@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime
+from decimal import Decimal
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+from uuid import UUID
 
 import jsonschema
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from aggregates import DomainEvent, EventRegistry
 from eventstore_app import Application
@@ -124,3 +127,38 @@ def test_payload_schemas_are_hoisted_and_their_references_resolve() -> None:
     assert resolver.evolve(schema={"$ref": "#/components/schemas/OrderPlaced.v1"}).is_valid(
         {"customer": "c", "lines": [{"sku": "s", "price": 1}]}
     )
+
+
+class Card(BaseModel):
+    kind: Literal["card"]
+    last4: str
+
+
+class Cash(BaseModel):
+    kind: Literal["cash"]
+
+
+class Marker(BaseModel):
+    propertyName: str
+
+
+class Unusual(DomainEvent):
+    """Fields whose schemas use keywords beyond the basics: all must make valid AsyncAPI."""
+
+    pair: tuple[int, str]
+    payment: Annotated[Card | Cash, Field(discriminator="kind")]
+    at: datetime
+    amount: Decimal
+    id: UUID
+    tags: set[str]
+    counts: dict[str, int]
+    discriminator: Marker
+
+
+def test_pydantic_keywords_beyond_draft_07_still_make_valid_asyncapi() -> None:
+    app = Application("x", registry=EventRegistry(Unusual), routes=[Route("unusual", ["Unusual"])])
+    generated = asyncapi_document(Contracts.of(app))
+    assert errors_of(generated) == []
+    payload = generated["components"]["schemas"]["Unusual.v1"]
+    assert "discriminator" not in payload["properties"]["payment"], "OpenAPI's discriminator object is dropped"
+    assert payload["properties"]["discriminator"] == {"$ref": "#/components/schemas/Marker"}, "a field is kept"

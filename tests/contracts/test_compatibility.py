@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -205,3 +205,28 @@ def test_incompatibility_reads_as_one_line() -> None:
     assert str(problem) == (
         "OrderPlaced v3 field 'lines[].price': type changed from integer to string (breaks stored events)"
     )
+
+
+def test_a_new_variant_of_a_discriminated_union_is_compatible_a_dropped_one_is_not() -> None:
+    class Card(BaseModel):
+        kind: Literal["card"]
+        last4: str
+
+    class Cash(BaseModel):
+        kind: Literal["cash"]
+
+    class Voucher(BaseModel):
+        kind: Literal["voucher"]
+        code: str
+
+    class Paid(DomainEvent, event_type="Paid"):
+        method: Annotated[Card | Cash, Field(discriminator="kind")]
+
+    class PaidMoreWays(DomainEvent, event_type="Paid"):
+        method: Annotated[Card | Cash | Voucher, Field(discriminator="kind")]
+
+    assert check_change(app_of(Paid), app_of(PaidMoreWays)).breaking == []
+    dropped = check_change(app_of(PaidMoreWays), app_of(Paid)).breaking
+    assert [(p.field, p.reason.split(";")[0]) for p in dropped] == [
+        ("method", "type changed from Card | Cash | Voucher to Card | Cash")
+    ]
