@@ -1,4 +1,4 @@
-"""`eventstore schemas check|lock|export|verify-stored` and `eventstore asyncapi`, run as the real command."""
+"""`eventstore schemas ...` and `eventstore asyncapi`: the real command, as a process or in this one."""
 
 from __future__ import annotations
 
@@ -12,9 +12,11 @@ import sys
 from pathlib import Path
 
 import jsonschema
+import pytest
 from rich.console import Console
 
 from eventstore import EventStore, NewEvent
+from eventstore_cli import main
 from eventstore_contracts import Contracts, verify_stored
 from eventstore_examples.shop.app import APP
 from eventstore_examples.shop.demo import run_demo
@@ -39,6 +41,14 @@ def one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+def in_process(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """The command's own parser and handler in this process (a new interpreter per step costs a second)."""
+    with pytest.raises(SystemExit) as exited:
+        main(list(args))
+    out, err = capsys.readouterr()
+    return int(exited.value.code or 0), out, one_line(err)
+
+
 def test_check_passes_on_the_committed_shop_lock() -> None:
     done = eventstore("schemas", "check", "--app", SHOP, "--lock", str(SHOP_LOCK))
     assert done.returncode == 0, done.stderr
@@ -54,39 +64,44 @@ def test_check_fails_naming_type_and_field_of_a_breaking_change() -> None:
     assert "Traceback" not in done.stderr
 
 
-def test_a_new_version_with_an_upcaster_is_locked_one_without_is_refused(tmp_path: Path) -> None:
+def test_a_new_version_with_an_upcaster_is_locked_one_without_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     lock = tmp_path / "eventstore.schemas.lock"
     shutil.copy(SHOP_LOCK, lock)
-    missing = eventstore("schemas", "check", "--app", "tests.contracts.apps:ITEM_ADDED_V2_NO_UPCASTER",
-                         "--lock", str(lock))
-    assert missing.returncode == 1
-    assert "ItemAdded v1: no upcaster lifts v1 to v2" in one_line(missing.stderr)
-    refused = eventstore("schemas", "lock", "--app", "tests.contracts.apps:ITEM_ADDED_V2_NO_UPCASTER",
-                         "--lock", str(lock))
-    assert refused.returncode == 2 and "--force" in refused.stderr
+    code, _, err = in_process(capsys, "schemas", "check", "--app", "tests.contracts.apps:ITEM_ADDED_V2_NO_UPCASTER",
+                              "--lock", str(lock))
+    assert code == 1 and "ItemAdded v1: no upcaster lifts v1 to v2" in err
+    code, _, err = in_process(capsys, "schemas", "lock", "--app", "tests.contracts.apps:ITEM_ADDED_V2_NO_UPCASTER",
+                              "--lock", str(lock))
+    assert code == 2 and "--force" in err
     assert lock.read_text() == SHOP_LOCK.read_text(), "a refused lock changes nothing"
 
-    unlocked = eventstore("schemas", "check", "--app", "tests.contracts.apps:ITEM_ADDED_V2", "--lock", str(lock))
-    assert unlocked.returncode == 1
-    assert "not locked: ItemAdded v2 is new" in one_line(unlocked.stderr) and "breaking" not in unlocked.stderr
-    written = eventstore("schemas", "lock", "--app", "tests.contracts.apps:ITEM_ADDED_V2", "--lock", str(lock))
-    assert written.returncode == 0, written.stderr
+    code, _, err = in_process(capsys, "schemas", "check", "--app", "tests.contracts.apps:ITEM_ADDED_V2",
+                              "--lock", str(lock))
+    assert code == 1 and "not locked: ItemAdded v2 is new" in err and "breaking" not in err
+    code, _, err = in_process(capsys, "schemas", "lock", "--app", "tests.contracts.apps:ITEM_ADDED_V2",
+                              "--lock", str(lock))
+    assert code == 0, err
     assert set(json.loads(lock.read_text())["events"]["ItemAdded"]) == {"1", "2"}
-    passed = eventstore("schemas", "check", "--app", "tests.contracts.apps:ITEM_ADDED_V2", "--lock", str(lock))
-    assert passed.returncode == 0, passed.stderr
+    code, _, err = in_process(capsys, "schemas", "check", "--app", "tests.contracts.apps:ITEM_ADDED_V2",
+                              "--lock", str(lock))
+    assert code == 0, err
 
 
-def test_a_malformed_lock_is_one_line_with_file_and_line(tmp_path: Path) -> None:
+def test_a_malformed_lock_is_one_line_with_file_and_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     lock = tmp_path / "eventstore.schemas.lock"
     lock.write_text('{\n  "format": 1,\n  "events": {\n    "OrderPlaced": {"1": {}},\n  }\n}\n')
-    done = eventstore("schemas", "check", "--app", SHOP, "--lock", str(lock))
-    assert done.returncode == 2
-    assert f"{lock}:5: not JSON" in one_line(done.stderr) and "Traceback" not in done.stderr
+    code, _, err = in_process(capsys, "schemas", "check", "--app", SHOP, "--lock", str(lock))
+    assert code == 2 and f"{lock}:5: not JSON" in err
 
 
-def test_export_writes_a_schema_per_version_that_validates_the_payloads(tmp_path: Path) -> None:
-    done = eventstore("schemas", "export", str(tmp_path / "schemas"), "--app", SHOP, "--lock", str(SHOP_LOCK))
-    assert done.returncode == 0, done.stderr
+def test_export_writes_a_schema_per_version_that_validates_the_payloads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = in_process(capsys, "schemas", "export", str(tmp_path / "schemas"), "--app", SHOP,
+                              "--lock", str(SHOP_LOCK))
+    assert code == 0, err
     files = sorted(p.relative_to(tmp_path / "schemas").as_posix() for p in (tmp_path / "schemas").rglob("*.json"))
     assert files == sorted(f"{name}/v1.json" for name in APP.registry.event_types)
     schema = json.loads((tmp_path / "schemas" / "OrderPlaced" / "v1.json").read_text())
@@ -142,10 +157,10 @@ async def test_verify_stored_walks_the_demo_database(database_url: str, kafka: s
     assert "order-bad" in one_line(failed.stdout) and "total" in failed.stdout
 
 
-def test_an_event_type_registered_twice_is_one_line_naming_both_classes() -> None:
-    done = eventstore("schemas", "check", "--app", "tests.contracts.duplicate_app:APP", "--lock", str(SHOP_LOCK))
-    assert done.returncode == 2 and "Traceback" not in done.stderr
-    errors = one_line(done.stderr)
+def test_an_event_type_registered_twice_is_one_line_naming_both_classes(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, errors = in_process(capsys, "schemas", "check", "--app", "tests.contracts.duplicate_app:APP",
+                                 "--lock", str(SHOP_LOCK))
+    assert code == 2
     path = ROOT / "tests" / "contracts" / "duplicate_app.py"
     assert "DuplicateEventType: event type 'Counted' is registered twice" in errors
     assert f"Counted ({path}:9)" in errors and f"CountedAsText ({path}:13)" in errors
