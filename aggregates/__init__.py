@@ -26,6 +26,7 @@ from aggregates.aggregate import Aggregate, applies
 from aggregates.errors import (
     AggregateError,
     AggregateNotFound,
+    DuplicateEventType,
     EventDecodeError,
     EventRegistrationError,
     InvalidAggregateId,
@@ -44,6 +45,7 @@ __all__ = [
     "AggregateNotFound",
     "Command",
     "DomainEvent",
+    "DuplicateEventType",
     "EventDecodeError",
     "EventRegistrationError",
     "EventRegistry",
