@@ -57,6 +57,8 @@ async def verify_stored(
     of a type the registry does not know fails (`UnknownEventType`) unless `ignore_unknown` is set.
     """
     found: dict[tuple[str, int | None], StoredVersion] = {}
+    # Every event committed by now, also those a transaction still running elsewhere holds back.
+    await store.wait_until_visible(await store.last_committed())
     after = START
     while batch := await store.read_all(after, limit=batch_size, category=category):
         after = batch[-1].checkpoint
