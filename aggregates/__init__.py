@@ -28,6 +28,7 @@ from aggregates.decisions import Decide, DecisionProjection, Decisions, Decision
 from aggregates.errors import (
     AggregateError,
     AggregateNotFound,
+    DuplicateEventType,
     EventDecodeError,
     EventRegistrationError,
     InvalidAggregateId,
@@ -50,6 +51,7 @@ __all__ = [
     "DecisionState",
     "Decisions",
     "DomainEvent",
+    "DuplicateEventType",
     "EventDecodeError",
     "EventRegistrationError",
     "EventRegistry",

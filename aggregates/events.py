@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, TypeVar, overload
@@ -11,6 +12,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from aggregates.errors import (
+    DuplicateEventType,
     EventDecodeError,
     EventRegistrationError,
     MissingUpcaster,
@@ -100,9 +102,9 @@ class EventRegistry:
             entry = self._entries.get(cls.event_type)
             if entry is not None:
                 if entry.cls is not cls:
-                    raise EventRegistrationError(
-                        f"event type {cls.event_type!r} is already registered to {entry.cls.__qualname__};"
-                        f" give {cls.__qualname__} its own name with `event_type=...`"
+                    raise DuplicateEventType(
+                        cls.event_type, (entry.cls.__qualname__, *defined_at(entry.cls)),
+                        (cls.__qualname__, *defined_at(cls)),
                     )
                 continue
             upcasters = self._orphans.pop(cls.event_type, {})
@@ -168,6 +170,13 @@ class EventRegistry:
     @property
     def event_types(self) -> Mapping[str, type[DomainEvent]]:
         return {name: entry.cls for name, entry in self._entries.items()}
+
+    def upcaster_versions(self, event_type: str) -> frozenset[int]:
+        """The schema versions of `event_type` an upcaster lifts (to the next one)."""
+        entry = self._entries.get(event_type)
+        if entry is None:
+            raise UnknownEventType(event_type)
+        return frozenset(entry.upcasters)
 
     # -- encoding ----------------------------------------------------------------------------------
 
@@ -300,6 +309,16 @@ class EventRegistry:
             return cls.model_validate_json(text)
         except ValidationError as exc:
             raise EventDecodeError(recorded.event_type, version, _reason(exc), *where) from None
+
+
+def defined_at(cls: type) -> tuple[str | None, int | None]:
+    """The file and line of a class's definition, where Python can tell (not for classes made in a REPL)."""
+    try:
+        path = inspect.getsourcefile(cls)
+        line = inspect.getsourcelines(cls)[1] if path is not None else None
+    except (OSError, TypeError):
+        return None, None
+    return path, line
 
 
 def _reason(exc: ValidationError) -> str:

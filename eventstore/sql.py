@@ -343,6 +343,16 @@ ORDER BY log_xid DESC, position DESC
 LIMIT 1
 """
 
+LAST_COMMITTED = """
+SELECT log_xid, position FROM events
+ORDER BY log_xid DESC, position DESC
+LIMIT 1
+"""
+"""The newest committed event, whether readers of the log see it yet or not."""
+
+HELD_BACK = f"SELECT EXISTS (SELECT 1 FROM events WHERE log_xid >= {LOG_HORIZON})"
+"""Committed events the log does not show yet: an older transaction still running holds them back."""
+
 CHECKPOINT_VISIBLE = f"SELECT $1::bigint < {LOG_HORIZON}"
 """($1 log_xid): whether readers of the log see a checkpoint with this log transaction id."""
 

@@ -660,6 +660,20 @@ class EventStore:
         row = await self.retrying(lambda: self.pool.fetchrow(sql.HEAD))
         return START if row is None else Checkpoint(row[0], row[1])
 
+    async def last_committed(self) -> Checkpoint:
+        """The checkpoint of the newest committed event, visible to readers of the log yet or not.
+
+        What to wait for after one's own writes: `head()` stops short of events that an older
+        transaction, still running anywhere in the cluster, holds back.
+        """
+        row = await self.retrying(lambda: self.pool.fetchrow(sql.LAST_COMMITTED))
+        return START if row is None else Checkpoint(row[0], row[1])
+
+    async def held_back(self) -> bool:
+        """Whether committed events wait below the log's visibility line (no NOTIFY comes when the
+        older transaction holding them back ends without writing events)."""
+        return bool(await self.retrying(lambda: self.pool.fetchval(sql.HELD_BACK)))
+
     async def wait_until_visible(self, checkpoint: Checkpoint, timeout: float = 30.0) -> None:
         """Wait until `read_all` readers can see `checkpoint`.
 

@@ -19,6 +19,7 @@ from rich.table import Table
 from eventstore import EventStore
 from eventstore_cli.common import CommandError, console, open_store, run
 from outbox import KafkaSettings, Relay, RelaySettings, prune_published, retry_dead, status
+from outbox.cloudevents import DATASCHEMA
 from outbox.embedded import BOOTSTRAP_ENV
 
 SASL_PASSWORD_ENV = "KAFKA_SASL_PASSWORD"
@@ -53,6 +54,9 @@ def register(commands: Any) -> None:
     relay.add_argument("--sasl-mechanism", default="PLAIN",
                        choices=["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "GSSAPI", "OAUTHBEARER"])
     relay.add_argument("--sasl-username")
+    relay.add_argument("--dataschema", default=DATASCHEMA, metavar="TEMPLATE",
+                       help="URI template of the ce_dataschema header, with {type}, {version} and {source}"
+                            " ('' for none; default: %(default)s)")
     relay.add_argument("--idempotent", action="store_true",
                        help="idempotent producer (real Kafka only; the embedded broker rejects it)")
     relay.set_defaults(handler=lambda a: run(_relay(a)))
@@ -105,6 +109,7 @@ def relay_settings(args: argparse.Namespace) -> RelaySettings:
         "poll_interval": args.poll_interval,
         "retry_backoff": args.retry_backoff,
         "retention": None if args.retention < 0 else args.retention,
+        "dataschema": args.dataschema or None,
     }
     if args.relay_id:
         values["relay_id"] = args.relay_id

@@ -28,12 +28,14 @@ from outbox.operations import DeadMessage, OutboxStatus, RelayStatus, TopicStatu
 from outbox.relay import Relay, RelayStats
 from outbox.schema import SLOT_COUNT
 from outbox.settings import KafkaSettings, RelaySettings
-from outbox.writer import Outbox, Route
+from outbox.writer import COMPATIBILITY, Compatibility, Outbox, Route
 
 __all__ = [
+    "COMPATIBILITY",
     "SLOT_COUNT",
     "BrokerUnavailable",
     "CloudEvent",
+    "Compatibility",
     "DeadMessage",
     "Inbox",
     "InvalidRoute",

@@ -9,7 +9,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from string import Formatter
 from typing import Any
+from urllib.parse import quote
 
 import orjson
 
@@ -21,6 +23,14 @@ CONTENT_TYPE_HEADER = "content-type"
 CORRELATION_ID = "correlationid"
 CAUSATION_ID = "causationid"
 STREAM_VERSION = "streamversion"
+
+DATASCHEMA = "urn:eventstore:{source}:{type}:v{version}"
+"""The default `dataschema` template: `{source}`, `{type}` and `{version}` are filled in per message.
+
+Point it at where the exported schemas are served (`eventstore schemas export DIR` writes
+`DIR/{type}/v{version}.json`), e.g. `https://schemas.example.com/shop/{type}/v{version}.json`.
+"""
+_PLACEHOLDERS = frozenset({"source", "type", "version"})
 
 _REQUIRED = ("ce_specversion", "ce_id", "ce_source", "ce_type")
 
@@ -39,6 +49,7 @@ class CloudEvent:
     time: datetime | None = None
     subject: str | None = None
     content_type: str | None = None
+    dataschema: str | None = None
     extensions: Mapping[str, str] = field(default_factory=dict)
 
     @property
@@ -63,6 +74,7 @@ def kafka_headers(
     correlation_id: str | None = None,
     causation_id: str | None = None,
     stream_version: int | None = None,
+    dataschema: str | None = None,
 ) -> Headers:
     """Headers for one message; `time` is already RFC 3339 text (the relay formats it in SQL)."""
     headers: Headers = [
@@ -75,6 +87,8 @@ def kafka_headers(
     ]
     if subject is not None:
         headers.append(("ce_subject", subject.encode()))
+    if dataschema is not None:
+        headers.append(("ce_dataschema", dataschema.encode()))
     if stream_version is not None:
         headers.append(("ce_" + STREAM_VERSION, str(stream_version).encode()))
     if correlation_id is not None:
@@ -82,6 +96,52 @@ def kafka_headers(
     if causation_id is not None:
         headers.append(("ce_" + CAUSATION_ID, causation_id.encode()))
     return headers
+
+
+def check_dataschema_template(template: str) -> str:
+    """Return `template` if it names both `{type}` and `{version}` and no other placeholder; else raise ValueError."""
+    try:
+        names = {name for _, name, _, _ in Formatter().parse(template) if name is not None}
+    except ValueError as exc:
+        raise ValueError(f"dataschema template {template!r}: {exc}") from None
+    unknown = names - _PLACEHOLDERS
+    if unknown or not {"type", "version"} <= names:
+        raise ValueError(
+            f"dataschema template {template!r} must use {{type}} and {{version}}"
+            f" (and may use {{source}}), not {', '.join(sorted(unknown)) or 'only ' + ', '.join(sorted(names))}"
+        )
+    return template
+
+
+def dataschema_uri(template: str, source: str, event_type: str, version: int) -> str:
+    """The URI of the schema (of `event_type` at `version`) that shaped a message's data.
+
+    Values are percent-encoded, so any type name or source makes a valid URI.
+    """
+    return template.format(
+        source=quote(source, safe=""), type=quote(event_type, safe=""), version=quote(str(version), safe="")
+    )
+
+
+class DataSchemas:
+    """`dataschema_uri` for the relay's hot loop: each URI is formatted once per process."""
+
+    def __init__(self, template: str | None) -> None:
+        self._template = template
+        self._cache: dict[tuple[str, str, str], str | None] = {}
+
+    def uri(self, source: str, event_type: str, version: str | None) -> str | None:
+        """None for events written without a schema version (raw `NewEvent`s), or with no template."""
+        if version is None or self._template is None:
+            return None
+        key = (source, event_type, version)
+        if key in self._cache:
+            return self._cache[key]
+        number = int(version) if version.isascii() and version.isdigit() else None
+        uri = None if number is None else dataschema_uri(self._template, source, event_type, number)
+        if len(self._cache) < 10_000:
+            self._cache[key] = uri
+        return uri
 
 
 def from_kafka(headers: Iterable[tuple[str, bytes]], value: bytes | None) -> CloudEvent:
@@ -97,7 +157,7 @@ def from_kafka(headers: Iterable[tuple[str, bytes]], value: bytes | None) -> Clo
         time = datetime.fromisoformat(time_text) if time_text else None
     except ValueError:
         raise NotACloudEvent(["ce_time (not RFC 3339)"]) from None
-    known = {"ce_specversion", "ce_id", "ce_source", "ce_type", "ce_time", "ce_subject"}
+    known = {"ce_specversion", "ce_id", "ce_source", "ce_type", "ce_time", "ce_subject", "ce_dataschema"}
     extensions = {k[3:]: v for k, v in found.items() if k.startswith("ce_") and k not in known}
     return CloudEvent(
         id=found["ce_id"],
@@ -108,6 +168,7 @@ def from_kafka(headers: Iterable[tuple[str, bytes]], value: bytes | None) -> Clo
         time=time,
         subject=found.get("ce_subject"),
         content_type=found.get(CONTENT_TYPE_HEADER),
+        dataschema=found.get("ce_dataschema"),
         extensions=extensions,
     )
 

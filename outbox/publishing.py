@@ -30,7 +30,7 @@ from aiokafka.errors import KafkaError, KafkaTimeoutError, MessageSizeTooLargeEr
 from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
-from outbox.cloudevents import kafka_headers
+from outbox.cloudevents import DataSchemas, kafka_headers
 from outbox.leases import SlotLeases
 from outbox.settings import KafkaSettings, RelaySettings
 
@@ -54,6 +54,8 @@ class OutboxMessage(NamedTuple):
     attempts: int
     log_xid: int
     position: int
+    schema_version: str | None
+    """The metadata's `schema_version` as text: set by typed events (`aggregates`), absent on raw ones."""
 
     @property
     def place(self) -> tuple[int, int, int]:
@@ -102,6 +104,7 @@ class Publisher:
         self._partitioner = DefaultPartitioner()
         self._producer: AIOKafkaProducer | None = None
         self._leases = leases
+        self._dataschemas = DataSchemas(settings.dataschema)
 
     async def start(self) -> None:
         """Start the producer unless it runs; raise `BrokerDown` if the broker cannot be reached."""
@@ -235,6 +238,7 @@ class Publisher:
                 id=message.event_id, type=message.event_type, source=message.source, time=message.time,
                 subject=message.stream_id, correlation_id=message.correlation_id,
                 causation_id=message.causation_id, stream_version=message.stream_version,
+                dataschema=self._dataschemas.uri(message.source, message.event_type, message.schema_version),
             )
             size = DefaultRecordBatchBuilder.estimate_size_in_bytes(key_bytes, value, headers)
             if size > self._max_request_size:

@@ -95,6 +95,7 @@ class Relay:
         self._next_rebalance = 0.0
         self._next_prune = 0.0
         self._busy_until = 0.0
+        self._held = Backoff(min(0.02, self.settings.poll_interval), self.settings.poll_interval)
 
     @property
     def relay_id(self) -> str:
@@ -201,6 +202,12 @@ class Relay:
             await self._sleep(self.settings.busy_poll_interval)
             return
         await self._wakeups.listen()
+        slots = list(self._leases.usable())
+        if slots and await self.store.pool.fetchval(sql.HELD_BACK, slots):
+            # No NOTIFY comes when the older transaction holding them back ends without writing events.
+            await self._wakeups.wait(self._held.failed())
+            return
+        self._held.reset()
         await self._wakeups.wait(min(self.settings.poll_interval, max(self._next_rebalance - now, 0.0)))
 
     async def _round(self) -> int:

@@ -133,7 +133,7 @@ SELECT o.id, o.slot, o.topic, o.key, e.data::text AS data, e.event_id::text AS e
        o.source, e.stream_id, e.stream_version, e.metadata ->> 'correlation_id' AS correlation_id,
        e.metadata ->> 'causation_id' AS causation_id,
        to_char(e.recorded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS time, o.attempts,
-       o.log_xid, o.position
+       o.log_xid, o.position, e.metadata ->> 'schema_version' AS schema_version
 FROM outbox AS o JOIN events AS e ON e.position = o.position
 WHERE o.published_at IS NULL AND o.dead_at IS NULL AND o.slot = ANY($1::int[])
   AND o.log_xid < {store_sql.LOG_HORIZON}
@@ -154,6 +154,14 @@ FETCH_PENDING = _FETCH_PENDING.format(condition="o.id <> ALL($3::bigint[])")
 # Only after the message at ($3, $4, $5) in log order: cheap while draining a backlog, and safe, since
 # nothing can become visible below a message that is visible already.
 FETCH_PENDING_AFTER = _FETCH_PENDING.format(condition="(o.log_xid, o.position, o.id) > ($3, $4, $5)")
+
+HELD_BACK = f"""
+SELECT EXISTS (
+    SELECT 1 FROM outbox AS o
+    WHERE o.published_at IS NULL AND o.dead_at IS NULL AND o.slot = ANY($1::int[])
+      AND o.log_xid >= {store_sql.LOG_HORIZON})
+"""
+"""($1 slots): pending messages below the log's visibility line, held back by an older transaction."""
 
 MARK_PUBLISHED = """
 UPDATE outbox SET published_at = now(), published_by = $2

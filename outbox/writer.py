@@ -13,6 +13,7 @@ import logging
 import re
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 from eventstore import EventStore
 from eventstore.query import check_tag
@@ -20,6 +21,15 @@ from outbox import sql
 from outbox.errors import InvalidRoute
 
 log = logging.getLogger(__name__)
+
+Compatibility = Literal["backward", "forward", "full", "none"]
+"""What a topic promises its consumers when an event's schema changes (checked by `eventstore schemas check`).
+
+backward: consumers on the new schema read messages written with the old one (upgrade consumers first);
+forward: consumers still on the old schema read messages written with the new one (upgrade producers
+first); full: both; none: no promise.
+"""
+COMPATIBILITY: tuple[Compatibility, ...] = get_args(Compatibility)
 
 _TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 _KEY_PATH = re.compile(r"^(data|metadata)(\.[^.\s]+)+$")
@@ -42,6 +52,9 @@ class Route:
     key decides the Kafka partition and the order guarantee: a key's messages are published in the
     order of the log. An event without that field is refused (`AppendRefused`), so no message is ever
     keyed by accident.
+
+    `compatibility` is the promise the topic makes its consumers about schema changes (see
+    `Compatibility`); the relay ignores it, `eventstore schemas check` enforces it.
     """
 
     topic: str
@@ -49,6 +62,7 @@ class Route:
     category: str | None
     key: str | None
     tag: str | None
+    compatibility: Compatibility
 
     def __init__(
         self,
@@ -58,6 +72,7 @@ class Route:
         category: str | None = None,
         key: str | None = None,
         tag: str | None = None,
+        compatibility: Compatibility = "backward",
     ) -> None:
         if not isinstance(topic, str) or not _TOPIC.match(topic) or topic in (".", ".."):
             raise InvalidRoute(f"{topic!r} is not a valid Kafka topic name ([A-Za-z0-9._-], 1-249 chars)")
@@ -72,11 +87,14 @@ class Route:
             raise InvalidRoute(
                 f"key must name a field of the event, like 'data.customer_id' or 'metadata.tenant', got {key!r}"
             )
+        if compatibility not in COMPATIBILITY:
+            raise InvalidRoute(f"compatibility must be one of {', '.join(COMPATIBILITY)}, got {compatibility!r}")
         object.__setattr__(self, "topic", topic)
         object.__setattr__(self, "types", chosen)
         object.__setattr__(self, "category", category)
         object.__setattr__(self, "key", key)
         object.__setattr__(self, "tag", None if tag is None else check_tag(tag, InvalidRoute))
+        object.__setattr__(self, "compatibility", compatibility)
 
     @property
     def key_path(self) -> list[str] | None:

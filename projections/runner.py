@@ -143,15 +143,15 @@ class ProjectionRunner:
         return [w.projection.name for w in self._workers if w.owned]
 
     async def wait_caught_up(self, until: Checkpoint | None = None, interval: float = 0.02) -> None:
-        """Wait until every projection has processed the log up to `until` (default: the head now).
+        """Wait until every projection has processed the log up to `until` (default: every event committed
+        now, whether an older transaction still running holds it below the log's visibility line or not).
 
-        Whichever runner owns them. Pass an append's `result.checkpoint` to wait for that append even
-        if it is not visible in the log yet (an older transaction still running holds it back).
+        Whichever runner owns them. Pass an append's `result.checkpoint` to wait for just that append.
         Raises `ProjectionFailed` if one of them has failed (the others keep running) and
         `ProjectionNeedsRebuild` if the stored tables of one belong to another declaration. Bound the
         wait with `asyncio.timeout`.
         """
-        head = await self.store.head() if until is None else Checkpoint(*until)
+        head = await self.store.last_committed() if until is None else Checkpoint(*until)
         names = [p.name for p in self.projections]
         declared = {p.name: p for p in self.projections}
         while True:

@@ -15,5 +15,8 @@ APP = Application(
     aggregates=[Product, Cart, Order],
     projections=[OrderSummary(), ProductSales(), StockLevels()],
     # Integration events for other services, keyed by order stream so each order's messages stay in order.
-    routes=[Route(ORDERS_TOPIC, ["OrderPlaced", "PaymentCaptured", "OrderShipped", "OrderCancelled"])],
+    # Their consumers upgrade first: a schema change must let new readers read old messages
+    # (`eventstore schemas check` holds it to that, against examples/shop/eventstore.schemas.lock).
+    routes=[Route(ORDERS_TOPIC, ["OrderPlaced", "PaymentCaptured", "OrderShipped", "OrderCancelled"],
+                  compatibility="backward")],
 )

@@ -13,9 +13,10 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 from rich.console import Console
@@ -153,55 +154,52 @@ async def _ensure_topic(servers: str) -> None:
 class _Billing:
     """A downstream consumer of the orders topic, made idempotent by the inbox.
 
-    It reads from the offsets the topic had when the demo began, so messages of an earlier run on
-    the same broker are not counted as this run's.
+    It reads the topic from its start but bills only the events recorded since this run began (by the
+    database's clock, which stamps both): on a broker that keeps the topic, earlier runs' messages are
+    there too, and the end offsets that would let it skip them are not reliable on every
+    Kafka-compatible broker.
     """
 
     def __init__(self, inbox: Inbox, servers: str) -> None:
         self.inbox = inbox
         self.servers = servers
-        self.start: dict[TopicPartition, int] = {}
+        self.since: datetime | None = None
         self.applied = 0
         self.skipped = 0
         self.received = 0
 
-    async def mark_start(self) -> None:
-        """Remember where the topic ends now; this run's messages come after."""
-        consumer = await self._consumer()
-        try:
-            self.start = await consumer.end_offsets(list(consumer.assignment()))
-        finally:
-            await consumer.stop()
+    async def mark_start(self, store: EventStore) -> None:
+        self.since = await store.pool.fetchval("SELECT now()")
 
-    async def _consumer(self) -> AIOKafkaConsumer:
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.servers, enable_auto_commit=False)
-        await consumer.start()
-        partitions = consumer.partitions_for_topic(ORDERS_TOPIC)
-        while not partitions:
-            await asyncio.sleep(0.1)
-            await consumer.topics()
-            partitions = consumer.partitions_for_topic(ORDERS_TOPIC)
-        consumer.assign([TopicPartition(ORDERS_TOPIC, p) for p in sorted(partitions)])
-        for tp in consumer.assignment():
-            consumer.seek(tp, self.start.get(tp, 0))
-        return consumer
+    def _consumer(self) -> AIOKafkaConsumer:
+        return AIOKafkaConsumer(
+            ORDERS_TOPIC, bootstrap_servers=self.servers, group_id=None, auto_offset_reset="earliest",
+            enable_auto_commit=False, metadata_max_age_ms=1000,
+        )
+
+    def _ours(self, message: CloudEvent) -> bool:
+        return self.since is None or (message.time is not None and message.time >= self.since)
 
     async def consume(self, until: int, timeout: float) -> None:
-        """Read this run's messages until `until` were applied (or `timeout`)."""
-        consumer = await self._consumer()
+        """Read until `until` messages of this run were applied (or `timeout`)."""
+        consumer = self._consumer()
+        await consumer.start()
         try:
             async with asyncio.timeout(timeout):
                 while self.applied < until:
                     batches = await consumer.getmany(timeout_ms=200)
                     for records in batches.values():
                         for record in records:
-                            await self._handle(from_record(record))
+                            message = from_record(record)
+                            if self._ours(message):
+                                await self._handle(message)
         finally:
             await consumer.stop()
 
     async def replay_all(self, timeout: float) -> None:
         """Read this run's messages again, as after a consumer crash before its offsets were committed."""
-        consumer = await self._consumer()
+        consumer = self._consumer()
+        await consumer.start()
         try:
             seen = 0
             async with asyncio.timeout(timeout):
@@ -209,8 +207,10 @@ class _Billing:
                     batches = await consumer.getmany(timeout_ms=200)
                     for records in batches.values():
                         for record in records:
-                            seen += 1
-                            await self._handle(from_record(record), replay=True)
+                            message = from_record(record)
+                            if self._ours(message):
+                                seen += 1
+                                await self._handle(message, replay=True)
         finally:
             await consumer.stop()
 
@@ -245,7 +245,7 @@ async def run_demo(url: str, kafka: str, console: Console, *, customers: int = 6
         await store.pool.execute(FEED_TABLE)
         shop = Shop(app)
         billing = _Billing(app.inbox("shop-billing"), kafka)
-        await billing.mark_start()
+        await billing.mark_start(store)
         async with app.runner() as runner, app.relay():
             commands = _Commands(tally)
             prices = {f"sku{i:03d}": 500 + 250 * (i % 9) for i in range(PRODUCTS)}

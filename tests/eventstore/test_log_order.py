@@ -335,7 +335,7 @@ async def test_concurrent_writers_against_a_subscriber_keep_stream_order(store: 
         reader = asyncio.create_task(subscriber())
         async with _writers(store, streams=2, writers=8, rounds=25, seed=20261128) as committed:
             pass
-        final = await store.head()
+        final = await store.last_committed()
         async with asyncio.timeout(30):
             while sub.checkpoint < final:  # noqa: ASYNC110 - the subscription has no "reached" event
                 await asyncio.sleep(0.01)

@@ -75,6 +75,23 @@ async def test_a_notification_wakes_an_idle_relay(
         await collector.wait_count(1, timeout=10.0)
 
 
+async def test_a_relay_looks_again_soon_when_a_transaction_that_wrote_no_event_ends(
+    outbox_store: EventStore, kafka: str, collector: Collector
+) -> None:
+    """No NOTIFY comes when the transaction holding the log back ends without writing events."""
+    settings = relay_settings(poll_interval=60.0, lease_ttl=120.0)
+    async with Relay(outbox_store, kafka, settings) as relay:
+        await wait_until(lambda: _true(relay.owned_slots), what="slots")
+        async with outbox_store.pool.acquire() as blocker:
+            transaction = blocker.transaction()
+            await transaction.start()
+            await blocker.fetchval("SELECT pg_current_xact_id()")  # holds the log's visibility line
+            await outbox_store.append("order-1", [NewEvent("OrderPlaced")])  # its NOTIFY finds nothing
+            await asyncio.sleep(0.3)
+            await transaction.rollback()
+        await collector.wait_count(1, timeout=10.0)
+
+
 async def _true(value: object) -> bool:
     return bool(value)
 
@@ -248,10 +265,12 @@ async def test_order_per_key_holds_when_the_network_to_the_broker_fails_mid_stre
         async with Relay(store, kafka, relay_settings(send_timeout=1.0)) as relay:
             writers = [asyncio.create_task(writer(k)) for k in range(keys)]
             try:
-                for _ in range(3):
+                for cut in range(1, 4):
                     await collector.wait_count(len(collector.ids()) + 30)  # mid-stream
                     cuttable_broker.cut()
-                    await asyncio.sleep(1.5)  # what is in flight times out (send_timeout 1 s)
+                    # What is in flight times out (send_timeout 1 s); the cut lasts until the relay saw it.
+                    await asyncio.sleep(1.5)
+                    await wait_until(lambda c=cut: _true(relay.stats.broker_errors >= c), what="a broker error")
                     cuttable_broker.heal()
             finally:
                 stop.set()
