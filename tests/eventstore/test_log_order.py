@@ -252,7 +252,7 @@ class InterleavingMachine(RuleBasedStateMachine):
         try:
             if self.open:
                 self.run(asyncio.wait_for(self._finish(), 30))
-            self.run(self.store.wait_until_visible(self.run(self.store.head())))
+            self.run(self.store.wait_until_visible(self.run(self.store.last_committed())))
             self.the_reader_sees_each_stream_in_order_without_gaps()
             full = self.run(self.store.read_all(START, limit=10_000, category=self.category))
             assert [e.event_id for e in self.seen] == [e.event_id for e in full], "reading on differs from reading all"
