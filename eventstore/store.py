@@ -458,8 +458,9 @@ class EventStore:
             else:
                 row = await uow.connection.fetchrow(sql.APPEND_TAGGED, *_tagged_args(p, condition))
         except asyncpg.exceptions.DeadlockDetectedError:
+            if condition is None and not p.tagged:
+                raise
             # Only a unit of work that mixes appends can deadlock (each append takes its locks in order).
-            assert condition is not None or p.tagged
             raise AppendConditionFailed(
                 condition.query if condition else None, condition.after if condition else START,
                 "deadlock with a concurrent append: retry the unit of work",
