@@ -245,3 +245,24 @@ async def test_bad_conditions_are_refused_and_nothing_is_written(store: EventSto
         await store.read_query("k:1")  # type: ignore[arg-type]
     assert await store.stream_version(stream) == -1
     assert await store.read_query(query) == []
+
+
+async def test_units_of_work_that_lock_in_opposite_orders_fail_with_a_typed_error(store: EventStore) -> None:
+    """Each append takes its locks in order; two units of work of two appends each can still cross."""
+    a, b = Query.of(["Held"], ["lock:a"]), Query.of(["Held"], ["lock:b"])
+    first_done = [asyncio.Event(), asyncio.Event()]
+
+    async def unit(i: int, first: Query, second: Query) -> str:
+        try:
+            async with store.unit_of_work() as uow:
+                await uow.append(fresh(), [NewEvent("Other")], condition=(first, START))
+                first_done[i].set()
+                await first_done[1 - i].wait()
+                await uow.append(fresh(), [NewEvent("Other")], condition=(second, START))
+            return "committed"
+        except AppendConditionFailed as exc:
+            first_done[i].set()
+            return exc.reason
+
+    outcomes = await asyncio.wait_for(asyncio.gather(unit(0, a, b), unit(1, b, a)), 30)
+    assert sorted(outcomes) == ["committed", "deadlock with a concurrent append: retry the unit of work"]
