@@ -6,10 +6,10 @@ capacity, its subscriptions, the student's subscriptions, the pair), decides, an
 matching its query was appended since its read; a failed condition reads and decides again (a
 conflict). Eight writers run at once, as tasks of one process (threads for the peer) and as eight
 processes on either side: over 1,000 courses with students drawn from 100,000 (decisions that almost
-never overlap), then all on one course. Each figure is the median of 3 rounds after a warm-up round. The peer's PostgreSQL recorder takes
-`LOCK TABLE ... IN EXCLUSIVE MODE` in each conditional append; ours locks the (type, tag) pairs the
-decision involves. After each run the log is checked: no course over capacity, no student twice on a
-course, on both sides.
+never overlap), then all on one course. Each figure is the median of 3 rounds after a warm-up round.
+The peer's PostgreSQL recorder takes `LOCK TABLE ... IN EXCLUSIVE MODE` in each conditional append;
+ours locks the (type, tag) pairs the decision involves. After each round both logs are checked: no
+course over capacity, no student twice on a course.
 
     python -m benchmarks.dcb            # against an embedded server, or EVENTSTORE_DATABASE_URL
 """
