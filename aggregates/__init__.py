@@ -19,10 +19,12 @@
     accounts = Repository(store, Account)
     await accounts.execute("42", lambda a: a.deposit(10), retries=3)
 
-Given/when/then test helpers live in `aggregates.testing`.
+Decisions across streams (dynamic consistency boundaries) live in `aggregates.decisions`; given/when/then
+test helpers in `aggregates.testing`.
 """
 
 from aggregates.aggregate import Aggregate, applies
+from aggregates.decisions import Decide, DecisionProjection, Decisions, DecisionState
 from aggregates.errors import (
     AggregateError,
     AggregateNotFound,
@@ -44,6 +46,10 @@ __all__ = [
     "AggregateError",
     "AggregateNotFound",
     "Command",
+    "Decide",
+    "DecisionProjection",
+    "DecisionState",
+    "Decisions",
     "DomainEvent",
     "DuplicateEventType",
     "EventDecodeError",

@@ -1,6 +1,7 @@
 """Append-only PostgreSQL event store: streams, optimistic concurrency, a gap-safe global log."""
 
 from eventstore.errors import (
+    AppendConditionFailed,
     AppendRefused,
     DatabaseUnavailable,
     DuplicateEventId,
@@ -27,6 +28,7 @@ from eventstore.model import (
     category_of,
     expected_version,
 )
+from eventstore.query import MAX_TAG_LENGTH, Condition, Query, QueryItem
 from eventstore.retry import CONNECTION_ERRORS, Backoff, with_retries
 from eventstore.schema import metadata
 from eventstore.sql import NOTIFY_CHANNEL
@@ -35,13 +37,16 @@ from eventstore.subscription import Subscription
 
 __all__ = [
     "CONNECTION_ERRORS",
+    "MAX_TAG_LENGTH",
     "NOTIFY_CHANNEL",
     "START",
+    "AppendConditionFailed",
     "AppendHook",
     "AppendRefused",
     "AppendResult",
     "Backoff",
     "Checkpoint",
+    "Condition",
     "Connection",
     "DatabaseUnavailable",
     "Direction",
@@ -56,6 +61,8 @@ __all__ = [
     "MigrationFailed",
     "NewEvent",
     "NotStarted",
+    "Query",
+    "QueryItem",
     "RecordedEvent",
     "SchemaNotMigrated",
     "Snapshot",

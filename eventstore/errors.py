@@ -106,3 +106,24 @@ class DatabaseUnavailable(EventStoreError):
 
 class MigrationFailed(EventStoreError):
     """Applying the schema migrations failed (the database refused a statement or the connection)."""
+
+
+class AppendConditionFailed(EventStoreError):
+    """An event matching the condition's query was appended after its checkpoint; nothing was written.
+
+    The decision was made on a state that is no longer current: read again and decide again.
+    """
+
+    def __init__(
+        self,
+        query: Any,
+        after: Any,
+        reason: str = "an event matching the query was appended after it",
+        conflict: Any = None,
+    ) -> None:
+        super().__init__(f"append condition failed at checkpoint {tuple(after)}: {reason}")
+        self.query = query
+        self.after = after
+        self.reason = reason
+        self.conflict = conflict
+        """The checkpoint of a conflicting event, when one is known: a retry can wait until readers see it."""

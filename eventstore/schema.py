@@ -56,6 +56,8 @@ events = sa.Table(
     sa.CheckConstraint("stream_version >= 0", name="events_stream_version_positive"),
     sa.Index("events_log_idx", "log_xid", "position"),
     sa.Index("events_category_log_idx", "category", "log_xid", "position"),
+    # Queries by event type (decisions over a type with no tag, `read_all(types=...)`) read in log order.
+    sa.Index("events_type_log_idx", "event_type", "log_xid", "position"),
     # One entry per stream (its first event), for browsing streams newest first: by category a page
     # costs a page of index entries however many streams there are, by stream id prefix one entry per
     # matching stream (index only). Appends to existing streams never touch these indexes.
@@ -83,4 +85,29 @@ snapshots = sa.Table(
     sa.Column("data", JSONB, nullable=False),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.text("now()")),
     comment="Latest snapshot per stream; a snapshot is a cache, never the truth.",
+)
+
+event_tags = sa.Table(
+    "event_tags",
+    metadata,
+    sa.Column("tag", sa.Text, nullable=False),
+    sa.Column("log_xid", sa.BigInteger, nullable=False),
+    sa.Column("position", sa.BigInteger, nullable=False),
+    sa.Column("event_type", sa.Text, nullable=False),
+    sa.PrimaryKeyConstraint("tag", "log_xid", "position", name="event_tags_pkey"),
+    comment=(
+        "One row per tag of an event, in log order per tag: a page of a tag costs a page of index "
+        "entries, as a page of a category does (an array column with a GIN index cannot be read in order)."
+    ),
+)
+
+condition_locks = sa.Table(
+    "condition_locks",
+    metadata,
+    sa.Column("key", sa.BigInteger, primary_key=True),
+    sa.Column("log_xid", sa.BigInteger, nullable=False),
+    comment=(
+        "Per condition lock key, the log transaction id of the last conditional append that held it: a "
+        "transaction that wrote before taking its locks checks it was not overtaken in the log order."
+    ),
 )

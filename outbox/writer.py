@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Literal, get_args
 
 from eventstore import EventStore
+from eventstore.query import check_tag
 from outbox import sql
 from outbox.errors import InvalidRoute
 
@@ -44,7 +45,8 @@ def _array_literal(items: Sequence[str] | None) -> str:
 
 @dataclass(frozen=True, slots=True, init=False)
 class Route:
-    """Events of `types` (and/or `category`) go to `topic`, keyed by `key` (default: the stream id).
+    """Events of `types` (and/or `category`, and/or carrying `tag`) go to `topic`, keyed by `key` (default: the
+    stream id).
 
     `key` names a field of the event: `"data.customer_id"` or `"metadata.tenant"` (dots go deeper). The
     key decides the Kafka partition and the order guarantee: a key's messages are published in the
@@ -59,6 +61,7 @@ class Route:
     types: frozenset[str] | None
     category: str | None
     key: str | None
+    tag: str | None
     compatibility: Compatibility
 
     def __init__(
@@ -68,6 +71,7 @@ class Route:
         *,
         category: str | None = None,
         key: str | None = None,
+        tag: str | None = None,
         compatibility: Compatibility = "backward",
     ) -> None:
         if not isinstance(topic, str) or not _TOPIC.match(topic) or topic in (".", ".."):
@@ -89,6 +93,7 @@ class Route:
         object.__setattr__(self, "types", chosen)
         object.__setattr__(self, "category", category)
         object.__setattr__(self, "key", key)
+        object.__setattr__(self, "tag", None if tag is None else check_tag(tag, InvalidRoute))
         object.__setattr__(self, "compatibility", compatibility)
 
     @property
@@ -112,13 +117,14 @@ class Outbox:
         self.routes = tuple(routes)
         self.source = source
 
-    def _rows(self) -> list[tuple[int, str, str, str | None, str, str]]:
+    def _rows(self) -> list[tuple[int, str, str, str | None, str | None, str, str]]:
         return [
             (
                 number,
                 route.topic,
                 _array_literal(None if route.types is None else sorted(route.types)),
                 route.category,
+                route.tag,
                 _array_literal(route.key_path),
                 self.source,
             )
@@ -133,7 +139,7 @@ class Outbox:
             async with store.pool.acquire() as conn, conn.transaction():
                 await conn.execute(sql.LOCK_ROUTES)
                 current = [
-                    (r["route"], r["topic"], _array_literal(r["event_types"]), r["category"],
+                    (r["route"], r["topic"], _array_literal(r["event_types"]), r["category"], r["tag"],
                      _array_literal(r["key_path"]), r["source"])
                     for r in await conn.fetch(sql.ROUTES)
                 ]

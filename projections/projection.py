@@ -38,7 +38,7 @@ _MARK = "__projection_handles__"
 
 
 FRAMEWORK_TABLES = frozenset({
-    "events", "streams", "snapshots",
+    "events", "streams", "snapshots", "event_tags", "condition_locks",
     "projection_checkpoints", "projection_rebuilds",
     "outbox", "outbox_routes", "outbox_slots", "outbox_relays", "inbox",
     "alembic_version",
@@ -95,13 +95,15 @@ class Projection:
 
     `version` says which declaration built the stored tables: change it (or the table names) and the
     stored read model must be rebuilt before the projection runs again. `inline=True` projections are
-    updated inside every append's transaction instead of by a runner.
+    updated inside every append's transaction instead of by a runner. With `tags`, only events that carry
+    all of them reach the handlers (a read model of one tenant, one course); change the version with them.
     """
 
     name: str = ""
     version: int = 1
     tables: TableDeclaration = ()
     inline: bool = False
+    tags: Sequence[str] = ()
 
     def __init__(
         self,
@@ -110,6 +112,7 @@ class Projection:
         version: int | None = None,
         tables: TableDeclaration | None = None,
         inline: bool | None = None,
+        tags: Sequence[str] | None = None,
         handlers: Mapping[str, EventHandler] | None = None,
         batch_handlers: Mapping[str, BatchHandler] | None = None,
     ) -> None:
@@ -121,6 +124,8 @@ class Projection:
             self.tables = tables
         if inline is not None:
             self.inline = inline
+        if tags is not None:
+            self.tags = tags
         self._handlers: dict[str, _Handler] = {}
         # By method name, so a subclass's override (marked again or not) replaces the inherited handler.
         marks: dict[str, tuple[tuple[str, ...], bool]] = {}
@@ -161,26 +166,36 @@ class Projection:
             raise InvalidProjection(f"projection {self.name!r}: version must be an int >= 1, got {self.version!r}")
         if not self._handlers:
             raise InvalidProjection(f"projection {self.name!r} handles no event types")
+        if isinstance(self.tags, str) or not all(isinstance(t, str) and t for t in self.tags):
+            raise InvalidProjection(f"projection {self.name!r}: tags must be a collection of non-empty strings")
 
     def handles(self, event_type: str) -> bool:
         return event_type in self._handlers
 
     async def apply(self, connection: Connection, events: Sequence[RecordedEvent]) -> None:
-        """Run the handlers over `events` in order; events of other types are skipped.
+        """Run the handlers over `events` in order; events of other types (or without the tags) are skipped.
 
         Consecutive events that go to the same batch handler reach it in one call.
         """
         handlers = self._handlers
+        tags = frozenset(self.tags)
+
+        def target(event: RecordedEvent) -> _Handler | None:
+            handler = handlers.get(event.event_type)
+            if handler is None or (tags and not tags.issubset(event.tags)):
+                return None
+            return handler
+
         i, n = 0, len(events)
         while i < n:
             event = events[i]
-            handler = handlers.get(event.event_type)
+            handler = target(event)
             if handler is None:
                 i += 1
                 continue
             j = i + 1
             if handler.batch:
-                while j < n and handlers.get(events[j].event_type) is handler:
+                while j < n and target(events[j]) is handler:
                     j += 1
             try:
                 await handler.call(connection, list(events[i:j]) if handler.batch else event)
