@@ -22,6 +22,8 @@ CONTENT_TYPE_HEADER = "content-type"
 CORRELATION_ID = "correlationid"
 CAUSATION_ID = "causationid"
 STREAM_VERSION = "streamversion"
+PARTITION_KEY = "partitionkey"
+"""The CloudEvents partitioning extension: the outbox key, where the broker has no key of its own."""
 
 KAFKA_PREFIX = "ce_"
 NATS_PREFIX = "ce-"
@@ -35,7 +37,7 @@ Headers = list[tuple[str, bytes]]
 
 @dataclass(frozen=True, slots=True)
 class CloudEvent:
-    """A CloudEvent read back from a Kafka message."""
+    """A CloudEvent read back from a broker's message."""
 
     id: str
     type: str
@@ -54,6 +56,11 @@ class CloudEvent:
     @property
     def causation_id(self) -> str | None:
         return self.extensions.get(CAUSATION_ID)
+
+    @property
+    def partition_key(self) -> str | None:
+        """The outbox key, on brokers without keys (NATS, RabbitMQ); on Kafka it is the record's key."""
+        return self.extensions.get(PARTITION_KEY)
 
     def json(self) -> Any:
         return orjson.loads(self.data)
@@ -138,9 +145,11 @@ def from_kafka(headers: Iterable[tuple[str, bytes]], value: bytes | None) -> Clo
     return from_attributes(found, KAFKA_PREFIX, value, found.get(CONTENT_TYPE_HEADER))
 
 
-def nats_headers(**values: Any) -> dict[str, str]:
-    """`kafka_headers` for the NATS binding: `ce-` headers and a content type (`Nats-Msg-Id` is the relay's)."""
+def nats_headers(key: str | None = None, **values: Any) -> dict[str, str]:
+    """`kafka_headers` for the NATS binding: `ce-` headers, a content type, `ce-partitionkey` = the key."""
     headers = {NATS_PREFIX + name: value for name, value in attributes(**values)}
+    if key is not None:
+        headers[NATS_PREFIX + PARTITION_KEY] = key
     headers[CONTENT_TYPE_HEADER] = CONTENT_TYPE
     return headers
 
@@ -152,9 +161,12 @@ def from_nats(msg: Any) -> CloudEvent:
     return from_attributes(headers, NATS_PREFIX, msg.data, lowered.get(CONTENT_TYPE_HEADER))
 
 
-def amqp_headers(**values: Any) -> dict[str, str]:
-    """`kafka_headers` for the AMQP binding: `cloudEvents_` application headers (the content type is a property)."""
-    return {AMQP_PREFIX + name: value for name, value in attributes(**values)}
+def amqp_headers(key: str | None = None, **values: Any) -> dict[str, str]:
+    """`kafka_headers` for the AMQP binding: `cloudEvents_` headers (the content type is a property)."""
+    headers = {AMQP_PREFIX + name: value for name, value in attributes(**values)}
+    if key is not None:
+        headers[AMQP_PREFIX + PARTITION_KEY] = key
+    return headers
 
 
 def from_amqp(message: Any) -> CloudEvent:

@@ -68,7 +68,7 @@ class NatsPublisher:
         subject = self.settings.subject(topic)
 
         async def send(message: OutboxMessage) -> None:
-            headers = nats_headers(**message.attribute_values())
+            headers = nats_headers(message.key, **message.attribute_values())
             headers[MSG_ID] = f"{message.event_id}:{topic}"
             await js.publish(subject, message.data.encode(), timeout=self._timeout, headers=headers)
 

@@ -68,7 +68,7 @@ class RabbitMQPublisher:
         async def send(message: OutboxMessage) -> None:
             body = aio_pika.Message(
                 message.data.encode(),
-                headers=dict(amqp_headers(**message.attribute_values())),
+                headers=dict(amqp_headers(message.key, **message.attribute_values())),
                 content_type=CONTENT_TYPE,
                 message_id=message.event_id,
                 type=message.event_type,
