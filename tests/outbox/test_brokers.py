@@ -235,3 +235,30 @@ async def test_rabbitmq_connection_cut_mid_stream_loses_nothing_and_keeps_order(
     events = await rabbit_reader.read(len(appended), timeout=30)
     assert relay.stats.broker_errors >= 2
     _assert_complete_and_in_order(events, appended)
+
+
+async def test_the_relay_command_publishes_to_nats_and_rabbitmq(
+    store: EventStore, database_url: str, nats_reader: NatsReader, rabbit_reader: RabbitReader
+) -> None:
+    from tests.outbox.test_relay_processes import RelayProcess
+
+    await nats_reader.create(["orders"])
+    await rabbit_reader.create(["orders"])
+    await Outbox([Route("orders", category="order")], source="/tests").declare(store)
+    written = await _append_interleaved(store, streams=4, versions=3)
+    for relay_id, options in (
+        ("to-nats", ["--broker", nats_reader.url, "--subject-prefix", nats_reader.settings.subject_prefix]),
+        ("to-rabbitmq", ["--broker", rabbit_reader.url, "--exchange", rabbit_reader.name]),
+    ):
+        await store.pool.execute("UPDATE outbox SET published_at = NULL, published_by = NULL")
+        relay = RelayProcess(database_url, "unused:9092", relay_id, *options)
+        try:
+            await _wait_none_pending(store)
+            assert relay.terminate() == 0, relay.output()
+            assert "publishing to " + ("NATS" if relay_id == "to-nats" else "RabbitMQ") in relay.output()
+        finally:
+            relay.close()
+    for reader in (nats_reader, rabbit_reader):
+        events = await reader.read(12)
+        assert {e.id for e in events} == set(written)
+        assert versions_by_subject(events) == {f"order-{s}": list(range(3)) for s in range(4)}
