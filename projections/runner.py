@@ -41,8 +41,10 @@ from projections.generations import (
     ensure,
     lease_key,
     mismatch,
+    partition_name,
     raise_if_disconnected,
     read_batch,
+    read_partition,
     runner_identity,
     session_paths,
     use_generation,
@@ -99,7 +101,7 @@ class ProjectionRunner:
         self.poll_interval = poll_interval
         self.lease_interval = lease_interval
         self.identity = runner_identity(label)
-        self._workers = [_Worker(self, p) for p in self.projections]
+        self._workers = [w for p in self.projections for w in _workers_of(self, p)]
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
 
@@ -140,7 +142,7 @@ class ProjectionRunner:
     @property
     def owned(self) -> list[str]:
         """Names of the projections this runner holds the lease of now."""
-        return [w.projection.name for w in self._workers if w.owned]
+        return [w.label for w in self._workers if w.owned]
 
     async def wait_caught_up(self, until: Checkpoint | None = None, interval: float = 0.02) -> None:
         """Wait until every projection has processed the log up to `until` (default: the head now).
@@ -157,7 +159,7 @@ class ProjectionRunner:
         while True:
             rows = await self.store.pool.fetch(sql.CHECKPOINTS, names)
             for row in rows:
-                reason = mismatch(declared[row["name"]], row["mode"], row["version"], row["tables"])
+                reason = mismatch(declared[row["name"]], row["mode"], row["version"], row["tables"], row["partitions"])
                 if reason is not None:
                     raise ProjectionNeedsRebuild(row["name"], reason)
             failed = [r for r in rows if r["status"] == "failed"]
@@ -187,6 +189,7 @@ class _Worker:
     def __init__(self, runner: ProjectionRunner, projection: Projection) -> None:
         self.runner = runner
         self.projection = projection
+        self.label = projection.name
         self.key = lease_key("run", projection.name)
         self.owned = False
         self.wakeup = asyncio.Event()
@@ -319,3 +322,59 @@ class _Worker:
             sql.FAIL, self.projection.name, self._generation, describe(failure.error),
             event.event_id, event.event_type, event.log_xid, event.position,
         )
+
+
+def _workers_of(runner: ProjectionRunner, projection: Projection) -> list[_Worker]:
+    if projection.partitions == 1:
+        return [_Worker(runner, projection)]
+    return [_PartitionWorker(runner, projection, p) for p in range(projection.partitions)]
+
+
+class _PartitionWorker(_Worker):
+    """One partition of a partitioned projection: leased, checkpointed and run like a projection of its own.
+
+    Its batches lock its own checkpoint row and share the projection's row, so the partitions run side
+    by side while a swap (a rebuild going live, a reset) waits for their batches in flight.
+    """
+
+    def __init__(self, runner: ProjectionRunner, projection: Projection, partition: int) -> None:
+        super().__init__(runner, projection)
+        self.partition = partition
+        self.label = partition_name(projection.name, partition)
+        self.key = lease_key("run", self.label)
+
+    async def _step(self, conn: Connection, limit: int) -> tuple[_Outcome, int]:
+        projection = self.projection
+        async with conn.transaction():
+            shared = await conn.fetchrow(sql.SHARE_CHECKPOINT, projection.name)
+            if shared is None:
+                raise ProjectionError(f"projection {projection.name!r} has no checkpoint row")
+            state = StoredCheckpoint.of(shared)
+            if state.status == "failed":
+                return _Outcome.FAILED, 0
+            row = await conn.fetchrow(sql.LOCK_PARTITION, projection.name, self.partition)
+            reason = state.mismatch(projection)
+            if reason is not None or row is None:
+                reason = reason or f"partition {self.partition} has no checkpoint row"
+                if reason != self._mismatch:
+                    log.warning("projection %s needs a rebuild (%s); leaving it", self.label, reason)
+                self._mismatch = reason
+                return _Outcome.MISMATCH, 0
+            self._mismatch = None
+            self._generation = state.generation
+            await use_generation(conn, projection.name, state.generation, self._search_path)
+            after = Checkpoint(row["log_xid"], row["position"])
+            events, end = await read_partition(conn, projection, self.partition, after, limit)
+            try:
+                await projection.apply(conn, events)
+            except HandlerFailed as failure:
+                raise_if_disconnected(failure, conn)
+                raise
+            if end != after or row["runner"] != self.runner.identity:
+                await conn.execute(
+                    sql.ADVANCE_PARTITION, projection.name, self.partition, end[0], end[1], self.runner.identity
+                )
+            if len(events) == limit:
+                return _Outcome.MORE, len(events)
+            held = await conn.fetchval(sql.HELD_BACK)
+        return (_Outcome.HELD if held else _Outcome.IDLE), len(events)
