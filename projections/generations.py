@@ -236,7 +236,8 @@ async def go_live(
         sql.SWAP, name, generation, projection.version, mode_of(projection), tables, checkpoint[0], checkpoint[1],
         projection.partitions,
     )
-    await conn.execute(sql.RESET_PARTITIONS, name, projection.partitions, checkpoint[0], checkpoint[1])
+    await conn.execute(sql.DELETE_PARTITIONS, name)
+    await conn.execute(sql.INSERT_PARTITIONS, name, projection.partitions, checkpoint[0], checkpoint[1])
 
 
 async def guard(conn: Connection, name: str, projection: Projection | None) -> None:
@@ -280,7 +281,7 @@ async def ensure(conn: Connection, projection: Projection, search_path: str, vie
         if created is not None:
             await create_generation(conn, projection, 1, search_path)
             await publish(conn, view_schema, projection.name, 1, tables, [])
-            await conn.execute(sql.RESET_PARTITIONS, projection.name, projection.partitions, *START)
+            await conn.execute(sql.INSERT_PARTITIONS, projection.name, projection.partitions, *START)
             if projection.inline:
                 await use_generation(conn, projection.name, 1, search_path)
                 end, _ = await apply_committed(conn, projection, START, 1000)

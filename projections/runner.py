@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import hashlib
 import logging
+import math
 import time
 from collections.abc import Iterable
 
@@ -62,6 +64,7 @@ class _Outcome(enum.Enum):
     HELD = "held"  # caught up with what the log shows, but committed events are held back: look again soon
     FAILED = "failed"  # stopped at a failed event until resumed or rebuilt
     MISMATCH = "mismatch"  # the stored tables belong to another declaration: leave it to another runner
+    YIELD = "yield"  # more than a fair share of a projection's partitions: hand this one to another runner
 
 
 class ProjectionRunner:
@@ -263,7 +266,7 @@ class _Worker:
                         await self._fail(conn, failure)
                     continue
                 batches.applied(count)
-                if outcome is _Outcome.MISMATCH:
+                if outcome in (_Outcome.MISMATCH, _Outcome.YIELD):
                     return
                 if outcome is _Outcome.HELD:
                     await self._pause(held.failed())
@@ -334,7 +337,10 @@ class _PartitionWorker(_Worker):
     """One partition of a partitioned projection: leased, checkpointed and run like a projection of its own.
 
     Its batches lock its own checkpoint row and share the projection's row, so the partitions run side
-    by side while a swap (a rebuild going live, a reset) waits for their batches in flight.
+    by side while a swap (a rebuild going live, a reset) waits for their batches in flight. Runners
+    share the partitions fairly: each session is named after its runner, so a runner sees how many
+    runners compete for the projection, takes no more than ceil(partitions / runners) of them, and
+    hands back what it holds beyond that (checked every `lease_interval`).
     """
 
     def __init__(self, runner: ProjectionRunner, projection: Projection, partition: int) -> None:
@@ -342,8 +348,49 @@ class _PartitionWorker(_Worker):
         self.partition = partition
         self.label = partition_name(projection.name, partition)
         self.key = lease_key("run", self.label)
+        tag = hashlib.blake2b(f"{runner.identity}:{id(runner)}".encode(), digest_size=4).hexdigest()
+        self._session_name = f"{sql.PARTITION_RUNNER_PREFIX}{tag} {projection.name}"
+        self._next_share_check = 0.0
+
+    def _held_by_runner(self) -> int:
+        return sum(
+            1 for w in self.runner._workers
+            if isinstance(w, _PartitionWorker) and w.projection is self.projection and w.owned
+        )
+
+    async def _fair_share(self, conn: Connection) -> int:
+        runners = int(await conn.fetchval(sql.PARTITION_RUNNERS, self.projection.name) or 1)
+        return math.ceil(self.projection.partitions / max(runners, 1))
+
+    async def _session(self) -> None:
+        conn = await connect(self.runner.store, f"projection {self.label}")
+        try:
+            await conn.execute(sql.NAME_PARTITION_SESSION, self._session_name)
+            self._search_path, view_schema = await session_paths(conn)
+            await ensure(conn, self.projection, self._search_path, view_schema)
+            while not self.runner._stopping:
+                if self._held_by_runner() < await self._fair_share(conn) and await conn.fetchval(
+                    sql.TRY_LOCK, self.key
+                ):
+                    self.owned = True
+                    try:
+                        await self._own(conn)
+                    finally:
+                        self.owned = False
+                        if not conn.is_closed():
+                            await conn.fetchval(sql.UNLOCK, self.key)
+                self.wakeup.clear()
+                await self._pause(self.runner.lease_interval)
+        finally:
+            await disconnect(self.runner.store, conn)
 
     async def _step(self, conn: Connection, limit: int) -> tuple[_Outcome, int]:
+        now = time.monotonic()
+        if now >= self._next_share_check:
+            self._next_share_check = now + self.runner.lease_interval
+            if self._held_by_runner() > await self._fair_share(conn):
+                log.info("projection %s: handed to another runner (fair share)", self.label)
+                return _Outcome.YIELD, 0
         projection = self.projection
         async with conn.transaction():
             shared = await conn.fetchrow(sql.SHARE_CHECKPOINT, projection.name)

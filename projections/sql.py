@@ -172,8 +172,9 @@ LIMIT $3
 """`READ_LOG` for partition $6 of $5: events whose key ($7 'data'/'metadata' and path $8, else the stream id)
 hashes there, by PostgreSQL's own hash (hash partitioning relies on it staying stable)."""
 
-RESET_PARTITIONS = """
-WITH gone AS (DELETE FROM projection_partitions WHERE name = $1)
+DELETE_PARTITIONS = "DELETE FROM projection_partitions WHERE name = $1"
+
+INSERT_PARTITIONS = """
 INSERT INTO projection_partitions (name, partition, log_xid, position)
 SELECT $1, p, $3, $4 FROM generate_series(0, $2 - 1) AS p WHERE $2 > 1
 """
@@ -191,6 +192,18 @@ ADVANCE_PARTITION = """
 UPDATE projection_partitions SET log_xid = $3, position = $4, runner = $5, updated_at = now()
 WHERE name = $1 AND partition = $2
 """
+
+PARTITION_RUNNER_PREFIX = "eventstore partitions "
+
+NAME_PARTITION_SESSION = "SELECT set_config('application_name', $1, false)"
+"""A partition worker's session says whose it is: `PARTITION_RUNNER_PREFIX` + runner tag + ' ' + projection."""
+
+PARTITION_RUNNERS = f"""
+SELECT count(DISTINCT split_part(application_name, ' ', 3)) FROM pg_stat_activity
+WHERE datname = current_database() AND application_name LIKE '{PARTITION_RUNNER_PREFIX}%'
+  AND split_part(application_name, ' ', 4) = $1
+"""
+"""How many runners have partition workers of projection $1 connected: they share its partitions."""
 
 _FLOOR = """
 LEFT JOIN LATERAL (
