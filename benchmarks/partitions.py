@@ -7,7 +7,8 @@ service would, then writes one row per event. Replay: the log is written first, 
 together and the clock runs until every partition's checkpoint has reached the head. Live: the
 workers are caught up and idle, another batch of the same size commits in one transaction, and the
 clock runs from its commit until the projection has caught up (notified, not polling). `--io-ms 0`
-shows where PostgreSQL (and this machine's two cores) become the limit. Ratios are against 1 process, in the same run; the median of the rounds.
+shows where PostgreSQL (and this machine's two cores) become the limit. Ratios are against 1 process,
+in the same run; the median of the rounds.
 """
 
 from __future__ import annotations
