@@ -33,6 +33,7 @@ from projections.generations import (
     guard,
     hold_for_swap,
     lease_key,
+    lease_names,
     mismatch,
     mode_of,
     schema_for,
@@ -140,8 +141,10 @@ class ProjectionAdmin:
         name = row["name"]
         projection = self._by_name.get(name)
         checkpoint = Checkpoint(row["log_xid"], row["position"])
-        active = lease_key("run", name) in held
-        needs = None if projection is None else mismatch(projection, row["mode"], row["version"], row["tables"])
+        active = any(lease_key("run", key) in held for key in lease_names(name, row["partitions"]))
+        needs = None if projection is None else mismatch(
+            projection, row["mode"], row["version"], row["tables"], row["partitions"]
+        )
         inline = row["mode"] == "inline"
         lag = 0 if inline else await self.store.count_after(checkpoint)
         if row["status"] == "failed":
