@@ -34,7 +34,7 @@ from aggregates.errors import (
     SnapshotError,
     UnknownEventType,
 )
-from aggregates.events import SCHEMA_VERSION_KEY, DomainEvent, EventRegistry, Upcaster
+from aggregates.events import SCHEMA_VERSION_KEY, DomainEvent, EventRegistry, PersonalData, Upcaster
 from aggregates.repository import Command, Repository
 
 __all__ = [
@@ -50,6 +50,7 @@ __all__ = [
     "InvalidAggregateId",
     "MissingHandler",
     "MissingUpcaster",
+    "PersonalData",
     "Repository",
     "SnapshotError",
     "UnknownEventType",

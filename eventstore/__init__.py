@@ -9,10 +9,15 @@ from eventstore.errors import (
     EventTooLarge,
     InvalidAppend,
     InvalidArgument,
+    MasterKeyMismatch,
     MigrationFailed,
+    NoKeyProvider,
     NotStarted,
+    PersonalDataCorrupt,
     SchemaNotMigrated,
     StreamNotFound,
+    SubjectForgotten,
+    UnknownSubject,
     WrongExpectedVersion,
 )
 from eventstore.model import (
@@ -27,16 +32,31 @@ from eventstore.model import (
     category_of,
     expected_version,
 )
+from eventstore.personal import MASTER_KEY_ENV, REDACTED, KeyProvider, Keyring, MasterKey
 from eventstore.retry import CONNECTION_ERRORS, Backoff, with_retries
 from eventstore.schema import metadata
 from eventstore.sql import NOTIFY_CHANNEL
-from eventstore.store import AppendHook, Connection, EventStore, Snapshot, UnitOfWork, asyncpg_dsn, has_non_finite
+from eventstore.store import (
+    SUBJECT_FORGOTTEN,
+    AppendHook,
+    Connection,
+    Erasure,
+    EventStore,
+    Snapshot,
+    UnitOfWork,
+    asyncpg_dsn,
+    erasure_stream,
+    has_non_finite,
+)
 from eventstore.subscription import Subscription
 
 __all__ = [
     "CONNECTION_ERRORS",
+    "MASTER_KEY_ENV",
     "NOTIFY_CHANNEL",
+    "REDACTED",
     "START",
+    "SUBJECT_FORGOTTEN",
     "AppendHook",
     "AppendRefused",
     "AppendResult",
@@ -46,6 +66,7 @@ __all__ = [
     "DatabaseUnavailable",
     "Direction",
     "DuplicateEventId",
+    "Erasure",
     "EventSerializationError",
     "EventStore",
     "EventStoreError",
@@ -53,19 +74,28 @@ __all__ = [
     "ExpectedVersion",
     "InvalidAppend",
     "InvalidArgument",
+    "KeyProvider",
+    "Keyring",
+    "MasterKey",
+    "MasterKeyMismatch",
     "MigrationFailed",
     "NewEvent",
+    "NoKeyProvider",
     "NotStarted",
+    "PersonalDataCorrupt",
     "RecordedEvent",
     "SchemaNotMigrated",
     "Snapshot",
     "StreamNotFound",
     "StreamState",
+    "SubjectForgotten",
     "Subscription",
     "UnitOfWork",
+    "UnknownSubject",
     "WrongExpectedVersion",
     "asyncpg_dsn",
     "category_of",
+    "erasure_stream",
     "expected_version",
     "has_non_finite",
     "metadata",

@@ -106,3 +106,48 @@ class DatabaseUnavailable(EventStoreError):
 
 class MigrationFailed(EventStoreError):
     """Applying the schema migrations failed (the database refused a statement or the connection)."""
+
+
+class UnknownSubject(InvalidArgument):
+    """No personal data was ever stored for this subject (nothing to forget); nothing was done."""
+
+    def __init__(self, subject: str) -> None:
+        super().__init__(f"no personal data is stored for subject {subject!r}")
+        self.subject = subject
+
+
+class SubjectForgotten(InvalidAppend):
+    """The subject was forgotten: new personal data of it cannot be stored (its key is gone for good)."""
+
+    def __init__(self, subject: str) -> None:
+        super().__init__(f"subject {subject!r} was forgotten: its personal data can no longer be stored")
+        self.subject = subject
+
+
+class NoKeyProvider(InvalidAppend):
+    """An append carries personal data, but the store was started without a master key (`keys=`)."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "the events carry personal data but the store has no key provider: pass keys=MasterKey(...) "
+            "or set EVENTSTORE_MASTER_KEY"
+        )
+
+
+class MasterKeyMismatch(EventStoreError):
+    """The master key given is not the one that wrapped the stored data keys; nothing was read or written."""
+
+    def __init__(self, given: str, stored: str | None) -> None:
+        where = f"the stored keys were wrapped by {stored}" if stored else "it does not open the stored keys"
+        super().__init__(f"master key {given} does not match: {where}")
+        self.given = given
+        self.stored = stored
+
+
+class PersonalDataCorrupt(EventStoreError):
+    """A sealed field does not open with its subject's key: the stored ciphertext was altered."""
+
+    def __init__(self, event_id: str, field: str) -> None:
+        super().__init__(f"event {event_id}: personal field {field!r} does not decrypt (altered ciphertext?)")
+        self.event_id = event_id
+        self.field = field

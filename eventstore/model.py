@@ -68,7 +68,8 @@ class NewEvent:
 
     Pass `orjson.Fragment(json_bytes)` as `data` to store JSON that is already serialized. Default
     event ids are UUIDv7: time-ordered, so the unique index on event ids grows at its right edge
-    instead of touching random pages.
+    instead of touching random pages. `personal_data` maps top-level fields of `data` to the subject
+    whose personal data they are: those fields are stored encrypted (see `eventstore.personal`).
     """
 
     type: str
@@ -77,6 +78,7 @@ class NewEvent:
     event_id: UUID = field(default_factory=uuid7)
     correlation_id: UUID | str | None = None
     causation_id: UUID | str | None = None
+    personal_data: Mapping[str, str] | None = None
 
     def metadata_with_ids(self) -> dict[str, Any]:
         meta = dict(self.metadata) if self.metadata else {}

@@ -70,6 +70,14 @@ events = sa.Table(
         postgresql_include=["position"],
         postgresql_where=sa.text("stream_version = 0"),
     ),
+    # The streams holding a subject's sealed fields (what forgetting it must clear from snapshots): only
+    # events with personal data have an entry, so the log at large pays nothing for it.
+    sa.Index(
+        "events_personal_subjects_idx",
+        sa.text("((metadata -> 'personal_data'::text) -> 'subjects'::text)"),
+        postgresql_using="gin",
+        postgresql_where=sa.text("metadata ? 'personal_data'::text"),
+    ),
     comment="Append-only log of every event; UPDATE, DELETE and TRUNCATE are rejected by triggers.",
 )
 
@@ -83,4 +91,19 @@ snapshots = sa.Table(
     sa.Column("data", JSONB, nullable=False),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.text("now()")),
     comment="Latest snapshot per stream; a snapshot is a cache, never the truth.",
+)
+
+subject_keys = sa.Table(
+    "subject_keys",
+    metadata,
+    sa.Column("subject", sa.Text, primary_key=True),
+    sa.Column("key_id", sa.Text, nullable=True),
+    sa.Column("wrapped_key", sa.LargeBinary, nullable=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.text("now()")),
+    sa.Column("forgotten_at", sa.DateTime(timezone=True), nullable=True),
+    sa.CheckConstraint("(wrapped_key IS NULL) = (forgotten_at IS NOT NULL)", name="subject_keys_forgotten"),
+    comment=(
+        "One data key per subject of personal data, wrapped by the master key (key_id names it); "
+        "forgetting a subject deletes its key, which leaves its sealed fields unreadable for good."
+    ),
 )

@@ -371,3 +371,39 @@ LOAD_SNAPSHOT = """
 SELECT stream_id, snapshot_type, schema_version, stream_version, data, created_at
 FROM snapshots WHERE stream_id = $1
 """
+
+# -- personal data (crypto-shredding, `eventstore.personal`) -------------------------------------------
+
+SUBJECT_KEYS = """
+SELECT subject, key_id, wrapped_key FROM subject_keys WHERE subject = ANY($1::text[])
+"""
+"""($1 subjects): their wrapped data keys; wrapped_key is NULL once a subject is forgotten."""
+
+SUBJECT_KEY_SAMPLE = """
+SELECT subject, key_id, wrapped_key FROM subject_keys
+WHERE wrapped_key IS NOT NULL
+ORDER BY key_id = $1, subject
+LIMIT 1
+"""
+"""One stored key, one wrapped by another master key than $1 first: what a starting store checks."""
+
+CREATE_SUBJECT_KEYS = """
+INSERT INTO subject_keys (subject, key_id, wrapped_key)
+SELECT s.subject, $2, s.wrapped_key FROM unnest($1::text[], $3::bytea[]) AS s(subject, wrapped_key)
+ON CONFLICT (subject) DO NOTHING
+"""
+
+LOCK_SUBJECT = "SELECT forgotten_at FROM subject_keys WHERE subject = $1 FOR UPDATE"
+
+FORGET_SUBJECT = """
+UPDATE subject_keys SET wrapped_key = NULL, key_id = NULL, forgotten_at = coalesce(forgotten_at, now())
+WHERE subject = $1
+"""
+
+# Snapshots cache aggregate states in plaintext: those of streams holding a forgotten subject's data go
+# (the next load replays the events, now redacted). The partial index on the subjects makes it cheap.
+DROP_SUBJECT_SNAPSHOTS = """
+DELETE FROM snapshots WHERE stream_id IN (
+    SELECT DISTINCT stream_id FROM events
+    WHERE metadata ? 'personal_data' AND metadata -> 'personal_data' -> 'subjects' ? $1)
+"""

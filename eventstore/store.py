@@ -28,6 +28,7 @@ from eventstore.errors import (
     InvalidArgument,
     NotStarted,
     SchemaNotMigrated,
+    UnknownSubject,
     WrongExpectedVersion,
 )
 from eventstore.model import (
@@ -39,6 +40,15 @@ from eventstore.model import (
     NewEvent,
     RecordedEvent,
     StreamState,
+)
+from eventstore.personal import (
+    PERSONAL_DATA,
+    KeyProvider,
+    Keyring,
+    check_personal_data,
+    check_subject,
+    has_personal_data,
+    marker,
 )
 from eventstore.retry import Backoff, with_retries
 from eventstore.schema import MAX_EVENT_TYPE_LENGTH, MAX_STREAM_ID_LENGTH
@@ -86,6 +96,26 @@ class _Prepared:
     types: list[str]
     data: list[str]
     metadata: list[str]
+    personal: list[dict[str, str] | None] | None = None  # per event: its personal fields and their subjects
+    plain: list[str] | None = None  # the data as given, once `data` holds the sealed text
+
+
+SUBJECT_FORGOTTEN = "$SubjectForgotten"
+"""The event `EventStore.forget` records (data: {"subject": ...}): handle it to scrub read models."""
+
+
+def erasure_stream(subject: str) -> str:
+    """The stream recording that a subject was forgotten."""
+    return f"$personal-{subject}"
+
+
+@dataclass(frozen=True, slots=True)
+class Erasure:
+    """What `forget` did: whether the key was deleted now (not before) and how many snapshots went."""
+
+    subject: str
+    forgotten_now: bool
+    snapshots_dropped: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,6 +228,7 @@ def prepare_append(
     types: list[str] = []
     data: list[str] = []
     metadata: list[str] = []
+    personal: list[dict[str, str] | None] = []
     for event in events:
         if not isinstance(event, NewEvent):
             raise InvalidAppend(f"events must be NewEvent instances, got {type(event).__name__}")
@@ -205,7 +236,12 @@ def prepare_append(
         if not isinstance(event.event_id, UUID):
             raise InvalidAppend(f"event id must be a UUID, got {event.event_id!r}")
         body = _dump(event.type, event.data)
-        meta = _dump(event.type, event.metadata_with_ids())
+        fields = check_personal_data(event.personal_data)
+        personal.append(fields)
+        meta_dict = event.metadata_with_ids()
+        if fields is not None:
+            meta_dict[PERSONAL_DATA] = marker(fields)
+        meta = _dump(event.type, meta_dict)
         size = len(body) + len(meta)
         if size > max_event_size:
             raise EventTooLarge(event.type, size, max_event_size)
@@ -215,7 +251,8 @@ def prepare_append(
         metadata.append(meta.decode())
     if len(set(ids)) != len(ids):
         raise InvalidAppend("event ids must be unique within one append")
-    return _Prepared(stream_id, expected, ids, types, data, metadata)
+    has_personal = any(p is not None for p in personal)
+    return _Prepared(stream_id, expected, ids, types, data, metadata, personal if has_personal else None)
 
 
 class _ConcurrentDuplicate(DuplicateEventId):
@@ -241,6 +278,7 @@ class UnitOfWork:
         expected_version: ExpectedVersion = StreamState.ANY,
     ) -> AppendResult:
         prepared = prepare_append(stream_id, events, expected_version, self._store.max_event_size)
+        prepared = await self._store._seal(self.connection, prepared)
         result = await self._store._append_prepared(self, prepared, expected_version)
         self.results.append(result)
         return result
@@ -251,7 +289,7 @@ class UnitOfWork:
         rows = await self.connection.fetch(
             sql.READ_STREAM_FORWARDS, stream_id, from_version, limit if limit is not None else _MAX_VERSION
         )
-        return [_record(r) for r in rows]
+        return await self._store.reveal([_record(r) for r in rows], self.connection)
 
     async def save_snapshot(
         self, stream_id: str, snapshot_type: str, schema_version: str, stream_version: int, data: str
@@ -284,6 +322,7 @@ class EventStore:
         connect_timeout: float | None = None,
         notify: bool = True,
         check_schema: bool = True,
+        keys: KeyProvider | None = None,
     ) -> None:
         if url is None and pool is None:
             raise InvalidArgument("EventStore needs a database url or an asyncpg pool")
@@ -297,6 +336,8 @@ class EventStore:
         self.connect_timeout = retry_for if connect_timeout is None else connect_timeout
         self._notify = notify
         self._check_schema = check_schema
+        self.keyring = Keyring(keys)
+        """Seals personal data on append and opens it on read (`eventstore.personal`)."""
         self._hooks: list[AppendHook] = []
         self._notify_pending = False
         self._notify_task: asyncio.Task[None] | None = None
@@ -323,6 +364,7 @@ class EventStore:
             async with self.pool.acquire() as conn:
                 if not await conn.fetchval(sql.SCHEMA_PRESENT):
                     raise SchemaNotMigrated(None, "head")
+                await self.keyring.check(conn)
 
     async def stop(self) -> None:
         if self._notify_task is not None:
@@ -378,6 +420,9 @@ class EventStore:
     ) -> AppendResult:
         """Append atomically; raise `WrongExpectedVersion` (writing nothing) if the stream moved on."""
         prepared = prepare_append(stream_id, events, expected_version, self.max_event_size)
+        if prepared.personal is not None:
+            unsealed = prepared
+            prepared = await self.retrying(lambda: self._seal(self.pool, unsealed))
 
         async def once() -> AppendResult:
             async with self.pool.acquire() as conn:
@@ -419,6 +464,13 @@ class EventStore:
         if uow.results:
             self._schedule_notify()
 
+    async def _seal(self, executor: Connection | asyncpg.Pool, p: _Prepared) -> _Prepared:
+        """Encrypt the personal fields (creating their subjects' keys in their own transaction if need be)."""
+        if p.personal is None or p.plain is not None:
+            return p
+        sealed = await self.keyring.seal(executor, p.event_ids, p.data, p.personal)
+        return dataclasses.replace(p, data=sealed, plain=p.data)
+
     async def _append_prepared(
         self, uow: UnitOfWork, p: _Prepared, expected_version: ExpectedVersion
     ) -> AppendResult:
@@ -443,9 +495,10 @@ class EventStore:
         if status == sql.ID_CONFLICT:
             raise DuplicateEventId(p.stream_id, p.event_ids)
         first_version = version - len(p.event_ids) + 1
+        data = p.data if p.plain is None else p.plain  # hooks see what was appended, not its sealed form
         recorded = tuple(
             RecordedEvent(
-                p.event_ids[i], p.types[i], p.data[i], p.metadata[i], p.stream_id,
+                p.event_ids[i], p.types[i], data[i], p.metadata[i], p.stream_id,
                 first_version + i, positions[i], log_xid, recorded_at,
             )
             for i in range(len(p.event_ids))
@@ -526,7 +579,7 @@ class EventStore:
             rows = await self.retrying(
                 lambda: self.pool.fetch(sql.READ_STREAM_BACKWARDS, stream_id, start, count)
             )
-        return [_record(r) for r in rows]
+        return await self.reveal([_record(r) for r in rows])
 
     async def read_stream_until(
         self, stream_id: str, until: datetime, from_version: int = 0
@@ -536,7 +589,7 @@ class EventStore:
         rows = await self.retrying(
             lambda: self.pool.fetch(sql.READ_STREAM_UNTIL_TIME, stream_id, from_version, until, _MAX_VERSION)
         )
-        return [_record(r) for r in rows]
+        return await self.reveal([_record(r) for r in rows])
 
     async def read_all(
         self,
@@ -566,7 +619,40 @@ class EventStore:
         else:
             query, args = sql.READ_ALL, (tx, pos, limit)
         rows = await self.retrying(lambda: self.pool.fetch(query, *args))
-        return [_record(r) for r in rows]
+        return await self.reveal([_record(r) for r in rows])
+
+    async def reveal(
+        self, records: list[RecordedEvent], executor: Connection | asyncpg.Pool | None = None
+    ) -> list[RecordedEvent]:
+        """`records` with personal fields opened, or `REDACTED` where their subject was forgotten.
+
+        Every reader of the log calls it (the store's reads here; projections with their transaction's
+        connection as `executor`); events without personal data cost one substring test.
+        """
+        if not any(has_personal_data(r.metadata) for r in records):
+            return records
+        return await self.keyring.reveal(self.pool if executor is None else executor, records)
+
+    async def forget(self, subject: str) -> Erasure:
+        """Delete the subject's data key: its personal fields read as `REDACTED` from then on, everywhere.
+
+        In one transaction: the key goes, the snapshots of streams holding the subject's data go (they
+        cache plaintext states), and a `SUBJECT_FORGOTTEN` event is recorded so projections can scrub
+        their read models. Forgetting again does nothing more; an unknown subject raises
+        `UnknownSubject` and changes nothing.
+        """
+        check_subject(subject)
+        async with self.unit_of_work() as uow:
+            conn = uow.connection
+            row = await conn.fetchrow(sql.LOCK_SUBJECT, subject)
+            if row is None:
+                raise UnknownSubject(subject)
+            if row["forgotten_at"] is not None:
+                return Erasure(subject, False, 0)
+            await conn.execute(sql.FORGET_SUBJECT, subject)
+            dropped = await conn.execute(sql.DROP_SUBJECT_SNAPSHOTS, subject)
+            await uow.append(erasure_stream(subject), [NewEvent(SUBJECT_FORGOTTEN, {"subject": subject})])
+        return Erasure(subject, True, int(dropped.split()[-1]))
 
     async def head(self) -> Checkpoint:
         """The checkpoint of the newest event a reader can see now."""

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from aggregates import Aggregate, EventRegistry, Repository
-from eventstore import DatabaseUnavailable, EventStore, InvalidArgument, NotStarted
+from eventstore import DatabaseUnavailable, EventStore, InvalidArgument, KeyProvider, MasterKey, NotStarted
 from eventstore.embedded import DATABASE_URL_ENV
 from eventstore_app.migrate import migrate_async
 from outbox import Inbox, KafkaSettings, Outbox, Relay, RelaySettings, Route
@@ -68,6 +68,7 @@ class Application:
         database_url: str | None = None,
         kafka: str | KafkaSettings | None = None,
         settings: ApplicationSettings | None = None,
+        keys: KeyProvider | None = None,
     ) -> None:
         if not isinstance(name, str) or not name:
             raise InvalidArgument("an application needs a name (the CloudEvents source of its messages by default)")
@@ -78,6 +79,8 @@ class Application:
         self.database_url = database_url
         self.kafka = kafka
         self.settings = settings or ApplicationSettings()
+        self.keys = keys
+        """The master key of personal data (`eventstore.personal`); `EVENTSTORE_MASTER_KEY` when None."""
         self.registry = registry if registry is not None else EventRegistry()
         """The event types of every aggregate; register upcasters here (`APP.registry.upcaster(...)`)."""
         for aggregate_type in self.aggregates:
@@ -92,6 +95,7 @@ class Application:
         database_url: str | None = None,
         kafka: str | KafkaSettings | None = None,
         settings: ApplicationSettings | None = None,
+        keys: KeyProvider | None = None,
     ) -> Application:
         """The same application on other servers or settings (what a CLI flag or a test changes)."""
         return Application(
@@ -104,6 +108,7 @@ class Application:
             database_url=database_url or self.database_url,
             kafka=kafka or self.kafka,
             settings=settings or self.settings,
+            keys=keys or self.keys,
         )
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -114,6 +119,10 @@ class Application:
             raise DatabaseUnavailable(f"application {self.name!r}: no database URL: pass one or set {DATABASE_URL_ENV}")
         return url
 
+    def key_provider(self) -> KeyProvider | None:
+        """The declared master key, else the one in `EVENTSTORE_MASTER_KEY` (None: personal data stays shut)."""
+        return self.keys if self.keys is not None else MasterKey.from_env()
+
     async def migrate(self) -> None:
         """Bring the database schema to this version of the framework (every component's tables)."""
         await migrate_async(self.url())
@@ -122,7 +131,8 @@ class Application:
         """Start the store, declare the outbox routes and attach the inline projections."""
         s = self.settings
         store = EventStore(
-            self.url(), max_connections=s.max_connections, retry_for=s.retry_for, max_event_size=s.max_event_size
+            self.url(), max_connections=s.max_connections, retry_for=s.retry_for, max_event_size=s.max_event_size,
+            keys=self.key_provider(),
         )
         await store.start()
         try:

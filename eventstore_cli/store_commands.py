@@ -28,6 +28,13 @@ def register(commands: Any) -> None:
     show.add_argument("--limit", type=int, default=100)
     show.set_defaults(handler=lambda a: run(_streams_show(a)))
 
+    personal = commands.add_parser("personal", help="personal data (crypto-shredding)").add_subparsers(
+        dest="personal_command", required=True
+    )
+    forget = personal.add_parser("forget", help="delete a subject's key: its personal data reads as redacted")
+    forget.add_argument("subject")
+    forget.set_defaults(handler=lambda a: run(_forget(a)))
+
     events = commands.add_parser("events", help="the global log").add_subparsers(
         dest="events_command", required=True
     )
@@ -70,6 +77,20 @@ async def _streams_show(args: argparse.Namespace) -> int:
         console.print(table)
     finally:
         await store.stop()
+    return 0
+
+
+async def _forget(args: argparse.Namespace) -> int:
+    store = await open_store(args)
+    try:
+        erasure = await store.forget(args.subject)
+    finally:
+        await store.stop()
+    if erasure.forgotten_now:
+        console.print(f"forgot {erasure.subject}: key deleted, {erasure.snapshots_dropped} snapshot(s) dropped",
+                      highlight=False)
+    else:
+        console.print(f"{erasure.subject} was already forgotten", highlight=False)
     return 0
 
 

@@ -54,6 +54,8 @@ class OutboxMessage(NamedTuple):
     attempts: int
     log_xid: int
     position: int
+    sealed: str | None = None
+    """The event's metadata when `data` holds sealed personal fields (opened before publishing)."""
 
     @property
     def place(self) -> tuple[int, int, int]:

@@ -101,7 +101,7 @@ SELECT o.id, o.slot, o.topic, o.key, e.data::text AS data, e.event_id::text AS e
        o.source, e.stream_id, e.stream_version, e.metadata ->> 'correlation_id' AS correlation_id,
        e.metadata ->> 'causation_id' AS causation_id,
        to_char(e.recorded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS time, o.attempts,
-       o.log_xid, o.position
+       o.log_xid, o.position, CASE WHEN e.metadata ? 'personal_data' THEN e.metadata::text END AS sealed
 FROM outbox AS o JOIN events AS e ON e.position = o.position
 WHERE o.published_at IS NULL AND o.dead_at IS NULL AND o.slot = ANY($1::int[])
   AND o.log_xid < {store_sql.LOG_HORIZON}

@@ -38,7 +38,7 @@ _MARK = "__projection_handles__"
 
 
 FRAMEWORK_TABLES = frozenset({
-    "events", "streams", "snapshots",
+    "events", "streams", "snapshots", "subject_keys", "events_archive",
     "projection_checkpoints", "projection_rebuilds",
     "outbox", "outbox_routes", "outbox_slots", "outbox_relays", "inbox",
     "alembic_version",
