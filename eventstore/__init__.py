@@ -14,8 +14,11 @@ from eventstore.errors import (
     NoKeyProvider,
     NotStarted,
     PersonalDataCorrupt,
+    RetentionRefused,
     SchemaNotMigrated,
+    StreamArchived,
     StreamNotFound,
+    StreamTombstoned,
     SubjectForgotten,
     UnknownSubject,
     WrongExpectedVersion,
@@ -35,7 +38,7 @@ from eventstore.model import (
 from eventstore.personal import MASTER_KEY_ENV, REDACTED, KeyProvider, Keyring, MasterKey
 from eventstore.retry import CONNECTION_ERRORS, Backoff, with_retries
 from eventstore.schema import metadata
-from eventstore.sql import NOTIFY_CHANNEL
+from eventstore.sql import NOTIFY_CHANNEL, STREAM_DELETED
 from eventstore.store import (
     SUBJECT_FORGOTTEN,
     AppendHook,
@@ -56,6 +59,7 @@ __all__ = [
     "NOTIFY_CHANNEL",
     "REDACTED",
     "START",
+    "STREAM_DELETED",
     "SUBJECT_FORGOTTEN",
     "AppendHook",
     "AppendRefused",
@@ -84,10 +88,13 @@ __all__ = [
     "NotStarted",
     "PersonalDataCorrupt",
     "RecordedEvent",
+    "RetentionRefused",
     "SchemaNotMigrated",
     "Snapshot",
+    "StreamArchived",
     "StreamNotFound",
     "StreamState",
+    "StreamTombstoned",
     "SubjectForgotten",
     "Subscription",
     "UnitOfWork",

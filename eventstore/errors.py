@@ -151,3 +151,29 @@ class PersonalDataCorrupt(EventStoreError):
         super().__init__(f"event {event_id}: personal field {field!r} does not decrypt (altered ciphertext?)")
         self.event_id = event_id
         self.field = field
+
+
+class StreamTombstoned(AppendRefused):
+    """The stream was tombstoned (or hard-deleted): it can never be written again."""
+
+    def __init__(self, stream_id: str) -> None:
+        super().__init__("the stream is tombstoned: it can never be written again", stream_id)
+
+
+class StreamArchived(AppendRefused):
+    """The stream is archived: restore it (`eventstore.lifecycle.restore`) before writing to it."""
+
+    def __init__(self, stream_id: str) -> None:
+        super().__init__("the stream is archived: restore it before writing to it", stream_id)
+
+
+class RetentionRefused(InvalidArgument):
+    """A retention policy that would delete every stream of its category; nothing was deleted."""
+
+    def __init__(self, category: str, streams: int) -> None:
+        super().__init__(
+            f"the retention policy would delete all {streams} streams of category {category!r}: "
+            "pass allow_all=True (--allow-all) if that is meant"
+        )
+        self.category = category
+        self.streams = streams

@@ -28,6 +28,8 @@ from eventstore.errors import (
     InvalidArgument,
     NotStarted,
     SchemaNotMigrated,
+    StreamArchived,
+    StreamTombstoned,
     UnknownSubject,
     WrongExpectedVersion,
 )
@@ -487,6 +489,11 @@ class EventStore:
         except asyncpg.PostgresError as exc:
             if _refusal(exc):
                 raise AppendRefused(exc.args[0], p.stream_id) from None
+            state = getattr(exc, "sqlstate", None)
+            if state == sql.STREAM_TOMBSTONED:
+                raise StreamTombstoned(p.stream_id) from None
+            if state == sql.STREAM_ARCHIVED:
+                raise StreamArchived(p.stream_id) from None
             raise
         assert row is not None
         status, version, positions, log_xid, recorded_at = row

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from aggregates import Aggregate, EventRegistry, Repository
 from eventstore import DatabaseUnavailable, EventStore, InvalidArgument, KeyProvider, MasterKey, NotStarted
 from eventstore.embedded import DATABASE_URL_ENV
+from eventstore.lifecycle import RetentionPolicy
 from eventstore_app.migrate import migrate_async
 from outbox import Inbox, KafkaSettings, Outbox, Relay, RelaySettings, Route
 from outbox import status as outbox_status
@@ -69,6 +70,7 @@ class Application:
         kafka: str | KafkaSettings | None = None,
         settings: ApplicationSettings | None = None,
         keys: KeyProvider | None = None,
+        retention: Sequence[RetentionPolicy] = (),
     ) -> None:
         if not isinstance(name, str) or not name:
             raise InvalidArgument("an application needs a name (the CloudEvents source of its messages by default)")
@@ -80,6 +82,10 @@ class Application:
         self.kafka = kafka
         self.settings = settings or ApplicationSettings()
         self.keys = keys
+        self.retention = tuple(retention)
+        """Retention policies per category, run by `eventstore streams retain --app ...`."""
+        if not all(isinstance(p, RetentionPolicy) for p in self.retention):
+            raise InvalidArgument("retention must be a sequence of eventstore.lifecycle.RetentionPolicy")
         """The master key of personal data (`eventstore.personal`); `EVENTSTORE_MASTER_KEY` when None."""
         self.registry = registry if registry is not None else EventRegistry()
         """The event types of every aggregate; register upcasters here (`APP.registry.upcaster(...)`)."""
@@ -109,6 +115,7 @@ class Application:
             kafka=kafka or self.kafka,
             settings=settings or self.settings,
             keys=keys or self.keys,
+            retention=self.retention,
         )
 
     # -- lifecycle ---------------------------------------------------------------------------------

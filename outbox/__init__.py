@@ -24,7 +24,16 @@ from outbox.errors import (
     OutboxError,
 )
 from outbox.inbox import Inbox
-from outbox.operations import DeadMessage, OutboxStatus, RelayStatus, TopicStatus, prune_published, retry_dead, status
+from outbox.operations import (
+    DeadMessage,
+    OutboxStatus,
+    RelayStatus,
+    TopicStatus,
+    prune_orphans,
+    prune_published,
+    retry_dead,
+    status,
+)
 from outbox.relay import Relay, RelayStats
 from outbox.schema import SLOT_COUNT
 from outbox.settings import KafkaSettings, RelaySettings
@@ -52,6 +61,7 @@ __all__ = [
     "from_kafka",
     "from_record",
     "kafka_headers",
+    "prune_orphans",
     "prune_published",
     "retry_dead",
     "status",

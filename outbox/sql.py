@@ -244,3 +244,11 @@ INBOX_SEEN = "SELECT EXISTS (SELECT 1 FROM inbox WHERE consumer = $1 AND message
 INBOX_PRUNE = """
 DELETE FROM inbox WHERE consumer = $1 AND handled_at < now() - make_interval(secs => $2)
 """
+
+PRUNE_ORPHANS = """
+DELETE FROM outbox AS o
+WHERE o.published_at IS NULL
+  AND NOT EXISTS (SELECT 1 FROM events AS e WHERE e.position = o.position)
+  AND NOT EXISTS (SELECT 1 FROM events_archive AS a WHERE a.position = o.position)
+"""
+"""Pending messages whose event is gone from the log and from the archive (hard-deleted streams)."""

@@ -63,7 +63,9 @@ async def test_personal_fields_are_sealed_at_rest_and_redacted_once_forgotten(da
         ann = Member("ann")
         ann.register(EMAIL)
         ann.register(EMAIL)  # two events: the save crosses snapshot_every, so a snapshot holds the e-mail
-        await members.save(ann)
+        saved = await members.save(ann)
+        assert saved is not None
+        await store.wait_until_visible(saved.checkpoint)
         assert (await members.get("ann")).state.email == EMAIL
         assert EMAIL in (await store.read_stream("member-ann"))[0].data
         assert EMAIL in (await store.read_all())[0].data
