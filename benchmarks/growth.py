@@ -41,7 +41,7 @@ from eventstore.embedded import database_url
 PER_STREAM = 10
 CATEGORIES = ("order", "cart", "product", "payment", "shipment", "customer", "invoice", "ticket")
 CHUNK = 50_000  # rows per COPY
-BYTES_PER_EVENT = 1_000  # table and indexes take ~660 (docs/lifecycle.md); the rest is WAL and headroom
+BYTES_PER_EVENT = 1_000  # table and indexes take ~650 (docs/lifecycle.md); the rest is WAL and headroom
 ROUNDS = 200
 GENERATED_STREAMS = "SELECT count(*) FROM streams WHERE stream_id NOT LIKE 'bench-%'"
 
