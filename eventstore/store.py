@@ -645,8 +645,8 @@ class EventStore:
 
         In one transaction: the key goes, the snapshots of streams holding the subject's data go (they
         cache plaintext states), and a `SUBJECT_FORGOTTEN` event is recorded so projections can scrub
-        their read models. Forgetting again does nothing more; an unknown subject raises
-        `UnknownSubject` and changes nothing.
+        their read models. Forgetting again only drops snapshots again (one a save racing the first
+        call may have written); an unknown subject raises `UnknownSubject` and changes nothing.
         """
         check_subject(subject)
         async with self.unit_of_work() as uow:
@@ -654,12 +654,13 @@ class EventStore:
             row = await conn.fetchrow(sql.LOCK_SUBJECT, subject)
             if row is None:
                 raise UnknownSubject(subject)
-            if row["forgotten_at"] is not None:
-                return Erasure(subject, False, 0)
-            await conn.execute(sql.FORGET_SUBJECT, subject)
+            first = row["forgotten_at"] is None
+            if first:
+                await conn.execute(sql.FORGET_SUBJECT, subject)
             dropped = await conn.execute(sql.DROP_SUBJECT_SNAPSHOTS, subject)
-            await uow.append(erasure_stream(subject), [NewEvent(SUBJECT_FORGOTTEN, {"subject": subject})])
-        return Erasure(subject, True, int(dropped.split()[-1]))
+            if first:
+                await uow.append(erasure_stream(subject), [NewEvent(SUBJECT_FORGOTTEN, {"subject": subject})])
+        return Erasure(subject, first, int(dropped.split()[-1]))
 
     async def head(self) -> Checkpoint:
         """The checkpoint of the newest event a reader can see now."""

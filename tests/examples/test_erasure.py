@@ -12,7 +12,7 @@ import asyncpg
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from eventstore import REDACTED, EventStore, asyncpg_dsn
+from eventstore import REDACTED, Checkpoint, EventStore, asyncpg_dsn
 from eventstore_app import ApplicationSettings
 from examples.shop.app import APP
 from examples.shop.demo import PRODUCTS, Shop, Tally, _Commands, _customer, _ensure_topic, address_of, email_of
@@ -50,6 +50,15 @@ async def _offsets(kafka: str) -> dict[TopicPartition, int]:
 
 
 Message = tuple[bytes, bytes, list[tuple[str, bytes]]]
+
+
+async def _wait_for_the_log(store: EventStore) -> None:
+    """Until readers of the log see every event written so far (other transactions may hold it back)."""
+    last = await store.pool.fetchrow(
+        "SELECT log_xid, position FROM events ORDER BY log_xid DESC, position DESC LIMIT 1"
+    )
+    assert last is not None
+    await store.wait_until_visible(Checkpoint(last["log_xid"], last["position"]))
 
 
 async def _partitions(consumer: AIOKafkaConsumer) -> list[TopicPartition]:
@@ -93,6 +102,7 @@ async def test_an_erased_customer_leaves_no_plaintext_anywhere(database_url: str
         assert victim_order.ship_to == address_of(VICTIM)  # read paths open the sealed fields
         # A snapshot of the victim's order (as a snapshotting aggregate would write): plaintext in a cache.
         await store.save_snapshot("order-o00003", "Order", "test", 0, victim_order.model_dump_json())
+        await _wait_for_the_log(store)
         async with app.runner() as runner:
             await runner.wait_caught_up()
         before = await _tables_holding(store, plaintext + others)
@@ -103,6 +113,7 @@ async def test_an_erased_customer_leaves_no_plaintext_anywhere(database_url: str
         offsets = await _offsets(kafka)
         erasure = await store.forget(VICTIM)
         assert erasure.snapshots_dropped == 1
+        await _wait_for_the_log(store)
 
         async with app.running(relay=True) as running:
             await asyncio.wait_for(running.wait_caught_up(), 60)
