@@ -50,6 +50,8 @@ class OutboxMessage(NamedTuple):
     """The metadata's `schema_version` as text: set by typed events (`aggregates`), absent on raw ones."""
     dataschema: str | None
     """The URI of the schema that shaped the data: fetched as NULL, filled in by the `Sender`."""
+    sealed: str | None
+    """The event's metadata when `data` holds sealed personal fields (opened before publishing)."""
 
     @property
     def place(self) -> tuple[int, int, int]:

@@ -335,7 +335,7 @@ class _Backlog:
             messages = await self._fetch_after(slots, self._cursor)
         else:
             rows = await self._store.pool.fetch(sql.FETCH_PENDING, slots, self._batch_size, self._marking_ids)
-            messages = [OutboxMessage._make(row) for row in rows]
+            messages = await self._open([OutboxMessage._make(row) for row in rows])
         self._cursor = None
         return messages
 
@@ -377,7 +377,24 @@ class _Backlog:
 
     async def _fetch_after(self, slots: list[int], after: tuple[int, int, int]) -> list[OutboxMessage]:
         rows = await self._store.pool.fetch(sql.FETCH_PENDING_AFTER, slots, self._batch_size, *after)
-        return [OutboxMessage._make(row) for row in rows]
+        return await self._open([OutboxMessage._make(row) for row in rows])
+
+    async def _open(self, messages: list[OutboxMessage]) -> list[OutboxMessage]:
+        """Publish personal fields opened, or redacted once their subject is forgotten: never the ciphertext.
+
+        Opened at fetch time, so a message sent after `forget` carries the redacted value even when the
+        event was written before it.
+        """
+        sealed = [i for i, m in enumerate(messages) if m.sealed is not None]
+        if not sealed:
+            return messages
+        chosen = [messages[i] for i in sealed]
+        opened = await self._store.keyring.open(
+            self._store.pool, [m.event_id for m in chosen], [m.data for m in chosen], [m.sealed or "" for m in chosen]
+        )
+        for i, data in zip(sealed, opened, strict=True):
+            messages[i] = messages[i]._replace(data=data)
+        return messages
 
 
 class _Wakeups:

@@ -40,7 +40,7 @@ MAX_PARTITIONS = 256
 
 
 FRAMEWORK_TABLES = frozenset({
-    "events", "streams", "snapshots", "event_tags", "condition_locks",
+    "events", "streams", "snapshots", "event_tags", "condition_locks", "subject_keys", "events_archive",
     "projection_checkpoints", "projection_rebuilds", "projection_partitions",
     "outbox", "outbox_routes", "outbox_slots", "outbox_relays", "inbox",
     "alembic_version",

@@ -108,10 +108,21 @@ class Shop:
         self.orders = app.repository(Order)
 
 
+def email_of(customer: str) -> str:
+    """The demo customer's e-mail address: personal data, stored encrypted."""
+    return f"{customer}@mail.example"
+
+
+def address_of(customer: str) -> str:
+    """The demo customer's postal address: personal data, stored encrypted."""
+    return f"{customer.removeprefix('customer-')} Linden Street, Springfield ({customer})"
+
+
 async def _customer(shop: Shop, commands: _Commands, rng: random.Random, n: int, prices: dict[str, int]) -> None:
     tally = commands.tally
     cart_id, order_id = f"c{n:05d}", f"o{n:05d}"
-    await commands.run(shop.carts, cart_id, lambda c: c.open(f"customer-{n % 97}"), create=True)
+    customer = f"customer-{n % 97}"
+    await commands.run(shop.carts, cart_id, lambda c: c.open(customer, email_of(customer)), create=True)
     skus = rng.sample(sorted(prices), rng.randint(1, 4))
     # Popular products: a skewed choice makes several customers reserve the same product at once.
     skus = [s if rng.random() < 0.5 else f"sku{rng.randint(0, 3):03d}" for s in skus]
@@ -123,7 +134,9 @@ async def _customer(shop: Shop, commands: _Commands, rng: random.Random, n: int,
     await commands.run(shop.carts, cart_id, lambda c: c.check_out(order_id))
     cart = await shop.carts.get(cart_id)
     lines = [OrderLine(sku=s, quantity=q, price=p) for s, (q, p) in sorted(cart.state.lines.items())]
-    await commands.run(shop.orders, order_id, lambda o: o.place(cart.state.customer, lines), create=True)
+    await commands.run(
+        shop.orders, order_id, lambda o: o.place(cart.state.customer, lines, address_of(customer)), create=True
+    )
     tally.orders += 1
     reserved: list[str] = []
     for line in lines:
