@@ -37,7 +37,7 @@ from aggregates.errors import (
     SnapshotError,
     UnknownEventType,
 )
-from aggregates.events import SCHEMA_VERSION_KEY, DomainEvent, EventRegistry, Upcaster
+from aggregates.events import SCHEMA_VERSION_KEY, DomainEvent, EventRegistry, PersonalData, Upcaster
 from aggregates.repository import Command, Repository
 
 __all__ = [
@@ -58,6 +58,7 @@ __all__ = [
     "InvalidAggregateId",
     "MissingHandler",
     "MissingUpcaster",
+    "PersonalData",
     "Repository",
     "SnapshotError",
     "UnknownEventType",

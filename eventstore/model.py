@@ -71,6 +71,8 @@ class NewEvent:
     Pass `orjson.Fragment(json_bytes)` as `data` to store JSON that is already serialized. Default
     event ids are UUIDv7: time-ordered, so the unique index on event ids grows at its right edge
     instead of touching random pages. `tags` (`student:42`) select the event in queries by tag.
+    `personal_data` maps top-level fields of `data` to the subject whose personal data they are: those
+    fields are stored encrypted (see `eventstore.personal`).
     """
 
     type: str
@@ -80,6 +82,7 @@ class NewEvent:
     correlation_id: UUID | str | None = None
     causation_id: UUID | str | None = None
     tags: Sequence[str] = ()
+    personal_data: Mapping[str, str] | None = None
 
     def metadata_with_ids(self) -> dict[str, Any]:
         meta = dict(self.metadata) if self.metadata else {}

@@ -551,3 +551,173 @@ READ_QUERY_COMMITTED = _read_query("", f", {LOG_HORIZON} AS horizon")
 For decisions: every event below the horizon is final, so the append condition needs only the horizon
 and the events read above it, and a decision never waits for the log to show a commit.
 """
+
+# -- personal data (crypto-shredding, `eventstore.personal`) -------------------------------------------
+
+SUBJECT_KEYS = """
+SELECT subject, key_id, wrapped_key FROM subject_keys WHERE subject = ANY($1::text[])
+"""
+"""($1 subjects): their wrapped data keys; wrapped_key is NULL once a subject is forgotten."""
+
+SUBJECT_KEY_SAMPLE = """
+SELECT subject, key_id, wrapped_key FROM subject_keys
+WHERE wrapped_key IS NOT NULL
+ORDER BY key_id = $1, subject
+LIMIT 1
+"""
+"""One stored key, one wrapped by another master key than $1 first: what a starting store checks."""
+
+CREATE_SUBJECT_KEYS = """
+INSERT INTO subject_keys (subject, key_id, wrapped_key)
+SELECT s.subject, $2, s.wrapped_key FROM unnest($1::text[], $3::bytea[]) AS s(subject, wrapped_key)
+ON CONFLICT (subject) DO NOTHING
+"""
+
+LOCK_SUBJECT = "SELECT forgotten_at FROM subject_keys WHERE subject = $1 FOR UPDATE"
+
+FORGET_SUBJECT = """
+UPDATE subject_keys SET wrapped_key = NULL, key_id = NULL, forgotten_at = coalesce(forgotten_at, now())
+WHERE subject = $1
+"""
+
+# Snapshots cache aggregate states in plaintext: those of streams holding a forgotten subject's data go
+# (the next load replays the events, now redacted). The partial index on the subjects makes it cheap.
+DROP_SUBJECT_SNAPSHOTS = """
+DELETE FROM snapshots WHERE stream_id IN (
+    SELECT DISTINCT stream_id FROM events
+    WHERE metadata ? 'personal_data' AND metadata -> 'personal_data' -> 'subjects' ? $1)
+"""
+
+# -- stream lifecycle (`eventstore.lifecycle`) -----------------------------------------------------------
+
+STREAM_TOMBSTONED = "ES002"
+"""The SQLSTATE with which a tombstoned stream refuses an append (`StreamTombstoned`)."""
+
+STREAM_ARCHIVED = "ES003"
+"""The SQLSTATE with which an archived stream refuses an append until it is restored (`StreamArchived`)."""
+
+STREAM_DELETED = "$StreamDeleted"
+"""The event the maintenance function records for each stream it hard-deletes (in `$deleted-<stream id>`)."""
+
+# A guard on the row every append locks and moves on: appends never pay more than the WHEN test, and
+# the append function itself stays as it is. Its only writes of `version` are appends, so a change of
+# version on an archived or tombstoned stream is an append to refuse.
+STREAM_GUARD_V1 = (
+    f"""
+CREATE FUNCTION eventstore_stream_guard() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF OLD.tombstoned_at IS NOT NULL THEN
+        RAISE EXCEPTION 'stream % is tombstoned: it can never be written again', OLD.stream_id
+            USING ERRCODE = '{STREAM_TOMBSTONED}';
+    END IF;
+    RAISE EXCEPTION 'stream % is archived: restore it before writing to it', OLD.stream_id
+        USING ERRCODE = '{STREAM_ARCHIVED}';
+END
+$$
+""",
+    """
+CREATE TRIGGER streams_lifecycle BEFORE UPDATE OF version ON streams FOR EACH ROW
+WHEN ((OLD.tombstoned_at IS NOT NULL OR OLD.archived_at IS NOT NULL) AND NEW.version IS DISTINCT FROM OLD.version)
+EXECUTE FUNCTION eventstore_stream_guard()
+""",
+)
+
+_ARCHIVE_COLUMNS = "position, log_xid, stream_id, stream_version, event_id, event_type, data, metadata, recorded_at"
+
+# The one way past the append-only triggers. SECURITY DEFINER, so it runs as its owner (the role that
+# migrated the schema), which may set session_replication_role: with it at `replica` no ordinary
+# trigger fires, neither the append-only guard nor the outbox (a restored event is not published
+# again). Every call locks the streams it touches, moves or deletes their events, and a deletion is
+# recorded as a `$StreamDeleted` event of its own, appended the ordinary way (triggers on again).
+MAINTENANCE_FUNCTION_V1 = f"""
+CREATE FUNCTION eventstore_maintenance(p_action text, p_stream_ids text[], p_reason text)
+RETURNS TABLE (o_stream_id text, o_events bigint)
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path FROM CURRENT
+SET session_replication_role = origin
+AS $$
+DECLARE
+    v_ids text[];
+    v_counts bigint[];
+    i int;
+BEGIN
+    IF p_action NOT IN ('archive', 'restore', 'delete') THEN
+        RAISE EXCEPTION 'unknown maintenance action %', p_action USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT array_agg(s.stream_id ORDER BY s.stream_id),
+           array_agg(coalesce(c.n, 0) ORDER BY s.stream_id)
+    INTO v_ids, v_counts
+    FROM (SELECT st.stream_id FROM streams AS st WHERE st.stream_id = ANY (p_stream_ids)
+          ORDER BY st.stream_id FOR UPDATE) AS s
+    LEFT JOIN (
+        SELECT x.stream_id, count(*) AS n FROM (
+            SELECT e.stream_id FROM events AS e WHERE e.stream_id = ANY (p_stream_ids)
+            UNION ALL
+            SELECT a.stream_id FROM events_archive AS a WHERE a.stream_id = ANY (p_stream_ids)) AS x
+        GROUP BY x.stream_id) AS c ON c.stream_id = s.stream_id;
+    IF v_ids IS NULL THEN
+        RETURN;
+    END IF;
+
+    PERFORM set_config('session_replication_role', 'replica', true);
+    IF p_action = 'archive' THEN
+        WITH moved AS (
+            DELETE FROM events AS e WHERE e.stream_id = ANY (v_ids)
+            RETURNING {", ".join("e." + c for c in _ARCHIVE_COLUMNS.split(", "))})
+        INSERT INTO events_archive ({_ARCHIVE_COLUMNS}) SELECT {_ARCHIVE_COLUMNS} FROM moved;
+        UPDATE streams SET archived_at = now() WHERE stream_id = ANY (v_ids);
+    ELSIF p_action = 'restore' THEN
+        WITH moved AS (
+            DELETE FROM events_archive AS a WHERE a.stream_id = ANY (v_ids)
+            RETURNING {", ".join("a." + c for c in _ARCHIVE_COLUMNS.split(", "))})
+        INSERT INTO events ({_ARCHIVE_COLUMNS}) SELECT {_ARCHIVE_COLUMNS} FROM moved;
+        UPDATE streams SET archived_at = NULL WHERE stream_id = ANY (v_ids);
+    ELSE
+        DELETE FROM events WHERE stream_id = ANY (v_ids);
+        DELETE FROM events_archive WHERE stream_id = ANY (v_ids);
+        DELETE FROM snapshots WHERE stream_id = ANY (v_ids);
+        UPDATE streams SET tombstoned_at = coalesce(tombstoned_at, now()), archived_at = NULL
+        WHERE stream_id = ANY (v_ids);
+    END IF;
+    PERFORM set_config('session_replication_role', 'origin', true);
+
+    IF p_action = 'delete' THEN
+        FOR i IN 1 .. cardinality(v_ids) LOOP
+            PERFORM eventstore_append(
+                '$deleted-' || v_ids[i], -2, ARRAY[gen_random_uuid()], ARRAY['{STREAM_DELETED}'],
+                ARRAY[jsonb_build_object('stream_id', v_ids[i], 'events', v_counts[i], 'reason', p_reason)],
+                ARRAY[jsonb_build_object('maintenance', 'delete', 'by', session_user)]);
+        END LOOP;
+    END IF;
+    RETURN QUERY SELECT u.stream_id, u.n FROM unnest(v_ids, v_counts) AS u(stream_id, n);
+END
+$$
+"""
+
+DROP_LIFECYCLE_V1 = (
+    "DROP FUNCTION IF EXISTS eventstore_maintenance(text, text[], text)",
+    "DROP TRIGGER IF EXISTS streams_lifecycle ON streams",
+    "DROP FUNCTION IF EXISTS eventstore_stream_guard()",
+)
+
+MAINTENANCE = "SELECT o_stream_id, o_events FROM eventstore_maintenance($1, $2, $3)"
+
+STREAM_STATES = """
+SELECT stream_id, version, archived_at, tombstoned_at FROM streams WHERE stream_id = ANY($1::text[])
+"""
+
+TOMBSTONE = """
+UPDATE streams SET tombstoned_at = coalesce(tombstoned_at, now()) WHERE stream_id = $1
+RETURNING tombstoned_at
+"""
+
+# Streams of a category with the time of their last event, newest first (live and archived events).
+CATEGORY_STREAMS = f"""
+SELECT x.stream_id, max(x.recorded_at) AS last_at, now() - max(x.recorded_at) AS age
+FROM (
+    SELECT stream_id, recorded_at FROM events WHERE category = $1
+    UNION ALL
+    SELECT stream_id, recorded_at FROM events_archive WHERE {CATEGORY} = $1) AS x
+GROUP BY x.stream_id
+ORDER BY last_at DESC, x.stream_id
+"""

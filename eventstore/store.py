@@ -30,6 +30,9 @@ from eventstore.errors import (
     InvalidArgument,
     NotStarted,
     SchemaNotMigrated,
+    StreamArchived,
+    StreamTombstoned,
+    UnknownSubject,
     WrongExpectedVersion,
 )
 from eventstore.model import (
@@ -42,6 +45,15 @@ from eventstore.model import (
     NewEvent,
     RecordedEvent,
     StreamState,
+)
+from eventstore.personal import (
+    PERSONAL_DATA,
+    KeyProvider,
+    Keyring,
+    check_personal_data,
+    check_subject,
+    has_personal_data,
+    marker,
 )
 from eventstore.query import Condition, Query, branches, check_tags, lock_plan
 from eventstore.retry import Backoff, with_retries
@@ -91,10 +103,30 @@ class _Prepared:
     data: list[str]
     metadata: list[str]
     tags: list[tuple[str, ...]]
+    personal: list[dict[str, str] | None] | None = None  # per event: its personal fields and their subjects
+    plain: list[str] | None = None  # the data as given, once `data` holds the sealed text
 
     @property
     def tagged(self) -> bool:
         return any(self.tags)
+
+
+SUBJECT_FORGOTTEN = "$SubjectForgotten"
+"""The event `EventStore.forget` records (data: {"subject": ...}): handle it to scrub read models."""
+
+
+def erasure_stream(subject: str) -> str:
+    """The stream recording that a subject was forgotten."""
+    return f"$personal-{subject}"
+
+
+@dataclass(frozen=True, slots=True)
+class Erasure:
+    """What `forget` did: whether the key was deleted now (not before) and how many snapshots went."""
+
+    subject: str
+    forgotten_now: bool
+    snapshots_dropped: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,6 +240,7 @@ def prepare_append(
     data: list[str] = []
     metadata: list[str] = []
     tags: list[tuple[str, ...]] = []
+    personal: list[dict[str, str] | None] = []
     for event in events:
         if not isinstance(event, NewEvent):
             raise InvalidAppend(f"events must be NewEvent instances, got {type(event).__name__}")
@@ -218,7 +251,12 @@ def prepare_append(
             raise InvalidAppend(f"metadata key {TAGS!r} is reserved for the event's tags: pass NewEvent(tags=...)")
         tags.append(check_tags(event.tags, InvalidAppend))
         body = _dump(event.type, event.data)
-        meta = _dump(event.type, event.metadata_with_ids())
+        fields = check_personal_data(event.personal_data)
+        personal.append(fields)
+        meta_dict = event.metadata_with_ids()
+        if fields is not None:
+            meta_dict[PERSONAL_DATA] = marker(fields)
+        meta = _dump(event.type, meta_dict)
         size = len(body) + len(meta)
         if size > max_event_size:
             raise EventTooLarge(event.type, size, max_event_size)
@@ -228,7 +266,8 @@ def prepare_append(
         metadata.append(meta.decode())
     if len(set(ids)) != len(ids):
         raise InvalidAppend("event ids must be unique within one append")
-    return _Prepared(stream_id, expected, ids, types, data, metadata, tags)
+    has_personal = any(p is not None for p in personal)
+    return _Prepared(stream_id, expected, ids, types, data, metadata, tags, personal if has_personal else None)
 
 
 class _ConcurrentDuplicate(DuplicateEventId):
@@ -257,6 +296,7 @@ class UnitOfWork:
     ) -> AppendResult:
         prepared = prepare_append(stream_id, events, expected_version, self._store.max_event_size)
         checked = _condition(condition)
+        prepared = await self._store._seal(self.connection, prepared)
         result = await self._store._append_prepared(self, prepared, expected_version, checked)
         self.results.append(result)
         return result
@@ -271,7 +311,7 @@ class UnitOfWork:
         rows = await self.connection.fetch(
             sql.READ_STREAM_FORWARDS, stream_id, from_version, limit if limit is not None else _MAX_VERSION
         )
-        return [_record(r) for r in rows]
+        return await self._store.reveal([_record(r) for r in rows], self.connection)
 
     async def save_snapshot(
         self, stream_id: str, snapshot_type: str, schema_version: str, stream_version: int, data: str
@@ -304,6 +344,7 @@ class EventStore:
         connect_timeout: float | None = None,
         notify: bool = True,
         check_schema: bool = True,
+        keys: KeyProvider | None = None,
     ) -> None:
         if url is None and pool is None:
             raise InvalidArgument("EventStore needs a database url or an asyncpg pool")
@@ -317,6 +358,8 @@ class EventStore:
         self.connect_timeout = retry_for if connect_timeout is None else connect_timeout
         self._notify = notify
         self._check_schema = check_schema
+        self.keyring = Keyring(keys)
+        """Seals personal data on append and opens it on read (`eventstore.personal`)."""
         self._hooks: list[AppendHook] = []
         self._notify_pending = False
         self._notify_task: asyncio.Task[None] | None = None
@@ -343,6 +386,7 @@ class EventStore:
             async with self.pool.acquire() as conn:
                 if not await conn.fetchval(sql.SCHEMA_PRESENT):
                     raise SchemaNotMigrated(None, "head")
+                await self.keyring.check(conn)
 
     async def stop(self) -> None:
         if self._notify_task is not None:
@@ -406,6 +450,9 @@ class EventStore:
         """
         prepared = prepare_append(stream_id, events, expected_version, self.max_event_size)
         checked = _condition(condition)
+        if prepared.personal is not None:
+            unsealed = prepared
+            prepared = await self.retrying(lambda: self._seal(self.pool, unsealed))
 
         async def once() -> AppendResult:
             async with self.pool.acquire() as conn:
@@ -447,6 +494,13 @@ class EventStore:
         if uow.results:
             self._schedule_notify()
 
+    async def _seal(self, executor: Connection | asyncpg.Pool, p: _Prepared) -> _Prepared:
+        """Encrypt the personal fields (creating their subjects' keys in their own transaction if need be)."""
+        if p.personal is None or p.plain is not None:
+            return p
+        sealed = await self.keyring.seal(executor, p.event_ids, p.data, p.personal)
+        return dataclasses.replace(p, data=sealed, plain=p.data)
+
     async def _append_prepared(
         self, uow: UnitOfWork, p: _Prepared, expected_version: ExpectedVersion, condition: Condition | None = None
     ) -> AppendResult:
@@ -476,6 +530,11 @@ class EventStore:
         except asyncpg.PostgresError as exc:
             if _refusal(exc):
                 raise AppendRefused(exc.args[0], p.stream_id) from None
+            state = getattr(exc, "sqlstate", None)
+            if state == sql.STREAM_TOMBSTONED:
+                raise StreamTombstoned(p.stream_id) from None
+            if state == sql.STREAM_ARCHIVED:
+                raise StreamArchived(p.stream_id) from None
             raise
         assert row is not None
         status, version, positions, log_xid, recorded_at = row
@@ -496,9 +555,10 @@ class EventStore:
         if status == sql.ID_CONFLICT:
             raise DuplicateEventId(p.stream_id, p.event_ids)
         first_version = version - len(p.event_ids) + 1
+        data = p.data if p.plain is None else p.plain  # hooks see what was appended, not its sealed form
         recorded = tuple(
             RecordedEvent(
-                p.event_ids[i], p.types[i], p.data[i], p.metadata[i], p.stream_id,
+                p.event_ids[i], p.types[i], data[i], p.metadata[i], p.stream_id,
                 first_version + i, positions[i], log_xid, recorded_at,
             )
             for i in range(len(p.event_ids))
@@ -579,7 +639,7 @@ class EventStore:
             rows = await self.retrying(
                 lambda: self.pool.fetch(sql.READ_STREAM_BACKWARDS, stream_id, start, count)
             )
-        return [_record(r) for r in rows]
+        return await self.reveal([_record(r) for r in rows])
 
     async def read_stream_until(
         self, stream_id: str, until: datetime, from_version: int = 0
@@ -589,7 +649,7 @@ class EventStore:
         rows = await self.retrying(
             lambda: self.pool.fetch(sql.READ_STREAM_UNTIL_TIME, stream_id, from_version, until, _MAX_VERSION)
         )
-        return [_record(r) for r in rows]
+        return await self.reveal([_record(r) for r in rows])
 
     async def read_all(
         self,
@@ -619,7 +679,41 @@ class EventStore:
         else:
             query, args = sql.READ_ALL, (tx, pos, limit)
         rows = await self.retrying(lambda: self.pool.fetch(query, *args))
-        return [_record(r) for r in rows]
+        return await self.reveal([_record(r) for r in rows])
+
+    async def reveal(
+        self, records: list[RecordedEvent], executor: Connection | asyncpg.Pool | None = None
+    ) -> list[RecordedEvent]:
+        """`records` with personal fields opened, or `REDACTED` where their subject was forgotten.
+
+        Every reader of the log calls it (the store's reads here; projections with their transaction's
+        connection as `executor`); events without personal data cost one substring test.
+        """
+        if not any(has_personal_data(r.metadata) for r in records):
+            return records
+        return await self.keyring.reveal(self.pool if executor is None else executor, records)
+
+    async def forget(self, subject: str) -> Erasure:
+        """Delete the subject's data key: its personal fields read as `REDACTED` from then on, everywhere.
+
+        In one transaction: the key goes, the snapshots of streams holding the subject's data go (they
+        cache plaintext states), and a `SUBJECT_FORGOTTEN` event is recorded so projections can scrub
+        their read models. Forgetting again only drops snapshots again (one a save racing the first
+        call may have written); an unknown subject raises `UnknownSubject` and changes nothing.
+        """
+        check_subject(subject)
+        async with self.unit_of_work() as uow:
+            conn = uow.connection
+            row = await conn.fetchrow(sql.LOCK_SUBJECT, subject)
+            if row is None:
+                raise UnknownSubject(subject)
+            first = row["forgotten_at"] is None
+            if first:
+                await conn.execute(sql.FORGET_SUBJECT, subject)
+            dropped = await conn.execute(sql.DROP_SUBJECT_SNAPSHOTS, subject)
+            if first:
+                await uow.append(erasure_stream(subject), [NewEvent(SUBJECT_FORGOTTEN, {"subject": subject})])
+        return Erasure(subject, first, int(dropped.split()[-1]))
 
     async def read_query(self, query: Query, after: Checkpoint = START, *, limit: int = 1000) -> list[RecordedEvent]:
         """Events matching `query` after `after`, in the log's order and with `read_all`'s visibility.

@@ -12,13 +12,17 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from aggregates import Aggregate, EventRegistry, Repository
-from eventstore import DatabaseUnavailable, EventStore, InvalidArgument, NotStarted
+from eventstore import DatabaseUnavailable, EventStore, InvalidArgument, KeyProvider, MasterKey, NotStarted
 from eventstore.embedded import DATABASE_URL_ENV
+from eventstore.lifecycle import RetentionPolicy
 from eventstore_app.migrate import migrate_async
-from outbox import Inbox, KafkaSettings, Outbox, Relay, RelaySettings, Route
+from outbox import BrokerSettings, Inbox, KafkaSettings, Outbox, Publisher, Relay, RelaySettings, Route
 from outbox import status as outbox_status
 from outbox.embedded import BOOTSTRAP_ENV
 from projections import InlineProjections, Projection, ProjectionAdmin, ProjectionRunner
+
+BROKER_ENV = "EVENTSTORE_BROKER_URL"
+"""The relay's broker as a URL (`nats://...`, `amqp://...`, `kafka://...`), when none is passed."""
 
 A = TypeVar("A", bound=Aggregate[Any])
 
@@ -52,8 +56,10 @@ class Application:
 
     and `eventstore projections run --app shop.app:APP` or `eventstore outbox relay --app shop.app:APP`
     runs the rest in processes of their own (or `app.running()` in this one). The database URL and the
-    Kafka servers are deployment, not declaration: they come from `using(...)`, else from
-    `EVENTSTORE_DATABASE_URL` and `KAFKA_BOOTSTRAP_SERVERS`.
+    broker are deployment, not declaration: they come from `using(...)`, else from
+    `EVENTSTORE_DATABASE_URL` and `EVENTSTORE_BROKER_URL` (or `KAFKA_BOOTSTRAP_SERVERS`). The broker is
+    a URL (`nats://127.0.0.1:4222`, `amqp://guest:guest@127.0.0.1:5672/`, `kafka://host:9092` or
+    `host:9092`), broker settings, or a `Publisher` of your own; `kafka=` is the same for Kafka.
     """
 
     def __init__(
@@ -67,7 +73,10 @@ class Application:
         registry: EventRegistry | None = None,
         database_url: str | None = None,
         kafka: str | KafkaSettings | None = None,
+        broker: str | BrokerSettings | Publisher | None = None,
         settings: ApplicationSettings | None = None,
+        keys: KeyProvider | None = None,
+        retention: Sequence[RetentionPolicy] = (),
     ) -> None:
         if not isinstance(name, str) or not name:
             raise InvalidArgument("an application needs a name (the CloudEvents source of its messages by default)")
@@ -77,7 +86,14 @@ class Application:
         self.outbox = None if routes is None else Outbox(routes, source=source or name)
         self.database_url = database_url
         self.kafka = kafka
+        self.broker = broker
         self.settings = settings or ApplicationSettings()
+        self.keys = keys
+        self.retention = tuple(retention)
+        """Retention policies per category, run by `eventstore streams retain --app ...`."""
+        if not all(isinstance(p, RetentionPolicy) for p in self.retention):
+            raise InvalidArgument("retention must be a sequence of eventstore.lifecycle.RetentionPolicy")
+        """The master key of personal data (`eventstore.personal`); `EVENTSTORE_MASTER_KEY` when None."""
         self.registry = registry if registry is not None else EventRegistry()
         """The event types of every aggregate; register upcasters here (`APP.registry.upcaster(...)`)."""
         for aggregate_type in self.aggregates:
@@ -91,7 +107,9 @@ class Application:
         *,
         database_url: str | None = None,
         kafka: str | KafkaSettings | None = None,
+        broker: str | BrokerSettings | Publisher | None = None,
         settings: ApplicationSettings | None = None,
+        keys: KeyProvider | None = None,
     ) -> Application:
         """The same application on other servers or settings (what a CLI flag or a test changes)."""
         return Application(
@@ -102,8 +120,11 @@ class Application:
             source=None if self.outbox is None else self.outbox.source,
             registry=self.registry,
             database_url=database_url or self.database_url,
-            kafka=kafka or self.kafka,
+            kafka=kafka or (None if broker else self.kafka),
+            broker=broker or (None if kafka else self.broker),
             settings=settings or self.settings,
+            keys=keys or self.keys,
+            retention=self.retention,
         )
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -114,6 +135,10 @@ class Application:
             raise DatabaseUnavailable(f"application {self.name!r}: no database URL: pass one or set {DATABASE_URL_ENV}")
         return url
 
+    def key_provider(self) -> KeyProvider | None:
+        """The declared master key, else the one in `EVENTSTORE_MASTER_KEY` (None: personal data stays shut)."""
+        return self.keys if self.keys is not None else MasterKey.from_env()
+
     async def migrate(self) -> None:
         """Bring the database schema to this version of the framework (every component's tables)."""
         await migrate_async(self.url())
@@ -122,7 +147,8 @@ class Application:
         """Start the store, declare the outbox routes and attach the inline projections."""
         s = self.settings
         store = EventStore(
-            self.url(), max_connections=s.max_connections, retry_for=s.retry_for, max_event_size=s.max_event_size
+            self.url(), max_connections=s.max_connections, retry_for=s.retry_for, max_event_size=s.max_event_size,
+            keys=self.key_provider(),
         )
         await store.start()
         try:
@@ -189,15 +215,18 @@ class Application:
         )
 
     def relay(self, settings: RelaySettings | None = None) -> Relay:
-        """A relay publishing the outbox to Kafka, on the application's connection pool.
+        """A relay publishing the outbox to the application's broker, on the application's connection pool.
 
         A process that only relays does better with a small store of its own (`eventstore outbox relay`
         builds one): the relay's lease renewals then never queue behind the application's queries.
         """
-        kafka = self.kafka or os.environ.get(BOOTSTRAP_ENV)
-        if not kafka:
-            raise InvalidArgument(f"application {self.name!r}: no Kafka servers: pass kafka= or set {BOOTSTRAP_ENV}")
-        return Relay(self.store, kafka, settings or self.settings.relay)
+        broker = self.broker or self.kafka or os.environ.get(BROKER_ENV) or os.environ.get(BOOTSTRAP_ENV)
+        if not broker:
+            raise InvalidArgument(
+                f"application {self.name!r}: no broker: pass broker= (or kafka=), "
+                f"or set {BROKER_ENV} or {BOOTSTRAP_ENV}"
+            )
+        return Relay(self.store, broker, settings or self.settings.relay)
 
     def inbox(self, consumer: str) -> Inbox:
         """The idempotent inbox of one consumer of this application's messages."""

@@ -1,4 +1,4 @@
-"""`eventstore outbox status|relay|retry-dead|prune`: run and operate the Kafka relay."""
+"""`eventstore outbox status|relay|retry-dead|prune`: run and operate the relay (Kafka, NATS, RabbitMQ)."""
 
 from __future__ import annotations
 
@@ -18,9 +18,24 @@ from rich.table import Table
 
 from eventstore import EventStore
 from eventstore_cli.common import CommandError, console, open_store, run
-from outbox import KafkaSettings, Relay, RelaySettings, prune_published, retry_dead, status
+from outbox import (
+    BrokerSettings,
+    InvalidSettings,
+    KafkaSettings,
+    NatsSettings,
+    RabbitMQSettings,
+    Relay,
+    RelaySettings,
+    broker_settings,
+    prune_published,
+    retry_dead,
+    status,
+)
+from outbox.brokers import describe_broker
 from outbox.cloudevents import DATASCHEMA
 from outbox.embedded import BOOTSTRAP_ENV
+
+BROKER_ENV = "EVENTSTORE_BROKER_URL"
 
 SASL_PASSWORD_ENV = "KAFKA_SASL_PASSWORD"
 
@@ -29,7 +44,7 @@ RELAY_PATIENCE = 60.0
 
 
 def register(commands: Any) -> None:
-    outbox = commands.add_parser("outbox", help="the transactional outbox and its Kafka relay").add_subparsers(
+    outbox = commands.add_parser("outbox", help="the transactional outbox and its relay").add_subparsers(
         dest="outbox_command", required=True
     )
 
@@ -37,7 +52,10 @@ def register(commands: Any) -> None:
     show.add_argument("--dead", type=int, default=20, help="list up to this many dead messages")
     show.set_defaults(handler=lambda a: run(_status(a)))
 
-    relay = outbox.add_parser("relay", help="publish outbox messages to Kafka until stopped")
+    relay = outbox.add_parser("relay", help="publish outbox messages to Kafka, NATS or RabbitMQ until stopped")
+    relay.add_argument("--broker", help=f"nats://..., amqp://... or kafka://... (default: ${BROKER_ENV}, else --kafka)")
+    relay.add_argument("--subject-prefix", default="", help="NATS: prepended to each topic (e.g. 'shop.')")
+    relay.add_argument("--exchange", default="outbox", help="RabbitMQ: the durable topic exchange")
     relay.add_argument("--relay-id", help="unique per running relay; reuse it to take slots back at restart")
     relay.add_argument("--batch-size", type=int, default=1000)
     relay.add_argument("--max-attempts", type=int, default=5, help="refusals before a message is dead")
@@ -153,8 +171,27 @@ async def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def relay_broker(args: argparse.Namespace) -> BrokerSettings:
+    """The broker of `--broker` (or `$EVENTSTORE_BROKER_URL`), else Kafka from `--kafka` and its options."""
+    url = getattr(args, "broker", None) or os.environ.get(BROKER_ENV)
+    if not url:
+        return kafka_settings(args)
+    try:
+        broker = broker_settings(url)
+        if isinstance(broker, NatsSettings) and args.subject_prefix:
+            broker = NatsSettings(servers=broker.servers, subject_prefix=args.subject_prefix)
+        if isinstance(broker, RabbitMQSettings):
+            broker = RabbitMQSettings(url=broker.url, exchange=args.exchange)
+    except InvalidSettings as exc:
+        raise CommandError(str(exc)) from None
+    if isinstance(broker, KafkaSettings):
+        args.kafka = broker.bootstrap_servers
+        return kafka_settings(args)
+    return broker
+
+
 async def _relay(args: argparse.Namespace) -> int:
-    kafka = kafka_settings(args)
+    broker = relay_broker(args)
     settings = relay_settings(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("aiokafka").setLevel(logging.ERROR)
@@ -164,9 +201,9 @@ async def _relay(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     # A store of the relay's own, as small as the relay needs; a server that is restarting gets time.
     async with _outbox_store(args, min_connections=1, max_connections=3, connect_timeout=RELAY_PATIENCE) as store:
-        relay = Relay(store, kafka, settings)
+        relay = Relay(store, broker, settings)
         await relay.start()
-        console.print(f"relay {settings.relay_id} publishing to {kafka.bootstrap_servers}", highlight=False)
+        console.print(f"relay {settings.relay_id} publishing to {describe_broker(broker)}", highlight=False)
         try:
             stopped = asyncio.create_task(stop.wait())
             running = asyncio.create_task(relay.wait())

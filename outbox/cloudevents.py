@@ -1,7 +1,8 @@
-"""The CloudEvents Kafka protocol binding in binary mode: attributes travel as `ce_` headers.
+"""CloudEvents protocol bindings in binary mode: attributes travel as headers, the data as the body.
 
-The value is the event's data (JSON) untouched, so a consumer that knows nothing of CloudEvents still
-reads the payload, and one that does gets id, type, source and time from the headers.
+The body is the event's data (JSON) untouched, so a consumer that knows nothing of CloudEvents still
+reads the payload, and one that does gets id, type, source and time from the headers. Each binding
+names the headers its own way: Kafka `ce_id`, NATS `ce-id`, AMQP (RabbitMQ) `cloudEvents_id`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ CONTENT_TYPE_HEADER = "content-type"
 CORRELATION_ID = "correlationid"
 CAUSATION_ID = "causationid"
 STREAM_VERSION = "streamversion"
+PARTITION_KEY = "partitionkey"
+"""The CloudEvents partitioning extension: the outbox key, where the broker has no key of its own."""
 
 DATASCHEMA = "urn:eventstore:{source}:{type}:v{version}"
 """The default `dataschema` template: `{source}`, `{type}` and `{version}` are filled in per message.
@@ -32,14 +35,19 @@ Point it at where the exported schemas are served (`eventstore schemas export DI
 """
 _PLACEHOLDERS = frozenset({"source", "type", "version"})
 
-_REQUIRED = ("ce_specversion", "ce_id", "ce_source", "ce_type")
+KAFKA_PREFIX = "ce_"
+NATS_PREFIX = "ce-"
+AMQP_PREFIX = "cloudEvents_"
+
+_REQUIRED = ("specversion", "id", "source", "type")
+_KNOWN = frozenset({*_REQUIRED, "time", "subject", "dataschema"})
 
 Headers = list[tuple[str, bytes]]
 
 
 @dataclass(frozen=True, slots=True)
 class CloudEvent:
-    """A CloudEvent read back from a Kafka message."""
+    """A CloudEvent read back from a broker's message."""
 
     id: str
     type: str
@@ -60,8 +68,40 @@ class CloudEvent:
     def causation_id(self) -> str | None:
         return self.extensions.get(CAUSATION_ID)
 
+    @property
+    def partition_key(self) -> str | None:
+        """The outbox key, on brokers without keys (NATS, RabbitMQ); on Kafka it is the record's key."""
+        return self.extensions.get(PARTITION_KEY)
+
     def json(self) -> Any:
         return orjson.loads(self.data)
+
+
+def attributes(
+    *,
+    id: str,
+    type: str,
+    source: str,
+    time: str,
+    subject: str | None = None,
+    correlation_id: str | None = None,
+    causation_id: str | None = None,
+    stream_version: int | None = None,
+    dataschema: str | None = None,
+) -> list[tuple[str, str]]:
+    """The context attributes of one message, by CloudEvents name; each binding adds its prefix."""
+    found = [("specversion", SPEC_VERSION), ("id", id), ("source", source), ("type", type), ("time", time)]
+    if subject is not None:
+        found.append(("subject", subject))
+    if dataschema is not None:
+        found.append(("dataschema", dataschema))
+    if stream_version is not None:
+        found.append((STREAM_VERSION, str(stream_version)))
+    if correlation_id is not None:
+        found.append((CORRELATION_ID, correlation_id))
+    if causation_id is not None:
+        found.append((CAUSATION_ID, causation_id))
+    return found
 
 
 def kafka_headers(
@@ -77,24 +117,13 @@ def kafka_headers(
     dataschema: str | None = None,
 ) -> Headers:
     """Headers for one message; `time` is already RFC 3339 text (the relay formats it in SQL)."""
-    headers: Headers = [
-        ("ce_specversion", b"1.0"),
-        ("ce_id", id.encode()),
-        ("ce_source", source.encode()),
-        ("ce_type", type.encode()),
-        ("ce_time", time.encode()),
-        (CONTENT_TYPE_HEADER, b"application/json"),
-    ]
-    if subject is not None:
-        headers.append(("ce_subject", subject.encode()))
-    if dataschema is not None:
-        headers.append(("ce_dataschema", dataschema.encode()))
-    if stream_version is not None:
-        headers.append(("ce_" + STREAM_VERSION, str(stream_version).encode()))
-    if correlation_id is not None:
-        headers.append(("ce_" + CORRELATION_ID, correlation_id.encode()))
-    if causation_id is not None:
-        headers.append(("ce_" + CAUSATION_ID, causation_id.encode()))
+    found = attributes(
+        id=id, type=type, source=source, time=time, subject=subject, correlation_id=correlation_id,
+        causation_id=causation_id, stream_version=stream_version, dataschema=dataschema,
+    )
+    headers: Headers = [(KAFKA_PREFIX + name, value.encode()) for name, value in found[:5]]
+    headers.append((CONTENT_TYPE_HEADER, CONTENT_TYPE.encode()))
+    headers.extend((KAFKA_PREFIX + name, value.encode()) for name, value in found[5:])
     return headers
 
 
@@ -144,33 +173,71 @@ class DataSchemas:
         return uri
 
 
-def from_kafka(headers: Iterable[tuple[str, bytes]], value: bytes | None) -> CloudEvent:
-    """Read a CloudEvent from a Kafka message's headers and value; raise `NotACloudEvent` if it is none."""
-    found: dict[str, str] = {}
-    for name, raw in headers:
-        found[name.lower()] = raw.decode("utf-8", errors="replace")
-    missing = [h for h in _REQUIRED if h not in found]
+def from_attributes(
+    headers: Mapping[str, str], prefix: str, data: bytes | None, content_type: str | None = None
+) -> CloudEvent:
+    """Read a CloudEvent from headers named `prefix` + attribute; raise `NotACloudEvent` if it is none."""
+    prefix = prefix.lower()
+    found = {name.lower()[len(prefix):]: value for name, value in headers.items() if name.lower().startswith(prefix)}
+    missing = [prefix + name for name in _REQUIRED if name not in found]
     if missing:
         raise NotACloudEvent(missing)
-    time_text = found.get("ce_time")
+    time_text = found.get("time")
     try:
         time = datetime.fromisoformat(time_text) if time_text else None
     except ValueError:
-        raise NotACloudEvent(["ce_time (not RFC 3339)"]) from None
-    known = {"ce_specversion", "ce_id", "ce_source", "ce_type", "ce_time", "ce_subject", "ce_dataschema"}
-    extensions = {k[3:]: v for k, v in found.items() if k.startswith("ce_") and k not in known}
+        raise NotACloudEvent([f"{prefix}time (not RFC 3339)"]) from None
     return CloudEvent(
-        id=found["ce_id"],
-        type=found["ce_type"],
-        source=found["ce_source"],
-        specversion=found["ce_specversion"],
-        data=value or b"",
+        id=found["id"],
+        type=found["type"],
+        source=found["source"],
+        specversion=found["specversion"],
+        data=data or b"",
         time=time,
-        subject=found.get("ce_subject"),
-        content_type=found.get(CONTENT_TYPE_HEADER),
-        dataschema=found.get("ce_dataschema"),
-        extensions=extensions,
+        subject=found.get("subject"),
+        content_type=content_type,
+        dataschema=found.get("dataschema"),
+        extensions={name: value for name, value in found.items() if name not in _KNOWN},
     )
+
+
+def from_kafka(headers: Iterable[tuple[str, bytes]], value: bytes | None) -> CloudEvent:
+    """Read a CloudEvent from a Kafka message's headers and value; raise `NotACloudEvent` if it is none."""
+    found = {name.lower(): raw.decode("utf-8", errors="replace") for name, raw in headers}
+    return from_attributes(found, KAFKA_PREFIX, value, found.get(CONTENT_TYPE_HEADER))
+
+
+def nats_headers(key: str | None = None, **values: Any) -> dict[str, str]:
+    """`kafka_headers` for the NATS binding: `ce-` headers, a content type, `ce-partitionkey` = the key."""
+    headers = {NATS_PREFIX + name: value for name, value in attributes(**values)}
+    if key is not None:
+        headers[NATS_PREFIX + PARTITION_KEY] = key
+    headers[CONTENT_TYPE_HEADER] = CONTENT_TYPE
+    return headers
+
+
+def from_nats(msg: Any) -> CloudEvent:
+    """A CloudEvent from a `nats.aio.msg.Msg` (core NATS or JetStream)."""
+    headers: dict[str, str] = dict(msg.headers or {})
+    lowered = {name.lower(): value for name, value in headers.items()}
+    return from_attributes(headers, NATS_PREFIX, msg.data, lowered.get(CONTENT_TYPE_HEADER))
+
+
+def amqp_headers(key: str | None = None, **values: Any) -> dict[str, str]:
+    """`kafka_headers` for the AMQP binding: `cloudEvents_` headers (the content type is a property)."""
+    headers = {AMQP_PREFIX + name: value for name, value in attributes(**values)}
+    if key is not None:
+        headers[AMQP_PREFIX + PARTITION_KEY] = key
+    return headers
+
+
+def from_amqp(message: Any) -> CloudEvent:
+    """A CloudEvent from an `aio_pika` message (its headers table, body and content_type property)."""
+    headers = {
+        name: value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
+        for name, value in (message.headers or {}).items()
+    }
+    return from_attributes(headers, AMQP_PREFIX, message.body, message.content_type)
 
 
 def from_record(record: Any) -> CloudEvent:

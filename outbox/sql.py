@@ -133,7 +133,8 @@ SELECT o.id, o.slot, o.topic, o.key, e.data::text AS data, e.event_id::text AS e
        o.source, e.stream_id, e.stream_version, e.metadata ->> 'correlation_id' AS correlation_id,
        e.metadata ->> 'causation_id' AS causation_id,
        to_char(e.recorded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS time, o.attempts,
-       o.log_xid, o.position, e.metadata ->> 'schema_version' AS schema_version
+       o.log_xid, o.position, e.metadata ->> 'schema_version' AS schema_version, NULL::text AS dataschema,
+       CASE WHEN e.metadata ? 'personal_data' THEN e.metadata::text END AS sealed
 FROM outbox AS o JOIN events AS e ON e.position = o.position
 WHERE o.published_at IS NULL AND o.dead_at IS NULL AND o.slot = ANY($1::int[])
   AND o.log_xid < {store_sql.LOG_HORIZON}
@@ -284,3 +285,11 @@ INBOX_SEEN = "SELECT EXISTS (SELECT 1 FROM inbox WHERE consumer = $1 AND message
 INBOX_PRUNE = """
 DELETE FROM inbox WHERE consumer = $1 AND handled_at < now() - make_interval(secs => $2)
 """
+
+PRUNE_ORPHANS = """
+DELETE FROM outbox AS o
+WHERE o.published_at IS NULL
+  AND NOT EXISTS (SELECT 1 FROM events AS e WHERE e.position = o.position)
+  AND NOT EXISTS (SELECT 1 FROM events_archive AS a WHERE a.position = o.position)
+"""
+"""Pending messages whose event is gone from the log and from the archive (hard-deleted streams)."""

@@ -18,7 +18,7 @@ from uuid import UUID
 
 import asyncpg
 
-from eventstore import CONNECTION_ERRORS, START, Checkpoint, EventStore, RecordedEvent
+from eventstore import CONNECTION_ERRORS, START, Checkpoint, EventStore, Keyring, RecordedEvent
 from projections import sql
 from projections.errors import InvalidProjection, ProjectionError, ProjectionsNotMigrated
 from projections.projection import Connection, HandlerFailed, Projection
@@ -32,6 +32,15 @@ def lease_key(kind: str, name: str) -> int:
     """A 64-bit advisory lock key per (kind, projection); a hash, so it cannot clash with other users."""
     digest = hashlib.blake2b(f"eventstore.projections.{kind}:{name}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big", signed=True)
+
+
+def lease_names(name: str, partitions: int) -> list[str]:
+    """What runners lease for a projection (`lease_key("run", ...)`): the projection, or each partition."""
+    return [name] if partitions <= 1 else [partition_name(name, p) for p in range(partitions)]
+
+
+def partition_name(name: str, partition: int) -> str:
+    return f"{name}#{partition}"
 
 
 def runner_identity(label: str | None = None) -> str:
@@ -71,6 +80,7 @@ class StoredCheckpoint:
     failed_position: int | None
     failed_at: datetime | None
     updated_at: datetime
+    partitions: int
 
     @classmethod
     def of(cls, row: Any) -> StoredCheckpoint:
@@ -80,15 +90,19 @@ class StoredCheckpoint:
             status=row["status"], runner=row["runner"], last_error=row["last_error"],
             failed_event_id=row["failed_event_id"], failed_event_type=row["failed_event_type"],
             failed_log_xid=row["failed_log_xid"], failed_position=row["failed_position"],
-            failed_at=row["failed_at"], updated_at=row["updated_at"],
+            failed_at=row["failed_at"], updated_at=row["updated_at"], partitions=row["partitions"],
         )
 
     def mismatch(self, projection: Projection) -> str | None:
-        return mismatch(projection, self.mode, self.version, self.tables)
+        return mismatch(projection, self.mode, self.version, self.tables, self.partitions)
 
 
-def mismatch(projection: Projection, mode: str, version: int, tables: Sequence[str]) -> str | None:
-    """Why tables stored with (mode, version, tables) cannot be kept current by `projection`, or None."""
+def mismatch(
+    projection: Projection, mode: str, version: int, tables: Sequence[str], partitions: int
+) -> str | None:
+    """Why tables stored with (mode, version, tables, partitions) cannot be kept current by `projection`."""
+    if partitions != projection.partitions:
+        return f"tables were built in {partitions} partition(s), declared {projection.partitions}"
     if mode != mode_of(projection):
         return f"stored as {mode}, declared {mode_of(projection)}"
     if version != projection.version:
@@ -219,8 +233,11 @@ async def go_live(
     await publish(conn, view_schema, name, generation, tables, previous.tables)
     await conn.execute(sql.drop_schema(schema_for(name, previous.generation)))
     await conn.execute(
-        sql.SWAP, name, generation, projection.version, mode_of(projection), tables, checkpoint[0], checkpoint[1]
+        sql.SWAP, name, generation, projection.version, mode_of(projection), tables, checkpoint[0], checkpoint[1],
+        projection.partitions,
     )
+    await conn.execute(sql.DELETE_PARTITIONS, name)
+    await conn.execute(sql.INSERT_PARTITIONS, name, projection.partitions, checkpoint[0], checkpoint[1])
 
 
 async def guard(conn: Connection, name: str, projection: Projection | None) -> None:
@@ -244,7 +261,9 @@ async def guard(conn: Connection, name: str, projection: Projection | None) -> N
         await conn.execute(sql.create_guard(schema, name, projection.event_types))
 
 
-async def ensure(conn: Connection, projection: Projection, search_path: str, view_schema: str) -> StoredCheckpoint:
+async def ensure(
+    conn: Connection, projection: Projection, search_path: str, view_schema: str, keyring: Keyring
+) -> StoredCheckpoint:
     """Create the projection's checkpoint row and first generation of tables if they do not exist yet.
 
     An inline projection is filled from the whole log here, in the same transaction, after its guard is
@@ -258,17 +277,19 @@ async def ensure(conn: Connection, projection: Projection, search_path: str, vie
                 await guard(conn, projection.name, projection)
         await conn.execute(sql.HOLD_GENERATION, lease_key("inline", projection.name))
         created = await conn.fetchval(
-            sql.INSERT_CHECKPOINT, projection.name, mode_of(projection), projection.version, tables
+            sql.INSERT_CHECKPOINT, projection.name, mode_of(projection), projection.version, tables,
+            projection.partitions,
         )
         if created is not None:
             await create_generation(conn, projection, 1, search_path)
             await publish(conn, view_schema, projection.name, 1, tables, [])
+            await conn.execute(sql.INSERT_PARTITIONS, projection.name, projection.partitions, *START)
             if projection.inline:
                 await use_generation(conn, projection.name, 1, search_path)
-                end, _ = await apply_committed(conn, projection, START, 1000)
+                end, _ = await apply_committed(conn, projection, START, 1000, keyring)
                 await conn.execute(sql.RESTORE_SEARCH_PATH, search_path)
                 await conn.execute(
-                    sql.SWAP, projection.name, 1, projection.version, "inline", tables, end[0], end[1]
+                    sql.SWAP, projection.name, 1, projection.version, "inline", tables, end[0], end[1], 1
                 )
         row = await conn.fetchrow(sql.SELECT_CHECKPOINT, projection.name)
     return StoredCheckpoint.of(row)
@@ -318,7 +339,7 @@ def _events(rows: Sequence[Any]) -> list[RecordedEvent]:
 
 
 async def read_batch(
-    conn: Connection, projection: Projection, after: Checkpoint, limit: int
+    conn: Connection, projection: Projection, after: Checkpoint, limit: int, keyring: Keyring
 ) -> tuple[list[RecordedEvent], Checkpoint]:
     """The next events the projection handles, and the checkpoint to record once they are applied.
 
@@ -326,7 +347,28 @@ async def read_batch(
     seen, so the checkpoint moves to the head: lag then counts only what is really left to do.
     """
     head = await conn.fetchrow(sql.LOG_HEAD)
-    events = _events(await conn.fetch(sql.READ_LOG, after[0], after[1], limit, projection.event_types))
+    events = await keyring.reveal(
+        conn, _events(await conn.fetch(sql.READ_LOG, after[0], after[1], limit, projection.event_types))
+    )
+    if len(events) == limit:
+        return events, events[-1].checkpoint
+    end = events[-1].checkpoint if events else Checkpoint(*after)
+    if head is not None:
+        end = max(end, Checkpoint(head["log_xid"], head["position"]))
+    return events, end
+
+
+async def read_partition(
+    conn: Connection, projection: Projection, partition: int, after: Checkpoint, limit: int, keyring: Keyring
+) -> tuple[list[RecordedEvent], Checkpoint]:
+    """`read_batch` for one partition of a partitioned projection."""
+    head = await conn.fetchrow(sql.LOG_HEAD)
+    document, path = projection.key_path
+    rows = await conn.fetch(
+        sql.READ_PARTITION, after[0], after[1], limit, projection.event_types, projection.partitions, partition,
+        document, path,
+    )
+    events = await keyring.reveal(conn, _events(rows))
     if len(events) == limit:
         return events, events[-1].checkpoint
     end = events[-1].checkpoint if events else Checkpoint(*after)
@@ -336,7 +378,7 @@ async def read_batch(
 
 
 async def apply_committed(
-    conn: Connection, projection: Projection, after: Checkpoint, limit: int
+    conn: Connection, projection: Projection, after: Checkpoint, limit: int, keyring: Keyring
 ) -> tuple[Checkpoint, int]:
     """Apply every committed event after `after`, also those behind running transactions (inline only).
 
@@ -345,7 +387,9 @@ async def apply_committed(
     end = Checkpoint(*after)
     count = 0
     while True:
-        events = _events(await conn.fetch(sql.READ_COMMITTED, end[0], end[1], limit, projection.event_types))
+        events = await keyring.reveal(
+            conn, _events(await conn.fetch(sql.READ_COMMITTED, end[0], end[1], limit, projection.event_types))
+        )
         if not events:
             return end, count
         await projection.apply(conn, events)

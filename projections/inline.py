@@ -52,7 +52,7 @@ class InlineProjections:
             search_path, view_schema = await session_paths(conn)
             for projection in self.projections:
                 try:
-                    state = await ensure(conn, projection, search_path, view_schema)
+                    state = await ensure(conn, projection, search_path, view_schema, self.store.keyring)
                 except HandlerFailed as failure:
                     raise ProjectionFailed.at(projection.name, failure.event, failure.error) from failure.error
                 reason = state.mismatch(projection)
@@ -90,7 +90,7 @@ class InlineProjections:
         search_path = str(next(iter(rows.values()))["search_path"])
         for projection in relevant:
             row = rows[projection.name]
-            reason = mismatch(projection, row["mode"], row["version"], row["tables"])
+            reason = mismatch(projection, row["mode"], row["version"], row["tables"], row["partitions"])
             if reason is not None:
                 raise ProjectionNeedsRebuild(projection.name, reason)
             await use_generation(conn, projection.name, row["generation"], search_path)

@@ -35,11 +35,13 @@ F = TypeVar("F", bound=Callable[..., Awaitable[None]])
 _NAME = re.compile(r"[a-z_][a-z0-9_]{0,39}")
 _TABLE = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 _MARK = "__projection_handles__"
+_KEY_PATH = re.compile(r"^(data|metadata)(\.[^.\s]+)+$")
+MAX_PARTITIONS = 256
 
 
 FRAMEWORK_TABLES = frozenset({
-    "events", "streams", "snapshots", "event_tags", "condition_locks",
-    "projection_checkpoints", "projection_rebuilds",
+    "events", "streams", "snapshots", "event_tags", "condition_locks", "subject_keys", "events_archive",
+    "projection_checkpoints", "projection_rebuilds", "projection_partitions",
     "outbox", "outbox_routes", "outbox_slots", "outbox_relays", "inbox",
     "alembic_version",
 })
@@ -97,6 +99,13 @@ class Projection:
     stored read model must be rebuilt before the projection runs again. `inline=True` projections are
     updated inside every append's transaction instead of by a runner. With `tags`, only events that carry
     all of them reach the handlers (a read model of one tenant, one course); change the version with them.
+
+    `partitions=N` splits the work: each event belongs to one partition by a stable hash of its stream
+    id (or of `partition_key`, a field such as `"data.customer_id"`), each partition has a checkpoint of
+    its own and is run by one worker at a time, in any runner process, so N workers share the load while
+    each stream's events (each key's) are still applied in order. Events of different partitions are
+    applied in no particular order relative to each other: handlers must not depend on it. Changing N
+    is a rebuild.
     """
 
     name: str = ""
@@ -104,6 +113,8 @@ class Projection:
     tables: TableDeclaration = ()
     inline: bool = False
     tags: Sequence[str] = ()
+    partitions: int = 1
+    partition_key: str | None = None
 
     def __init__(
         self,
@@ -113,6 +124,8 @@ class Projection:
         tables: TableDeclaration | None = None,
         inline: bool | None = None,
         tags: Sequence[str] | None = None,
+        partitions: int | None = None,
+        partition_key: str | None = None,
         handlers: Mapping[str, EventHandler] | None = None,
         batch_handlers: Mapping[str, BatchHandler] | None = None,
     ) -> None:
@@ -126,6 +139,10 @@ class Projection:
             self.inline = inline
         if tags is not None:
             self.tags = tags
+        if partitions is not None:
+            self.partitions = partitions
+        if partition_key is not None:
+            self.partition_key = partition_key
         self._handlers: dict[str, _Handler] = {}
         # By method name, so a subclass's override (marked again or not) replaces the inherited handler.
         marks: dict[str, tuple[tuple[str, ...], bool]] = {}
@@ -168,6 +185,26 @@ class Projection:
             raise InvalidProjection(f"projection {self.name!r} handles no event types")
         if isinstance(self.tags, str) or not all(isinstance(t, str) and t for t in self.tags):
             raise InvalidProjection(f"projection {self.name!r}: tags must be a collection of non-empty strings")
+        partitions = self.partitions
+        if isinstance(partitions, bool) or not isinstance(partitions, int) or not 1 <= partitions <= MAX_PARTITIONS:
+            raise InvalidProjection(
+                f"projection {self.name!r}: partitions must be an int from 1 to {MAX_PARTITIONS}, got {partitions!r}"
+            )
+        if self.inline and partitions > 1:
+            raise InvalidProjection(f"projection {self.name!r}: an inline projection cannot be partitioned")
+        key = self.partition_key
+        if key is not None and not (isinstance(key, str) and _KEY_PATH.fullmatch(key)):
+            raise InvalidProjection(
+                f"projection {self.name!r}: partition_key must name a field like 'data.customer_id', got {key!r}"
+            )
+
+    @property
+    def key_path(self) -> tuple[str | None, list[str] | None]:
+        """`partition_key` as (document, path) for `sql.READ_PARTITION`; (None, None) for the stream id."""
+        if self.partition_key is None:
+            return None, None
+        document, *path = self.partition_key.split(".")
+        return document, path
 
     def handles(self, event_type: str) -> bool:
         return event_type in self._handlers

@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import hashlib
 import logging
+import math
 import time
 from collections.abc import Iterable
 
@@ -41,8 +43,10 @@ from projections.generations import (
     ensure,
     lease_key,
     mismatch,
+    partition_name,
     raise_if_disconnected,
     read_batch,
+    read_partition,
     runner_identity,
     session_paths,
     use_generation,
@@ -60,6 +64,7 @@ class _Outcome(enum.Enum):
     HELD = "held"  # caught up with what the log shows, but committed events are held back: look again soon
     FAILED = "failed"  # stopped at a failed event until resumed or rebuilt
     MISMATCH = "mismatch"  # the stored tables belong to another declaration: leave it to another runner
+    YIELD = "yield"  # more than a fair share of a projection's partitions: hand this one to another runner
 
 
 class ProjectionRunner:
@@ -99,7 +104,7 @@ class ProjectionRunner:
         self.poll_interval = poll_interval
         self.lease_interval = lease_interval
         self.identity = runner_identity(label)
-        self._workers = [_Worker(self, p) for p in self.projections]
+        self._workers = [w for p in self.projections for w in _workers_of(self, p)]
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
 
@@ -110,7 +115,7 @@ class ProjectionRunner:
             async with self.store.pool.acquire() as conn:
                 search_path, view_schema = await session_paths(conn)
                 for projection in self.projections:
-                    await ensure(conn, projection, search_path, view_schema)
+                    await ensure(conn, projection, search_path, view_schema, self.store.keyring)
 
         # Creating rows and tables is idempotent: a session killed meanwhile just means doing it again.
         await self.store.retrying(prepare)
@@ -140,7 +145,7 @@ class ProjectionRunner:
     @property
     def owned(self) -> list[str]:
         """Names of the projections this runner holds the lease of now."""
-        return [w.projection.name for w in self._workers if w.owned]
+        return [w.label for w in self._workers if w.owned]
 
     async def wait_caught_up(self, until: Checkpoint | None = None, interval: float = 0.02) -> None:
         """Wait until every projection has processed the log up to `until` (default: every event committed
@@ -157,7 +162,7 @@ class ProjectionRunner:
         while True:
             rows = await self.store.pool.fetch(sql.CHECKPOINTS, names)
             for row in rows:
-                reason = mismatch(declared[row["name"]], row["mode"], row["version"], row["tables"])
+                reason = mismatch(declared[row["name"]], row["mode"], row["version"], row["tables"], row["partitions"])
                 if reason is not None:
                     raise ProjectionNeedsRebuild(row["name"], reason)
             failed = [r for r in rows if r["status"] == "failed"]
@@ -187,6 +192,7 @@ class _Worker:
     def __init__(self, runner: ProjectionRunner, projection: Projection) -> None:
         self.runner = runner
         self.projection = projection
+        self.label = projection.name
         self.key = lease_key("run", projection.name)
         self.owned = False
         self.wakeup = asyncio.Event()
@@ -228,7 +234,7 @@ class _Worker:
         conn = await connect(self.runner.store, f"projection {name}")
         try:
             self._search_path, view_schema = await session_paths(conn)
-            await ensure(conn, self.projection, self._search_path, view_schema)
+            await ensure(conn, self.projection, self._search_path, view_schema, self.runner.store.keyring)
             while not self.runner._stopping:
                 if await conn.fetchval(sql.TRY_LOCK, self.key):
                     self.owned = True
@@ -260,7 +266,7 @@ class _Worker:
                         await self._fail(conn, failure)
                     continue
                 batches.applied(count)
-                if outcome is _Outcome.MISMATCH:
+                if outcome in (_Outcome.MISMATCH, _Outcome.YIELD):
                     return
                 if outcome is _Outcome.HELD:
                     await self._pause(held.failed())
@@ -293,7 +299,7 @@ class _Worker:
             self._mismatch = None
             self._generation = state.generation
             await use_generation(conn, projection.name, state.generation, self._search_path)
-            events, end = await read_batch(conn, projection, state.checkpoint, limit)
+            events, end = await read_batch(conn, projection, state.checkpoint, limit, self.runner.store.keyring)
             try:
                 await projection.apply(conn, events)
             except HandlerFailed as failure:
@@ -319,3 +325,104 @@ class _Worker:
             sql.FAIL, self.projection.name, self._generation, describe(failure.error),
             event.event_id, event.event_type, event.log_xid, event.position,
         )
+
+
+def _workers_of(runner: ProjectionRunner, projection: Projection) -> list[_Worker]:
+    if projection.partitions == 1:
+        return [_Worker(runner, projection)]
+    return [_PartitionWorker(runner, projection, p) for p in range(projection.partitions)]
+
+
+class _PartitionWorker(_Worker):
+    """One partition of a partitioned projection: leased, checkpointed and run like a projection of its own.
+
+    Its batches lock its own checkpoint row and share the projection's row, so the partitions run side
+    by side while a swap (a rebuild going live, a reset) waits for their batches in flight. Runners
+    share the partitions fairly: each session is named after its runner, so a runner sees how many
+    runners compete for the projection, takes no more than ceil(partitions / runners) of them, and
+    hands back what it holds beyond that (checked every `lease_interval`).
+    """
+
+    def __init__(self, runner: ProjectionRunner, projection: Projection, partition: int) -> None:
+        super().__init__(runner, projection)
+        self.partition = partition
+        self.label = partition_name(projection.name, partition)
+        self.key = lease_key("run", self.label)
+        tag = hashlib.blake2b(f"{runner.identity}:{id(runner)}".encode(), digest_size=4).hexdigest()
+        self._session_name = f"{sql.PARTITION_RUNNER_PREFIX}{tag} {projection.name}"
+        self._next_share_check = 0.0
+
+    def _held_by_runner(self) -> int:
+        return sum(
+            1 for w in self.runner._workers
+            if isinstance(w, _PartitionWorker) and w.projection is self.projection and w.owned
+        )
+
+    async def _fair_share(self, conn: Connection) -> int:
+        runners = int(await conn.fetchval(sql.PARTITION_RUNNERS, self.projection.name) or 1)
+        return math.ceil(self.projection.partitions / max(runners, 1))
+
+    async def _session(self) -> None:
+        conn = await connect(self.runner.store, f"projection {self.label}")
+        try:
+            await conn.execute(sql.NAME_PARTITION_SESSION, self._session_name)
+            self._search_path, view_schema = await session_paths(conn)
+            await ensure(conn, self.projection, self._search_path, view_schema, self.runner.store.keyring)
+            while not self.runner._stopping:
+                if self._held_by_runner() < await self._fair_share(conn) and await conn.fetchval(
+                    sql.TRY_LOCK, self.key
+                ):
+                    self.owned = True
+                    try:
+                        await self._own(conn)
+                    finally:
+                        self.owned = False
+                        if not conn.is_closed():
+                            await conn.fetchval(sql.UNLOCK, self.key)
+                self.wakeup.clear()
+                await self._pause(self.runner.lease_interval)
+        finally:
+            await disconnect(self.runner.store, conn)
+
+    async def _step(self, conn: Connection, limit: int) -> tuple[_Outcome, int]:
+        now = time.monotonic()
+        if now >= self._next_share_check:
+            self._next_share_check = now + self.runner.lease_interval
+            if self._held_by_runner() > await self._fair_share(conn):
+                log.info("projection %s: handed to another runner (fair share)", self.label)
+                return _Outcome.YIELD, 0
+        projection = self.projection
+        async with conn.transaction():
+            shared = await conn.fetchrow(sql.SHARE_CHECKPOINT, projection.name)
+            if shared is None:
+                raise ProjectionError(f"projection {projection.name!r} has no checkpoint row")
+            state = StoredCheckpoint.of(shared)
+            if state.status == "failed":
+                return _Outcome.FAILED, 0
+            row = await conn.fetchrow(sql.LOCK_PARTITION, projection.name, self.partition)
+            reason = state.mismatch(projection)
+            if reason is not None or row is None:
+                reason = reason or f"partition {self.partition} has no checkpoint row"
+                if reason != self._mismatch:
+                    log.warning("projection %s needs a rebuild (%s); leaving it", self.label, reason)
+                self._mismatch = reason
+                return _Outcome.MISMATCH, 0
+            self._mismatch = None
+            self._generation = state.generation
+            await use_generation(conn, projection.name, state.generation, self._search_path)
+            after = Checkpoint(row["log_xid"], row["position"])
+            keyring = self.runner.store.keyring
+            events, end = await read_partition(conn, projection, self.partition, after, limit, keyring)
+            try:
+                await projection.apply(conn, events)
+            except HandlerFailed as failure:
+                raise_if_disconnected(failure, conn)
+                raise
+            if end != after or row["runner"] != self.runner.identity:
+                await conn.execute(
+                    sql.ADVANCE_PARTITION, projection.name, self.partition, end[0], end[1], self.runner.identity
+                )
+            if len(events) == limit:
+                return _Outcome.MORE, len(events)
+            held = await conn.fetchval(sql.HELD_BACK)
+        return (_Outcome.HELD if held else _Outcome.IDLE), len(events)

@@ -26,6 +26,7 @@ projection_checkpoints = sa.Table(
     sa.Column("log_xid", sa.BigInteger, nullable=False, server_default=sa.text("0")),
     sa.Column("position", sa.BigInteger, nullable=False, server_default=sa.text("0")),
     sa.Column("status", sa.Text, nullable=False, server_default=sa.text("'stopped'::text")),
+    sa.Column("partitions", sa.Integer, nullable=False, server_default=sa.text("1")),
     sa.Column("runner", sa.Text, nullable=True),
     sa.Column("last_error", sa.Text, nullable=True),
     sa.Column("failed_event_id", sa.Uuid, nullable=True),
@@ -39,6 +40,7 @@ projection_checkpoints = sa.Table(
     ),
     sa.CheckConstraint("mode IN ('async', 'inline')", name="projection_checkpoints_mode"),
     sa.CheckConstraint("generation >= 1", name="projection_checkpoints_generation_positive"),
+    sa.CheckConstraint("partitions >= 1", name="projection_checkpoints_partitions_positive"),
     comment=(
         "Per projection: the active generation of its tables and the checkpoint they are built to; "
         "advanced in the same transaction as the handlers' writes."
@@ -64,4 +66,25 @@ projection_rebuilds = sa.Table(
     sa.Column("started_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.text("now()")),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.text("now()")),
     comment="A rebuild in progress: the next generation of a projection's tables and how far it has got.",
+)
+
+projection_partitions = sa.Table(
+    "projection_partitions",
+    metadata,
+    sa.Column(
+        "name",
+        sa.Text,
+        sa.ForeignKey("projection_checkpoints.name", ondelete="CASCADE", name="projection_partitions_name_fkey"),
+        primary_key=True,
+    ),
+    sa.Column("partition", sa.Integer, primary_key=True),
+    sa.Column("log_xid", sa.BigInteger, nullable=False, server_default=sa.text("0")),
+    sa.Column("position", sa.BigInteger, nullable=False, server_default=sa.text("0")),
+    sa.Column("runner", sa.Text, nullable=True),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.text("now()")),
+    sa.CheckConstraint("partition >= 0", name="projection_partitions_partition_positive"),
+    comment=(
+        "Per partition of a partitioned projection: the checkpoint its events are applied to, advanced "
+        "in the same transaction as the handlers' writes; the live generation's only."
+    ),
 )

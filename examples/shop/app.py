@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from eventstore import MasterKey
 from eventstore_app import Application
 from outbox import Route
 
@@ -9,6 +10,9 @@ from .domain import Cart, Order, Product
 from .read_models import OrderSummary, ProductSales, StockLevels
 
 ORDERS_TOPIC = "shop.orders"
+
+DEMO_MASTER_KEY = "ZGVtbyBtYXN0ZXIga2V5OiBuZXZlciBpbiBwcm9kISE="
+"""The demo's master key when EVENTSTORE_MASTER_KEY is not set. A real application never ships one."""
 
 APP = Application(
     "examples.shop",
@@ -19,4 +23,6 @@ APP = Application(
     # (`eventstore schemas check` holds it to that, against examples/shop/eventstore.schemas.lock).
     routes=[Route(ORDERS_TOPIC, ["OrderPlaced", "PaymentCaptured", "OrderShipped", "OrderCancelled"],
                   compatibility="backward")],
+    # Customers' e-mail and postal addresses are sealed under a key per customer (`store.forget`).
+    keys=MasterKey.from_env() or MasterKey.from_base64(DEMO_MASTER_KEY),
 )

@@ -1,7 +1,8 @@
-"""The end-to-end demo: thousands of shop commands under contention, read models, a rebuild, Kafka.
+"""The end-to-end demo: thousands of shop commands under contention, read models, a rebuild, a broker.
 
 Everything is checked at the end against an independent source: read models against the aggregates,
-Kafka against the event store, the rebuilt read model against the one it replaced.
+the broker (Kafka, NATS JetStream or RabbitMQ) against the event store, the rebuilt read model
+against the one it replaced.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ import random
 import time
 import uuid
 from collections import Counter
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -24,9 +26,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from aggregates import AggregateNotFound, Repository
-from eventstore import START, EventStore, UnitOfWork
+from eventstore import EventStore, UnitOfWork
 from eventstore_app import Application, ApplicationSettings
-from outbox import CloudEvent, Inbox, RelaySettings, from_record
+from outbox import CloudEvent, Inbox, NatsSettings, RabbitMQSettings, RelaySettings, broker_settings, from_record
 from outbox import status as outbox_status
 from projections import RebuildProgress
 
@@ -106,10 +108,21 @@ class Shop:
         self.orders = app.repository(Order)
 
 
+def email_of(customer: str) -> str:
+    """The demo customer's e-mail address: personal data, stored encrypted."""
+    return f"{customer}@mail.example"
+
+
+def address_of(customer: str) -> str:
+    """The demo customer's postal address: personal data, stored encrypted."""
+    return f"{customer.removeprefix('customer-')} Linden Street, Springfield ({customer})"
+
+
 async def _customer(shop: Shop, commands: _Commands, rng: random.Random, n: int, prices: dict[str, int]) -> None:
     tally = commands.tally
     cart_id, order_id = f"c{n:05d}", f"o{n:05d}"
-    await commands.run(shop.carts, cart_id, lambda c: c.open(f"customer-{n % 97}"), create=True)
+    customer = f"customer-{n % 97}"
+    await commands.run(shop.carts, cart_id, lambda c: c.open(customer, email_of(customer)), create=True)
     skus = rng.sample(sorted(prices), rng.randint(1, 4))
     # Popular products: a skewed choice makes several customers reserve the same product at once.
     skus = [s if rng.random() < 0.5 else f"sku{rng.randint(0, 3):03d}" for s in skus]
@@ -121,7 +134,9 @@ async def _customer(shop: Shop, commands: _Commands, rng: random.Random, n: int,
     await commands.run(shop.carts, cart_id, lambda c: c.check_out(order_id))
     cart = await shop.carts.get(cart_id)
     lines = [OrderLine(sku=s, quantity=q, price=p) for s, (q, p) in sorted(cart.state.lines.items())]
-    await commands.run(shop.orders, order_id, lambda o: o.place(cart.state.customer, lines), create=True)
+    await commands.run(
+        shop.orders, order_id, lambda o: o.place(cart.state.customer, lines, address_of(customer)), create=True
+    )
     tally.orders += 1
     reserved: list[str] = []
     for line in lines:
@@ -151,68 +166,166 @@ async def _ensure_topic(servers: str) -> None:
         await admin.close()
 
 
-class _Billing:
-    """A downstream consumer of the orders topic, made idempotent by the inbox.
+class Feed(Protocol):
+    """This run's messages on the orders topic, from one broker, readable twice (the second time: a replay)."""
 
-    It reads the topic from its start but bills only the events recorded since this run began (by the
-    database's clock, which stamps both): on a broker that keeps the topic, earlier runs' messages are
-    there too, and the end offsets that would let it skip them are not reliable on every
-    Kafka-compatible broker.
-    """
+    async def mark_start(self, since: datetime) -> None:
+        """Remember where this run's messages begin: they are of events recorded from `since` on."""
 
-    def __init__(self, inbox: Inbox, servers: str) -> None:
-        self.inbox = inbox
+    def read(self, replay: bool) -> AsyncGenerator[CloudEvent, None]: ...
+
+
+class _KafkaFeed:
+    """The topic from its start, keeping the events recorded since this run began (by the database's clock,
+    which stamps them): an earlier run's messages are on a broker that keeps the topic, and the end
+    offsets that would let it skip them are not reliable on every Kafka-compatible broker (tansu counts
+    record batches)."""
+
+    def __init__(self, servers: str) -> None:
         self.servers = servers
         self.since: datetime | None = None
+
+    async def mark_start(self, since: datetime) -> None:
+        await _ensure_topic(self.servers)
+        self.since = since
+
+    async def read(self, replay: bool) -> AsyncGenerator[CloudEvent, None]:
+        consumer = AIOKafkaConsumer(
+            ORDERS_TOPIC, bootstrap_servers=self.servers, group_id=None, auto_offset_reset="earliest",
+            enable_auto_commit=False, metadata_max_age_ms=1000,
+        )
+        await consumer.start()
+        try:
+            while True:
+                for records in (await consumer.getmany(timeout_ms=200)).values():
+                    for record in records:
+                        message = from_record(record)
+                        if self.since is None or (message.time is not None and message.time >= self.since):
+                            yield message
+        finally:
+            await consumer.stop()
+
+
+class _NatsFeed:
+    """A JetStream stream capturing the orders subject, read from the sequence it had when the demo began."""
+
+    STREAM = "SHOP_ORDERS"
+
+    def __init__(self, settings: NatsSettings) -> None:
+        self.settings = settings
+        self.start = 0
+
+    async def mark_start(self, since: datetime) -> None:
+        from outbox.jetstream import ensure_stream
+
+        await ensure_stream(self.settings, self.STREAM, [ORDERS_TOPIC])
+        client = await self._connect()
+        try:
+            self.start = (await client.jetstream().stream_info(self.STREAM)).state.last_seq
+        finally:
+            await client.close()
+
+    async def _connect(self) -> Any:
+        import nats
+
+        return await nats.connect(servers=self.settings.server_list)
+
+    async def read(self, replay: bool) -> AsyncGenerator[CloudEvent, None]:
+        import nats.errors
+        from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+        from outbox import from_nats
+
+        client = await self._connect()
+        try:
+            config = ConsumerConfig(
+                ack_policy=AckPolicy.NONE, deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=self.start + 1
+            )
+            sub = await client.jetstream().pull_subscribe(
+                self.settings.subject(ORDERS_TOPIC), stream=self.STREAM, config=config
+            )
+            while True:
+                try:
+                    batch = await sub.fetch(500, timeout=0.2)
+                except nats.errors.TimeoutError:
+                    continue
+                for msg in batch:
+                    yield from_nats(msg)
+        finally:
+            await client.close()
+
+
+class _RabbitFeed:
+    """Two queues bound to the orders routing key before the run: one to consume, one to replay."""
+
+    def __init__(self, settings: RabbitMQSettings) -> None:
+        self.settings = settings
+        self._connection: Any = None
+        self._queues: list[Any] = []
+
+    async def mark_start(self, since: datetime) -> None:
+        import aio_pika
+
+        self._connection = await aio_pika.connect(self.settings.url.get_secret_value())
+        channel = await self._connection.channel()
+        exchange = await channel.declare_exchange(self.settings.exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+        for _ in range(2):
+            queue = await channel.declare_queue(exclusive=True)
+            await queue.bind(exchange, routing_key=ORDERS_TOPIC)
+            self._queues.append(queue)
+
+    async def read(self, replay: bool) -> AsyncGenerator[CloudEvent, None]:
+        from outbox import from_amqp
+
+        queue = self._queues[1 if replay else 0]
+        while True:
+            message = await queue.get(no_ack=True, fail=False)
+            if message is None:
+                await asyncio.sleep(0.05)
+                continue
+            yield from_amqp(message)
+
+    async def close(self) -> None:
+        if self._connection is not None:
+            await self._connection.close()
+
+
+def feed_for(broker: str) -> Feed:
+    settings = broker_settings(broker)
+    if isinstance(settings, NatsSettings):
+        return _NatsFeed(settings)
+    if isinstance(settings, RabbitMQSettings):
+        return _RabbitFeed(settings)
+    return _KafkaFeed(settings.bootstrap_servers)
+
+
+class _Billing:
+    """A downstream consumer of the orders topic, made idempotent by the inbox; it counts this run's messages."""
+
+    def __init__(self, inbox: Inbox, feed: Feed) -> None:
+        self.inbox = inbox
+        self.feed = feed
         self.applied = 0
         self.skipped = 0
         self.received = 0
 
-    async def mark_start(self, store: EventStore) -> None:
-        self.since = await store.pool.fetchval("SELECT now()")
-
-    def _consumer(self) -> AIOKafkaConsumer:
-        return AIOKafkaConsumer(
-            ORDERS_TOPIC, bootstrap_servers=self.servers, group_id=None, auto_offset_reset="earliest",
-            enable_auto_commit=False, metadata_max_age_ms=1000,
-        )
-
-    def _ours(self, message: CloudEvent) -> bool:
-        return self.since is None or (message.time is not None and message.time >= self.since)
-
     async def consume(self, until: int, timeout: float) -> None:
-        """Read until `until` messages of this run were applied (or `timeout`)."""
-        consumer = self._consumer()
-        await consumer.start()
-        try:
-            async with asyncio.timeout(timeout):
-                while self.applied < until:
-                    batches = await consumer.getmany(timeout_ms=200)
-                    for records in batches.values():
-                        for record in records:
-                            message = from_record(record)
-                            if self._ours(message):
-                                await self._handle(message)
-        finally:
-            await consumer.stop()
+        """Read this run's messages until `until` were applied (or `timeout`)."""
+        async with asyncio.timeout(timeout), contextlib.aclosing(self.feed.read(replay=False)) as messages:
+            async for message in messages:
+                await self._handle(message)
+                if self.applied >= until:
+                    return
 
     async def replay_all(self, timeout: float) -> None:
         """Read this run's messages again, as after a consumer crash before its offsets were committed."""
-        consumer = self._consumer()
-        await consumer.start()
-        try:
-            seen = 0
-            async with asyncio.timeout(timeout):
-                while seen < self.received:
-                    batches = await consumer.getmany(timeout_ms=200)
-                    for records in batches.values():
-                        for record in records:
-                            message = from_record(record)
-                            if self._ours(message):
-                                seen += 1
-                                await self._handle(message, replay=True)
-        finally:
-            await consumer.stop()
+        seen = 0
+        async with asyncio.timeout(timeout), contextlib.aclosing(self.feed.read(replay=True)) as messages:
+            async for message in messages:
+                seen += 1
+                await self._handle(message, replay=True)
+                if seen >= self.received:
+                    return
 
     async def _handle(self, message: CloudEvent, replay: bool = False) -> None:
         if not replay:
@@ -229,23 +342,27 @@ class _Billing:
             self.skipped += 1
 
 
-async def run_demo(url: str, kafka: str, console: Console, *, customers: int = 600, concurrency: int = 32,
+async def run_demo(url: str, broker: str, console: Console, *, customers: int = 600, concurrency: int = 32,
                    seed: int = 20261126) -> Report:
+    """Run the demo against PostgreSQL at `url` and the broker at `broker` (Kafka servers, nats://, amqp://)."""
     started = time.perf_counter()
     rng = random.Random(seed)
     tally = Tally(customers=customers)
     report = Report(tally)
-    await _ensure_topic(kafka)
     settings = ApplicationSettings(
         max_connections=concurrency + 8, projection_poll_interval=0.5,
         relay=RelaySettings(relay_id=f"demo-{uuid.uuid4().hex[:6]}", poll_interval=0.5, retention=None),
     )
-    async with APP.using(database_url=url, kafka=kafka, settings=settings) as app:
+    feed = feed_for(broker)
+    app_here = APP.using(database_url=url, broker=broker, settings=settings)
+    async with app_here as app, contextlib.AsyncExitStack() as stack:
         store = app.store
         await store.pool.execute(FEED_TABLE)
         shop = Shop(app)
-        billing = _Billing(app.inbox("shop-billing"), kafka)
-        await billing.mark_start(store)
+        await feed.mark_start(await store.pool.fetchval("SELECT now()"))
+        if isinstance(feed, _RabbitFeed):
+            stack.push_async_callback(feed.close)
+        billing = _Billing(app.inbox("shop-billing"), feed)
         async with app.runner() as runner, app.relay():
             commands = _Commands(tally)
             prices = {f"sku{i:03d}": 500 + 250 * (i % 9) for i in range(PRODUCTS)}
@@ -273,7 +390,9 @@ async def run_demo(url: str, kafka: str, console: Console, *, customers: int = 6
                 f"{tally.orders:,} orders ({tally.cancelled:,} cancelled for lack of stock)"
             )
 
-            console.print("[bold]2.[/] projections catch up; outbox relays to Kafka; billing consumes ...")
+            console.print(
+                f"[bold]2.[/] projections catch up; outbox relays to {_broker_name(broker)}; billing consumes ..."
+            )
             await runner.wait_caught_up()
             order_events = await _count_events(store, ORDER_EVENTS)
             await billing.consume(order_events, timeout=120)
@@ -303,17 +422,18 @@ async def run_demo(url: str, kafka: str, console: Console, *, customers: int = 6
     return report
 
 
+def _broker_name(broker: str) -> str:
+    return type(broker_settings(broker)).__name__.removesuffix("Settings").replace("Nats", "NATS JetStream")
+
+
 def stock_per_product(customers: int) -> int:
     """Enough stock for most orders; the popular products still run out, so some orders are cancelled."""
     return max(20, customers * 2 // 5)
 
 
 async def _count_events(store: EventStore, types: tuple[str, ...]) -> int:
-    count, after = 0, START
-    while batch := await store.read_all(after, limit=5000, types=list(types)):
-        count += len(batch)
-        after = batch[-1].checkpoint
-    return count
+    """Counted in the events table itself: every committed event, whatever the log's visibility line."""
+    return int(await store.pool.fetchval("SELECT count(*) FROM events WHERE event_type = ANY($1)", list(types)))
 
 
 async def _rows(store: EventStore, query: str) -> list[tuple[Any, ...]]:

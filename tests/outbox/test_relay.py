@@ -185,17 +185,20 @@ async def test_relay_survives_its_connections_being_terminated(
 ) -> None:
     admin = await asyncpg.connect(asyncpg_dsn(database_url))
     try:
-        async with Relay(outbox_store, kafka, relay_settings(batch_size=20)) as relay:
+        terminated = 0
+        async with Relay(outbox_store, kafka, relay_settings(batch_size=20)):
             for round_ in range(10):
                 for stream in range(10):
                     await outbox_store.append(f"order-{stream}", [NewEvent("OrderPlaced", {"n": round_})])
-                await admin.execute(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                terminated += await admin.fetchval(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
                     " WHERE datname = current_database() AND pid <> pg_backend_pid()"
                 )
                 await asyncio.sleep(0.05)
             await collector.wait_count(100)
-            assert relay.stats.database_errors > 0
+        # The relay's own connections among them (its listener's at least); whether a query of its was
+        # under way when one went (and counted in stats.database_errors) is up to timing.
+        assert terminated >= 10
     finally:
         await admin.close()
     assert versions_by_key(collector) == {f"order-{s}": list(range(10)) for s in range(10)}

@@ -148,7 +148,7 @@ async def test_a_table_name_already_taken_is_a_clear_error(store: EventStore) ->
 
 
 async def test_an_unmigrated_database_is_a_clear_error(store: EventStore) -> None:
-    await store.pool.execute("DROP TABLE projection_rebuilds, projection_checkpoints")
+    await store.pool.execute("DROP TABLE projection_rebuilds, projection_partitions, projection_checkpoints")
     with pytest.raises(ProjectionsNotMigrated, match="run `eventstore migrate`"):
         await ProjectionRunner(store, [Ledger()]).start()
     with pytest.raises(ProjectionsNotMigrated):

@@ -1,0 +1,129 @@
+"""Partitioned projections: a checkpoint and a lease per partition, runners sharing them, order per stream."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from eventstore import EventStore, NewEvent, RecordedEvent
+from projections import InvalidProjection, Projection, ProjectionAdmin, ProjectionNeedsRebuild, handles
+from projections.generations import partition_name
+from tests.projections.app import caught_up, eventually
+
+
+class StreamOrder(Projection):
+    """Per stream, the versions in the order they were applied; a version out of order is a failure."""
+
+    name = "stream_order"
+    tables = {
+        "stream_order": "CREATE TABLE stream_order (stream_id text PRIMARY KEY, versions int[] NOT NULL, "
+        "runners text[] NOT NULL)",
+    }
+
+    @handles("Moved")
+    async def moved(self, conn: Any, event: RecordedEvent) -> None:
+        runner = str(await conn.fetchval("SELECT current_setting('application_name')"))
+        last = await conn.fetchval("SELECT versions[cardinality(versions)] FROM stream_order WHERE stream_id = $1",
+                                   event.stream_id)
+        if (last if last is not None else -1) != event.stream_version - 1:
+            raise AssertionError(f"{event.stream_id}: version {event.stream_version} after {last}")
+        await conn.execute(
+            "INSERT INTO stream_order VALUES ($1, ARRAY[$2::int], ARRAY[$3]) ON CONFLICT (stream_id) DO UPDATE "
+            "SET versions = stream_order.versions || $2::int, runners = stream_order.runners || $3",
+            event.stream_id, event.stream_version, runner,
+        )
+
+
+async def _append(store: EventStore, streams: int, versions: int, prefix: str = "s") -> Any:
+    last = None
+    for _ in range(versions):
+        for s in range(streams):
+            last = (await store.append(f"{prefix}-{s}", [NewEvent("Moved", {"account": f"a{s % 3}"})])).checkpoint
+    return last
+
+
+async def _versions(store: EventStore) -> dict[str, list[int]]:
+    return {r["stream_id"]: list(r["versions"]) for r in await store.pool.fetch("SELECT * FROM stream_order")}
+
+
+async def test_runners_share_the_partitions_and_each_stream_stays_in_order(store: EventStore) -> None:
+    admin = ProjectionAdmin(store, [StreamOrder(partitions=4)])
+    last = await _append(store, streams=12, versions=5)
+    options: dict[str, Any] = {"batch_size": 3, "lease_interval": 0.1}
+    async with admin.runner(**options) as one, admin.runner(**options) as two:
+        await caught_up(one, last)
+        await eventually(lambda: _split(one.owned, two.owned), what="both runners own partitions")
+        more = await _append(store, streams=12, versions=3)
+        await caught_up(two, more)
+    assert await _versions(store) == {f"s-{s}": list(range(8)) for s in range(12)}
+    rows = await store.pool.fetch("SELECT partition, log_xid, position FROM projection_partitions ORDER BY 1")
+    assert [r["partition"] for r in rows] == [0, 1, 2, 3]
+    assert all((r["log_xid"], r["position"]) >= tuple(more) for r in rows)
+    (status,) = await admin.status()
+    assert (status.state, status.lag, status.checkpoint >= more) == ("stopped", 0, True)
+
+
+async def _split(first: list[str], second: list[str]) -> bool:
+    names = {partition_name("stream_order", p) for p in range(4)}
+    return bool(first) and bool(second) and set(first) | set(second) == names and not set(first) & set(second)
+
+
+async def test_each_event_belongs_to_exactly_one_partition_by_its_key(store: EventStore) -> None:
+    by_account = StreamOrder(partitions=3, partition_key="data.account")
+    await store.wait_until_visible(await _append(store, streams=9, versions=2))
+    seen: dict[int, set[str]] = {}
+    async with store.pool.acquire() as conn:
+        from projections.generations import read_partition
+
+        for p in range(3):
+            events, _ = await read_partition(conn, by_account, p, (0, 0), 1000)  # type: ignore[arg-type]
+            seen[p] = {e.json()["account"] for e in events}
+            assert len(events) == sum(1 for s in range(9) if f"a{s % 3}" in seen[p]) * 2
+    assert set().union(*seen.values()) == {"a0", "a1", "a2"}
+    assert sum(len(accounts) for accounts in seen.values()) == 3, "an account in two partitions"
+
+
+async def test_changing_the_number_of_partitions_is_a_rebuild(store: EventStore) -> None:
+    last = await _append(store, streams=6, versions=4)
+    async with ProjectionAdmin(store, [StreamOrder(partitions=2)]).runner() as runner:
+        await caught_up(runner, last)
+    admin = ProjectionAdmin(store, [StreamOrder(partitions=3)])
+    (status,) = await admin.status()
+    assert status.state == "needs rebuild" and "2 partition(s), declared 3" in (status.needs_rebuild or "")
+    async with admin.runner() as runner:
+        with pytest.raises(ProjectionNeedsRebuild):
+            await caught_up(runner, last)
+    await admin.rebuild("stream_order")
+    assert await store.pool.fetchval("SELECT count(*) FROM projection_partitions") == 3
+    more = await _append(store, streams=6, versions=2)
+    async with admin.runner() as runner:
+        await caught_up(runner, more)
+    assert await _versions(store) == {f"s-{s}": list(range(6)) for s in range(6)}
+
+
+async def test_a_failing_partition_stops_the_projection(store: EventStore) -> None:
+    first = await store.append("s-0", [NewEvent("Moved")])
+    admin = ProjectionAdmin(store, [StreamOrder(partitions=2)])
+    async with admin.runner() as runner:
+        await caught_up(runner, first.checkpoint)
+        # A version that does not follow: the handler refuses it.
+        await store.pool.execute(
+            "UPDATE projection_stream_order_g1.stream_order SET versions = ARRAY[5] WHERE stream_id = 's-0'"
+        )
+        await store.append("s-0", [NewEvent("Moved")])
+        await eventually(lambda: _failed(admin), what="the projection failed")
+
+
+async def _failed(admin: ProjectionAdmin) -> bool:
+    (status,) = await admin.status()
+    return status.state == "failed" and "version 1 after 5" in (status.last_error or "")
+
+
+def test_bad_partition_declarations_are_refused() -> None:
+    with pytest.raises(InvalidProjection, match="partitions must be an int"):
+        StreamOrder(partitions=0)
+    with pytest.raises(InvalidProjection, match="partition_key"):
+        StreamOrder(partitions=2, partition_key="account")
+    with pytest.raises(InvalidProjection, match="inline"):
+        StreamOrder(partitions=2, inline=True)
