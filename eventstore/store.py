@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import logging
 import math
@@ -70,6 +71,19 @@ Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 """A connection as handed out by asyncpg, pooled or not."""
 
 AppendHook = Callable[["UnitOfWork", AppendResult], Awaitable[None]]
+
+NOTIFY_INTERVAL = 0.003
+"""Seconds between two NOTIFYs at most: the first of a burst goes out at once, the rest are coalesced."""
+
+# Set while a connection of the store's own pool runs only the store's own statements, which leave no
+# session state behind: releasing it then skips asyncpg's reset query (a round trip per release).
+_SESSION_UNTOUCHED: contextvars.ContextVar[bool] = contextvars.ContextVar("eventstore_session_untouched", default=False)
+
+
+async def _reset_session(conn: asyncpg.Connection) -> None:
+    """The pool's reset: asyncpg's own (UNLISTEN, RESET ALL, ...) unless the store vouches for the session."""
+    if not _SESSION_UNTOUCHED.get():
+        await conn.execute(conn.get_reset_query())
 """Called inside the append's transaction, after the events are written (outbox, inline projections)."""
 
 
@@ -311,7 +325,8 @@ class EventStore:
 
             async def connect() -> asyncpg.Pool:
                 return await asyncpg.create_pool(
-                    url, min_size=self._min, max_size=self._max, max_inactive_connection_lifetime=60
+                    url, min_size=self._min, max_size=self._max, max_inactive_connection_lifetime=60,
+                    reset=_reset_session,
                 )
 
             # A server that is restarting refuses connections for a while: wait up to connect_timeout.
@@ -349,6 +364,21 @@ class EventStore:
             raise NotStarted("EventStore is not started: use `async with EventStore(...)`")
         return self._pool
 
+    @contextlib.asynccontextmanager
+    async def _own_connection(self) -> AsyncIterator[Connection]:
+        """A pooled connection for the store's own statements only (no session state to reset after)."""
+        token = _SESSION_UNTOUCHED.set(True)
+        try:
+            async with self.pool.acquire() as conn:
+                yield conn
+        finally:
+            _SESSION_UNTOUCHED.reset(token)
+
+    async def _fetch(self, query: str, *args: object) -> list[asyncpg.Record]:
+        async with self._own_connection() as conn:
+            rows: list[asyncpg.Record] = await conn.fetch(query, *args)
+            return rows
+
     def add_append_hook(self, hook: AppendHook) -> None:
         """Run `hook` inside every append's transaction, after the events are written."""
         self._hooks.append(hook)
@@ -380,11 +410,12 @@ class EventStore:
         prepared = prepare_append(stream_id, events, expected_version, self.max_event_size)
 
         async def once() -> AppendResult:
+            if not self._hooks:
+                # One statement is its own transaction: one round trip instead of three.
+                async with self._own_connection() as conn:
+                    return await self._append_prepared(UnitOfWork(self, conn), prepared, expected_version)
             async with self.pool.acquire() as conn:
                 uow = UnitOfWork(self, conn)
-                if not self._hooks:
-                    # One statement is its own transaction: one round trip instead of three.
-                    return await self._append_prepared(uow, prepared, expected_version)
                 try:
                     async with conn.transaction():
                         return await self._append_prepared(uow, prepared, expected_version)
@@ -479,22 +510,24 @@ class EventStore:
             self._notify_task = asyncio.get_running_loop().create_task(self._send_notifications())
 
     async def _send_notifications(self) -> None:
+        # Sends at once, then waits NOTIFY_INTERVAL so that the appends of a busy spell share one NOTIFY.
         while self._notify_pending:
             self._notify_pending = False
             try:
                 if self.url is None:
                     await self.pool.execute(sql.NOTIFY)
-                    continue
-                # A connection of its own: a pool saturated by writers would delay the wake-up.
-                if self._notifier is None or self._notifier.is_closed():
-                    self._notifier = await asyncpg.connect(self.url, timeout=5)
-                await self._notifier.execute(sql.NOTIFY)
+                else:
+                    # A connection of its own: a pool saturated by writers would delay the wake-up.
+                    if self._notifier is None or self._notifier.is_closed():
+                        self._notifier = await asyncpg.connect(self.url, timeout=5)
+                    await self._notifier.execute(sql.NOTIFY)
             except Exception as exc:  # subscribers fall back to polling
                 log.debug("notify failed: %s", exc)
                 if self._notifier is not None:
                     self._notifier.terminate()
                     self._notifier = None
                 return
+            await asyncio.sleep(NOTIFY_INTERVAL)
 
     # -- reads -------------------------------------------------------------------------------------
 
@@ -519,12 +552,12 @@ class EventStore:
         if direction is Direction.FORWARDS:
             start = 0 if from_version is None else from_version
             rows = await self.retrying(
-                lambda: self.pool.fetch(sql.READ_STREAM_FORWARDS, stream_id, start, count)
+                lambda: self._fetch(sql.READ_STREAM_FORWARDS, stream_id, start, count)
             )
         else:
             start = _MAX_VERSION if from_version is None or from_version < 0 else from_version
             rows = await self.retrying(
-                lambda: self.pool.fetch(sql.READ_STREAM_BACKWARDS, stream_id, start, count)
+                lambda: self._fetch(sql.READ_STREAM_BACKWARDS, stream_id, start, count)
             )
         return [_record(r) for r in rows]
 
@@ -534,7 +567,7 @@ class EventStore:
         """Events of one stream recorded at or before `until` (temporal queries)."""
         check_stream_id(stream_id)
         rows = await self.retrying(
-            lambda: self.pool.fetch(sql.READ_STREAM_UNTIL_TIME, stream_id, from_version, until, _MAX_VERSION)
+            lambda: self._fetch(sql.READ_STREAM_UNTIL_TIME, stream_id, from_version, until, _MAX_VERSION)
         )
         return [_record(r) for r in rows]
 
@@ -565,7 +598,7 @@ class EventStore:
             query, args = sql.READ_ALL_TYPES, (tx, pos, limit, list(types))
         else:
             query, args = sql.READ_ALL, (tx, pos, limit)
-        rows = await self.retrying(lambda: self.pool.fetch(query, *args))
+        rows = await self.retrying(lambda: self._fetch(query, *args))
         return [_record(r) for r in rows]
 
     async def head(self) -> Checkpoint:
