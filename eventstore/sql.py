@@ -228,13 +228,15 @@ $$;
 """
 
 # Version 3 costs less on the common path, with the same results and the same log order as version 2.
-# The probe for stored event ids runs up front only where a retry could otherwise succeed again (ANY,
-# STREAM_EXISTS). With NO_STREAM or an exact version a retry of a committed append fails the stream's
-# version check, and the probe runs there; an id stored in another stream then fails the insert with a
-# unique violation, which the store reports as `DuplicateEventId`. One event, the most common append,
-# goes in with a plain INSERT ... VALUES (no unnest, no aggregate). The probe looks each id up in the
-# unique index one by one: PL/pgSQL keeps a statement's plan for the session, and version 2's
-# `event_id = ANY (...)` could keep a sequential scan planned while the table was still empty.
+# - With NO_STREAM or an exact version, a retry of a committed append fails the stream's version check,
+#   and only then does it look for stored ids. With ANY or STREAM_EXISTS, where a retry would pass that
+#   check, it looks up the first id only: a retry stores all of them. Any other stored id fails the
+#   insert with a unique violation, which the store reports as `DuplicateEventId` (as version 2 did,
+#   except that inside a unit of work the transaction is then aborted).
+# - Each lookup goes id by id through the unique index: PL/pgSQL keeps a statement's plan for the
+#   session, and version 2's `event_id = ANY (...)` kept a sequential scan planned while the table was
+#   still small, which then grew with the table.
+# - One event, the most common append, goes in with a plain INSERT ... VALUES.
 APPEND_FUNCTION_V3 = """
 CREATE OR REPLACE FUNCTION eventstore_append(
     p_stream_id text, p_expected bigint, p_event_ids uuid[], p_types text[], p_data jsonb[], p_metadata jsonb[]
@@ -249,9 +251,7 @@ DECLARE
     v_position bigint;
     v_recorded timestamptz;
 BEGIN
-    IF p_expected < -1 AND EXISTS (
-        SELECT FROM unnest(p_event_ids) AS u(id)
-        WHERE (SELECT true FROM events AS e WHERE e.event_id = u.id)) THEN
+    IF p_expected < -1 AND EXISTS (SELECT FROM events AS e WHERE e.event_id = p_event_ids[1]) THEN
         RETURN QUERY SELECT * FROM eventstore_duplicates(
             p_stream_id, p_expected, p_event_ids, p_types, p_data, p_metadata);
         RETURN;

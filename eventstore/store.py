@@ -194,6 +194,17 @@ def _dump(event_type: str, value: Any) -> bytes:
         raise EventSerializationError(event_type, str(exc)) from None
 
 
+def _dump_fast(event_type: str, value: Any) -> bytes:
+    """`_dump` for the common case, where the JSON holds neither null nor an escaped NUL to look into."""
+    try:
+        text = orjson.dumps(value)
+    except (TypeError, orjson.JSONEncodeError):
+        return _dump(event_type, value)  # raises the typed error
+    if b"null" in text or b"\\u0000" in text:
+        return _dump(event_type, value)
+    return text
+
+
 def _refusal(exc: BaseException) -> bool:
     return getattr(exc, "sqlstate", None) == sql.APPEND_REFUSED
 
@@ -212,19 +223,26 @@ def prepare_append(
     types: list[str] = []
     data: list[str] = []
     metadata: list[str] = []
+    checked: set[str] = set()  # event types already checked in this append
     for event in events:
         if not isinstance(event, NewEvent):
             raise InvalidAppend(f"events must be NewEvent instances, got {type(event).__name__}")
-        _check_text("event type", event.type, MAX_EVENT_TYPE_LENGTH, InvalidAppend)
+        event_type = event.type
+        if event_type not in checked:
+            _check_text("event type", event_type, MAX_EVENT_TYPE_LENGTH, InvalidAppend)
+            checked.add(event_type)
         if not isinstance(event.event_id, UUID):
             raise InvalidAppend(f"event id must be a UUID, got {event.event_id!r}")
-        body = _dump(event.type, event.data)
-        meta = _dump(event.type, event.metadata_with_ids())
+        body = _dump_fast(event_type, event.data)
+        if event.metadata or event.correlation_id is not None or event.causation_id is not None:
+            meta = _dump_fast(event_type, event.metadata_with_ids())
+        else:
+            meta = b"{}"
         size = len(body) + len(meta)
         if size > max_event_size:
-            raise EventTooLarge(event.type, size, max_event_size)
+            raise EventTooLarge(event_type, size, max_event_size)
         ids.append(event.event_id)
-        types.append(event.type)
+        types.append(event_type)
         data.append(body.decode())
         metadata.append(meta.decode())
     if len(set(ids)) != len(ids):
@@ -473,13 +491,13 @@ class EventStore:
             raise WrongExpectedVersion(p.stream_id, expected_version, version)
         if status == sql.ID_CONFLICT:
             raise DuplicateEventId(p.stream_id, p.event_ids)
-        first_version = version - len(p.event_ids) + 1
+        stream_id, version_of = p.stream_id, version - len(p.event_ids) + 1
+        new = tuple.__new__
         recorded = tuple(
-            RecordedEvent(
-                p.event_ids[i], p.types[i], p.data[i], p.metadata[i], p.stream_id,
-                first_version + i, positions[i], log_xid, recorded_at,
+            new(RecordedEvent, (event_id, event_type, data, meta, stream_id, v, position, log_xid, recorded_at))
+            for event_id, event_type, data, meta, v, position in zip(
+                p.event_ids, p.types, p.data, p.metadata, range(version_of, version + 1), positions, strict=True
             )
-            for i in range(len(p.event_ids))
         )
         result = AppendResult(
             stream_id=p.stream_id,

@@ -1,8 +1,8 @@
 """Event store: version 3 of the append function, with the same results and log order for less work.
 
-The up-front probe for stored event ids runs only for appends that a retry could repeat (ANY,
-STREAM_EXISTS), and looks each id up in the unique index (version 2's probe could keep a sequential
-scan planned for the session); one event goes in with a plain INSERT.
+Appends look for stored event ids only where a retry needs it (see `APPEND_FUNCTION_V3`), through the
+unique index (version 2's probe could keep a sequential scan planned for the session); one event goes
+in with a plain INSERT.
 
 Revision ID: 0008
 Revises: 0007
