@@ -295,7 +295,7 @@ class _Worker:
             await use_generation(conn, projection.name, state.generation, self._search_path)
             events, end = await read_batch(conn, projection, state.checkpoint, limit)
             try:
-                await projection.apply(conn, events)
+                await projection.apply(conn, events, defer=True)
             except HandlerFailed as failure:
                 raise_if_disconnected(failure, conn)
                 raise
