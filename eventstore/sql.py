@@ -382,6 +382,16 @@ ORDER BY stream_version
 LIMIT $3
 """
 
+PAYLOAD_COLUMNS = "event_type, data, metadata, stream_id, stream_version"
+"""The columns of `EventPayload`, in its order: what an aggregate needs to rebuild itself."""
+
+READ_STREAM_PAYLOADS = f"""
+SELECT {PAYLOAD_COLUMNS} FROM events
+WHERE stream_id = $1 AND stream_version >= $2
+ORDER BY stream_version
+LIMIT $3
+"""
+
 READ_STREAM_BACKWARDS = f"""
 SELECT {EVENT_COLUMNS} FROM events
 WHERE stream_id = $1 AND stream_version <= $2

@@ -36,6 +36,7 @@ from eventstore.model import (
     AppendResult,
     Checkpoint,
     Direction,
+    EventPayload,
     ExpectedVersion,
     NewEvent,
     RecordedEvent,
@@ -392,9 +393,9 @@ class EventStore:
         finally:
             _SESSION_UNTOUCHED.reset(token)
 
-    async def _fetch(self, query: str, *args: object) -> list[asyncpg.Record]:
+    async def _fetch(self, query: str, *args: object, record_class: type[Any] | None = None) -> list[Any]:
         async with self._own_connection() as conn:
-            rows: list[asyncpg.Record] = await conn.fetch(query, *args)
+            rows: list[Any] = await conn.fetch(query, *args, record_class=record_class)
             return rows
 
     def add_append_hook(self, hook: AppendHook) -> None:
@@ -578,6 +579,17 @@ class EventStore:
                 lambda: self._fetch(sql.READ_STREAM_BACKWARDS, stream_id, start, count)
             )
         return [_record(r) for r in rows]
+
+    async def read_stream_payloads(
+        self, stream_id: str, from_version: int = 0, *, limit: int | None = None
+    ) -> list[EventPayload]:
+        """`read_stream` forwards with only what an aggregate needs: the cheap read of a load."""
+        check_stream_id(stream_id)
+        _check_int("from_version", from_version, None)
+        count = _MAX_VERSION if limit is None else _check_int("limit", limit, 0)
+        return await self.retrying(
+            lambda: self._fetch(sql.READ_STREAM_PAYLOADS, stream_id, from_version, count, record_class=EventPayload)
+        )
 
     async def read_stream_until(
         self, stream_id: str, until: datetime, from_version: int = 0
