@@ -2,7 +2,8 @@
 and raw asyncpg, on one server in one run.
 
 Every figure is the median of `ROUNDS` rounds after a warm-up round; within a round the sides take
-turns (ours, the Message DB-style function, raw), so that a slow spell of the machine hits them alike.
+turns (ours, the Message DB-style function, raw; one-event appends in ten slices each), so that a slow
+spell of the machine hits them alike.
 The eight writers write one stream each, all in one category.
 
 - limit: raw asyncpg, one INSERT per event in a transaction (`BEGIN`, `INSERT`, `COMMIT`) on a pooled
@@ -44,6 +45,7 @@ MULTI = 2_000  # appends of one event, eight writers in all, per round
 WRITERS = 8
 BATCH = 1_000
 BATCHES = 5  # per round
+SLICES = 10  # turns the sides take within a round
 READ = 100_000
 PAGE = 1_000
 DATA = {"sku": "ABC-123", "quantity": 2, "price": 1999, "note": "benchmark event"}
@@ -101,17 +103,29 @@ AppendOne = Callable[[int, str, int], Awaitable[int]]
 """(writer, stream, expected version) -> the stream's new version."""
 
 
-async def _writers(count: int, per_writer: int, label: str, append: AppendOne) -> Measure:
-    """`count` writers, one stream each in the category `label`, `per_writer` appends of one event each."""
+async def _writers(count: int, per_writer: int, label: str, sides: dict[str, AppendOne]) -> dict[str, Measure]:
+    """`count` writers per side, one stream each in the category `label`, `per_writer` appends of one event.
 
-    async def one(w: int) -> None:
-        stream, version = f"{label}-{w}", -1
-        for _ in range(per_writer):
-            version = await append(w, stream, version)
+    The sides take turns in `SLICES` slices, so that the machine's slow and quick spells (its cores are
+    shared) fall on every side alike.
+    """
+    versions: dict[tuple[str, int], int] = {}
+    seconds = dict.fromkeys(sides, 0.0)
+    cpu = dict.fromkeys(sides, 0.0)
 
-    with Timer() as t:
-        await asyncio.gather(*(one(w) for w in range(count)))
-    return Measure.of(count * per_writer, t)
+    async def one(side: str, append: AppendOne, w: int, appends: int) -> None:
+        stream = f"{label}{side}-{w}"
+        for _ in range(appends):
+            versions[side, w] = await append(w, stream, versions.get((side, w), -1))
+
+    for _ in range(SLICES):
+        for side, append in sides.items():
+            with Timer() as t:
+                await asyncio.gather(*(one(side, append, w, per_writer // SLICES) for w in range(count)))
+            seconds[side] += t.seconds
+            cpu[side] += t.cpu
+    total = count * (per_writer // SLICES) * SLICES
+    return {side: Measure(rate(total, seconds[side]), cpu[side] / total * 1e6) for side in sides}
 
 
 class _Ours:
@@ -122,11 +136,8 @@ class _Ours:
         result = await self.store.append(stream, [NewEvent("Added", DATA)], expected_version(version))
         return result.next_expected_version
 
-    async def batches(self, label: str) -> Measure:
-        with Timer() as t:
-            for b in range(BATCHES):
-                await self.store.append(f"{label}-{b}", [NewEvent("Added", DATA) for _ in range(BATCH)])
-        return Measure.of(BATCH * BATCHES, t)
+    async def batch(self, stream: str) -> None:
+        await self.store.append(stream, [NewEvent("Added", DATA) for _ in range(BATCH)])
 
     async def fill(self, count: int) -> None:
         for b in range(max(0, count) // BATCH + 1):
@@ -151,21 +162,15 @@ class _Raw:
             await conn.execute(RAW_INSERT, stream, version + 1, uuid.uuid4(), "Added", DATA_JSON)
         return version + 1
 
-    async def _batch(self, stream: str) -> None:
+    async def batch(self, stream: str) -> None:
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute(
                 RAW_INSERT_MANY, stream, list(range(BATCH)), [uuid.uuid4() for _ in range(BATCH)], [DATA_JSON] * BATCH
             )
 
-    async def batches(self, label: str) -> Measure:
-        with Timer() as t:
-            for b in range(BATCHES):
-                await self._batch(f"{label}-{b}")
-        return Measure.of(BATCH * BATCHES, t)
-
     async def fill(self, count: int) -> None:
         for b in range(max(0, count) // BATCH + 1):
-            await self._batch(f"fill-{b}")
+            await self.batch(f"fill-{b}")
 
     async def read(self) -> Measure:
         read = 0
@@ -271,14 +276,22 @@ async def _ours_raw_mdb(ours_url: str, raw_url: str, mdb_url: str) -> dict[str, 
         async with EventStore(ours_url, min_connections=WRITERS, max_connections=WRITERS) as store:
             ours, raw, mdb = _Ours(store), _Raw(pool), _MessageDB(mdb_connections)
             run = uuid.uuid4().hex[:6]
+            sides = {"ours": ours.append, "mdb": mdb.append, "raw": raw.append}
             for r in range(ROUNDS + 1):  # round 0 warms up (connections, plans, caches)
                 measured: dict[str, dict[str, Measure]] = {"ours": {}, "raw": {}, "mdb": {}}
-                for side, append in (("ours", ours.append), ("mdb", mdb.append), ("raw", raw.append)):
-                    measured[side]["single"] = await _writers(1, SINGLE, f"one{r}{run}", append)
-                for side, append in (("ours", ours.append), ("mdb", mdb.append), ("raw", raw.append)):
-                    measured[side]["multi"] = await _writers(WRITERS, MULTI // WRITERS, f"eight{r}{run}", append)
-                measured["ours"]["batch"] = await ours.batches(f"batch{r}{run}")
-                measured["raw"]["batch"] = await raw.batches(f"batch{r}{run}")
+                for side, value in (await _writers(1, SINGLE, f"one{r}{run}", sides)).items():
+                    measured[side]["single"] = value
+                for side, value in (await _writers(WRITERS, MULTI // WRITERS, f"eight{r}{run}", sides)).items():
+                    measured[side]["multi"] = value
+                timers: dict[str, list[Timer]] = {"ours": [], "raw": []}
+                for b in range(BATCHES):  # taking turns, batch by batch
+                    for side, append_batch in (("ours", ours.batch), ("raw", raw.batch)):
+                        with Timer() as t:
+                            await append_batch(f"batch{r}{run}-{b}")
+                        timers[side].append(t)
+                for side, spans in timers.items():
+                    seconds, cpu = sum(t.seconds for t in spans), sum(t.cpu for t in spans)
+                    measured[side]["batch"] = Measure(rate(BATCH * BATCHES, seconds), cpu / (BATCH * BATCHES) * 1e6)
                 if r:
                     for side, values in measured.items():
                         for key, value in values.items():

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import logging
 import math
 import re
@@ -113,9 +114,13 @@ class Snapshot:
     created_at: datetime
 
 
-def _record(row: asyncpg.Record) -> RecordedEvent:
-    # The statements select the columns in RecordedEvent's field order.
-    return tuple.__new__(RecordedEvent, row)
+# The statements select the columns in RecordedEvent's field order.
+_NEW_RECORD = functools.partial(tuple.__new__, RecordedEvent)
+
+
+def _records(rows: list[asyncpg.Record]) -> list[RecordedEvent]:
+    """A `RecordedEvent` of every row, without a Python-level call per row."""
+    return list(map(_NEW_RECORD, rows))
 
 
 def _check_text(kind: str, value: object, limit: int, error: type[InvalidArgument] = InvalidArgument) -> str:
@@ -284,7 +289,7 @@ class UnitOfWork:
         rows = await self.connection.fetch(
             sql.READ_STREAM_FORWARDS, stream_id, from_version, limit if limit is not None else _MAX_VERSION
         )
-        return [_record(r) for r in rows]
+        return _records(rows)
 
     async def save_snapshot(
         self, stream_id: str, snapshot_type: str, schema_version: str, stream_version: int, data: str
@@ -578,7 +583,7 @@ class EventStore:
             rows = await self.retrying(
                 lambda: self._fetch(sql.READ_STREAM_BACKWARDS, stream_id, start, count)
             )
-        return [_record(r) for r in rows]
+        return _records(rows)
 
     async def read_stream_payloads(
         self, stream_id: str, from_version: int = 0, *, limit: int | None = None
@@ -599,7 +604,7 @@ class EventStore:
         rows = await self.retrying(
             lambda: self._fetch(sql.READ_STREAM_UNTIL_TIME, stream_id, from_version, until, _MAX_VERSION)
         )
-        return [_record(r) for r in rows]
+        return _records(rows)
 
     async def read_all(
         self,
@@ -629,7 +634,7 @@ class EventStore:
         else:
             query, args = sql.READ_ALL, (tx, pos, limit)
         rows = await self.retrying(lambda: self._fetch(query, *args))
-        return [_record(r) for r in rows]
+        return _records(rows)
 
     async def head(self) -> Checkpoint:
         """The checkpoint of the newest event a reader can see now."""
