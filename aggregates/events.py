@@ -18,7 +18,7 @@ from aggregates.errors import (
     MissingUpcaster,
     UnknownEventType,
 )
-from eventstore import REDACTED, EventSerializationError, NewEvent, RecordedEvent, has_non_finite
+from eventstore import REDACTED, EventPayload, EventSerializationError, NewEvent, RecordedEvent, has_non_finite
 
 SCHEMA_VERSION_KEY = "schema_version"
 """Metadata key holding the schema version an event was written with (absent means 1)."""
@@ -105,7 +105,7 @@ class _Entry:
     upcasters: dict[int, Upcaster] = field(default_factory=dict)
 
 
-def stored_schema_version(recorded: RecordedEvent) -> int:
+def stored_schema_version(recorded: RecordedEvent | EventPayload) -> int:
     """The schema version an event was written with; events written without one are version 1."""
     try:
         meta = orjson.loads(recorded.metadata)
@@ -291,10 +291,10 @@ class EventRegistry:
                 ) from None
         return self._upcast(entry, version, recorded)
 
-    def decode_all(self, records: Iterable[RecordedEvent]) -> list[DomainEvent]:
+    def decode_all(self, records: Iterable[RecordedEvent | EventPayload]) -> list[DomainEvent]:
         return list(self.decode_each(records))
 
-    def decode_each(self, records: Iterable[RecordedEvent]) -> Iterator[DomainEvent]:
+    def decode_each(self, records: Iterable[RecordedEvent | EventPayload]) -> Iterator[DomainEvent]:
         """`decode` for a whole stream read, one event at a time: the load hot path.
 
         Events of one save share their metadata text, so its schema version is parsed once per run of
@@ -324,7 +324,7 @@ class EventRegistry:
                 ) from None
             yield event
 
-    def _upcast(self, entry: _Entry, version: int, recorded: RecordedEvent) -> DomainEvent:
+    def _upcast(self, entry: _Entry, version: int, recorded: RecordedEvent | EventPayload) -> DomainEvent:
         cls = entry.cls
         where = (recorded.stream_id, recorded.stream_version)
         if version > cls.schema_version:

@@ -19,6 +19,7 @@ from aggregates.events import DomainEvent, EventRegistry
 from eventstore import (
     CONNECTION_ERRORS,
     AppendResult,
+    EventPayload,
     EventStore,
     EventStoreError,
     InvalidArgument,
@@ -90,10 +91,11 @@ class Repository(Generic[A]):
         start = 0
         if cls.snapshot_every is not None:
             start = await self._restore_snapshot(aggregate, stream_id, version) + 1
+        records: list[EventPayload] | list[RecordedEvent]
         if version is None:
-            records = await self.store.read_stream(stream_id, start)
+            records = await self.store.read_stream_payloads(stream_id, start)
         elif version >= start:
-            records = await self.store.read_stream(stream_id, start, limit=version - start + 1)
+            records = await self.store.read_stream_payloads(stream_id, start, limit=version - start + 1)
         else:
             records = []
         last = records[-1].stream_version if records else start - 1

@@ -42,15 +42,23 @@ def main() -> None:
             console.print(f"running {name} ...")
             results.extend(asyncio.run(module.run(url)))
     table = Table(title=f"{platform.node()} {platform.machine()}, {datetime.now(UTC):%Y-%m-%d}")
-    for column in ("benchmark", "ours", "peer (eventsourcing)", "limit (raw asyncpg)", "unit"):
+    columns = (
+        "benchmark", "ours", "peer (eventsourcing)", "limit (raw asyncpg)", "unit", "client CPU µs/event (ours / limit)"
+    )
+    for column in columns:
         table.add_column(column, justify="left" if column in ("benchmark", "unit") else "right")
     for r in results:
-        table.add_row(r.name, _fmt(r.ours), _fmt(r.peer), _fmt(r.limit), r.unit)
+        cpu = "" if r.cpu is None else f"{_fmt(r.cpu)} / {_fmt(r.limit_cpu)}"
+        table.add_row(r.name, _fmt(r.ours), _fmt(r.peer), _fmt(r.limit), r.unit, cpu)
     console.print(table)
     if args.json:
         args.json.write_text(
             json.dumps(
-                {r.name: {"ours": r.ours, "peer": r.peer, "limit": r.limit, "unit": r.unit} for r in results},
+                {
+                    r.name: {"ours": r.ours, "peer": r.peer, "limit": r.limit, "unit": r.unit, "cpu_us": r.cpu,
+                             "limit_cpu_us": r.limit_cpu}
+                    for r in results
+                },
                 indent=2,
             )
         )

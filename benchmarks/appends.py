@@ -1,26 +1,55 @@
-"""Append and read_all throughput: ours, the `eventsourcing` package, and raw asyncpg on one server."""
+"""Append and read_all throughput: ours, the `eventsourcing` package, a Message DB-style append function
+and raw asyncpg, on one server in one run.
+
+Every figure is the median of `ROUNDS` rounds after a warm-up round; within a round the sides take
+turns (ours, the Message DB-style function, raw; one-event appends in ten slices each), so that a slow
+spell of the machine hits them alike.
+The eight writers write one stream each, all in one category.
+
+- limit: raw asyncpg, one INSERT per event in a transaction (`BEGIN`, `INSERT`, `COMMIT`) on a pooled
+  connection, into a table with the same columns and unique keys as ours, no stream table, no checks.
+- Message DB-style: a minimal PL/pgSQL append written after Message DB's published design of
+  `write_message` (an advisory lock per category, the stream's version as the max position of its
+  messages, one INSERT, three indexes, no idempotency), called with one statement per event on a
+  connection per writer. Message DB has no batch append, so it has rows for the first two only.
+- client CPU: CPU seconds of this process (every thread) over the events appended or read, in
+  microseconds per event; the client and the server share the machine's cores, so it is throughput.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import threading
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 
 import asyncpg
+import orjson
 
-from benchmarks.common import Result, Timer, eventsourcing_env, fresh_database, rate
+from benchmarks.common import (
+    ROUNDS,
+    Measure,
+    Result,
+    Timer,
+    eventsourcing_env,
+    fresh_database,
+    median_of,
+    rate,
+)
 from eventstore import START, EventStore, NewEvent, asyncpg_dsn, expected_version
 
-SINGLE = 2_000  # appends of one event, one writer
-MULTI = 4_000  # appends of one event, eight writers in all
+SINGLE = 1_000  # appends of one event, one writer, per round
+MULTI = 2_000  # appends of one event, eight writers in all, per round
 WRITERS = 8
 BATCH = 1_000
-BATCHES = 20
+BATCHES = 5  # per round
+SLICES = 10  # turns the sides take within a round
 READ = 100_000
 PAGE = 1_000
 DATA = {"sku": "ABC-123", "quantity": 2, "price": 1999, "note": "benchmark event"}
+DATA_JSON = orjson.dumps(DATA).decode()
 
 RAW_TABLE = """
 CREATE TABLE raw_events (
@@ -38,103 +67,137 @@ SELECT $1, v, e, 'Added', d FROM unnest($2::bigint[], $3::uuid[], $4::jsonb[]) A
 """
 RAW_SCAN = "SELECT * FROM raw_events WHERE position > $1 ORDER BY position LIMIT $2"
 
+# After Message DB's design (messages table, category lock, version = max position); our own text.
+MDB_SCHEMA = (
+    """
+CREATE TABLE mdb_messages (
+    global_position bigserial PRIMARY KEY, position bigint NOT NULL,
+    time timestamp NOT NULL DEFAULT (now() AT TIME ZONE 'utc'), stream_name text NOT NULL,
+    type text NOT NULL, data jsonb, metadata jsonb, id uuid NOT NULL)
+""",
+    "CREATE UNIQUE INDEX mdb_messages_id ON mdb_messages (id)",
+    "CREATE UNIQUE INDEX mdb_messages_stream ON mdb_messages (stream_name, position)",
+    "CREATE INDEX mdb_messages_category ON mdb_messages (split_part(stream_name, '-', 1), global_position)",
+    """
+CREATE FUNCTION mdb_write_message(
+    p_id uuid, p_stream_name text, p_type text, p_data jsonb, p_metadata jsonb, p_expected bigint
+) RETURNS bigint LANGUAGE plpgsql AS $$
+DECLARE
+    v_version bigint;
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtextextended(split_part(p_stream_name, '-', 1), 0));
+    SELECT coalesce(max(m.position), -1) INTO v_version FROM mdb_messages AS m WHERE m.stream_name = p_stream_name;
+    IF p_expected IS NOT NULL AND p_expected <> v_version THEN
+        RAISE EXCEPTION 'Wrong expected version: % (stream %, version %)', p_expected, p_stream_name, v_version;
+    END IF;
+    INSERT INTO mdb_messages (id, stream_name, position, type, data, metadata)
+    VALUES (p_id, p_stream_name, v_version + 1, p_type, p_data, p_metadata);
+    RETURN v_version + 1;
+END
+$$
+""",
+)
+MDB_WRITE = "SELECT mdb_write_message($1, $2, $3, $4, $5, $6)"
 
-async def _writers(count: int, per_writer: int, write: Callable[[int, int], Awaitable[None]]) -> float:
-    async def one(w: int) -> None:
-        for n in range(per_writer):
-            await write(w, n)
-
-    with Timer() as t:
-        await asyncio.gather(*(one(w) for w in range(count)))
-    return rate(count * per_writer, t.seconds)
+AppendOne = Callable[[int, str, int], Awaitable[int]]
+"""(writer, stream, expected version) -> the stream's new version."""
 
 
-async def _ours(url: str) -> dict[str, float]:
-    out: dict[str, float] = {}
-    async with EventStore(url, min_connections=WRITERS, max_connections=WRITERS) as store:
-        run = uuid.uuid4().hex[:6]
-        versions: dict[str, int] = {}
+async def _writers(count: int, per_writer: int, label: str, sides: dict[str, AppendOne]) -> dict[str, Measure]:
+    """`count` writers per side, one stream each in the category `label`, `per_writer` appends of one event.
 
-        async def append(w: int, n: int, label: str) -> None:
-            stream = f"bench{label}-{run}-{w}"
-            result = await store.append(stream, [NewEvent("Added", DATA)], expected_version(versions.get(stream, -1)))
-            versions[stream] = result.next_expected_version
+    The sides take turns in `SLICES` slices, so that the machine's slow and quick spells (its cores are
+    shared) fall on every side alike.
+    """
+    versions: dict[tuple[str, int], int] = {}
+    seconds = dict.fromkeys(sides, 0.0)
+    cpu = dict.fromkeys(sides, 0.0)
 
-        out["single"] = await _writers(1, SINGLE, lambda w, n: append(w, n, "one"))
-        out["multi"] = await _writers(WRITERS, MULTI // WRITERS, lambda w, n: append(w, n, "eight"))
-        with Timer() as t:
-            for b in range(BATCHES):
-                await store.append(f"batch-{run}-{b}", [NewEvent("Added", DATA) for _ in range(BATCH)])
-        out["batch"] = rate(BATCH * BATCHES, t.seconds)
-        await _fill(store, READ - SINGLE - MULTI - BATCH * BATCHES)
+    async def one(side: str, append: AppendOne, w: int, appends: int) -> None:
+        stream = f"{label}{side}-{w}"
+        for _ in range(appends):
+            versions[side, w] = await append(w, stream, versions.get((side, w), -1))
+
+    for _ in range(SLICES):
+        for side, append in sides.items():
+            with Timer() as t:
+                await asyncio.gather(*(one(side, append, w, per_writer // SLICES) for w in range(count)))
+            seconds[side] += t.seconds
+            cpu[side] += t.cpu
+    total = count * (per_writer // SLICES) * SLICES
+    return {side: Measure(rate(total, seconds[side]), cpu[side] / total * 1e6) for side in sides}
+
+
+class _Ours:
+    def __init__(self, store: EventStore) -> None:
+        self.store = store
+
+    async def append(self, w: int, stream: str, version: int) -> int:
+        result = await self.store.append(stream, [NewEvent("Added", DATA)], expected_version(version))
+        return result.next_expected_version
+
+    async def batch(self, stream: str) -> None:
+        await self.store.append(stream, [NewEvent("Added", DATA) for _ in range(BATCH)])
+
+    async def fill(self, count: int) -> None:
+        for b in range(max(0, count) // BATCH + 1):
+            await self.store.append(f"fill-{b}", [NewEvent("Added", DATA) for _ in range(BATCH)])
+
+    async def read(self) -> Measure:
         read = 0
         with Timer() as t:
             after = START
-            while page := await store.read_all(after, limit=PAGE):
+            while read < READ and (page := await self.store.read_all(after, limit=PAGE)):
                 read += len(page)
                 after = page[-1].checkpoint
-        out["read"] = rate(read, t.seconds)
-    return out
+        return Measure.of(read, t)
 
 
-async def _fill(store: EventStore, count: int) -> None:
-    for b in range(max(0, count) // BATCH + 1):
-        await store.append(f"fill-{b}", [NewEvent("Added", DATA) for _ in range(BATCH)])
+class _Raw:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
 
+    async def append(self, w: int, stream: str, version: int) -> int:
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(RAW_INSERT, stream, version + 1, uuid.uuid4(), "Added", DATA_JSON)
+        return version + 1
 
-async def _raw(url: str) -> dict[str, float]:
-    out: dict[str, float] = {}
-    pool = await asyncpg.create_pool(asyncpg_dsn(url), min_size=WRITERS, max_size=WRITERS)
-    assert pool is not None
-    try:
-        await pool.execute(RAW_TABLE)
-        versions: dict[str, int] = {}
-        data = (await asyncio.to_thread(lambda: __import__("orjson").dumps(DATA))).decode()
-
-        async def insert(w: int, n: int, label: str) -> None:
-            stream = f"{label}-{w}"
-            version = versions.get(stream, -1) + 1
-            async with pool.acquire() as conn, conn.transaction():
-                await conn.execute(RAW_INSERT, stream, version, uuid.uuid4(), "Added", data)
-            versions[stream] = version
-
-        out["single"] = await _writers(1, SINGLE, lambda w, n: insert(w, n, "one"))
-        out["multi"] = await _writers(WRITERS, MULTI // WRITERS, lambda w, n: insert(w, n, "eight"))
-        with Timer() as t:
-            for b in range(BATCHES):
-                async with pool.acquire() as conn, conn.transaction():
-                    await conn.execute(
-                        RAW_INSERT_MANY, f"batch-{b}", list(range(BATCH)), [uuid.uuid4() for _ in range(BATCH)],
-                        [data] * BATCH,
-                    )
-        out["batch"] = rate(BATCH * BATCHES, t.seconds)
-        for b in range(READ // BATCH):
-            await pool.execute(
-                RAW_INSERT_MANY, f"fill-{b}", list(range(BATCH)), [uuid.uuid4() for _ in range(BATCH)], [data] * BATCH
+    async def batch(self, stream: str) -> None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                RAW_INSERT_MANY, stream, list(range(BATCH)), [uuid.uuid4() for _ in range(BATCH)], [DATA_JSON] * BATCH
             )
+
+    async def fill(self, count: int) -> None:
+        for b in range(max(0, count) // BATCH + 1):
+            await self.batch(f"fill-{b}")
+
+    async def read(self) -> Measure:
         read = 0
         with Timer() as t:
             position = 0
-            while rows := await pool.fetch(RAW_SCAN, position, PAGE):
+            while read < READ and (rows := await self.pool.fetch(RAW_SCAN, position, PAGE)):
                 read += len(rows)
                 position = rows[-1]["position"]
-                if read >= READ:
-                    break
-        out["read"] = rate(read, t.seconds)
-    finally:
-        await pool.close()
-    return out
+        return Measure.of(read, t)
 
 
-def _peer(url: str) -> dict[str, float]:
+class _MessageDB:
+    def __init__(self, connections: list[asyncpg.Connection]) -> None:
+        self.connections = connections
+
+    async def append(self, w: int, stream: str, version: int) -> int:
+        new: int = await self.connections[w].fetchval(
+            MDB_WRITE, uuid.uuid4(), stream, "Added", DATA_JSON, None, version
+        )
+        return new
+
+
+def _peer(url: str) -> dict[str, Measure]:
     """The `eventsourcing` package's PostgreSQL application recorder (it locks the table per insert)."""
-    import time
-
-    import orjson
     from eventsourcing.application import Application
     from eventsourcing.persistence import StoredEvent
 
-    out: dict[str, float] = {}
     state = orjson.dumps(DATA)
     os.environ["POSTGRES_POOL_SIZE"] = str(WRITERS)
     with eventsourcing_env(url):
@@ -149,47 +212,129 @@ def _peer(url: str) -> dict[str, float]:
         for v in range(1, count + 1):
             recorder.insert_events([stored(oid, v)])
 
-    start = time.perf_counter()
-    write(SINGLE)
-    out["single"] = rate(SINGLE, time.perf_counter() - start)
-    threads = [threading.Thread(target=write, args=(MULTI // WRITERS,)) for _ in range(WRITERS)]
-    start = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    out["multi"] = rate(MULTI, time.perf_counter() - start)
-    start = time.perf_counter()
-    for _ in range(BATCHES):
-        oid = uuid.uuid4()
-        recorder.insert_events([stored(oid, v) for v in range(BATCH)])
-    out["batch"] = rate(BATCH * BATCHES, time.perf_counter() - start)
-    written = SINGLE + MULTI + BATCH * BATCHES
-    while written < READ:
-        oid = uuid.uuid4()
-        recorder.insert_events([stored(oid, v) for v in range(BATCH)])
-        written += BATCH
-    start = time.perf_counter()
-    read, next_id = 0, 1
-    while notifications := recorder.select_notifications(next_id, PAGE):
-        read += len(notifications)
-        next_id = notifications[-1].id + 1
-    out["read"] = rate(read, time.perf_counter() - start)
-    app.close()
-    return out
+    def timed(work: Callable[[], None], count: int) -> Measure:
+        with Timer() as t:
+            work()
+        return Measure.of(count, t)
+
+    def multi() -> None:
+        threads = [threading.Thread(target=write, args=(MULTI // WRITERS,)) for _ in range(WRITERS)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+    def batches() -> None:
+        for _ in range(BATCHES):
+            oid = uuid.uuid4()
+            recorder.insert_events([stored(oid, v) for v in range(BATCH)])
+
+    def read() -> None:
+        seen, next_id = 0, 1
+        while seen < READ and (notifications := recorder.select_notifications(next_id, PAGE)):
+            seen += len(notifications)
+            next_id = notifications[-1].id + 1
+
+    rounds: dict[str, list[Measure]] = {"single": [], "multi": [], "batch": [], "read": []}
+    try:
+        for r in range(ROUNDS + 1):
+            measured = {
+                "single": timed(lambda: write(SINGLE), SINGLE),
+                "multi": timed(multi, MULTI),
+                "batch": timed(batches, BATCH * BATCHES),
+            }
+            if r:
+                for key, value in measured.items():
+                    rounds[key].append(value)
+        written = (ROUNDS + 1) * (SINGLE + MULTI + BATCH * BATCHES)
+        while written < READ:
+            oid = uuid.uuid4()
+            recorder.insert_events([stored(oid, v) for v in range(BATCH)])
+            written += BATCH
+        read()
+        for _ in range(ROUNDS):
+            start = time.perf_counter()
+            cpu = time.process_time()
+            read()
+            seconds = time.perf_counter() - start
+            rounds["read"].append(Measure(rate(READ, seconds), (time.process_time() - cpu) / READ * 1e6))
+    finally:
+        app.close()
+    return {k: median_of(v) for k, v in rounds.items()}
+
+
+async def _ours_raw_mdb(ours_url: str, raw_url: str, mdb_url: str) -> dict[str, dict[str, Measure]]:
+    rounds: dict[str, dict[str, list[Measure]]] = {
+        side: {"single": [], "multi": [], "batch": [], "read": []} for side in ("ours", "raw", "mdb")
+    }
+    pool = await asyncpg.create_pool(asyncpg_dsn(raw_url), min_size=WRITERS, max_size=WRITERS)
+    mdb_connections = [await asyncpg.connect(asyncpg_dsn(mdb_url)) for _ in range(WRITERS)]
+    try:
+        await pool.execute(RAW_TABLE)
+        for statement in MDB_SCHEMA:
+            await mdb_connections[0].execute(statement)
+        async with EventStore(ours_url, min_connections=WRITERS, max_connections=WRITERS) as store:
+            ours, raw, mdb = _Ours(store), _Raw(pool), _MessageDB(mdb_connections)
+            run = uuid.uuid4().hex[:6]
+            sides = {"ours": ours.append, "mdb": mdb.append, "raw": raw.append}
+            for r in range(ROUNDS + 1):  # round 0 warms up (connections, plans, caches)
+                measured: dict[str, dict[str, Measure]] = {"ours": {}, "raw": {}, "mdb": {}}
+                for side, value in (await _writers(1, SINGLE, f"one{r}{run}", sides)).items():
+                    measured[side]["single"] = value
+                for side, value in (await _writers(WRITERS, MULTI // WRITERS, f"eight{r}{run}", sides)).items():
+                    measured[side]["multi"] = value
+                timers: dict[str, list[Timer]] = {"ours": [], "raw": []}
+                for b in range(BATCHES):  # taking turns, batch by batch
+                    for side, append_batch in (("ours", ours.batch), ("raw", raw.batch)):
+                        with Timer() as t:
+                            await append_batch(f"batch{r}{run}-{b}")
+                        timers[side].append(t)
+                for side, spans in timers.items():
+                    seconds, cpu = sum(t.seconds for t in spans), sum(t.cpu for t in spans)
+                    measured[side]["batch"] = Measure(rate(BATCH * BATCHES, seconds), cpu / (BATCH * BATCHES) * 1e6)
+                if r:
+                    for side, values in measured.items():
+                        for key, value in values.items():
+                            rounds[side][key].append(value)
+            written = (ROUNDS + 1) * (SINGLE + MULTI + BATCH * BATCHES)
+            await ours.fill(READ - written)
+            await raw.fill(READ - written)
+            await ours.read()
+            await raw.read()
+            for _ in range(ROUNDS):
+                rounds["ours"]["read"].append(await ours.read())
+                rounds["raw"]["read"].append(await raw.read())
+    finally:
+        await pool.close()
+        for conn in mdb_connections:
+            await conn.close()
+    return {side: {k: median_of(v) for k, v in keys.items() if v} for side, keys in rounds.items()}
 
 
 async def run(server_url: str) -> list[Result]:
-    async with fresh_database(server_url) as url:
-        ours = await _ours(url)
-    async with fresh_database(server_url, migrated=False) as url:
-        raw = await _raw(url)
+    async with (
+        fresh_database(server_url) as ours_url,
+        fresh_database(server_url, migrated=False) as raw_url,
+        fresh_database(server_url, migrated=False) as mdb_url,
+    ):
+        measured = await _ours_raw_mdb(ours_url, raw_url, mdb_url)
     async with fresh_database(server_url, migrated=False) as url:
         peer = await asyncio.to_thread(_peer, url)
+    ours, raw, mdb = measured["ours"], measured["raw"], measured["mdb"]
     names = {
         "single": "append, 1 writer, 1 event/tx",
-        "multi": f"append, {WRITERS} writers, 1 event/tx",
+        "multi": f"append, {WRITERS} writers in one category, 1 event/tx",
         "batch": f"append, batch of {BATCH:,}",
         "read": "read_all, pages of 1,000",
     }
-    return [Result(names[k], ours[k], "events/s", peer=peer[k], limit=raw[k]) for k in names]
+    results = [
+        Result(names[k], ours[k].rate, "events/s", peer=peer[k].rate, limit=raw[k].rate, cpu=ours[k].cpu_us,
+               limit_cpu=raw[k].cpu_us)
+        for k in names
+    ]
+    results += [
+        Result(f"{names[k]}: Message DB-style function", mdb[k].rate, "events/s", limit=raw[k].rate,
+               cpu=mdb[k].cpu_us, limit_cpu=raw[k].cpu_us)
+        for k in ("single", "multi")
+    ]
+    return results

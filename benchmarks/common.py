@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import statistics
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -25,6 +26,14 @@ class Result:
     unit: str
     peer: float | None = None
     limit: float | None = None
+    cpu: float | None = None
+    """Client CPU (this process, every thread) per event, in microseconds, for `ours`."""
+    limit_cpu: float | None = None
+    """The same for `limit`."""
+
+
+ROUNDS = 5
+"""Rounds measured after a warm-up; a row reports their median."""
 
 
 def rate(count: int, seconds: float) -> float:
@@ -32,13 +41,35 @@ def rate(count: int, seconds: float) -> float:
 
 
 class Timer:
+    """Wall-clock seconds, and the CPU seconds of this process (all its threads) in the same span."""
+
     def __enter__(self) -> Timer:
         self.start = time.perf_counter()
+        self.cpu_start = time.process_time()
         self.seconds = 0.0
+        self.cpu = 0.0
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.seconds = time.perf_counter() - self.start
+        self.cpu = time.process_time() - self.cpu_start
+
+
+@dataclass(frozen=True)
+class Measure:
+    """One measured round: events per second and client CPU microseconds per event."""
+
+    rate: float
+    cpu_us: float
+
+    @classmethod
+    def of(cls, count: int, timer: Timer) -> Measure:
+        return cls(rate(count, timer.seconds), timer.cpu / count * 1e6 if count else 0.0)
+
+
+def median_of(rounds: list[Measure]) -> Measure:
+    """The median round by rate, and the median CPU per event."""
+    return Measure(statistics.median(m.rate for m in rounds), statistics.median(m.cpu_us for m in rounds))
 
 
 def with_database(url: str, name: str) -> str:

@@ -3,19 +3,32 @@
 from __future__ import annotations
 
 import enum
+import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, NamedTuple
-from uuid import UUID
+from uuid import UUID, SafeUUID
 
+import asyncpg
 import orjson
-from uuid_utils.compat import uuid7
+import uuid_utils
 
 CORRELATION_ID = "correlation_id"
 CAUSATION_ID = "causation_id"
 TAGS = "tags"
 """The metadata key under which an event keeps its tags (the `event_tags` index is built from the same list)."""
+
+
+def uuid7() -> UUID:
+    """A time-ordered UUIDv7 as a standard `uuid.UUID`, built without `UUID.__init__`'s checks.
+
+    `uuid_utils.compat.uuid7` costs three times as much, a sizeable part of a small append.
+    """
+    value = object.__new__(UUID)
+    object.__setattr__(value, "int", uuid_utils.uuid7().int)
+    object.__setattr__(value, "is_safe", SafeUUID.unknown)
+    return value
 
 
 class StreamState(enum.Enum):
@@ -143,6 +156,20 @@ class RecordedEvent(NamedTuple):
             return ()
         value = self.meta().get(TAGS)
         return tuple(value) if isinstance(value, list) else ()
+
+
+class EventPayload(asyncpg.Record):
+    """What rebuilding an aggregate needs of a stored event, as the driver's own row (no copy per event).
+
+    `EventStore.read_stream_payloads` returns these: a load of thousands of events then decodes no ids,
+    positions or times it does not use. Read-only, by name like a `RecordedEvent`.
+    """
+
+    event_type: str = property(operator.itemgetter(0))  # type: ignore[assignment]
+    data: str = property(operator.itemgetter(1))  # type: ignore[assignment]
+    metadata: str = property(operator.itemgetter(2))  # type: ignore[assignment]
+    stream_id: str = property(operator.itemgetter(3))  # type: ignore[assignment]
+    stream_version: int = property(operator.itemgetter(4))  # type: ignore[assignment]
 
 
 @dataclass(frozen=True, slots=True)

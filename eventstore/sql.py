@@ -227,6 +227,95 @@ END
 $$;
 """
 
+# Version 3 costs less on the common path, with the same results and the same log order as version 2.
+# - With NO_STREAM or an exact version, a retry of a committed append fails the stream's version check,
+#   and only then does it look for stored ids. With ANY or STREAM_EXISTS, where a retry would pass that
+#   check, it looks up the first id only: a retry stores all of them. Any other stored id fails the
+#   insert with a unique violation, which the store reports as `DuplicateEventId` (as version 2 did,
+#   except that inside a unit of work the transaction is then aborted).
+# - Each lookup goes id by id through the unique index: PL/pgSQL keeps a statement's plan for the
+#   session, and version 2's `event_id = ANY (...)` kept a sequential scan planned while the table was
+#   still small, which then grew with the table.
+# - One event, the most common append, goes in with a plain INSERT ... VALUES.
+APPEND_FUNCTION_V3 = """
+CREATE OR REPLACE FUNCTION eventstore_append(
+    p_stream_id text, p_expected bigint, p_event_ids uuid[], p_types text[], p_data jsonb[], p_metadata jsonb[]
+) RETURNS TABLE (o_status int, o_version bigint, o_positions bigint[], o_log_xid bigint,
+                 o_recorded_at timestamptz)
+LANGUAGE plpgsql AS $$
+DECLARE
+    n bigint := cardinality(p_event_ids);
+    v_xid bigint;
+    v_new bigint;
+    v_log bigint;
+    v_position bigint;
+    v_recorded timestamptz;
+BEGIN
+    IF p_expected < -1 AND EXISTS (SELECT FROM events AS e WHERE e.event_id = p_event_ids[1]) THEN
+        RETURN QUERY SELECT * FROM eventstore_duplicates(
+            p_stream_id, p_expected, p_event_ids, p_types, p_data, p_metadata);
+        RETURN;
+    END IF;
+
+    v_xid := pg_current_xact_id()::text::bigint;
+    -- The stream row is the only lock: writers to different streams never wait for each other. Under
+    -- it, the row's log_xid is that of the stream's last committed (or own) event.
+    IF p_expected = -2 THEN
+        INSERT INTO streams AS s (stream_id, version, log_xid) VALUES (p_stream_id, n - 1, v_xid)
+        ON CONFLICT (stream_id) DO UPDATE SET version = s.version + n, log_xid = greatest(s.log_xid, v_xid)
+        RETURNING s.version, s.log_xid INTO v_new, v_log;
+    ELSIF p_expected = -1 THEN
+        INSERT INTO streams AS s (stream_id, version, log_xid) VALUES (p_stream_id, n - 1, v_xid)
+        ON CONFLICT (stream_id) DO NOTHING
+        RETURNING s.version, s.log_xid INTO v_new, v_log;
+    ELSIF p_expected = -3 THEN
+        UPDATE streams AS s SET version = s.version + n, log_xid = greatest(s.log_xid, v_xid)
+        WHERE s.stream_id = p_stream_id
+        RETURNING s.version, s.log_xid INTO v_new, v_log;
+    ELSE
+        UPDATE streams AS s SET version = s.version + n, log_xid = greatest(s.log_xid, v_xid)
+        WHERE s.stream_id = p_stream_id AND s.version = p_expected
+        RETURNING s.version, s.log_xid INTO v_new, v_log;
+    END IF;
+
+    IF v_new IS NULL THEN
+        -- Lost a race or a wrong expectation; the winner may have written these very events.
+        IF EXISTS (
+            SELECT FROM unnest(p_event_ids) AS u(id)
+            WHERE (SELECT true FROM events AS e WHERE e.event_id = u.id)) THEN
+            RETURN QUERY SELECT * FROM eventstore_duplicates(
+                p_stream_id, p_expected, p_event_ids, p_types, p_data, p_metadata);
+            RETURN;
+        END IF;
+        RETURN QUERY SELECT 1,
+            coalesce((SELECT s.version FROM streams AS s WHERE s.stream_id = p_stream_id), -1::bigint),
+            NULL::bigint[], NULL::bigint, NULL::timestamptz;
+        RETURN;
+    END IF;
+
+    IF n = 1 THEN
+        INSERT INTO events AS e (log_xid, stream_id, stream_version, event_id, event_type, data, metadata)
+        VALUES (v_log, p_stream_id, v_new, p_event_ids[1], p_types[1], p_data[1], p_metadata[1])
+        RETURNING e.position, e.recorded_at INTO v_position, v_recorded;
+        RETURN QUERY SELECT 0, v_new, ARRAY[v_position], v_log, v_recorded;
+        RETURN;
+    END IF;
+
+    RETURN QUERY
+    WITH inserted AS (
+        INSERT INTO events AS e (log_xid, stream_id, stream_version, event_id, event_type, data, metadata)
+        SELECT v_log, p_stream_id, v_new - n + u.ord, u.event_id, u.event_type, u.data, u.metadata
+        FROM unnest(p_event_ids, p_types, p_data, p_metadata)
+             WITH ORDINALITY AS u(event_id, event_type, data, metadata, ord)
+        ORDER BY u.ord
+        RETURNING e.position, e.recorded_at, e.stream_version
+    )
+    SELECT 0, v_new, array_agg(i.position ORDER BY i.stream_version), v_log, max(i.recorded_at)
+    FROM inserted AS i;
+END
+$$;
+"""
+
 APPEND_ONLY_TRIGGERS_V1 = (
     """
 CREATE OR REPLACE FUNCTION eventstore_reject_change() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -288,6 +377,16 @@ STREAM_VERSION = "SELECT version FROM streams WHERE stream_id = $1"
 
 READ_STREAM_FORWARDS = f"""
 SELECT {EVENT_COLUMNS} FROM events
+WHERE stream_id = $1 AND stream_version >= $2
+ORDER BY stream_version
+LIMIT $3
+"""
+
+PAYLOAD_COLUMNS = "event_type, data, metadata, stream_id, stream_version"
+"""The columns of `EventPayload`, in its order: what an aggregate needs to rebuild itself."""
+
+READ_STREAM_PAYLOADS = f"""
+SELECT {PAYLOAD_COLUMNS} FROM events
 WHERE stream_id = $1 AND stream_version >= $2
 ORDER BY stream_version
 LIMIT $3

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
+import functools
 import logging
 import math
 import re
@@ -41,6 +43,7 @@ from eventstore.model import (
     AppendResult,
     Checkpoint,
     Direction,
+    EventPayload,
     ExpectedVersion,
     NewEvent,
     RecordedEvent,
@@ -86,6 +89,19 @@ Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 """A connection as handed out by asyncpg, pooled or not."""
 
 AppendHook = Callable[["UnitOfWork", AppendResult], Awaitable[None]]
+
+NOTIFY_INTERVAL = 0.003
+"""Seconds between two NOTIFYs at most: the first of a burst goes out at once, the rest are coalesced."""
+
+# Set while a connection of the store's own pool runs only the store's own statements, which leave no
+# session state behind: releasing it then skips asyncpg's reset query (a round trip per release).
+_SESSION_UNTOUCHED: contextvars.ContextVar[bool] = contextvars.ContextVar("eventstore_session_untouched", default=False)
+
+
+async def _reset_session(conn: asyncpg.Connection) -> None:
+    """The pool's reset: asyncpg's own (UNLISTEN, RESET ALL, ...) unless the store vouches for the session."""
+    if not _SESSION_UNTOUCHED.get():
+        await conn.execute(conn.get_reset_query())
 """Called inside the append's transaction, after the events are written (outbox, inline projections)."""
 
 
@@ -139,9 +155,13 @@ class Snapshot:
     created_at: datetime
 
 
-def _record(row: asyncpg.Record) -> RecordedEvent:
-    # The statements select the columns in RecordedEvent's field order.
-    return tuple.__new__(RecordedEvent, row)
+# The statements select the columns in RecordedEvent's field order.
+_NEW_RECORD = functools.partial(tuple.__new__, RecordedEvent)
+
+
+def _records(rows: list[asyncpg.Record]) -> list[RecordedEvent]:
+    """A `RecordedEvent` of every row, without a Python-level call per row."""
+    return list(map(_NEW_RECORD, rows))
 
 
 def _check_text(kind: str, value: object, limit: int, error: type[InvalidArgument] = InvalidArgument) -> str:
@@ -221,6 +241,17 @@ def _dump(event_type: str, value: Any) -> bytes:
         raise EventSerializationError(event_type, str(exc)) from None
 
 
+def _dump_fast(event_type: str, value: Any) -> bytes:
+    """`_dump` for the common case, where the JSON holds neither null nor an escaped NUL to look into."""
+    try:
+        text = orjson.dumps(value)
+    except (TypeError, orjson.JSONEncodeError):
+        return _dump(event_type, value)  # raises the typed error
+    if b"null" in text or b"\\u0000" in text:
+        return _dump(event_type, value)
+    return text
+
+
 def _refusal(exc: BaseException) -> bool:
     return getattr(exc, "sqlstate", None) == sql.APPEND_REFUSED
 
@@ -241,27 +272,37 @@ def prepare_append(
     metadata: list[str] = []
     tags: list[tuple[str, ...]] = []
     personal: list[dict[str, str] | None] = []
+    checked: set[str] = set()  # event types already checked in this append
     for event in events:
         if not isinstance(event, NewEvent):
             raise InvalidAppend(f"events must be NewEvent instances, got {type(event).__name__}")
-        _check_text("event type", event.type, MAX_EVENT_TYPE_LENGTH, InvalidAppend)
+        event_type = event.type
+        if event_type not in checked:
+            _check_text("event type", event_type, MAX_EVENT_TYPE_LENGTH, InvalidAppend)
+            checked.add(event_type)
         if not isinstance(event.event_id, UUID):
             raise InvalidAppend(f"event id must be a UUID, got {event.event_id!r}")
         if event.metadata and TAGS in event.metadata:
             raise InvalidAppend(f"metadata key {TAGS!r} is reserved for the event's tags: pass NewEvent(tags=...)")
         tags.append(check_tags(event.tags, InvalidAppend))
-        body = _dump(event.type, event.data)
+        body = _dump_fast(event_type, event.data)
         fields = check_personal_data(event.personal_data)
         personal.append(fields)
-        meta_dict = event.metadata_with_ids()
-        if fields is not None:
-            meta_dict[PERSONAL_DATA] = marker(fields)
-        meta = _dump(event.type, meta_dict)
+        if (
+            event.metadata or event.correlation_id is not None or event.causation_id is not None
+            or event.tags or fields is not None
+        ):
+            meta_dict = event.metadata_with_ids()
+            if fields is not None:
+                meta_dict[PERSONAL_DATA] = marker(fields)
+            meta = _dump_fast(event_type, meta_dict)
+        else:
+            meta = b"{}"
         size = len(body) + len(meta)
         if size > max_event_size:
-            raise EventTooLarge(event.type, size, max_event_size)
+            raise EventTooLarge(event_type, size, max_event_size)
         ids.append(event.event_id)
-        types.append(event.type)
+        types.append(event_type)
         data.append(body.decode())
         metadata.append(meta.decode())
     if len(set(ids)) != len(ids):
@@ -303,7 +344,8 @@ class UnitOfWork:
 
     async def read_query(self, query: Query, after: Checkpoint = START, *, limit: int = 1000) -> list[RecordedEvent]:
         """`EventStore.read_query` inside this transaction."""
-        return [_record(r) for r in await self.connection.fetch(sql.READ_QUERY, *_query_args(query, after, limit))]
+        rows = await self.connection.fetch(sql.READ_QUERY, *_query_args(query, after, limit))
+        return await self._store.reveal(_records(rows), self.connection)
 
     async def read_stream(
         self, stream_id: str, from_version: int = 0, limit: int | None = None
@@ -311,7 +353,7 @@ class UnitOfWork:
         rows = await self.connection.fetch(
             sql.READ_STREAM_FORWARDS, stream_id, from_version, limit if limit is not None else _MAX_VERSION
         )
-        return await self._store.reveal([_record(r) for r in rows], self.connection)
+        return await self._store.reveal(_records(rows), self.connection)
 
     async def save_snapshot(
         self, stream_id: str, snapshot_type: str, schema_version: str, stream_version: int, data: str
@@ -374,7 +416,8 @@ class EventStore:
 
             async def connect() -> asyncpg.Pool:
                 return await asyncpg.create_pool(
-                    url, min_size=self._min, max_size=self._max, max_inactive_connection_lifetime=60
+                    url, min_size=self._min, max_size=self._max, max_inactive_connection_lifetime=60,
+                    reset=_reset_session,
                 )
 
             # A server that is restarting refuses connections for a while: wait up to connect_timeout.
@@ -412,6 +455,21 @@ class EventStore:
         if self._pool is None:
             raise NotStarted("EventStore is not started: use `async with EventStore(...)`")
         return self._pool
+
+    @contextlib.asynccontextmanager
+    async def _own_connection(self) -> AsyncIterator[Connection]:
+        """A pooled connection for the store's own statements only (no session state to reset after)."""
+        token = _SESSION_UNTOUCHED.set(True)
+        try:
+            async with self.pool.acquire() as conn:
+                yield conn
+        finally:
+            _SESSION_UNTOUCHED.reset(token)
+
+    async def _fetch(self, query: str, *args: object, record_class: type[Any] | None = None) -> list[Any]:
+        async with self._own_connection() as conn:
+            rows: list[Any] = await conn.fetch(query, *args, record_class=record_class)
+            return rows
 
     def add_append_hook(self, hook: AppendHook) -> None:
         """Run `hook` inside every append's transaction, after the events are written."""
@@ -455,11 +513,12 @@ class EventStore:
             prepared = await self.retrying(lambda: self._seal(self.pool, unsealed))
 
         async def once() -> AppendResult:
+            if not self._hooks:
+                # One statement is its own transaction: one round trip instead of three.
+                async with self._own_connection() as conn:
+                    return await self._append_prepared(UnitOfWork(self, conn), prepared, expected_version, checked)
             async with self.pool.acquire() as conn:
                 uow = UnitOfWork(self, conn)
-                if not self._hooks:
-                    # One statement is its own transaction: one round trip instead of three.
-                    return await self._append_prepared(uow, prepared, expected_version, checked)
                 try:
                     async with conn.transaction():
                         return await self._append_prepared(uow, prepared, expected_version, checked)
@@ -554,14 +613,14 @@ class EventStore:
             raise WrongExpectedVersion(p.stream_id, expected_version, version)
         if status == sql.ID_CONFLICT:
             raise DuplicateEventId(p.stream_id, p.event_ids)
-        first_version = version - len(p.event_ids) + 1
+        stream_id, version_of = p.stream_id, version - len(p.event_ids) + 1
         data = p.data if p.plain is None else p.plain  # hooks see what was appended, not its sealed form
+        new = tuple.__new__
         recorded = tuple(
-            RecordedEvent(
-                p.event_ids[i], p.types[i], data[i], p.metadata[i], p.stream_id,
-                first_version + i, positions[i], log_xid, recorded_at,
+            new(RecordedEvent, (event_id, event_type, text, meta, stream_id, v, position, log_xid, recorded_at))
+            for event_id, event_type, text, meta, v, position in zip(
+                p.event_ids, p.types, data, p.metadata, range(version_of, version + 1), positions, strict=True
             )
-            for i in range(len(p.event_ids))
         )
         result = AppendResult(
             stream_id=p.stream_id,
@@ -592,22 +651,24 @@ class EventStore:
             self._notify_task = asyncio.get_running_loop().create_task(self._send_notifications())
 
     async def _send_notifications(self) -> None:
+        # Sends at once, then waits NOTIFY_INTERVAL so that the appends of a busy spell share one NOTIFY.
         while self._notify_pending:
             self._notify_pending = False
             try:
                 if self.url is None:
                     await self.pool.execute(sql.NOTIFY)
-                    continue
-                # A connection of its own: a pool saturated by writers would delay the wake-up.
-                if self._notifier is None or self._notifier.is_closed():
-                    self._notifier = await asyncpg.connect(self.url, timeout=5)
-                await self._notifier.execute(sql.NOTIFY)
+                else:
+                    # A connection of its own: a pool saturated by writers would delay the wake-up.
+                    if self._notifier is None or self._notifier.is_closed():
+                        self._notifier = await asyncpg.connect(self.url, timeout=5)
+                    await self._notifier.execute(sql.NOTIFY)
             except Exception as exc:  # subscribers fall back to polling
                 log.debug("notify failed: %s", exc)
                 if self._notifier is not None:
                     self._notifier.terminate()
                     self._notifier = None
                 return
+            await asyncio.sleep(NOTIFY_INTERVAL)
 
     # -- reads -------------------------------------------------------------------------------------
 
@@ -632,14 +693,31 @@ class EventStore:
         if direction is Direction.FORWARDS:
             start = 0 if from_version is None else from_version
             rows = await self.retrying(
-                lambda: self.pool.fetch(sql.READ_STREAM_FORWARDS, stream_id, start, count)
+                lambda: self._fetch(sql.READ_STREAM_FORWARDS, stream_id, start, count)
             )
         else:
             start = _MAX_VERSION if from_version is None or from_version < 0 else from_version
             rows = await self.retrying(
-                lambda: self.pool.fetch(sql.READ_STREAM_BACKWARDS, stream_id, start, count)
+                lambda: self._fetch(sql.READ_STREAM_BACKWARDS, stream_id, start, count)
             )
-        return await self.reveal([_record(r) for r in rows])
+        return await self.reveal(_records(rows))
+
+    async def read_stream_payloads(
+        self, stream_id: str, from_version: int = 0, *, limit: int | None = None
+    ) -> list[EventPayload] | list[RecordedEvent]:
+        """`read_stream` forwards with only what an aggregate needs: the cheap read of a load.
+
+        A stream holding personal data is read with `read_stream`, whose events have those fields opened.
+        """
+        check_stream_id(stream_id)
+        _check_int("from_version", from_version, None)
+        count = _MAX_VERSION if limit is None else _check_int("limit", limit, 0)
+        payloads: list[EventPayload] = await self.retrying(
+            lambda: self._fetch(sql.READ_STREAM_PAYLOADS, stream_id, from_version, count, record_class=EventPayload)
+        )
+        if any(has_personal_data(p.metadata) for p in payloads):
+            return await self.read_stream(stream_id, from_version, limit=limit)
+        return payloads
 
     async def read_stream_until(
         self, stream_id: str, until: datetime, from_version: int = 0
@@ -647,9 +725,9 @@ class EventStore:
         """Events of one stream recorded at or before `until` (temporal queries)."""
         check_stream_id(stream_id)
         rows = await self.retrying(
-            lambda: self.pool.fetch(sql.READ_STREAM_UNTIL_TIME, stream_id, from_version, until, _MAX_VERSION)
+            lambda: self._fetch(sql.READ_STREAM_UNTIL_TIME, stream_id, from_version, until, _MAX_VERSION)
         )
-        return await self.reveal([_record(r) for r in rows])
+        return await self.reveal(_records(rows))
 
     async def read_all(
         self,
@@ -678,8 +756,8 @@ class EventStore:
             query, args = sql.READ_ALL_TYPES, (tx, pos, limit, list(types))
         else:
             query, args = sql.READ_ALL, (tx, pos, limit)
-        rows = await self.retrying(lambda: self.pool.fetch(query, *args))
-        return await self.reveal([_record(r) for r in rows])
+        rows = await self.retrying(lambda: self._fetch(query, *args))
+        return await self.reveal(_records(rows))
 
     async def reveal(
         self, records: list[RecordedEvent], executor: Connection | asyncpg.Pool | None = None
@@ -722,7 +800,7 @@ class EventStore:
         """
         args = _query_args(query, after, limit)
         rows = await self.retrying(lambda: self.pool.fetch(sql.READ_QUERY, *args))
-        return [_record(r) for r in rows]
+        return await self.reveal(_records(rows))
 
     async def read_with_condition(self, query: Query, *, page: int = 1000) -> tuple[list[RecordedEvent], Condition]:
         """Every committed event matching `query`, in log order, and the condition to append a decision with.

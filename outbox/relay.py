@@ -201,13 +201,14 @@ class Relay:
     async def _idle(self) -> None:
         """Sleep until a NOTIFY, the poll interval, or the next lease check, whichever comes first.
 
-        For `busy_window` after publishing it sleeps `busy_poll_interval` instead, whatever arrives:
-        while messages keep coming, a NOTIFY per commit would only cost a query each, and a writer
-        whose connection pool is saturated sends its NOTIFY late anyway (it waits for a connection).
+        For `busy_window` after publishing it looks again after `busy_poll_interval` at the latest: a
+        writer whose connection pool is saturated sends its NOTIFY late. A NOTIFY still wakes it sooner;
+        writers send at most one every few milliseconds (`eventstore.store.NOTIFY_INTERVAL`), so that
+        costs at most a query each.
         """
         now = time.monotonic()
         if now < self._busy_until:
-            await self._sleep(self.settings.busy_poll_interval)
+            await self._wakeups.wait(self.settings.busy_poll_interval)
             return
         await self._wakeups.listen()
         slots = list(self._leases.usable())

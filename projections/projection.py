@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 import re
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeAlias, TypeVar
 
@@ -91,6 +91,118 @@ class HandlerFailed(Exception):
         self.error = error
 
 
+class _DeferredWrites:
+    """The connection event handlers get inside a runner's batch: writes queue up, reads send them first.
+
+    `execute` with arguments is queued (and returns an empty status); runs of the same statement are
+    then sent with one `executemany`, a single round trip for a batch's worth of events. Every other
+    use of the connection (a read, a savepoint, `executemany`, `execute` without arguments) sends the
+    queue first, so a handler always reads what it wrote. A queued statement that fails is reported
+    against the first event of its run: the runner then applies the batch event by event, which names
+    the failing event exactly. After `prepare` or `cursor` nothing is queued any more (their statements
+    run outside this wrapper).
+    """
+
+    __slots__ = ("_conn", "_direct", "_queue", "_savepoints", "event")
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._queue: list[tuple[str, tuple[Any, ...], RecordedEvent | None]] = []
+        self._savepoints = 0
+        self._direct = False
+        self.event: RecordedEvent | None = None
+
+    async def execute(self, query: str, *args: Any, timeout: float | None = None) -> str:
+        if not args or timeout is not None or self._savepoints or self._direct:
+            await self.flush()
+            status: str = await self._conn.execute(query, *args, timeout=timeout)
+            return status
+        self._queue.append((query, args, self.event))
+        return ""
+
+    async def flush(self) -> None:
+        """Send the queued statements, runs of the same one with one `executemany`."""
+        queue, self._queue = self._queue, []
+        i, n = 0, len(queue)
+        while i < n:
+            query, args, event = queue[i]
+            j = i + 1
+            while j < n and queue[j][0] == query:
+                j += 1
+            try:
+                if j - i == 1:
+                    await self._conn.execute(query, *args)
+                else:
+                    await self._conn.executemany(query, [entry[1] for entry in queue[i:j]])
+            except Exception as exc:
+                assert event is not None
+                raise HandlerFailed(event, len({id(entry[2]) for entry in queue[i:j]}), exc) from exc
+            i = j
+
+    def transaction(self, **options: Any) -> _Savepoint:
+        return _Savepoint(self, options)
+
+    def cursor(self, *args: Any, **kwargs: Any) -> _Cursor:
+        self._direct = True  # its later reads bypass this wrapper
+        return _Cursor(self, self._conn.cursor(*args, **kwargs))
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._conn, name)
+        if not inspect.iscoroutinefunction(attribute):
+            return attribute
+        if name == "prepare":
+            self._direct = True  # the prepared statement's reads bypass this wrapper
+
+        async def flushed_first(*args: Any, **kwargs: Any) -> Any:
+            await self.flush()
+            return await attribute(*args, **kwargs)
+
+        return flushed_first
+
+
+class _Cursor:
+    """`connection.cursor(...)` for a handler: awaited or iterated once the queue is sent."""
+
+    def __init__(self, writes: _DeferredWrites, factory: Any) -> None:
+        self._writes = writes
+        self._factory = factory
+
+    def __await__(self) -> Any:
+        return self._open().__await__()
+
+    async def _open(self) -> Any:
+        await self._writes.flush()
+        return await self._factory
+
+    async def _rows(self) -> AsyncIterator[Any]:
+        await self._writes.flush()
+        async for row in self._factory:
+            yield row
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self._rows()
+
+
+class _Savepoint:
+    """`connection.transaction()` for a handler: the queue goes first, statements inside go directly."""
+
+    def __init__(self, writes: _DeferredWrites, options: dict[str, Any]) -> None:
+        self._writes = writes
+        self._options = options
+        self._transaction: Any = None
+
+    async def __aenter__(self) -> Any:
+        await self._writes.flush()
+        self._transaction = self._writes._conn.transaction(**self._options)
+        await self._transaction.__aenter__()
+        self._writes._savepoints += 1
+        return self._transaction
+
+    async def __aexit__(self, *exc: Any) -> Any:
+        self._writes._savepoints -= 1
+        return await self._transaction.__aexit__(*exc)
+
+
 class Projection:
     """A read model built from the global log. Subclass it and mark handlers with `@handles`, or pass
     `handlers=` / `batch_handlers=` mappings of plain `async def f(connection, event)` functions.
@@ -115,6 +227,11 @@ class Projection:
     tags: Sequence[str] = ()
     partitions: int = 1
     partition_key: str | None = None
+    defer_writes: bool = True
+    """In a runner, queue event handlers' `execute` calls and send them in runs (see `_DeferredWrites`).
+
+    Set it to False for handlers that look at the status `execute` returns.
+    """
 
     def __init__(
         self,
@@ -209,10 +326,13 @@ class Projection:
     def handles(self, event_type: str) -> bool:
         return event_type in self._handlers
 
-    async def apply(self, connection: Connection, events: Sequence[RecordedEvent]) -> None:
+    async def apply(self, connection: Connection, events: Sequence[RecordedEvent], *, defer: bool = False) -> None:
         """Run the handlers over `events` in order; events of other types (or without the tags) are skipped.
 
-        Consecutive events that go to the same batch handler reach it in one call.
+        Consecutive events that go to the same batch handler reach it in one call. With `defer` (a
+        runner's batches, when the projection's `defer_writes` allows it) event handlers write through
+        `_DeferredWrites`: their statements reach the server in runs, before anything reads and before
+        `apply` returns.
         """
         handlers = self._handlers
         tags = frozenset(self.tags)
@@ -223,6 +343,7 @@ class Projection:
                 return None
             return handler
 
+        writes = _DeferredWrites(connection) if defer and self.defer_writes else None
         i, n = 0, len(events)
         while i < n:
             event = events[i]
@@ -235,10 +356,22 @@ class Projection:
                 while j < n and target(events[j]) is handler:
                     j += 1
             try:
-                await handler.call(connection, list(events[i:j]) if handler.batch else event)
+                if handler.batch:
+                    if writes is not None:
+                        await writes.flush()
+                    await handler.call(connection, list(events[i:j]))
+                elif writes is not None:
+                    writes.event = event
+                    await handler.call(writes, event)
+                else:
+                    await handler.call(connection, event)
+            except HandlerFailed:
+                raise
             except Exception as exc:
                 raise HandlerFailed(event, j - i, exc) from exc
             i = j
+        if writes is not None:
+            await writes.flush()
 
 
 def _read_model(name: str, tables: TableDeclaration) -> tuple[ReadModelTable, ...]:

@@ -189,7 +189,7 @@ class Rebuild:
                 async with conn.transaction():
                     await use_generation(conn, name, self.generation, self.search_path)
                     events, end = await read_batch(conn, projection, self.checkpoint, limit, self.keyring)
-                    await projection.apply(conn, events)
+                    await projection.apply(conn, events, defer=True)
                     if end != self.checkpoint:
                         await conn.execute(sql.ADVANCE_REBUILD, name, end[0], end[1], len(events))
             except HandlerFailed as failure:

@@ -301,7 +301,7 @@ class _Worker:
             await use_generation(conn, projection.name, state.generation, self._search_path)
             events, end = await read_batch(conn, projection, state.checkpoint, limit, self.runner.store.keyring)
             try:
-                await projection.apply(conn, events)
+                await projection.apply(conn, events, defer=True)
             except HandlerFailed as failure:
                 raise_if_disconnected(failure, conn)
                 raise
@@ -414,7 +414,7 @@ class _PartitionWorker(_Worker):
             keyring = self.runner.store.keyring
             events, end = await read_partition(conn, projection, self.partition, after, limit, keyring)
             try:
-                await projection.apply(conn, events)
+                await projection.apply(conn, events, defer=True)
             except HandlerFailed as failure:
                 raise_if_disconnected(failure, conn)
                 raise

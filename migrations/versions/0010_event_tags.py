@@ -6,7 +6,7 @@ that held it. `eventstore_append_tagged` takes the locks, checks the condition a
 `eventstore_append` for the write itself, whose signature it leaves alone.
 
 Revision ID: 0010
-Revises: 0007
+Revises: 0008
 Create Date: 2026-11-29
 """
 
@@ -18,7 +18,7 @@ from alembic import op
 from eventstore import sql
 
 revision: str = "0010"
-down_revision: str | None = "0007"
+down_revision: str | None = "0008"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

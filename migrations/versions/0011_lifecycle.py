@@ -6,7 +6,7 @@ states (a trigger on their row refuses appends to them), archived events move to
 and `eventstore_maintenance` is the one audited way past the append-only triggers.
 
 Revision ID: 0011
-Revises: 0007
+Revises: 0010
 Create Date: 2026-11-29
 """
 

@@ -10,7 +10,7 @@ import pytest
 from pydantic import BaseModel
 
 from aggregates import Aggregate, AggregateNotFound, DomainEvent, Repository, SnapshotError, applies
-from eventstore import Direction, EventStore, RecordedEvent
+from eventstore import Direction, EventPayload, EventStore, RecordedEvent
 from tests.aggregates.domain import Account, SnapshottedAccount
 
 
@@ -32,6 +32,13 @@ class RecordingStore(EventStore):
         events = await super().read_stream(stream_id, from_version, direction=direction, limit=limit)
         self.reads.append((from_version, len(events)))
         return events
+
+    async def read_stream_payloads(
+        self, stream_id: str, from_version: int = 0, *, limit: int | None = None
+    ) -> list[EventPayload]:
+        payloads = await super().read_stream_payloads(stream_id, from_version, limit=limit)
+        self.reads.append((from_version, len(payloads)))
+        return payloads
 
 
 @pytest.fixture
