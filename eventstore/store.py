@@ -799,7 +799,7 @@ class EventStore:
         The checkpoint of the last event a decision read is the `after` of its append condition.
         """
         args = _query_args(query, after, limit)
-        rows = await self.retrying(lambda: self.pool.fetch(sql.READ_QUERY, *args))
+        rows = await self.retrying(lambda: self._fetch(sql.READ_QUERY, *args))
         return await self.reveal(_records(rows))
 
     async def read_with_condition(self, query: Query, *, page: int = 1000) -> tuple[list[RecordedEvent], Condition]:
@@ -816,13 +816,14 @@ class EventStore:
         after = START
         while True:
             page_args = (after[0], after[1], *args[2:])
-            rows = await self.retrying(partial(self.pool.fetch, sql.READ_QUERY_COMMITTED, *page_args))
+            rows = await self.retrying(partial(self._fetch, sql.READ_QUERY_COMMITTED, *page_args))
             if rows and horizon is None:
                 horizon = int(rows[0]["horizon"])
             events.extend(tuple.__new__(RecordedEvent, r[:9]) for r in rows)
             if len(rows) < page:
                 break
             after = events[-1].checkpoint
+        events = await self.reveal(events)
         if horizon is None:  # nothing matched: anything matching now is news
             return events, Condition(query, START)
         seen = tuple(e.position for e in events if e.log_xid >= horizon)
