@@ -279,7 +279,7 @@ class ProjectionAdmin:
             restart_now, fresh[0] = fresh[0], False
             async with self._exclusive(name, "rebuild") as (conn, search_path, view_schema):
                 await _ensure(conn, projection, search_path, view_schema)
-                rebuild = Rebuild(conn, projection, search_path, view_schema, batch_size, tracker)
+                rebuild = Rebuild(conn, projection, search_path, view_schema, batch_size, tracker, self.store)
                 return await rebuild.run(restart_now)
 
         return await self._retrying(f"rebuild {name}", attempt)

@@ -94,8 +94,12 @@ async def test_changing_the_number_of_partitions_is_a_rebuild(store: EventStore)
     async with admin.runner() as runner:
         with pytest.raises(ProjectionNeedsRebuild):
             await caught_up(runner, last)
-    await admin.rebuild("stream_order")
+    done = await admin.rebuild("stream_order")
+    assert done.done == 24
     assert await store.pool.fetchval("SELECT count(*) FROM projection_partitions") == 3
+    # The partitions were rebuilt side by side, each on a connection of its own.
+    sessions = await store.pool.fetchval("SELECT count(DISTINCT r) FROM stream_order, unnest(runners) AS r")
+    assert sessions == 3
     more = await _append(store, streams=6, versions=2)
     async with admin.runner() as runner:
         await caught_up(runner, more)
