@@ -19,13 +19,16 @@
     accounts = Repository(store, Account)
     await accounts.execute("42", lambda a: a.deposit(10), retries=3)
 
-Given/when/then test helpers live in `aggregates.testing`.
+Decisions across streams (dynamic consistency boundaries) live in `aggregates.decisions`; given/when/then
+test helpers in `aggregates.testing`.
 """
 
 from aggregates.aggregate import Aggregate, applies
+from aggregates.decisions import Decide, DecisionProjection, Decisions, DecisionState
 from aggregates.errors import (
     AggregateError,
     AggregateNotFound,
+    DuplicateEventType,
     EventDecodeError,
     EventRegistrationError,
     InvalidAggregateId,
@@ -34,7 +37,7 @@ from aggregates.errors import (
     SnapshotError,
     UnknownEventType,
 )
-from aggregates.events import SCHEMA_VERSION_KEY, DomainEvent, EventRegistry, Upcaster
+from aggregates.events import SCHEMA_VERSION_KEY, DomainEvent, EventRegistry, PersonalData, Upcaster
 from aggregates.repository import Command, Repository
 
 __all__ = [
@@ -43,13 +46,19 @@ __all__ = [
     "AggregateError",
     "AggregateNotFound",
     "Command",
+    "Decide",
+    "DecisionProjection",
+    "DecisionState",
+    "Decisions",
     "DomainEvent",
+    "DuplicateEventType",
     "EventDecodeError",
     "EventRegistrationError",
     "EventRegistry",
     "InvalidAggregateId",
     "MissingHandler",
     "MissingUpcaster",
+    "PersonalData",
     "Repository",
     "SnapshotError",
     "UnknownEventType",

@@ -19,6 +19,27 @@ class EventRegistrationError(AggregateError, TypeError):
     """An event class, upcaster or handler was declared inconsistently (a programming error)."""
 
 
+class DuplicateEventType(EventRegistrationError):
+    """Two different classes claim one stored type name: stored events could decode as either."""
+
+    def __init__(
+        self,
+        event_type: str,
+        first: tuple[str, str | None, int | None],
+        second: tuple[str, str | None, int | None],
+    ) -> None:
+        def where(name: str, path: str | None, line: int | None) -> str:
+            return name if path is None else f"{name} ({path}:{line})"
+
+        super().__init__(
+            f"event type {event_type!r} is registered twice: {where(*first)} and {where(*second)};"
+            f" give {second[0]} its own name with `event_type=...`"
+        )
+        self.event_type = event_type
+        self.first = first
+        self.second = second
+
+
 class InvalidAggregateId(AggregateError, InvalidArgument):
     """The aggregate id cannot name a stream (empty, not a string, too long, contains NUL)."""
 

@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, TypeVar, overload
+from typing import Annotated, Any, ClassVar, Literal, TypeVar, get_args, get_origin, overload
 from uuid import UUID
 
 import orjson
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
 from aggregates.errors import (
+    DuplicateEventType,
     EventDecodeError,
     EventRegistrationError,
     MissingUpcaster,
     UnknownEventType,
 )
-from eventstore import EventSerializationError, NewEvent, RecordedEvent, has_non_finite
+from eventstore import REDACTED, EventSerializationError, NewEvent, RecordedEvent, has_non_finite
 
 SCHEMA_VERSION_KEY = "schema_version"
 """Metadata key holding the schema version an event was written with (absent means 1)."""
@@ -26,6 +28,18 @@ Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
 
 E = TypeVar("E", bound="DomainEvent")
 U = TypeVar("U", bound=Upcaster)
+
+
+@dataclass(frozen=True, slots=True)
+class PersonalData:
+    """Marks an event field as personal data of the subject whose id is in field `subject`.
+
+    `email: Annotated[str, PersonalData(subject="customer_id")]`: the field is stored encrypted under the
+    subject's key, and reads as `eventstore.REDACTED` once `store.forget(customer_id)` deleted that key,
+    so the field's type must accept that string (`str`, `str | None`).
+    """
+
+    subject: str
 
 
 class DomainEvent(BaseModel):
@@ -40,6 +54,8 @@ class DomainEvent(BaseModel):
 
     event_type: ClassVar[str] = "DomainEvent"
     schema_version: ClassVar[int] = 1
+    personal_fields: ClassVar[Mapping[str, str]] = {}
+    """Personal field -> the field holding its subject's id (from `PersonalData` annotations)."""
 
     def __init_subclass__(cls, *, event_type: str | None = None, version: int | None = None, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -51,6 +67,36 @@ class DomainEvent(BaseModel):
         if isinstance(number, bool) or not isinstance(number, int) or number < 1:
             raise EventRegistrationError(f"{cls.__qualname__}: schema version must be an int >= 1, got {number!r}")
         cls.schema_version = number
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        personal: dict[str, str] = {}
+        for name, info in cls.model_fields.items():
+            marks = [m for m in info.metadata if isinstance(m, PersonalData)]
+            if not marks:
+                if _nested_mark(info.annotation):
+                    raise EventRegistrationError(
+                        f"{cls.__qualname__}.{name}: PersonalData must annotate the whole field type,"
+                        " e.g. Annotated[str | None, PersonalData(...)], not a member of a union"
+                    )
+                continue
+            subject = marks[0].subject
+            where = f"{cls.__qualname__}.{name}"
+            if subject not in cls.model_fields or subject == name:
+                raise EventRegistrationError(f"{where}: PersonalData names subject field {subject!r}, not a field")
+            adapter: TypeAdapter[Any] = TypeAdapter(Annotated[(info.annotation, *info.metadata)])  # type: ignore[arg-type]
+            try:
+                adapter.validate_json(orjson.dumps(REDACTED))
+            except ValidationError:
+                raise EventRegistrationError(
+                    f"{where}: a personal field must accept the redacted value {REDACTED!r} (use str or str | None)"
+                ) from None
+            personal[name] = subject
+        for subject in personal.values():
+            if subject in personal:
+                raise EventRegistrationError(f"{cls.__qualname__}: subject field {subject!r} is itself personal data")
+        cls.personal_fields = personal
 
 
 @dataclass(slots=True)
@@ -100,9 +146,9 @@ class EventRegistry:
             entry = self._entries.get(cls.event_type)
             if entry is not None:
                 if entry.cls is not cls:
-                    raise EventRegistrationError(
-                        f"event type {cls.event_type!r} is already registered to {entry.cls.__qualname__};"
-                        f" give {cls.__qualname__} its own name with `event_type=...`"
+                    raise DuplicateEventType(
+                        cls.event_type, (entry.cls.__qualname__, *defined_at(entry.cls)),
+                        (cls.__qualname__, *defined_at(cls)),
                     )
                 continue
             upcasters = self._orphans.pop(cls.event_type, {})
@@ -169,6 +215,13 @@ class EventRegistry:
     def event_types(self) -> Mapping[str, type[DomainEvent]]:
         return {name: entry.cls for name, entry in self._entries.items()}
 
+    def upcaster_versions(self, event_type: str) -> frozenset[int]:
+        """The schema versions of `event_type` an upcaster lifts (to the next one)."""
+        entry = self._entries.get(event_type)
+        if entry is None:
+            raise UnknownEventType(event_type)
+        return frozenset(entry.upcasters)
+
     # -- encoding ----------------------------------------------------------------------------------
 
     def encode(
@@ -192,8 +245,12 @@ class EventRegistry:
         if b"null" in text and has_non_finite(event.model_dump()):  # pydantic writes NaN as null
             raise EventSerializationError(cls.event_type, "NaN and infinity are not JSON")
         data = orjson.Fragment(text)
+        personal = _subjects(event) if cls.personal_fields else None
         if event_id is None:
-            return NewEvent(cls.event_type, data, meta, correlation_id=correlation_id, causation_id=causation_id)
+            return NewEvent(
+                cls.event_type, data, meta, correlation_id=correlation_id, causation_id=causation_id,
+                personal_data=personal,
+            )
         return NewEvent(
             cls.event_type,
             data,
@@ -201,6 +258,7 @@ class EventRegistry:
             event_id=event_id,
             correlation_id=correlation_id,
             causation_id=causation_id,
+            personal_data=personal,
         )
 
     # -- decoding ----------------------------------------------------------------------------------
@@ -300,6 +358,37 @@ class EventRegistry:
             return cls.model_validate_json(text)
         except ValidationError as exc:
             raise EventDecodeError(recorded.event_type, version, _reason(exc), *where) from None
+
+
+def defined_at(cls: type) -> tuple[str | None, int | None]:
+    """The file and line of a class's definition, where Python can tell (not for classes made in a REPL)."""
+    try:
+        path = inspect.getsourcefile(cls)
+        line = inspect.getsourcelines(cls)[1] if path is not None else None
+    except (OSError, TypeError):
+        return None, None
+    return path, line
+def _nested_mark(annotation: Any) -> bool:
+    """Whether a `PersonalData` hides inside a type (where pydantic would not report it)."""
+    if get_origin(annotation) is Annotated:
+        marked = any(isinstance(m, PersonalData) for m in annotation.__metadata__)
+        return marked or _nested_mark(get_args(annotation)[0])
+    return any(_nested_mark(a) for a in get_args(annotation))
+
+
+def _subjects(event: DomainEvent) -> dict[str, str] | None:
+    """Each personal field that holds a value, with its subject's id (a field set to None hides nothing)."""
+    personal: dict[str, str] = {}
+    for name, subject_field in event.personal_fields.items():
+        if getattr(event, name) is None:
+            continue
+        subject = getattr(event, subject_field)
+        if subject is None or subject == "":
+            raise EventSerializationError(
+                event.event_type, f"personal field {name!r} has no subject: {subject_field!r} is empty"
+            )
+        personal[name] = str(subject)
+    return personal or None
 
 
 def _reason(exc: ValidationError) -> str:

@@ -1,6 +1,7 @@
 """Append-only PostgreSQL event store: streams, optimistic concurrency, a gap-safe global log."""
 
 from eventstore.errors import (
+    AppendConditionFailed,
     AppendRefused,
     DatabaseUnavailable,
     DuplicateEventId,
@@ -9,10 +10,18 @@ from eventstore.errors import (
     EventTooLarge,
     InvalidAppend,
     InvalidArgument,
+    MasterKeyMismatch,
     MigrationFailed,
+    NoKeyProvider,
     NotStarted,
+    PersonalDataCorrupt,
+    RetentionRefused,
     SchemaNotMigrated,
+    StreamArchived,
     StreamNotFound,
+    StreamTombstoned,
+    SubjectForgotten,
+    UnknownSubject,
     WrongExpectedVersion,
 )
 from eventstore.model import (
@@ -27,25 +36,46 @@ from eventstore.model import (
     category_of,
     expected_version,
 )
+from eventstore.personal import MASTER_KEY_ENV, REDACTED, KeyProvider, Keyring, MasterKey
+from eventstore.query import MAX_TAG_LENGTH, Condition, Query, QueryItem
 from eventstore.retry import CONNECTION_ERRORS, Backoff, with_retries
 from eventstore.schema import metadata
-from eventstore.sql import NOTIFY_CHANNEL
-from eventstore.store import AppendHook, Connection, EventStore, Snapshot, UnitOfWork, asyncpg_dsn, has_non_finite
+from eventstore.sql import NOTIFY_CHANNEL, STREAM_DELETED
+from eventstore.store import (
+    SUBJECT_FORGOTTEN,
+    AppendHook,
+    Connection,
+    Erasure,
+    EventStore,
+    Snapshot,
+    UnitOfWork,
+    asyncpg_dsn,
+    erasure_stream,
+    has_non_finite,
+)
 from eventstore.subscription import Subscription
 
 __all__ = [
     "CONNECTION_ERRORS",
+    "MASTER_KEY_ENV",
+    "MAX_TAG_LENGTH",
     "NOTIFY_CHANNEL",
+    "REDACTED",
     "START",
+    "STREAM_DELETED",
+    "SUBJECT_FORGOTTEN",
+    "AppendConditionFailed",
     "AppendHook",
     "AppendRefused",
     "AppendResult",
     "Backoff",
     "Checkpoint",
+    "Condition",
     "Connection",
     "DatabaseUnavailable",
     "Direction",
     "DuplicateEventId",
+    "Erasure",
     "EventSerializationError",
     "EventStore",
     "EventStoreError",
@@ -53,19 +83,33 @@ __all__ = [
     "ExpectedVersion",
     "InvalidAppend",
     "InvalidArgument",
+    "KeyProvider",
+    "Keyring",
+    "MasterKey",
+    "MasterKeyMismatch",
     "MigrationFailed",
     "NewEvent",
+    "NoKeyProvider",
     "NotStarted",
+    "PersonalDataCorrupt",
+    "Query",
+    "QueryItem",
     "RecordedEvent",
+    "RetentionRefused",
     "SchemaNotMigrated",
     "Snapshot",
+    "StreamArchived",
     "StreamNotFound",
     "StreamState",
+    "StreamTombstoned",
+    "SubjectForgotten",
     "Subscription",
     "UnitOfWork",
+    "UnknownSubject",
     "WrongExpectedVersion",
     "asyncpg_dsn",
     "category_of",
+    "erasure_stream",
     "expected_version",
     "has_non_finite",
     "metadata",

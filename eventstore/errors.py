@@ -106,3 +106,93 @@ class DatabaseUnavailable(EventStoreError):
 
 class MigrationFailed(EventStoreError):
     """Applying the schema migrations failed (the database refused a statement or the connection)."""
+
+
+class AppendConditionFailed(EventStoreError):
+    """An event matching the condition's query was appended after its checkpoint; nothing was written.
+
+    The decision was made on a state that is no longer current: read again and decide again.
+    """
+
+    def __init__(
+        self,
+        query: Any,
+        after: Any,
+        reason: str = "an event matching the query was appended after it",
+        conflict: Any = None,
+    ) -> None:
+        super().__init__(f"append condition failed at checkpoint {tuple(after)}: {reason}")
+        self.query = query
+        self.after = after
+        self.reason = reason
+        self.conflict = conflict
+        """The checkpoint of a conflicting event, when one is known: a retry can wait until readers see it."""
+class UnknownSubject(InvalidArgument):
+    """No personal data was ever stored for this subject (nothing to forget); nothing was done."""
+
+    def __init__(self, subject: str) -> None:
+        super().__init__(f"no personal data is stored for subject {subject!r}")
+        self.subject = subject
+
+
+class SubjectForgotten(InvalidAppend):
+    """The subject was forgotten: new personal data of it cannot be stored (its key is gone for good)."""
+
+    def __init__(self, subject: str) -> None:
+        super().__init__(f"subject {subject!r} was forgotten: its personal data can no longer be stored")
+        self.subject = subject
+
+
+class NoKeyProvider(InvalidAppend):
+    """An append carries personal data, but the store was started without a master key (`keys=`)."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "the events carry personal data but the store has no key provider: pass keys=MasterKey(...) "
+            "or set EVENTSTORE_MASTER_KEY"
+        )
+
+
+class MasterKeyMismatch(EventStoreError):
+    """The master key given is not the one that wrapped the stored data keys; nothing was read or written."""
+
+    def __init__(self, given: str, stored: str | None) -> None:
+        where = f"the stored keys were wrapped by {stored}" if stored else "it does not open the stored keys"
+        super().__init__(f"master key {given} does not match: {where}")
+        self.given = given
+        self.stored = stored
+
+
+class PersonalDataCorrupt(EventStoreError):
+    """A sealed field does not open with its subject's key: the stored ciphertext was altered."""
+
+    def __init__(self, event_id: str, field: str) -> None:
+        super().__init__(f"event {event_id}: personal field {field!r} does not decrypt (altered ciphertext?)")
+        self.event_id = event_id
+        self.field = field
+
+
+class StreamTombstoned(AppendRefused):
+    """The stream was tombstoned (or hard-deleted): it can never be written again."""
+
+    def __init__(self, stream_id: str) -> None:
+        super().__init__("the stream is tombstoned: it can never be written again", stream_id)
+
+
+class StreamArchived(AppendRefused):
+    """The stream is archived: restore it (`eventstore.lifecycle.restore`) before writing to it."""
+
+    def __init__(self, stream_id: str) -> None:
+        super().__init__("the stream is archived: restore it before writing to it", stream_id)
+
+
+class RetentionRefused(InvalidArgument):
+    """A retention policy that would delete every stream of its category; nothing was deleted."""
+
+    def __init__(self, category: str, streams: int) -> None:
+        super().__init__(
+            f"the retention policy would delete all {streams} streams of category {category!r}: "
+            "pass allow_all=True (--allow-all) if that is meant"
+        )
+        self.category = category
+        self.streams = streams

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, NamedTuple
@@ -14,6 +14,8 @@ from uuid_utils.compat import uuid7
 
 CORRELATION_ID = "correlation_id"
 CAUSATION_ID = "causation_id"
+TAGS = "tags"
+"""The metadata key under which an event keeps its tags (the `event_tags` index is built from the same list)."""
 
 
 class StreamState(enum.Enum):
@@ -68,7 +70,9 @@ class NewEvent:
 
     Pass `orjson.Fragment(json_bytes)` as `data` to store JSON that is already serialized. Default
     event ids are UUIDv7: time-ordered, so the unique index on event ids grows at its right edge
-    instead of touching random pages.
+    instead of touching random pages. `tags` (`student:42`) select the event in queries by tag.
+    `personal_data` maps top-level fields of `data` to the subject whose personal data they are: those
+    fields are stored encrypted (see `eventstore.personal`).
     """
 
     type: str
@@ -77,6 +81,8 @@ class NewEvent:
     event_id: UUID = field(default_factory=uuid7)
     correlation_id: UUID | str | None = None
     causation_id: UUID | str | None = None
+    tags: Sequence[str] = ()
+    personal_data: Mapping[str, str] | None = None
 
     def metadata_with_ids(self) -> dict[str, Any]:
         meta = dict(self.metadata) if self.metadata else {}
@@ -84,6 +90,8 @@ class NewEvent:
             meta[CORRELATION_ID] = str(self.correlation_id)
         if self.causation_id is not None:
             meta[CAUSATION_ID] = str(self.causation_id)
+        if self.tags:
+            meta[TAGS] = list(dict.fromkeys(self.tags))
         return meta
 
 
@@ -128,6 +136,13 @@ class RecordedEvent(NamedTuple):
     def causation_id(self) -> str | None:
         value = self.meta().get(CAUSATION_ID)
         return None if value is None else str(value)
+
+    @property
+    def tags(self) -> tuple[str, ...]:
+        if TAGS not in self.metadata:  # substring test first: most events have no tags
+            return ()
+        value = self.meta().get(TAGS)
+        return tuple(value) if isinstance(value, list) else ()
 
 
 @dataclass(frozen=True, slots=True)

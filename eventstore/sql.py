@@ -343,6 +343,16 @@ ORDER BY log_xid DESC, position DESC
 LIMIT 1
 """
 
+LAST_COMMITTED = """
+SELECT log_xid, position FROM events
+ORDER BY log_xid DESC, position DESC
+LIMIT 1
+"""
+"""The newest committed event, whether readers of the log see it yet or not."""
+
+HELD_BACK = f"SELECT EXISTS (SELECT 1 FROM events WHERE log_xid >= {LOG_HORIZON})"
+"""Committed events the log does not show yet: an older transaction still running holds them back."""
+
 CHECKPOINT_VISIBLE = f"SELECT $1::bigint < {LOG_HORIZON}"
 """($1 log_xid): whether readers of the log see a checkpoint with this log transaction id."""
 
@@ -370,4 +380,344 @@ WHERE snapshots.stream_version <= EXCLUDED.stream_version
 LOAD_SNAPSHOT = """
 SELECT stream_id, snapshot_type, schema_version, stream_version, data, created_at
 FROM snapshots WHERE stream_id = $1
+"""
+
+# -- tags and conditional appends (dynamic consistency boundaries, see eventstore.query) ----------------
+
+# Status codes returned by eventstore_append_tagged, beside those of eventstore_append.
+CONDITION_FAILED = 4
+FUTURE_CHECKPOINT = 5
+OVERTAKEN = 6
+
+# A query travels as parallel arrays, one entry per branch (eventstore.query.branches): a tag branch
+# scans event_tags for its first tag, filtered on its type set and other tags; a type branch scans the
+# type index. Both below use the same names: b.tag, b.type, b.types (a jsonb array), b.others (same).
+_BRANCHES = "unnest({tags}::text[], {types}::text[], {type_sets}::jsonb[], {others}::jsonb[]) AS b(tag, type, types, others)"
+
+_HAS_OTHER_TAGS = """NOT EXISTS (
+                SELECT 1 FROM jsonb_array_elements_text(b.others) AS o(tag)
+                WHERE NOT EXISTS (SELECT 1 FROM event_tags AS t2
+                                  WHERE t2.tag = o.tag AND t2.log_xid = t.log_xid AND t2.position = t.position))"""
+
+# The check looks past the visibility horizon: under the locks, a committed event that readers cannot
+# see yet fails the condition as surely as a visible one.
+APPEND_TAGGED_FUNCTION_V1 = f"""
+CREATE FUNCTION eventstore_append_tagged(
+    p_stream_id text, p_expected bigint, p_event_ids uuid[], p_types text[], p_data jsonb[], p_metadata jsonb[],
+    p_tags text[], p_tag_events int[], p_lock_keys bigint[], p_lock_modes int[],
+    p_tag_branches text[], p_type_branches text[], p_type_sets jsonb[], p_other_tags jsonb[],
+    p_after_xid bigint, p_after_position bigint, p_seen bigint[]
+) RETURNS TABLE (o_status int, o_version bigint, o_positions bigint[], o_log_xid bigint,
+                 o_recorded_at timestamptz)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_conditional boolean := p_tag_branches IS NOT NULL;
+    v_early_xid bigint := pg_current_xact_id_if_assigned()::text::bigint;
+    v_status int;
+    v_version bigint;
+    v_positions bigint[];
+    v_log bigint;
+    v_at timestamptz;
+    v_hit_xid bigint;
+    v_hit_position bigint;
+BEGIN
+    -- A retried append of stored events is answered by eventstore_append, condition or not: the
+    -- condition was checked when they were written (and their own tags would now fail it).
+    IF NOT EXISTS (SELECT 1 FROM events AS e WHERE e.event_id = ANY (p_event_ids)) THEN
+        IF v_conditional THEN
+            IF current_setting('transaction_isolation') <> 'read committed' THEN
+                RAISE EXCEPTION 'a conditional append needs READ COMMITTED isolation, not %',
+                    current_setting('transaction_isolation') USING ERRCODE = 'feature_not_supported';
+            END IF;
+            IF p_after_xid > pg_snapshot_xmax(pg_current_snapshot())::text::bigint
+               OR p_after_position > coalesce((SELECT max(e.position) FROM events AS e), 0) THEN
+                RETURN QUERY SELECT {FUTURE_CHECKPOINT}, NULL::bigint, NULL::bigint[], NULL::bigint, NULL::timestamptz;
+                RETURN;
+            END IF;
+        END IF;
+
+        -- One pass in key order: exclusive for the keys the condition checks, shared for those written.
+        FOR i IN 1 .. coalesce(cardinality(p_lock_keys), 0) LOOP
+            IF p_lock_modes[i] & 2 <> 0 THEN
+                PERFORM pg_advisory_xact_lock(p_lock_keys[i]);
+            ELSE
+                PERFORM pg_advisory_xact_lock_shared(p_lock_keys[i]);
+            END IF;
+        END LOOP;
+
+        -- This transaction had its id before it took the locks (it wrote earlier in a unit of work), so
+        -- its events could land in the log before those of a conditional append that committed
+        -- meanwhile without seeing them. Each statement below sees what committed before the locks.
+        IF v_early_xid IS NOT NULL AND EXISTS (
+            SELECT 1 FROM unnest(p_lock_keys, p_lock_modes) AS k(key, mode)
+            JOIN condition_locks AS c ON c.key = k.key
+            WHERE k.mode & 1 <> 0 AND c.log_xid > v_early_xid
+        ) THEN
+            RETURN QUERY SELECT {OVERTAKEN}, NULL::bigint, NULL::bigint[], NULL::bigint, NULL::timestamptz;
+            RETURN;
+        END IF;
+
+        IF v_conditional THEN
+            SELECT hit.log_xid, hit.position INTO v_hit_xid, v_hit_position
+            FROM {_BRANCHES.format(tags="p_tag_branches", types="p_type_branches", type_sets="p_type_sets", others="p_other_tags")}
+            CROSS JOIN LATERAL (
+                (SELECT t.log_xid, t.position FROM event_tags AS t
+                 WHERE b.tag IS NOT NULL AND t.tag = b.tag
+                   AND (t.log_xid, t.position) > (p_after_xid, p_after_position) AND t.position <> ALL (p_seen)
+                   AND (b.types IS NULL OR b.types ? t.event_type)
+                   AND {_HAS_OTHER_TAGS}
+                 ORDER BY t.log_xid, t.position
+                 LIMIT 1)
+                UNION ALL
+                (SELECT e.log_xid, e.position FROM events AS e
+                 WHERE b.tag IS NULL AND e.event_type = b.type
+                   AND (e.log_xid, e.position) > (p_after_xid, p_after_position) AND e.position <> ALL (p_seen)
+                 ORDER BY e.event_type, e.log_xid, e.position  -- the index's order: never a scan of the log
+                 LIMIT 1)
+            ) AS hit
+            LIMIT 1;
+            IF FOUND THEN  -- returns where the conflicting event is, so a retry can wait until it shows
+                RETURN QUERY SELECT {CONDITION_FAILED}, NULL::bigint, ARRAY[v_hit_position], v_hit_xid,
+                                    NULL::timestamptz;
+                RETURN;
+            END IF;
+        END IF;
+    END IF;
+
+    SELECT * INTO v_status, v_version, v_positions, v_log, v_at
+    FROM eventstore_append(p_stream_id, p_expected, p_event_ids, p_types, p_data, p_metadata);
+    IF v_status = {APPENDED} THEN
+        INSERT INTO event_tags (tag, log_xid, position, event_type)
+        SELECT g.tag, v_log, v_positions[g.ev], p_types[g.ev]
+        FROM unnest(p_tags, p_tag_events) AS g(tag, ev);
+        IF v_conditional THEN
+            INSERT INTO condition_locks AS c (key, log_xid)
+            SELECT k.key, v_log FROM unnest(p_lock_keys, p_lock_modes) AS k(key, mode)
+            WHERE k.mode & 2 <> 0
+            ORDER BY k.key
+            ON CONFLICT (key) DO UPDATE SET log_xid = greatest(c.log_xid, EXCLUDED.log_xid);
+        END IF;
+    END IF;
+    RETURN QUERY SELECT v_status, v_version, v_positions, v_log, v_at;
+END
+$$;
+"""
+
+DROP_APPEND_TAGGED_FUNCTION = (
+    "DROP FUNCTION IF EXISTS eventstore_append_tagged(text, bigint, uuid[], text[], jsonb[], jsonb[], text[], int[],"
+    " bigint[], int[], text[], text[], jsonb[], jsonb[], bigint, bigint, bigint[])"
+)
+
+APPEND_TAGGED = (
+    "SELECT * FROM eventstore_append_tagged($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)"
+)
+
+
+
+def _read_query(visible: str, tail: str = "") -> str:
+    return f"""
+SELECT {EVENT_COLUMNS}{tail} FROM events
+WHERE position = ANY (ARRAY(SELECT page.position FROM (
+    SELECT DISTINCT m.log_xid, m.position FROM {_BRANCHES.format(tags="$4", types="$5", type_sets="$6", others="$7")}
+    CROSS JOIN LATERAL (
+        (SELECT t.log_xid, t.position FROM event_tags AS t
+         WHERE b.tag IS NOT NULL AND t.tag = b.tag AND (t.log_xid, t.position) > ($1, $2){visible.format(x="t")}
+           AND (b.types IS NULL OR b.types ? t.event_type)
+           AND {_HAS_OTHER_TAGS}
+         ORDER BY t.log_xid, t.position
+         LIMIT $3)
+        UNION ALL
+        (SELECT e.log_xid, e.position FROM events AS e
+         WHERE b.tag IS NULL AND e.event_type = b.type AND (e.log_xid, e.position) > ($1, $2){visible.format(x="e")}
+         ORDER BY e.event_type, e.log_xid, e.position
+         LIMIT $3)
+    ) AS m
+    ORDER BY m.log_xid, m.position
+    LIMIT $3
+) AS page))
+ORDER BY log_xid, position
+"""
+
+
+READ_QUERY = _read_query(f" AND {{x}}.log_xid < {LOG_HORIZON}")
+"""($1, $2 after; $3 limit; $4-$7 branches) Events matching a query, in log order, with read_all's visibility.
+
+Each branch reads at most a page in index order, so a page costs what a category's does.
+"""
+
+READ_QUERY_COMMITTED = _read_query("", f", {LOG_HORIZON} AS horizon")
+"""READ_QUERY over every committed event, each row with the horizon of the statement's snapshot.
+
+For decisions: every event below the horizon is final, so the append condition needs only the horizon
+and the events read above it, and a decision never waits for the log to show a commit.
+"""
+
+# -- personal data (crypto-shredding, `eventstore.personal`) -------------------------------------------
+
+SUBJECT_KEYS = """
+SELECT subject, key_id, wrapped_key FROM subject_keys WHERE subject = ANY($1::text[])
+"""
+"""($1 subjects): their wrapped data keys; wrapped_key is NULL once a subject is forgotten."""
+
+SUBJECT_KEY_SAMPLE = """
+SELECT subject, key_id, wrapped_key FROM subject_keys
+WHERE wrapped_key IS NOT NULL
+ORDER BY key_id = $1, subject
+LIMIT 1
+"""
+"""One stored key, one wrapped by another master key than $1 first: what a starting store checks."""
+
+CREATE_SUBJECT_KEYS = """
+INSERT INTO subject_keys (subject, key_id, wrapped_key)
+SELECT s.subject, $2, s.wrapped_key FROM unnest($1::text[], $3::bytea[]) AS s(subject, wrapped_key)
+ON CONFLICT (subject) DO NOTHING
+"""
+
+LOCK_SUBJECT = "SELECT forgotten_at FROM subject_keys WHERE subject = $1 FOR UPDATE"
+
+FORGET_SUBJECT = """
+UPDATE subject_keys SET wrapped_key = NULL, key_id = NULL, forgotten_at = coalesce(forgotten_at, now())
+WHERE subject = $1
+"""
+
+# Snapshots cache aggregate states in plaintext: those of streams holding a forgotten subject's data go
+# (the next load replays the events, now redacted). The partial index on the subjects makes it cheap.
+DROP_SUBJECT_SNAPSHOTS = """
+DELETE FROM snapshots WHERE stream_id IN (
+    SELECT DISTINCT stream_id FROM events
+    WHERE metadata ? 'personal_data' AND metadata -> 'personal_data' -> 'subjects' ? $1)
+"""
+
+# -- stream lifecycle (`eventstore.lifecycle`) -----------------------------------------------------------
+
+STREAM_TOMBSTONED = "ES002"
+"""The SQLSTATE with which a tombstoned stream refuses an append (`StreamTombstoned`)."""
+
+STREAM_ARCHIVED = "ES003"
+"""The SQLSTATE with which an archived stream refuses an append until it is restored (`StreamArchived`)."""
+
+STREAM_DELETED = "$StreamDeleted"
+"""The event the maintenance function records for each stream it hard-deletes (in `$deleted-<stream id>`)."""
+
+# A guard on the row every append locks and moves on: appends never pay more than the WHEN test, and
+# the append function itself stays as it is. Its only writes of `version` are appends, so a change of
+# version on an archived or tombstoned stream is an append to refuse.
+STREAM_GUARD_V1 = (
+    f"""
+CREATE FUNCTION eventstore_stream_guard() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF OLD.tombstoned_at IS NOT NULL THEN
+        RAISE EXCEPTION 'stream % is tombstoned: it can never be written again', OLD.stream_id
+            USING ERRCODE = '{STREAM_TOMBSTONED}';
+    END IF;
+    RAISE EXCEPTION 'stream % is archived: restore it before writing to it', OLD.stream_id
+        USING ERRCODE = '{STREAM_ARCHIVED}';
+END
+$$
+""",
+    """
+CREATE TRIGGER streams_lifecycle BEFORE UPDATE OF version ON streams FOR EACH ROW
+WHEN ((OLD.tombstoned_at IS NOT NULL OR OLD.archived_at IS NOT NULL) AND NEW.version IS DISTINCT FROM OLD.version)
+EXECUTE FUNCTION eventstore_stream_guard()
+""",
+)
+
+_ARCHIVE_COLUMNS = "position, log_xid, stream_id, stream_version, event_id, event_type, data, metadata, recorded_at"
+
+# The one way past the append-only triggers. SECURITY DEFINER, so it runs as its owner (the role that
+# migrated the schema), which may set session_replication_role: with it at `replica` no ordinary
+# trigger fires, neither the append-only guard nor the outbox (a restored event is not published
+# again). Every call locks the streams it touches, moves or deletes their events, and a deletion is
+# recorded as a `$StreamDeleted` event of its own, appended the ordinary way (triggers on again).
+MAINTENANCE_FUNCTION_V1 = f"""
+CREATE FUNCTION eventstore_maintenance(p_action text, p_stream_ids text[], p_reason text)
+RETURNS TABLE (o_stream_id text, o_events bigint)
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path FROM CURRENT
+SET session_replication_role = origin
+AS $$
+DECLARE
+    v_ids text[];
+    v_counts bigint[];
+    i int;
+BEGIN
+    IF p_action NOT IN ('archive', 'restore', 'delete') THEN
+        RAISE EXCEPTION 'unknown maintenance action %', p_action USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT array_agg(s.stream_id ORDER BY s.stream_id),
+           array_agg(coalesce(c.n, 0) ORDER BY s.stream_id)
+    INTO v_ids, v_counts
+    FROM (SELECT st.stream_id FROM streams AS st WHERE st.stream_id = ANY (p_stream_ids)
+          ORDER BY st.stream_id FOR UPDATE) AS s
+    LEFT JOIN (
+        SELECT x.stream_id, count(*) AS n FROM (
+            SELECT e.stream_id FROM events AS e WHERE e.stream_id = ANY (p_stream_ids)
+            UNION ALL
+            SELECT a.stream_id FROM events_archive AS a WHERE a.stream_id = ANY (p_stream_ids)) AS x
+        GROUP BY x.stream_id) AS c ON c.stream_id = s.stream_id;
+    IF v_ids IS NULL THEN
+        RETURN;
+    END IF;
+
+    PERFORM set_config('session_replication_role', 'replica', true);
+    IF p_action = 'archive' THEN
+        WITH moved AS (
+            DELETE FROM events AS e WHERE e.stream_id = ANY (v_ids)
+            RETURNING {", ".join("e." + c for c in _ARCHIVE_COLUMNS.split(", "))})
+        INSERT INTO events_archive ({_ARCHIVE_COLUMNS}) SELECT {_ARCHIVE_COLUMNS} FROM moved;
+        UPDATE streams SET archived_at = now() WHERE stream_id = ANY (v_ids);
+    ELSIF p_action = 'restore' THEN
+        WITH moved AS (
+            DELETE FROM events_archive AS a WHERE a.stream_id = ANY (v_ids)
+            RETURNING {", ".join("a." + c for c in _ARCHIVE_COLUMNS.split(", "))})
+        INSERT INTO events ({_ARCHIVE_COLUMNS}) SELECT {_ARCHIVE_COLUMNS} FROM moved;
+        UPDATE streams SET archived_at = NULL WHERE stream_id = ANY (v_ids);
+    ELSE
+        DELETE FROM events WHERE stream_id = ANY (v_ids);
+        DELETE FROM events_archive WHERE stream_id = ANY (v_ids);
+        DELETE FROM snapshots WHERE stream_id = ANY (v_ids);
+        UPDATE streams SET tombstoned_at = coalesce(tombstoned_at, now()), archived_at = NULL
+        WHERE stream_id = ANY (v_ids);
+    END IF;
+    PERFORM set_config('session_replication_role', 'origin', true);
+
+    IF p_action = 'delete' THEN
+        FOR i IN 1 .. cardinality(v_ids) LOOP
+            PERFORM eventstore_append(
+                '$deleted-' || v_ids[i], -2, ARRAY[gen_random_uuid()], ARRAY['{STREAM_DELETED}'],
+                ARRAY[jsonb_build_object('stream_id', v_ids[i], 'events', v_counts[i], 'reason', p_reason)],
+                ARRAY[jsonb_build_object('maintenance', 'delete', 'by', session_user)]);
+        END LOOP;
+    END IF;
+    RETURN QUERY SELECT u.stream_id, u.n FROM unnest(v_ids, v_counts) AS u(stream_id, n);
+END
+$$
+"""
+
+DROP_LIFECYCLE_V1 = (
+    "DROP FUNCTION IF EXISTS eventstore_maintenance(text, text[], text)",
+    "DROP TRIGGER IF EXISTS streams_lifecycle ON streams",
+    "DROP FUNCTION IF EXISTS eventstore_stream_guard()",
+)
+
+MAINTENANCE = "SELECT o_stream_id, o_events FROM eventstore_maintenance($1, $2, $3)"
+
+STREAM_STATES = """
+SELECT stream_id, version, archived_at, tombstoned_at FROM streams WHERE stream_id = ANY($1::text[])
+"""
+
+TOMBSTONE = """
+UPDATE streams SET tombstoned_at = coalesce(tombstoned_at, now()) WHERE stream_id = $1
+RETURNING tombstoned_at
+"""
+
+# Streams of a category with the time of their last event, newest first (live and archived events).
+CATEGORY_STREAMS = f"""
+SELECT x.stream_id, max(x.recorded_at) AS last_at, now() - max(x.recorded_at) AS age
+FROM (
+    SELECT stream_id, recorded_at FROM events WHERE category = $1
+    UNION ALL
+    SELECT stream_id, recorded_at FROM events_archive WHERE {CATEGORY} = $1) AS x
+GROUP BY x.stream_id
+ORDER BY last_at DESC, x.stream_id
 """

@@ -11,6 +11,7 @@ import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from typing import Any, TypeVar
 from uuid import UUID
 
@@ -19,6 +20,7 @@ import orjson
 
 from eventstore import sql
 from eventstore.errors import (
+    AppendConditionFailed,
     AppendRefused,
     DatabaseUnavailable,
     DuplicateEventId,
@@ -28,10 +30,14 @@ from eventstore.errors import (
     InvalidArgument,
     NotStarted,
     SchemaNotMigrated,
+    StreamArchived,
+    StreamTombstoned,
+    UnknownSubject,
     WrongExpectedVersion,
 )
 from eventstore.model import (
     START,
+    TAGS,
     AppendResult,
     Checkpoint,
     Direction,
@@ -40,6 +46,16 @@ from eventstore.model import (
     RecordedEvent,
     StreamState,
 )
+from eventstore.personal import (
+    PERSONAL_DATA,
+    KeyProvider,
+    Keyring,
+    check_personal_data,
+    check_subject,
+    has_personal_data,
+    marker,
+)
+from eventstore.query import Condition, Query, branches, check_tags, lock_plan
 from eventstore.retry import Backoff, with_retries
 from eventstore.schema import MAX_EVENT_TYPE_LENGTH, MAX_STREAM_ID_LENGTH
 from eventstore.subscription import Subscription
@@ -86,6 +102,31 @@ class _Prepared:
     types: list[str]
     data: list[str]
     metadata: list[str]
+    tags: list[tuple[str, ...]]
+    personal: list[dict[str, str] | None] | None = None  # per event: its personal fields and their subjects
+    plain: list[str] | None = None  # the data as given, once `data` holds the sealed text
+
+    @property
+    def tagged(self) -> bool:
+        return any(self.tags)
+
+
+SUBJECT_FORGOTTEN = "$SubjectForgotten"
+"""The event `EventStore.forget` records (data: {"subject": ...}): handle it to scrub read models."""
+
+
+def erasure_stream(subject: str) -> str:
+    """The stream recording that a subject was forgotten."""
+    return f"$personal-{subject}"
+
+
+@dataclass(frozen=True, slots=True)
+class Erasure:
+    """What `forget` did: whether the key was deleted now (not before) and how many snapshots went."""
+
+    subject: str
+    forgotten_now: bool
+    snapshots_dropped: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,14 +239,24 @@ def prepare_append(
     types: list[str] = []
     data: list[str] = []
     metadata: list[str] = []
+    tags: list[tuple[str, ...]] = []
+    personal: list[dict[str, str] | None] = []
     for event in events:
         if not isinstance(event, NewEvent):
             raise InvalidAppend(f"events must be NewEvent instances, got {type(event).__name__}")
         _check_text("event type", event.type, MAX_EVENT_TYPE_LENGTH, InvalidAppend)
         if not isinstance(event.event_id, UUID):
             raise InvalidAppend(f"event id must be a UUID, got {event.event_id!r}")
+        if event.metadata and TAGS in event.metadata:
+            raise InvalidAppend(f"metadata key {TAGS!r} is reserved for the event's tags: pass NewEvent(tags=...)")
+        tags.append(check_tags(event.tags, InvalidAppend))
         body = _dump(event.type, event.data)
-        meta = _dump(event.type, event.metadata_with_ids())
+        fields = check_personal_data(event.personal_data)
+        personal.append(fields)
+        meta_dict = event.metadata_with_ids()
+        if fields is not None:
+            meta_dict[PERSONAL_DATA] = marker(fields)
+        meta = _dump(event.type, meta_dict)
         size = len(body) + len(meta)
         if size > max_event_size:
             raise EventTooLarge(event.type, size, max_event_size)
@@ -215,7 +266,8 @@ def prepare_append(
         metadata.append(meta.decode())
     if len(set(ids)) != len(ids):
         raise InvalidAppend("event ids must be unique within one append")
-    return _Prepared(stream_id, expected, ids, types, data, metadata)
+    has_personal = any(p is not None for p in personal)
+    return _Prepared(stream_id, expected, ids, types, data, metadata, tags, personal if has_personal else None)
 
 
 class _ConcurrentDuplicate(DuplicateEventId):
@@ -239,11 +291,19 @@ class UnitOfWork:
         stream_id: str,
         events: Sequence[NewEvent],
         expected_version: ExpectedVersion = StreamState.ANY,
+        *,
+        condition: Condition | tuple[Query, Checkpoint] | None = None,
     ) -> AppendResult:
         prepared = prepare_append(stream_id, events, expected_version, self._store.max_event_size)
-        result = await self._store._append_prepared(self, prepared, expected_version)
+        checked = _condition(condition)
+        prepared = await self._store._seal(self.connection, prepared)
+        result = await self._store._append_prepared(self, prepared, expected_version, checked)
         self.results.append(result)
         return result
+
+    async def read_query(self, query: Query, after: Checkpoint = START, *, limit: int = 1000) -> list[RecordedEvent]:
+        """`EventStore.read_query` inside this transaction."""
+        return [_record(r) for r in await self.connection.fetch(sql.READ_QUERY, *_query_args(query, after, limit))]
 
     async def read_stream(
         self, stream_id: str, from_version: int = 0, limit: int | None = None
@@ -251,7 +311,7 @@ class UnitOfWork:
         rows = await self.connection.fetch(
             sql.READ_STREAM_FORWARDS, stream_id, from_version, limit if limit is not None else _MAX_VERSION
         )
-        return [_record(r) for r in rows]
+        return await self._store.reveal([_record(r) for r in rows], self.connection)
 
     async def save_snapshot(
         self, stream_id: str, snapshot_type: str, schema_version: str, stream_version: int, data: str
@@ -284,6 +344,7 @@ class EventStore:
         connect_timeout: float | None = None,
         notify: bool = True,
         check_schema: bool = True,
+        keys: KeyProvider | None = None,
     ) -> None:
         if url is None and pool is None:
             raise InvalidArgument("EventStore needs a database url or an asyncpg pool")
@@ -297,6 +358,8 @@ class EventStore:
         self.connect_timeout = retry_for if connect_timeout is None else connect_timeout
         self._notify = notify
         self._check_schema = check_schema
+        self.keyring = Keyring(keys)
+        """Seals personal data on append and opens it on read (`eventstore.personal`)."""
         self._hooks: list[AppendHook] = []
         self._notify_pending = False
         self._notify_task: asyncio.Task[None] | None = None
@@ -323,6 +386,7 @@ class EventStore:
             async with self.pool.acquire() as conn:
                 if not await conn.fetchval(sql.SCHEMA_PRESENT):
                     raise SchemaNotMigrated(None, "head")
+                await self.keyring.check(conn)
 
     async def stop(self) -> None:
         if self._notify_task is not None:
@@ -375,19 +439,30 @@ class EventStore:
         stream_id: str,
         events: Sequence[NewEvent],
         expected_version: ExpectedVersion = StreamState.ANY,
+        *,
+        condition: Condition | tuple[Query, Checkpoint] | None = None,
     ) -> AppendResult:
-        """Append atomically; raise `WrongExpectedVersion` (writing nothing) if the stream moved on."""
+        """Append atomically; raise `WrongExpectedVersion` (writing nothing) if the stream moved on.
+
+        With a `condition` (a query and the checkpoint of the read it decided on), raise
+        `AppendConditionFailed`, writing nothing, if an event matching the query was appended after
+        that checkpoint. See `eventstore.query` for the locks that make this safe without a table lock.
+        """
         prepared = prepare_append(stream_id, events, expected_version, self.max_event_size)
+        checked = _condition(condition)
+        if prepared.personal is not None:
+            unsealed = prepared
+            prepared = await self.retrying(lambda: self._seal(self.pool, unsealed))
 
         async def once() -> AppendResult:
             async with self.pool.acquire() as conn:
                 uow = UnitOfWork(self, conn)
                 if not self._hooks:
                     # One statement is its own transaction: one round trip instead of three.
-                    return await self._append_prepared(uow, prepared, expected_version)
+                    return await self._append_prepared(uow, prepared, expected_version, checked)
                 try:
                     async with conn.transaction():
-                        return await self._append_prepared(uow, prepared, expected_version)
+                        return await self._append_prepared(uow, prepared, expected_version, checked)
                 except asyncpg.PostgresError as exc:
                     if _refusal(exc):  # a rule checked at commit
                         raise AppendRefused(exc.args[0], stream_id) from None
@@ -419,13 +494,32 @@ class EventStore:
         if uow.results:
             self._schedule_notify()
 
+    async def _seal(self, executor: Connection | asyncpg.Pool, p: _Prepared) -> _Prepared:
+        """Encrypt the personal fields (creating their subjects' keys in their own transaction if need be)."""
+        if p.personal is None or p.plain is not None:
+            return p
+        sealed = await self.keyring.seal(executor, p.event_ids, p.data, p.personal)
+        return dataclasses.replace(p, data=sealed, plain=p.data)
+
     async def _append_prepared(
-        self, uow: UnitOfWork, p: _Prepared, expected_version: ExpectedVersion
+        self, uow: UnitOfWork, p: _Prepared, expected_version: ExpectedVersion, condition: Condition | None = None
     ) -> AppendResult:
         try:
-            row = await uow.connection.fetchrow(
-                sql.APPEND, p.stream_id, p.expected, p.event_ids, p.types, p.data, p.metadata
-            )
+            if condition is None and not p.tagged:
+                row = await uow.connection.fetchrow(
+                    sql.APPEND, p.stream_id, p.expected, p.event_ids, p.types, p.data, p.metadata
+                )
+            else:
+                row = await uow.connection.fetchrow(sql.APPEND_TAGGED, *_tagged_args(p, condition))
+        except asyncpg.exceptions.DeadlockDetectedError:
+            # Only a unit of work that mixes appends can deadlock (each append takes its locks in order).
+            assert condition is not None or p.tagged
+            raise AppendConditionFailed(
+                condition.query if condition else None, condition.after if condition else START,
+                "deadlock with a concurrent append: retry the unit of work",
+            ) from None
+        except asyncpg.exceptions.FeatureNotSupportedError as exc:
+            raise InvalidArgument(exc.args[0]) from None
         except asyncpg.exceptions.UniqueViolationError as exc:
             if exc.constraint_name == "events_event_id_key":
                 raise _ConcurrentDuplicate(p.stream_id, p.event_ids) from None
@@ -435,17 +529,35 @@ class EventStore:
         except asyncpg.PostgresError as exc:
             if _refusal(exc):
                 raise AppendRefused(exc.args[0], p.stream_id) from None
+            state = getattr(exc, "sqlstate", None)
+            if state == sql.STREAM_TOMBSTONED:
+                raise StreamTombstoned(p.stream_id) from None
+            if state == sql.STREAM_ARCHIVED:
+                raise StreamArchived(p.stream_id) from None
             raise
         assert row is not None
         status, version, positions, log_xid, recorded_at = row
+        if status == sql.CONDITION_FAILED:
+            assert condition is not None
+            raise AppendConditionFailed(condition.query, condition.after, conflict=Checkpoint(log_xid, positions[0]))
+        if status == sql.OVERTAKEN:
+            raise AppendConditionFailed(
+                condition.query if condition else None, condition.after if condition else START,
+                "a conditional append overlapping this one committed while this transaction was open: "
+                "retry the unit of work",
+            )
+        if status == sql.FUTURE_CHECKPOINT:
+            assert condition is not None
+            raise InvalidAppend(f"condition checkpoint {tuple(condition.after)} is from the future: no read gave it")
         if status == sql.WRONG_VERSION:
             raise WrongExpectedVersion(p.stream_id, expected_version, version)
         if status == sql.ID_CONFLICT:
             raise DuplicateEventId(p.stream_id, p.event_ids)
         first_version = version - len(p.event_ids) + 1
+        data = p.data if p.plain is None else p.plain  # hooks see what was appended, not its sealed form
         recorded = tuple(
             RecordedEvent(
-                p.event_ids[i], p.types[i], p.data[i], p.metadata[i], p.stream_id,
+                p.event_ids[i], p.types[i], data[i], p.metadata[i], p.stream_id,
                 first_version + i, positions[i], log_xid, recorded_at,
             )
             for i in range(len(p.event_ids))
@@ -526,7 +638,7 @@ class EventStore:
             rows = await self.retrying(
                 lambda: self.pool.fetch(sql.READ_STREAM_BACKWARDS, stream_id, start, count)
             )
-        return [_record(r) for r in rows]
+        return await self.reveal([_record(r) for r in rows])
 
     async def read_stream_until(
         self, stream_id: str, until: datetime, from_version: int = 0
@@ -536,7 +648,7 @@ class EventStore:
         rows = await self.retrying(
             lambda: self.pool.fetch(sql.READ_STREAM_UNTIL_TIME, stream_id, from_version, until, _MAX_VERSION)
         )
-        return [_record(r) for r in rows]
+        return await self.reveal([_record(r) for r in rows])
 
     async def read_all(
         self,
@@ -566,12 +678,95 @@ class EventStore:
         else:
             query, args = sql.READ_ALL, (tx, pos, limit)
         rows = await self.retrying(lambda: self.pool.fetch(query, *args))
+        return await self.reveal([_record(r) for r in rows])
+
+    async def reveal(
+        self, records: list[RecordedEvent], executor: Connection | asyncpg.Pool | None = None
+    ) -> list[RecordedEvent]:
+        """`records` with personal fields opened, or `REDACTED` where their subject was forgotten.
+
+        Every reader of the log calls it (the store's reads here; projections with their transaction's
+        connection as `executor`); events without personal data cost one substring test.
+        """
+        if not any(has_personal_data(r.metadata) for r in records):
+            return records
+        return await self.keyring.reveal(self.pool if executor is None else executor, records)
+
+    async def forget(self, subject: str) -> Erasure:
+        """Delete the subject's data key: its personal fields read as `REDACTED` from then on, everywhere.
+
+        In one transaction: the key goes, the snapshots of streams holding the subject's data go (they
+        cache plaintext states), and a `SUBJECT_FORGOTTEN` event is recorded so projections can scrub
+        their read models. Forgetting again only drops snapshots again (one a save racing the first
+        call may have written); an unknown subject raises `UnknownSubject` and changes nothing.
+        """
+        check_subject(subject)
+        async with self.unit_of_work() as uow:
+            conn = uow.connection
+            row = await conn.fetchrow(sql.LOCK_SUBJECT, subject)
+            if row is None:
+                raise UnknownSubject(subject)
+            first = row["forgotten_at"] is None
+            if first:
+                await conn.execute(sql.FORGET_SUBJECT, subject)
+            dropped = await conn.execute(sql.DROP_SUBJECT_SNAPSHOTS, subject)
+            if first:
+                await uow.append(erasure_stream(subject), [NewEvent(SUBJECT_FORGOTTEN, {"subject": subject})])
+        return Erasure(subject, first, int(dropped.split()[-1]))
+
+    async def read_query(self, query: Query, after: Checkpoint = START, *, limit: int = 1000) -> list[RecordedEvent]:
+        """Events matching `query` after `after`, in the log's order and with `read_all`'s visibility.
+
+        The checkpoint of the last event a decision read is the `after` of its append condition.
+        """
+        args = _query_args(query, after, limit)
+        rows = await self.retrying(lambda: self.pool.fetch(sql.READ_QUERY, *args))
         return [_record(r) for r in rows]
+
+    async def read_with_condition(self, query: Query, *, page: int = 1000) -> tuple[list[RecordedEvent], Condition]:
+        """Every committed event matching `query`, in log order, and the condition to append a decision with.
+
+        Unlike `read_query` it does not wait for the log to show a commit: a long transaction elsewhere
+        in the cluster holds the log's horizon back, and a decision made on what the log showed would
+        fail its condition until the horizon passed. Events below the horizon of the first page's read
+        are final; the condition names the horizon and the events read above it.
+        """
+        args = _query_args(query, START, page)
+        events: list[RecordedEvent] = []
+        horizon: int | None = None
+        after = START
+        while True:
+            page_args = (after[0], after[1], *args[2:])
+            rows = await self.retrying(partial(self.pool.fetch, sql.READ_QUERY_COMMITTED, *page_args))
+            if rows and horizon is None:
+                horizon = int(rows[0]["horizon"])
+            events.extend(tuple.__new__(RecordedEvent, r[:9]) for r in rows)
+            if len(rows) < page:
+                break
+            after = events[-1].checkpoint
+        if horizon is None:  # nothing matched: anything matching now is news
+            return events, Condition(query, START)
+        seen = tuple(e.position for e in events if e.log_xid >= horizon)
+        return events, Condition(query, Checkpoint(horizon, 0), seen)
 
     async def head(self) -> Checkpoint:
         """The checkpoint of the newest event a reader can see now."""
         row = await self.retrying(lambda: self.pool.fetchrow(sql.HEAD))
         return START if row is None else Checkpoint(row[0], row[1])
+
+    async def last_committed(self) -> Checkpoint:
+        """The checkpoint of the newest committed event, visible to readers of the log yet or not.
+
+        What to wait for after one's own writes: `head()` stops short of events that an older
+        transaction, still running anywhere in the cluster, holds back.
+        """
+        row = await self.retrying(lambda: self.pool.fetchrow(sql.LAST_COMMITTED))
+        return START if row is None else Checkpoint(row[0], row[1])
+
+    async def held_back(self) -> bool:
+        """Whether committed events wait below the log's visibility line (no NOTIFY comes when the
+        older transaction holding them back ends without writing events)."""
+        return bool(await self.retrying(lambda: self.pool.fetchval(sql.HELD_BACK)))
 
     async def wait_until_visible(self, checkpoint: Checkpoint, timeout: float = 30.0) -> None:
         """Wait until `read_all` readers can see `checkpoint`.
@@ -637,3 +832,35 @@ async def _save_snapshot(
         await executor.execute(sql.SAVE_SNAPSHOT, stream_id, snapshot_type, schema_version, stream_version, data)
     except _JSON_REFUSED as exc:
         raise InvalidArgument(f"snapshot of {stream_id!r} is not JSON PostgreSQL can store: {exc}") from None
+
+
+def _condition(value: object) -> Condition | None:
+    """A condition as a caller passes it: a `Condition` or a (query, checkpoint) pair."""
+    if value is None:
+        return None
+    if not isinstance(value, tuple) or len(value) not in (2, 3) or not isinstance(value[0], Query):
+        raise InvalidAppend(f"a condition is a (Query, Checkpoint) pair, got {value!r}")
+    seen = value[2] if len(value) == 3 else ()
+    if not isinstance(seen, tuple) or not all(isinstance(p, int) and not isinstance(p, bool) for p in seen):
+        raise InvalidAppend(f"a condition's seen positions must be a tuple of ints, got {seen!r}")
+    return Condition(value[0], _checkpoint(value[1]), seen)
+
+
+def _query_args(query: object, after: object, limit: object) -> tuple[object, ...]:
+    if not isinstance(query, Query):
+        raise InvalidArgument(f"query must be a Query, got {type(query).__name__}")
+    tx, pos = _checkpoint(after)
+    return (tx, pos, _check_int("limit", limit, 1), *branches(query))
+
+
+def _tagged_args(p: _Prepared, condition: Condition | None) -> tuple[object, ...]:
+    keys, modes = lock_plan(condition.query if condition else None, p.types, p.tags)
+    flat_tags = [tag for event_tags in p.tags for tag in event_tags]
+    tag_events = [i for i, event_tags in enumerate(p.tags, 1) for _ in event_tags]
+    if condition is None:
+        after: tuple[object, ...] = (None, None, None, None, 0, 0, [])
+    else:
+        after = (*branches(condition.query), condition.after.log_xid, condition.after.position, list(condition.seen))
+    return (
+        p.stream_id, p.expected, p.event_ids, p.types, p.data, p.metadata, flat_tags, tag_events, keys, modes, *after
+    )

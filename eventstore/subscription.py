@@ -13,6 +13,7 @@ import asyncpg
 from eventstore import sql
 from eventstore.errors import DatabaseUnavailable, InvalidArgument
 from eventstore.model import Checkpoint, RecordedEvent
+from eventstore.retry import Backoff
 
 if TYPE_CHECKING:
     from eventstore.store import EventStore
@@ -24,8 +25,9 @@ class Subscription:
     """Yields every event after its checkpoint exactly once, in the log's commit-safe order.
 
     It sleeps between reads: a NOTIFY from a writer wakes it at once; `poll_interval` bounds the wait
-    when notifications are lost (listener connection dropped, writer crashed before notifying, or a
-    long transaction that held the log back finished without writing events).
+    when notifications are lost (listener connection dropped, writer crashed before notifying). While
+    committed events wait below the log's visibility line, it looks again sooner, backing off: the
+    older transaction that holds them back sends no NOTIFY when it ends without writing events.
     """
 
     def __init__(
@@ -107,12 +109,18 @@ class Subscription:
 
     async def batches(self) -> AsyncIterator[list[RecordedEvent]]:
         """Batches of up to `batch_size` events; the checkpoint moves past each batch as it is handed out."""
+        held = Backoff(min(0.02, self._poll_interval), self._poll_interval)
         while not self._closed:
             self._wakeup.clear()
             try:
                 events = await self._store.read_all(
                     self.checkpoint, limit=self._batch_size, types=self._types, category=self._category
                 )
+                if len(events) < self._batch_size and await self._store.held_back():
+                    pause = held.failed()
+                else:
+                    held.reset()
+                    pause = self._poll_interval
             except (DatabaseUnavailable, asyncpg.exceptions.InterfaceError) as exc:
                 log.warning("subscription read failed (%s); retrying", exc)
                 await asyncio.sleep(self._poll_interval)
@@ -124,7 +132,7 @@ class Subscription:
                     continue
             await self._ensure_listening()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), self._poll_interval)
+                await asyncio.wait_for(self._wakeup.wait(), pause)
 
     async def __aiter__(self) -> AsyncIterator[RecordedEvent]:
         async for batch in self.batches():

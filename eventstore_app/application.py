@@ -12,8 +12,9 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from aggregates import Aggregate, EventRegistry, Repository
-from eventstore import DatabaseUnavailable, EventStore, InvalidArgument, NotStarted
+from eventstore import DatabaseUnavailable, EventStore, InvalidArgument, KeyProvider, MasterKey, NotStarted
 from eventstore.embedded import DATABASE_URL_ENV
+from eventstore.lifecycle import RetentionPolicy
 from eventstore_app.migrate import migrate_async
 from outbox import BrokerSettings, Inbox, KafkaSettings, Outbox, Publisher, Relay, RelaySettings, Route
 from outbox import status as outbox_status
@@ -74,6 +75,8 @@ class Application:
         kafka: str | KafkaSettings | None = None,
         broker: str | BrokerSettings | Publisher | None = None,
         settings: ApplicationSettings | None = None,
+        keys: KeyProvider | None = None,
+        retention: Sequence[RetentionPolicy] = (),
     ) -> None:
         if not isinstance(name, str) or not name:
             raise InvalidArgument("an application needs a name (the CloudEvents source of its messages by default)")
@@ -85,6 +88,12 @@ class Application:
         self.kafka = kafka
         self.broker = broker
         self.settings = settings or ApplicationSettings()
+        self.keys = keys
+        self.retention = tuple(retention)
+        """Retention policies per category, run by `eventstore streams retain --app ...`."""
+        if not all(isinstance(p, RetentionPolicy) for p in self.retention):
+            raise InvalidArgument("retention must be a sequence of eventstore.lifecycle.RetentionPolicy")
+        """The master key of personal data (`eventstore.personal`); `EVENTSTORE_MASTER_KEY` when None."""
         self.registry = registry if registry is not None else EventRegistry()
         """The event types of every aggregate; register upcasters here (`APP.registry.upcaster(...)`)."""
         for aggregate_type in self.aggregates:
@@ -100,6 +109,7 @@ class Application:
         kafka: str | KafkaSettings | None = None,
         broker: str | BrokerSettings | Publisher | None = None,
         settings: ApplicationSettings | None = None,
+        keys: KeyProvider | None = None,
     ) -> Application:
         """The same application on other servers or settings (what a CLI flag or a test changes)."""
         return Application(
@@ -113,6 +123,8 @@ class Application:
             kafka=kafka or (None if broker else self.kafka),
             broker=broker or (None if kafka else self.broker),
             settings=settings or self.settings,
+            keys=keys or self.keys,
+            retention=self.retention,
         )
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -123,6 +135,10 @@ class Application:
             raise DatabaseUnavailable(f"application {self.name!r}: no database URL: pass one or set {DATABASE_URL_ENV}")
         return url
 
+    def key_provider(self) -> KeyProvider | None:
+        """The declared master key, else the one in `EVENTSTORE_MASTER_KEY` (None: personal data stays shut)."""
+        return self.keys if self.keys is not None else MasterKey.from_env()
+
     async def migrate(self) -> None:
         """Bring the database schema to this version of the framework (every component's tables)."""
         await migrate_async(self.url())
@@ -131,7 +147,8 @@ class Application:
         """Start the store, declare the outbox routes and attach the inline projections."""
         s = self.settings
         store = EventStore(
-            self.url(), max_connections=s.max_connections, retry_for=s.retry_for, max_event_size=s.max_event_size
+            self.url(), max_connections=s.max_connections, retry_for=s.retry_for, max_event_size=s.max_event_size,
+            keys=self.key_provider(),
         )
         await store.start()
         try:

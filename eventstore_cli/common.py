@@ -12,7 +12,7 @@ from typing import Any
 
 from rich.console import Console
 
-from eventstore import DatabaseUnavailable, EventStore, EventStoreError
+from eventstore import DatabaseUnavailable, EventStore, EventStoreError, MasterKey
 from eventstore.embedded import DATABASE_URL_ENV
 from eventstore_app import Application
 
@@ -63,6 +63,9 @@ def database_url(args: argparse.Namespace) -> str:
 async def open_store(args: argparse.Namespace, **kwargs: Any) -> EventStore:
     kwargs.setdefault("retry_for", 2.0)
     kwargs.setdefault("connect_timeout", 0.0)  # a one-shot command with a wrong URL says so at once
+    if "keys" not in kwargs:  # the application's master key, else the configured one
+        spec = getattr(args, "app", None) or os.environ.get(APP_ENV)
+        kwargs["keys"] = load_app(spec).key_provider() if spec else MasterKey.from_env()
     store = EventStore(database_url(args), **kwargs)
     await store.start()
     return store

@@ -32,6 +32,7 @@ from outbox import (
     status,
 )
 from outbox.brokers import describe_broker
+from outbox.cloudevents import DATASCHEMA
 from outbox.embedded import BOOTSTRAP_ENV
 
 BROKER_ENV = "EVENTSTORE_BROKER_URL"
@@ -71,6 +72,9 @@ def register(commands: Any) -> None:
     relay.add_argument("--sasl-mechanism", default="PLAIN",
                        choices=["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "GSSAPI", "OAUTHBEARER"])
     relay.add_argument("--sasl-username")
+    relay.add_argument("--dataschema", default=DATASCHEMA, metavar="TEMPLATE",
+                       help="URI template of the ce_dataschema header, with {type}, {version} and {source}"
+                            " ('' for none; default: %(default)s)")
     relay.add_argument("--idempotent", action="store_true",
                        help="idempotent producer (real Kafka only; the embedded broker rejects it)")
     relay.set_defaults(handler=lambda a: run(_relay(a)))
@@ -123,6 +127,7 @@ def relay_settings(args: argparse.Namespace) -> RelaySettings:
         "poll_interval": args.poll_interval,
         "retry_backoff": args.retry_backoff,
         "retention": None if args.retention < 0 else args.retention,
+        "dataschema": args.dataschema or None,
     }
     if args.relay_id:
         values["relay_id"] = args.relay_id

@@ -35,7 +35,16 @@ from outbox.errors import (
     OutboxError,
 )
 from outbox.inbox import Inbox
-from outbox.operations import DeadMessage, OutboxStatus, RelayStatus, TopicStatus, prune_published, retry_dead, status
+from outbox.operations import (
+    DeadMessage,
+    OutboxStatus,
+    RelayStatus,
+    TopicStatus,
+    prune_orphans,
+    prune_published,
+    retry_dead,
+    status,
+)
 from outbox.publishing import NOT_SENT, BrokerDown, Delivery, NotSent, OutboxMessage, Publisher, publish_in_key_order
 from outbox.relay import Relay, RelayStats
 from outbox.schema import SLOT_COUNT
@@ -47,15 +56,17 @@ from outbox.settings import (
     RelaySettings,
     broker_settings,
 )
-from outbox.writer import Outbox, Route
+from outbox.writer import COMPATIBILITY, Compatibility, Outbox, Route
 
 __all__ = [
+    "COMPATIBILITY",
     "NOT_SENT",
     "SLOT_COUNT",
     "BrokerDown",
     "BrokerSettings",
     "BrokerUnavailable",
     "CloudEvent",
+    "Compatibility",
     "DeadMessage",
     "Delivery",
     "Inbox",
@@ -85,6 +96,7 @@ __all__ = [
     "from_record",
     "kafka_headers",
     "nats_headers",
+    "prune_orphans",
     "prune_published",
     "publish_in_key_order",
     "retry_dead",

@@ -10,7 +10,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from string import Formatter
 from typing import Any
+from urllib.parse import quote
 
 import orjson
 
@@ -25,12 +27,20 @@ STREAM_VERSION = "streamversion"
 PARTITION_KEY = "partitionkey"
 """The CloudEvents partitioning extension: the outbox key, where the broker has no key of its own."""
 
+DATASCHEMA = "urn:eventstore:{source}:{type}:v{version}"
+"""The default `dataschema` template: `{source}`, `{type}` and `{version}` are filled in per message.
+
+Point it at where the exported schemas are served (`eventstore schemas export DIR` writes
+`DIR/{type}/v{version}.json`), e.g. `https://schemas.example.com/shop/{type}/v{version}.json`.
+"""
+_PLACEHOLDERS = frozenset({"source", "type", "version"})
+
 KAFKA_PREFIX = "ce_"
 NATS_PREFIX = "ce-"
 AMQP_PREFIX = "cloudEvents_"
 
 _REQUIRED = ("specversion", "id", "source", "type")
-_KNOWN = frozenset({*_REQUIRED, "time", "subject"})
+_KNOWN = frozenset({*_REQUIRED, "time", "subject", "dataschema"})
 
 Headers = list[tuple[str, bytes]]
 
@@ -47,6 +57,7 @@ class CloudEvent:
     time: datetime | None = None
     subject: str | None = None
     content_type: str | None = None
+    dataschema: str | None = None
     extensions: Mapping[str, str] = field(default_factory=dict)
 
     @property
@@ -76,11 +87,14 @@ def attributes(
     correlation_id: str | None = None,
     causation_id: str | None = None,
     stream_version: int | None = None,
+    dataschema: str | None = None,
 ) -> list[tuple[str, str]]:
     """The context attributes of one message, by CloudEvents name; each binding adds its prefix."""
     found = [("specversion", SPEC_VERSION), ("id", id), ("source", source), ("type", type), ("time", time)]
     if subject is not None:
         found.append(("subject", subject))
+    if dataschema is not None:
+        found.append(("dataschema", dataschema))
     if stream_version is not None:
         found.append((STREAM_VERSION, str(stream_version)))
     if correlation_id is not None:
@@ -100,16 +114,63 @@ def kafka_headers(
     correlation_id: str | None = None,
     causation_id: str | None = None,
     stream_version: int | None = None,
+    dataschema: str | None = None,
 ) -> Headers:
     """Headers for one message; `time` is already RFC 3339 text (the relay formats it in SQL)."""
     found = attributes(
         id=id, type=type, source=source, time=time, subject=subject, correlation_id=correlation_id,
-        causation_id=causation_id, stream_version=stream_version,
+        causation_id=causation_id, stream_version=stream_version, dataschema=dataschema,
     )
     headers: Headers = [(KAFKA_PREFIX + name, value.encode()) for name, value in found[:5]]
     headers.append((CONTENT_TYPE_HEADER, CONTENT_TYPE.encode()))
     headers.extend((KAFKA_PREFIX + name, value.encode()) for name, value in found[5:])
     return headers
+
+
+def check_dataschema_template(template: str) -> str:
+    """Return `template` if it names both `{type}` and `{version}` and no other placeholder; else raise ValueError."""
+    try:
+        names = {name for _, name, _, _ in Formatter().parse(template) if name is not None}
+    except ValueError as exc:
+        raise ValueError(f"dataschema template {template!r}: {exc}") from None
+    unknown = names - _PLACEHOLDERS
+    if unknown or not {"type", "version"} <= names:
+        raise ValueError(
+            f"dataschema template {template!r} must use {{type}} and {{version}}"
+            f" (and may use {{source}}), not {', '.join(sorted(unknown)) or 'only ' + ', '.join(sorted(names))}"
+        )
+    return template
+
+
+def dataschema_uri(template: str, source: str, event_type: str, version: int) -> str:
+    """The URI of the schema (of `event_type` at `version`) that shaped a message's data.
+
+    Values are percent-encoded, so any type name or source makes a valid URI.
+    """
+    return template.format(
+        source=quote(source, safe=""), type=quote(event_type, safe=""), version=quote(str(version), safe="")
+    )
+
+
+class DataSchemas:
+    """`dataschema_uri` for the relay's hot loop: each URI is formatted once per process."""
+
+    def __init__(self, template: str | None) -> None:
+        self._template = template
+        self._cache: dict[tuple[str, str, str], str | None] = {}
+
+    def uri(self, source: str, event_type: str, version: str | None) -> str | None:
+        """None for events written without a schema version (raw `NewEvent`s), or with no template."""
+        if version is None or self._template is None:
+            return None
+        key = (source, event_type, version)
+        if key in self._cache:
+            return self._cache[key]
+        number = int(version) if version.isascii() and version.isdigit() else None
+        uri = None if number is None else dataschema_uri(self._template, source, event_type, number)
+        if len(self._cache) < 10_000:
+            self._cache[key] = uri
+        return uri
 
 
 def from_attributes(
@@ -135,6 +196,7 @@ def from_attributes(
         time=time,
         subject=found.get("subject"),
         content_type=content_type,
+        dataschema=found.get("dataschema"),
         extensions={name: value for name, value in found.items() if name not in _KNOWN},
     )
 

@@ -95,3 +95,13 @@ async def prune_published(store: EventStore, older_than: float, *, chunk: int = 
         total += deleted
         if deleted < chunk:
             return total
+
+
+async def prune_orphans(store: EventStore) -> int:
+    """Delete unpublished messages whose event was hard-deleted (`eventstore.lifecycle.delete`).
+
+    Such a message can never be published (its payload is gone); messages of archived streams stay,
+    to go out once the stream is restored.
+    """
+    result = await store.retrying(lambda: store.pool.execute(sql.PRUNE_ORPHANS))
+    return int(result.split()[-1])

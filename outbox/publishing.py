@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
+from outbox.cloudevents import DataSchemas
 from outbox.leases import SlotLeases
 
 
@@ -45,6 +46,12 @@ class OutboxMessage(NamedTuple):
     attempts: int
     log_xid: int
     position: int
+    schema_version: str | None
+    """The metadata's `schema_version` as text: set by typed events (`aggregates`), absent on raw ones."""
+    dataschema: str | None
+    """The URI of the schema that shaped the data: fetched as NULL, filled in by the `Sender`."""
+    sealed: str | None
+    """The event's metadata when `data` holds sealed personal fields (opened before publishing)."""
 
     @property
     def place(self) -> tuple[int, int, int]:
@@ -57,6 +64,7 @@ class OutboxMessage(NamedTuple):
             "id": self.event_id, "type": self.event_type, "source": self.source, "time": self.time,
             "subject": self.stream_id, "correlation_id": self.correlation_id,
             "causation_id": self.causation_id, "stream_version": self.stream_version,
+            "dataschema": self.dataschema,
         }
 
 
@@ -155,9 +163,12 @@ class RoundOutcome:
 class Sender:
     """Sends a relay's rounds through a `Publisher`: topics at once, only messages of usable slots."""
 
-    def __init__(self, publisher: Publisher, leases: SlotLeases, close_timeout: float) -> None:
+    def __init__(
+        self, publisher: Publisher, leases: SlotLeases, close_timeout: float, dataschema: str | None = None
+    ) -> None:
         self.publisher = publisher
         self._leases = leases
+        self._dataschemas = DataSchemas(dataschema)
         self._close_timeout = close_timeout
         self._started = False
         self._usable: set[int] = set()
@@ -193,6 +204,9 @@ class Sender:
         outcome = RoundOutcome(max_in_flight=len(messages))
         topics: dict[str, list[OutboxMessage]] = {}
         for message in messages:
+            if message.schema_version is not None:
+                uri = self._dataschemas.uri(message.source, message.event_type, message.schema_version)
+                message = message._replace(dataschema=uri)
             topics.setdefault(message.topic, []).append(message)
         self._usable_at = 0.0
         answers = await asyncio.gather(

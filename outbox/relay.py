@@ -92,7 +92,8 @@ class Relay:
         self.stats = RelayStats()
         self._leases = SlotLeases(store, self.relay_id, self.settings)
         self._publisher = Sender(
-            publisher_for(self.broker, self.settings.send_timeout), self._leases, 2 * self.settings.send_timeout
+            publisher_for(self.broker, self.settings.send_timeout), self._leases, 2 * self.settings.send_timeout,
+            self.settings.dataschema,
         )
         self._backlog = _Backlog(store, self.settings.batch_size, self._mark_published)
         self._wakeups = _Wakeups(store.url, self.settings.poll_interval)
@@ -102,6 +103,7 @@ class Relay:
         self._next_rebalance = 0.0
         self._next_prune = 0.0
         self._busy_until = 0.0
+        self._held = Backoff(min(0.02, self.settings.poll_interval), self.settings.poll_interval)
 
     @property
     def relay_id(self) -> str:
@@ -208,6 +210,12 @@ class Relay:
             await self._sleep(self.settings.busy_poll_interval)
             return
         await self._wakeups.listen()
+        slots = list(self._leases.usable())
+        if slots and await self.store.pool.fetchval(sql.HELD_BACK, slots):
+            # No NOTIFY comes when the older transaction holding them back ends without writing events.
+            await self._wakeups.wait(self._held.failed())
+            return
+        self._held.reset()
         await self._wakeups.wait(min(self.settings.poll_interval, max(self._next_rebalance - now, 0.0)))
 
     async def _round(self) -> int:
@@ -327,7 +335,7 @@ class _Backlog:
             messages = await self._fetch_after(slots, self._cursor)
         else:
             rows = await self._store.pool.fetch(sql.FETCH_PENDING, slots, self._batch_size, self._marking_ids)
-            messages = [OutboxMessage._make(row) for row in rows]
+            messages = await self._open([OutboxMessage._make(row) for row in rows])
         self._cursor = None
         return messages
 
@@ -369,7 +377,24 @@ class _Backlog:
 
     async def _fetch_after(self, slots: list[int], after: tuple[int, int, int]) -> list[OutboxMessage]:
         rows = await self._store.pool.fetch(sql.FETCH_PENDING_AFTER, slots, self._batch_size, *after)
-        return [OutboxMessage._make(row) for row in rows]
+        return await self._open([OutboxMessage._make(row) for row in rows])
+
+    async def _open(self, messages: list[OutboxMessage]) -> list[OutboxMessage]:
+        """Publish personal fields opened, or redacted once their subject is forgotten: never the ciphertext.
+
+        Opened at fetch time, so a message sent after `forget` carries the redacted value even when the
+        event was written before it.
+        """
+        sealed = [i for i, m in enumerate(messages) if m.sealed is not None]
+        if not sealed:
+            return messages
+        chosen = [messages[i] for i in sealed]
+        opened = await self._store.keyring.open(
+            self._store.pool, [m.event_id for m in chosen], [m.data for m in chosen], [m.sealed or "" for m in chosen]
+        )
+        for i, data in zip(sealed, opened, strict=True):
+            messages[i] = messages[i]._replace(data=data)
+        return messages
 
 
 class _Wakeups:

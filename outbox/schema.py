@@ -63,6 +63,7 @@ outbox_routes = sa.Table(
     sa.Column("topic", sa.Text, nullable=False),
     sa.Column("event_types", ARRAY(sa.Text), nullable=True),
     sa.Column("category", sa.Text, nullable=True),
+    sa.Column("tag", sa.Text, nullable=True),
     sa.Column("key_path", ARRAY(sa.Text), nullable=True),
     sa.Column("source", sa.Text, nullable=False),
     sa.Column("declared_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.text("now()")),

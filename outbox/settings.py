@@ -8,8 +8,9 @@ import ssl
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
+from outbox.cloudevents import DATASCHEMA, check_dataschema_template
 from outbox.errors import InvalidSettings
 
 
@@ -196,6 +197,13 @@ class RelaySettings(_Settings):
     retention: float | None = Field(default=24 * 3600.0, ge=0)
     """Seconds a published message is kept before pruning; None keeps them."""
     prune_interval: float = Field(default=60.0, gt=0)
+    dataschema: str | None = DATASCHEMA
+    """Template of the `ce_dataschema` header of typed events (see `outbox.cloudevents.DATASCHEMA`); None: no header."""
+
+    @field_validator("dataschema")
+    @classmethod
+    def _dataschema_template(cls, value: str | None) -> str | None:
+        return None if value is None else check_dataschema_template(value)
 
     @model_validator(mode="after")
     def _lease_outlives_a_round(self) -> RelaySettings:

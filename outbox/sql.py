@@ -65,6 +65,37 @@ FOR EACH STATEMENT EXECUTE FUNCTION outbox_write()
 """,
 )
 
+# Version 2 selects by tag too: a route with a tag takes only the events that carry it (tags live in the
+# event's metadata, as eventstore.model.TAGS says).
+WRITE_FUNCTION_V2 = (
+    f"""
+CREATE OR REPLACE FUNCTION outbox_write() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO outbox (slot, topic, key, source, log_xid, position, recorded_at)
+    SELECT (hashtextextended(m.key, 0) & {SLOT_COUNT - 1})::int, m.topic, m.key, m.source, m.log_xid, m.position,
+           m.recorded_at
+    FROM (
+        SELECT r.route, r.topic, r.source, e.log_xid, e.position, e.recorded_at,
+               CASE WHEN r.key_path IS NULL THEN e.stream_id
+                    ELSE coalesce(
+                        nullif(CASE r.key_path[1] WHEN 'data' THEN e.data ELSE e.metadata END
+                               #>> r.key_path[2:], ''),
+                        outbox_missing_key(r.topic, r.key_path, e.event_type, e.stream_id))
+               END AS key
+        FROM appended AS e
+        JOIN outbox_routes AS r
+          ON (r.event_types IS NULL OR e.event_type = ANY (r.event_types))
+         AND (r.category IS NULL OR r.category = e.category)
+         AND (r.tag IS NULL OR e.metadata -> 'tags' ? r.tag)
+    ) AS m
+    ORDER BY m.position, m.route
+    ON CONFLICT (position, topic) DO NOTHING;
+    RETURN NULL;
+END
+$$
+""",
+)
+
 DROP_WRITE_FUNCTION_V1 = (
     "DROP TRIGGER IF EXISTS events_outbox ON events",
     "DROP FUNCTION IF EXISTS outbox_write()",
@@ -73,7 +104,7 @@ DROP_WRITE_FUNCTION_V1 = (
 
 # -- routes --------------------------------------------------------------------------------------------
 
-ROUTES = "SELECT route, topic, event_types, category, key_path, source FROM outbox_routes ORDER BY route"
+ROUTES = "SELECT route, topic, event_types, category, tag, key_path, source FROM outbox_routes ORDER BY route"
 
 # Declarations are serialized (two processes starting at once), while appends keep reading the routes.
 LOCK_ROUTES = "LOCK TABLE outbox_routes IN SHARE ROW EXCLUSIVE MODE"
@@ -81,10 +112,11 @@ LOCK_ROUTES = "LOCK TABLE outbox_routes IN SHARE ROW EXCLUSIVE MODE"
 DELETE_ROUTES = "DELETE FROM outbox_routes"
 
 INSERT_ROUTES = """
-INSERT INTO outbox_routes (route, topic, event_types, category, key_path, source)
-SELECT r.route, r.topic, nullif(r.event_types, '')::text[], r.category, nullif(r.key_path, '')::text[], r.source
-FROM unnest($1::int[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[])
-     AS r(route, topic, event_types, category, key_path, source)
+INSERT INTO outbox_routes (route, topic, event_types, category, tag, key_path, source)
+SELECT r.route, r.topic, nullif(r.event_types, '')::text[], r.category, r.tag, nullif(r.key_path, '')::text[],
+       r.source
+FROM unnest($1::int[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[])
+     AS r(route, topic, event_types, category, tag, key_path, source)
 """
 """Arrays of arrays cannot be ragged, so types and key paths travel as array literals ('' for none)."""
 
@@ -101,7 +133,8 @@ SELECT o.id, o.slot, o.topic, o.key, e.data::text AS data, e.event_id::text AS e
        o.source, e.stream_id, e.stream_version, e.metadata ->> 'correlation_id' AS correlation_id,
        e.metadata ->> 'causation_id' AS causation_id,
        to_char(e.recorded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS time, o.attempts,
-       o.log_xid, o.position
+       o.log_xid, o.position, e.metadata ->> 'schema_version' AS schema_version, NULL::text AS dataschema,
+       CASE WHEN e.metadata ? 'personal_data' THEN e.metadata::text END AS sealed
 FROM outbox AS o JOIN events AS e ON e.position = o.position
 WHERE o.published_at IS NULL AND o.dead_at IS NULL AND o.slot = ANY($1::int[])
   AND o.log_xid < {store_sql.LOG_HORIZON}
@@ -122,6 +155,14 @@ FETCH_PENDING = _FETCH_PENDING.format(condition="o.id <> ALL($3::bigint[])")
 # Only after the message at ($3, $4, $5) in log order: cheap while draining a backlog, and safe, since
 # nothing can become visible below a message that is visible already.
 FETCH_PENDING_AFTER = _FETCH_PENDING.format(condition="(o.log_xid, o.position, o.id) > ($3, $4, $5)")
+
+HELD_BACK = f"""
+SELECT EXISTS (
+    SELECT 1 FROM outbox AS o
+    WHERE o.published_at IS NULL AND o.dead_at IS NULL AND o.slot = ANY($1::int[])
+      AND o.log_xid >= {store_sql.LOG_HORIZON})
+"""
+"""($1 slots): pending messages below the log's visibility line, held back by an older transaction."""
 
 MARK_PUBLISHED = """
 UPDATE outbox SET published_at = now(), published_by = $2
@@ -244,3 +285,11 @@ INBOX_SEEN = "SELECT EXISTS (SELECT 1 FROM inbox WHERE consumer = $1 AND message
 INBOX_PRUNE = """
 DELETE FROM inbox WHERE consumer = $1 AND handled_at < now() - make_interval(secs => $2)
 """
+
+PRUNE_ORPHANS = """
+DELETE FROM outbox AS o
+WHERE o.published_at IS NULL
+  AND NOT EXISTS (SELECT 1 FROM events AS e WHERE e.position = o.position)
+  AND NOT EXISTS (SELECT 1 FROM events_archive AS a WHERE a.position = o.position)
+"""
+"""Pending messages whose event is gone from the log and from the archive (hard-deleted streams)."""

@@ -13,12 +13,23 @@ import logging
 import re
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 from eventstore import EventStore
+from eventstore.query import check_tag
 from outbox import sql
 from outbox.errors import InvalidRoute
 
 log = logging.getLogger(__name__)
+
+Compatibility = Literal["backward", "forward", "full", "none"]
+"""What a topic promises its consumers when an event's schema changes (checked by `eventstore schemas check`).
+
+backward: consumers on the new schema read messages written with the old one (upgrade consumers first);
+forward: consumers still on the old schema read messages written with the new one (upgrade producers
+first); full: both; none: no promise.
+"""
+COMPATIBILITY: tuple[Compatibility, ...] = get_args(Compatibility)
 
 _TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 _KEY_PATH = re.compile(r"^(data|metadata)(\.[^.\s]+)+$")
@@ -34,18 +45,24 @@ def _array_literal(items: Sequence[str] | None) -> str:
 
 @dataclass(frozen=True, slots=True, init=False)
 class Route:
-    """Events of `types` (and/or `category`) go to `topic`, keyed by `key` (default: the stream id).
+    """Events of `types` (and/or `category`, and/or carrying `tag`) go to `topic`, keyed by `key` (default: the
+    stream id).
 
     `key` names a field of the event: `"data.customer_id"` or `"metadata.tenant"` (dots go deeper). The
     key decides the Kafka partition and the order guarantee: a key's messages are published in the
     order of the log. An event without that field is refused (`AppendRefused`), so no message is ever
     keyed by accident.
+
+    `compatibility` is the promise the topic makes its consumers about schema changes (see
+    `Compatibility`); the relay ignores it, `eventstore schemas check` enforces it.
     """
 
     topic: str
     types: frozenset[str] | None
     category: str | None
     key: str | None
+    tag: str | None
+    compatibility: Compatibility
 
     def __init__(
         self,
@@ -54,6 +71,8 @@ class Route:
         *,
         category: str | None = None,
         key: str | None = None,
+        tag: str | None = None,
+        compatibility: Compatibility = "backward",
     ) -> None:
         if not isinstance(topic, str) or not _TOPIC.match(topic) or topic in (".", ".."):
             raise InvalidRoute(f"{topic!r} is not a valid Kafka topic name ([A-Za-z0-9._-], 1-249 chars)")
@@ -68,10 +87,14 @@ class Route:
             raise InvalidRoute(
                 f"key must name a field of the event, like 'data.customer_id' or 'metadata.tenant', got {key!r}"
             )
+        if compatibility not in COMPATIBILITY:
+            raise InvalidRoute(f"compatibility must be one of {', '.join(COMPATIBILITY)}, got {compatibility!r}")
         object.__setattr__(self, "topic", topic)
         object.__setattr__(self, "types", chosen)
         object.__setattr__(self, "category", category)
         object.__setattr__(self, "key", key)
+        object.__setattr__(self, "tag", None if tag is None else check_tag(tag, InvalidRoute))
+        object.__setattr__(self, "compatibility", compatibility)
 
     @property
     def key_path(self) -> list[str] | None:
@@ -94,13 +117,14 @@ class Outbox:
         self.routes = tuple(routes)
         self.source = source
 
-    def _rows(self) -> list[tuple[int, str, str, str | None, str, str]]:
+    def _rows(self) -> list[tuple[int, str, str, str | None, str | None, str, str]]:
         return [
             (
                 number,
                 route.topic,
                 _array_literal(None if route.types is None else sorted(route.types)),
                 route.category,
+                route.tag,
                 _array_literal(route.key_path),
                 self.source,
             )
@@ -115,7 +139,7 @@ class Outbox:
             async with store.pool.acquire() as conn, conn.transaction():
                 await conn.execute(sql.LOCK_ROUTES)
                 current = [
-                    (r["route"], r["topic"], _array_literal(r["event_types"]), r["category"],
+                    (r["route"], r["topic"], _array_literal(r["event_types"]), r["category"], r["tag"],
                      _array_literal(r["key_path"]), r["source"])
                     for r in await conn.fetch(sql.ROUTES)
                 ]

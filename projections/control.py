@@ -12,7 +12,7 @@ from uuid import UUID
 
 import asyncpg
 
-from eventstore import START, Checkpoint, EventStore, InvalidArgument, with_retries
+from eventstore import START, Checkpoint, EventStore, InvalidArgument, Keyring, with_retries
 from projections import sql
 from projections.errors import (
     InvalidProjection,
@@ -232,7 +232,7 @@ class ProjectionAdmin:
     async def _reset(self, projection: Projection) -> None:
         name = projection.name
         async with self._exclusive(name, "reset") as (conn, search_path, view_schema):
-            await _ensure(conn, projection, search_path, view_schema)
+            await _ensure(conn, projection, search_path, view_schema, self.store.keyring)
             async with conn.transaction():
                 state, abandoned = await hold_for_swap(conn, projection)
                 if abandoned is not None:
@@ -244,7 +244,7 @@ class ProjectionAdmin:
                 if projection.inline:
                     await use_generation(conn, name, generation, search_path)
                     try:
-                        end, _ = await apply_committed(conn, projection, START, 1000)
+                        end, _ = await apply_committed(conn, projection, START, 1000, self.store.keyring)
                     except HandlerFailed as failure:
                         raise ProjectionFailed.at(name, failure.event, failure.error) from failure.error
                     await conn.execute(sql.RESTORE_SEARCH_PATH, search_path)
@@ -278,8 +278,10 @@ class ProjectionAdmin:
         async def attempt() -> RebuildProgress:
             restart_now, fresh[0] = fresh[0], False
             async with self._exclusive(name, "rebuild") as (conn, search_path, view_schema):
-                await _ensure(conn, projection, search_path, view_schema)
-                rebuild = Rebuild(conn, projection, search_path, view_schema, batch_size, tracker, self.store)
+                await _ensure(conn, projection, search_path, view_schema, self.store.keyring)
+                rebuild = Rebuild(
+                    conn, projection, search_path, view_schema, batch_size, tracker, self.store.keyring, self.store
+                )
                 return await rebuild.run(restart_now)
 
         return await self._retrying(f"rebuild {name}", attempt)
@@ -317,9 +319,11 @@ async def _migrated(query: Awaitable[T]) -> T:
         raise ProjectionsNotMigrated() from None
 
 
-async def _ensure(conn: Connection, projection: Projection, search_path: str, view_schema: str) -> None:
+async def _ensure(
+    conn: Connection, projection: Projection, search_path: str, view_schema: str, keyring: Keyring
+) -> None:
     try:
-        await ensure(conn, projection, search_path, view_schema)
+        await ensure(conn, projection, search_path, view_schema, keyring)
     except HandlerFailed as failure:
         raise ProjectionFailed.at(projection.name, failure.event, failure.error) from failure.error
 

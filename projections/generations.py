@@ -18,7 +18,7 @@ from uuid import UUID
 
 import asyncpg
 
-from eventstore import CONNECTION_ERRORS, START, Checkpoint, EventStore, RecordedEvent
+from eventstore import CONNECTION_ERRORS, START, Checkpoint, EventStore, Keyring, RecordedEvent
 from projections import sql
 from projections.errors import InvalidProjection, ProjectionError, ProjectionsNotMigrated
 from projections.projection import Connection, HandlerFailed, Projection
@@ -261,7 +261,9 @@ async def guard(conn: Connection, name: str, projection: Projection | None) -> N
         await conn.execute(sql.create_guard(schema, name, projection.event_types))
 
 
-async def ensure(conn: Connection, projection: Projection, search_path: str, view_schema: str) -> StoredCheckpoint:
+async def ensure(
+    conn: Connection, projection: Projection, search_path: str, view_schema: str, keyring: Keyring
+) -> StoredCheckpoint:
     """Create the projection's checkpoint row and first generation of tables if they do not exist yet.
 
     An inline projection is filled from the whole log here, in the same transaction, after its guard is
@@ -284,7 +286,7 @@ async def ensure(conn: Connection, projection: Projection, search_path: str, vie
             await conn.execute(sql.INSERT_PARTITIONS, projection.name, projection.partitions, *START)
             if projection.inline:
                 await use_generation(conn, projection.name, 1, search_path)
-                end, _ = await apply_committed(conn, projection, START, 1000)
+                end, _ = await apply_committed(conn, projection, START, 1000, keyring)
                 await conn.execute(sql.RESTORE_SEARCH_PATH, search_path)
                 await conn.execute(
                     sql.SWAP, projection.name, 1, projection.version, "inline", tables, end[0], end[1], 1
@@ -337,7 +339,7 @@ def _events(rows: Sequence[Any]) -> list[RecordedEvent]:
 
 
 async def read_batch(
-    conn: Connection, projection: Projection, after: Checkpoint, limit: int
+    conn: Connection, projection: Projection, after: Checkpoint, limit: int, keyring: Keyring
 ) -> tuple[list[RecordedEvent], Checkpoint]:
     """The next events the projection handles, and the checkpoint to record once they are applied.
 
@@ -345,7 +347,9 @@ async def read_batch(
     seen, so the checkpoint moves to the head: lag then counts only what is really left to do.
     """
     head = await conn.fetchrow(sql.LOG_HEAD)
-    events = _events(await conn.fetch(sql.READ_LOG, after[0], after[1], limit, projection.event_types))
+    events = await keyring.reveal(
+        conn, _events(await conn.fetch(sql.READ_LOG, after[0], after[1], limit, projection.event_types))
+    )
     if len(events) == limit:
         return events, events[-1].checkpoint
     end = events[-1].checkpoint if events else Checkpoint(*after)
@@ -355,7 +359,7 @@ async def read_batch(
 
 
 async def read_partition(
-    conn: Connection, projection: Projection, partition: int, after: Checkpoint, limit: int
+    conn: Connection, projection: Projection, partition: int, after: Checkpoint, limit: int, keyring: Keyring
 ) -> tuple[list[RecordedEvent], Checkpoint]:
     """`read_batch` for one partition of a partitioned projection."""
     head = await conn.fetchrow(sql.LOG_HEAD)
@@ -364,7 +368,7 @@ async def read_partition(
         sql.READ_PARTITION, after[0], after[1], limit, projection.event_types, projection.partitions, partition,
         document, path,
     )
-    events = _events(rows)
+    events = await keyring.reveal(conn, _events(rows))
     if len(events) == limit:
         return events, events[-1].checkpoint
     end = events[-1].checkpoint if events else Checkpoint(*after)
@@ -374,7 +378,7 @@ async def read_partition(
 
 
 async def apply_committed(
-    conn: Connection, projection: Projection, after: Checkpoint, limit: int
+    conn: Connection, projection: Projection, after: Checkpoint, limit: int, keyring: Keyring
 ) -> tuple[Checkpoint, int]:
     """Apply every committed event after `after`, also those behind running transactions (inline only).
 
@@ -383,7 +387,9 @@ async def apply_committed(
     end = Checkpoint(*after)
     count = 0
     while True:
-        events = _events(await conn.fetch(sql.READ_COMMITTED, end[0], end[1], limit, projection.event_types))
+        events = await keyring.reveal(
+            conn, _events(await conn.fetch(sql.READ_COMMITTED, end[0], end[1], limit, projection.event_types))
+        )
         if not events:
             return end, count
         await projection.apply(conn, events)

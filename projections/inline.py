@@ -52,7 +52,7 @@ class InlineProjections:
             search_path, view_schema = await session_paths(conn)
             for projection in self.projections:
                 try:
-                    state = await ensure(conn, projection, search_path, view_schema)
+                    state = await ensure(conn, projection, search_path, view_schema, self.store.keyring)
                 except HandlerFailed as failure:
                     raise ProjectionFailed.at(projection.name, failure.event, failure.error) from failure.error
                 reason = state.mismatch(projection)

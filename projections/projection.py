@@ -40,7 +40,7 @@ MAX_PARTITIONS = 256
 
 
 FRAMEWORK_TABLES = frozenset({
-    "events", "streams", "snapshots",
+    "events", "streams", "snapshots", "event_tags", "condition_locks", "subject_keys", "events_archive",
     "projection_checkpoints", "projection_rebuilds", "projection_partitions",
     "outbox", "outbox_routes", "outbox_slots", "outbox_relays", "inbox",
     "alembic_version",
@@ -97,7 +97,8 @@ class Projection:
 
     `version` says which declaration built the stored tables: change it (or the table names) and the
     stored read model must be rebuilt before the projection runs again. `inline=True` projections are
-    updated inside every append's transaction instead of by a runner.
+    updated inside every append's transaction instead of by a runner. With `tags`, only events that carry
+    all of them reach the handlers (a read model of one tenant, one course); change the version with them.
 
     `partitions=N` splits the work: each event belongs to one partition by a stable hash of its stream
     id (or of `partition_key`, a field such as `"data.customer_id"`), each partition has a checkpoint of
@@ -111,6 +112,7 @@ class Projection:
     version: int = 1
     tables: TableDeclaration = ()
     inline: bool = False
+    tags: Sequence[str] = ()
     partitions: int = 1
     partition_key: str | None = None
 
@@ -121,6 +123,7 @@ class Projection:
         version: int | None = None,
         tables: TableDeclaration | None = None,
         inline: bool | None = None,
+        tags: Sequence[str] | None = None,
         partitions: int | None = None,
         partition_key: str | None = None,
         handlers: Mapping[str, EventHandler] | None = None,
@@ -134,6 +137,8 @@ class Projection:
             self.tables = tables
         if inline is not None:
             self.inline = inline
+        if tags is not None:
+            self.tags = tags
         if partitions is not None:
             self.partitions = partitions
         if partition_key is not None:
@@ -178,6 +183,8 @@ class Projection:
             raise InvalidProjection(f"projection {self.name!r}: version must be an int >= 1, got {self.version!r}")
         if not self._handlers:
             raise InvalidProjection(f"projection {self.name!r} handles no event types")
+        if isinstance(self.tags, str) or not all(isinstance(t, str) and t for t in self.tags):
+            raise InvalidProjection(f"projection {self.name!r}: tags must be a collection of non-empty strings")
         partitions = self.partitions
         if isinstance(partitions, bool) or not isinstance(partitions, int) or not 1 <= partitions <= MAX_PARTITIONS:
             raise InvalidProjection(
@@ -203,21 +210,29 @@ class Projection:
         return event_type in self._handlers
 
     async def apply(self, connection: Connection, events: Sequence[RecordedEvent]) -> None:
-        """Run the handlers over `events` in order; events of other types are skipped.
+        """Run the handlers over `events` in order; events of other types (or without the tags) are skipped.
 
         Consecutive events that go to the same batch handler reach it in one call.
         """
         handlers = self._handlers
+        tags = frozenset(self.tags)
+
+        def target(event: RecordedEvent) -> _Handler | None:
+            handler = handlers.get(event.event_type)
+            if handler is None or (tags and not tags.issubset(event.tags)):
+                return None
+            return handler
+
         i, n = 0, len(events)
         while i < n:
             event = events[i]
-            handler = handlers.get(event.event_type)
+            handler = target(event)
             if handler is None:
                 i += 1
                 continue
             j = i + 1
             if handler.batch:
-                while j < n and handlers.get(events[j].event_type) is handler:
+                while j < n and target(events[j]) is handler:
                     j += 1
             try:
                 await handler.call(connection, list(events[i:j]) if handler.batch else event)

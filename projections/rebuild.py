@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NoReturn
 
-from eventstore import START, Checkpoint, EventStore, RecordedEvent
+from eventstore import START, Checkpoint, EventStore, Keyring, RecordedEvent
 from projections import sql
 from projections.errors import ProjectionError, ProjectionFailed, describe
 from projections.generations import (
@@ -121,6 +121,7 @@ class Rebuild:
         view_schema: str,
         batch_size: int,
         tracker: ProgressTracker,
+        keyring: Keyring,
         store: EventStore | None = None,
     ) -> None:
         self.store = store
@@ -131,6 +132,7 @@ class Rebuild:
         self.view_schema = view_schema
         self.batch_size = batch_size
         self.tracker = tracker
+        self.keyring = keyring
         self.generation = 0
         self.checkpoint = START
         self.done = 0
@@ -224,7 +226,7 @@ class Rebuild:
             while True:
                 async with conn.transaction():
                     await use_generation(conn, name, self.generation, self.search_path)
-                    events, _ = await read_partition(conn, projection, partition, after, self.batch_size)
+                    events, _ = await read_partition(conn, projection, partition, after, self.batch_size, self.keyring)
                     mine: list[RecordedEvent] = [e for e in events if e.checkpoint <= target]
                     try:
                         await projection.apply(conn, mine)
@@ -250,7 +252,7 @@ class Rebuild:
             try:
                 async with conn.transaction():
                     await use_generation(conn, name, self.generation, self.search_path)
-                    events, end = await read_batch(conn, projection, self.checkpoint, limit)
+                    events, end = await read_batch(conn, projection, self.checkpoint, limit, self.keyring)
                     await projection.apply(conn, events)
                     if end != self.checkpoint:
                         await conn.execute(sql.ADVANCE_REBUILD, name, end[0], end[1], len(events))
@@ -284,11 +286,11 @@ class Rebuild:
             await use_generation(conn, name, self.generation, self.search_path)
             checkpoint, done = self.checkpoint, self.done
             if projection.inline:
-                checkpoint, count = await apply_committed(conn, projection, checkpoint, self.batch_size)
+                checkpoint, count = await apply_committed(conn, projection, checkpoint, self.batch_size, self.keyring)
                 done += count
             else:
                 while True:
-                    events, checkpoint = await read_batch(conn, projection, checkpoint, self.batch_size)
+                    events, checkpoint = await read_batch(conn, projection, checkpoint, self.batch_size, self.keyring)
                     await projection.apply(conn, events)
                     done += len(events)
                     if len(events) < self.batch_size:

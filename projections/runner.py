@@ -115,7 +115,7 @@ class ProjectionRunner:
             async with self.store.pool.acquire() as conn:
                 search_path, view_schema = await session_paths(conn)
                 for projection in self.projections:
-                    await ensure(conn, projection, search_path, view_schema)
+                    await ensure(conn, projection, search_path, view_schema, self.store.keyring)
 
         # Creating rows and tables is idempotent: a session killed meanwhile just means doing it again.
         await self.store.retrying(prepare)
@@ -148,15 +148,15 @@ class ProjectionRunner:
         return [w.label for w in self._workers if w.owned]
 
     async def wait_caught_up(self, until: Checkpoint | None = None, interval: float = 0.02) -> None:
-        """Wait until every projection has processed the log up to `until` (default: the head now).
+        """Wait until every projection has processed the log up to `until` (default: every event committed
+        now, whether an older transaction still running holds it below the log's visibility line or not).
 
-        Whichever runner owns them. Pass an append's `result.checkpoint` to wait for that append even
-        if it is not visible in the log yet (an older transaction still running holds it back).
+        Whichever runner owns them. Pass an append's `result.checkpoint` to wait for just that append.
         Raises `ProjectionFailed` if one of them has failed (the others keep running) and
         `ProjectionNeedsRebuild` if the stored tables of one belong to another declaration. Bound the
         wait with `asyncio.timeout`.
         """
-        head = await self.store.head() if until is None else Checkpoint(*until)
+        head = await self.store.last_committed() if until is None else Checkpoint(*until)
         names = [p.name for p in self.projections]
         declared = {p.name: p for p in self.projections}
         while True:
@@ -234,7 +234,7 @@ class _Worker:
         conn = await connect(self.runner.store, f"projection {name}")
         try:
             self._search_path, view_schema = await session_paths(conn)
-            await ensure(conn, self.projection, self._search_path, view_schema)
+            await ensure(conn, self.projection, self._search_path, view_schema, self.runner.store.keyring)
             while not self.runner._stopping:
                 if await conn.fetchval(sql.TRY_LOCK, self.key):
                     self.owned = True
@@ -299,7 +299,7 @@ class _Worker:
             self._mismatch = None
             self._generation = state.generation
             await use_generation(conn, projection.name, state.generation, self._search_path)
-            events, end = await read_batch(conn, projection, state.checkpoint, limit)
+            events, end = await read_batch(conn, projection, state.checkpoint, limit, self.runner.store.keyring)
             try:
                 await projection.apply(conn, events)
             except HandlerFailed as failure:
@@ -367,7 +367,7 @@ class _PartitionWorker(_Worker):
         try:
             await conn.execute(sql.NAME_PARTITION_SESSION, self._session_name)
             self._search_path, view_schema = await session_paths(conn)
-            await ensure(conn, self.projection, self._search_path, view_schema)
+            await ensure(conn, self.projection, self._search_path, view_schema, self.runner.store.keyring)
             while not self.runner._stopping:
                 if self._held_by_runner() < await self._fair_share(conn) and await conn.fetchval(
                     sql.TRY_LOCK, self.key
@@ -411,7 +411,8 @@ class _PartitionWorker(_Worker):
             self._generation = state.generation
             await use_generation(conn, projection.name, state.generation, self._search_path)
             after = Checkpoint(row["log_xid"], row["position"])
-            events, end = await read_partition(conn, projection, self.partition, after, limit)
+            keyring = self.runner.store.keyring
+            events, end = await read_partition(conn, projection, self.partition, after, limit, keyring)
             try:
                 await projection.apply(conn, events)
             except HandlerFailed as failure:

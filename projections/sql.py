@@ -28,10 +28,7 @@ between writing its events and running its hook, so what this reads is exactly w
 committed transactions have applied.
 """
 
-HELD_BACK = f"""
-SELECT EXISTS (SELECT 1 FROM events WHERE log_xid >= {log.LOG_HORIZON})
-"""
-"""Committed events the log does not show yet: an older transaction still running holds them back."""
+HELD_BACK = log.HELD_BACK
 
 COUNT_LOG = f"""
 SELECT count(*) FROM events

@@ -48,6 +48,7 @@ PACKAGES = {
     "eventstore_app": "eventstore_app",
     "eventstore_admin": "eventstore_admin",
     "eventstore_cli": "eventstore_cli",
+    "eventstore_contracts": "eventstore_contracts",
     "aggregates": "aggregates",
     "projections": "projections",
     "outbox": "outbox",
@@ -256,7 +257,7 @@ def test_the_wheel_installs_only_the_frameworks_own_modules(installed: Installed
     assert shipped == sources
     assert {"eventstore_migrations/script.py.mako", "eventstore_migrations/env.py"} <= shipped
     typed = {p.split("/")[0] for p in shipped if p.endswith("/py.typed")}
-    assert typed >= {"eventstore", "eventstore_app", "aggregates", "projections", "outbox"}
+    assert typed >= {"eventstore", "eventstore_app", "eventstore_contracts", "aggregates", "projections", "outbox"}
 
     found = run(
         installed.python, "-c",

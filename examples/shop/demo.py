@@ -15,9 +15,10 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Protocol
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 from rich.console import Console
@@ -107,10 +108,21 @@ class Shop:
         self.orders = app.repository(Order)
 
 
+def email_of(customer: str) -> str:
+    """The demo customer's e-mail address: personal data, stored encrypted."""
+    return f"{customer}@mail.example"
+
+
+def address_of(customer: str) -> str:
+    """The demo customer's postal address: personal data, stored encrypted."""
+    return f"{customer.removeprefix('customer-')} Linden Street, Springfield ({customer})"
+
+
 async def _customer(shop: Shop, commands: _Commands, rng: random.Random, n: int, prices: dict[str, int]) -> None:
     tally = commands.tally
     cart_id, order_id = f"c{n:05d}", f"o{n:05d}"
-    await commands.run(shop.carts, cart_id, lambda c: c.open(f"customer-{n % 97}"), create=True)
+    customer = f"customer-{n % 97}"
+    await commands.run(shop.carts, cart_id, lambda c: c.open(customer, email_of(customer)), create=True)
     skus = rng.sample(sorted(prices), rng.randint(1, 4))
     # Popular products: a skewed choice makes several customers reserve the same product at once.
     skus = [s if rng.random() < 0.5 else f"sku{rng.randint(0, 3):03d}" for s in skus]
@@ -122,7 +134,9 @@ async def _customer(shop: Shop, commands: _Commands, rng: random.Random, n: int,
     await commands.run(shop.carts, cart_id, lambda c: c.check_out(order_id))
     cart = await shop.carts.get(cart_id)
     lines = [OrderLine(sku=s, quantity=q, price=p) for s, (q, p) in sorted(cart.state.lines.items())]
-    await commands.run(shop.orders, order_id, lambda o: o.place(cart.state.customer, lines), create=True)
+    await commands.run(
+        shop.orders, order_id, lambda o: o.place(cart.state.customer, lines, address_of(customer)), create=True
+    )
     tally.orders += 1
     reserved: list[str] = []
     for line in lines:
@@ -155,46 +169,39 @@ async def _ensure_topic(servers: str) -> None:
 class Feed(Protocol):
     """This run's messages on the orders topic, from one broker, readable twice (the second time: a replay)."""
 
-    async def mark_start(self) -> None: ...
+    async def mark_start(self, since: datetime) -> None:
+        """Remember where this run's messages begin: they are of events recorded from `since` on."""
 
     def read(self, replay: bool) -> AsyncGenerator[CloudEvent, None]: ...
 
 
 class _KafkaFeed:
-    """From the offsets the topic had when the demo began, so an earlier run's messages are not counted."""
+    """The topic from its start, keeping the events recorded since this run began (by the database's clock,
+    which stamps them): an earlier run's messages are on a broker that keeps the topic, and the end
+    offsets that would let it skip them are not reliable on every Kafka-compatible broker (tansu counts
+    record batches)."""
 
     def __init__(self, servers: str) -> None:
         self.servers = servers
-        self.start: dict[TopicPartition, int] = {}
+        self.since: datetime | None = None
 
-    async def mark_start(self) -> None:
+    async def mark_start(self, since: datetime) -> None:
         await _ensure_topic(self.servers)
-        consumer = await self._consumer()
-        try:
-            self.start = await consumer.end_offsets(list(consumer.assignment()))
-        finally:
-            await consumer.stop()
-
-    async def _consumer(self) -> AIOKafkaConsumer:
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.servers, enable_auto_commit=False)
-        await consumer.start()
-        partitions = consumer.partitions_for_topic(ORDERS_TOPIC)
-        while not partitions:
-            await asyncio.sleep(0.1)
-            await consumer.topics()
-            partitions = consumer.partitions_for_topic(ORDERS_TOPIC)
-        consumer.assign([TopicPartition(ORDERS_TOPIC, p) for p in sorted(partitions)])
-        for tp in consumer.assignment():
-            consumer.seek(tp, self.start.get(tp, 0))
-        return consumer
+        self.since = since
 
     async def read(self, replay: bool) -> AsyncGenerator[CloudEvent, None]:
-        consumer = await self._consumer()
+        consumer = AIOKafkaConsumer(
+            ORDERS_TOPIC, bootstrap_servers=self.servers, group_id=None, auto_offset_reset="earliest",
+            enable_auto_commit=False, metadata_max_age_ms=1000,
+        )
+        await consumer.start()
         try:
             while True:
                 for records in (await consumer.getmany(timeout_ms=200)).values():
                     for record in records:
-                        yield from_record(record)
+                        message = from_record(record)
+                        if self.since is None or (message.time is not None and message.time >= self.since):
+                            yield message
         finally:
             await consumer.stop()
 
@@ -208,7 +215,7 @@ class _NatsFeed:
         self.settings = settings
         self.start = 0
 
-    async def mark_start(self) -> None:
+    async def mark_start(self, since: datetime) -> None:
         from outbox.jetstream import ensure_stream
 
         await ensure_stream(self.settings, self.STREAM, [ORDERS_TOPIC])
@@ -256,7 +263,7 @@ class _RabbitFeed:
         self._connection: Any = None
         self._queues: list[Any] = []
 
-    async def mark_start(self) -> None:
+    async def mark_start(self, since: datetime) -> None:
         import aio_pika
 
         self._connection = await aio_pika.connect(self.settings.url.get_secret_value())
@@ -352,7 +359,7 @@ async def run_demo(url: str, broker: str, console: Console, *, customers: int = 
         store = app.store
         await store.pool.execute(FEED_TABLE)
         shop = Shop(app)
-        await feed.mark_start()
+        await feed.mark_start(await store.pool.fetchval("SELECT now()"))
         if isinstance(feed, _RabbitFeed):
             stack.push_async_callback(feed.close)
         billing = _Billing(app.inbox("shop-billing"), feed)

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from pydantic import BaseModel, Field
 
-from aggregates import Aggregate, DomainEvent, applies
+from aggregates import Aggregate, DomainEvent, PersonalData, applies
+
+CustomerData = Annotated[str | None, PersonalData(subject="customer")]
+"""A customer's personal data: stored encrypted, redacted once `store.forget(customer)` ran."""
 
 
 class ShopError(Exception):
@@ -83,6 +88,7 @@ class Product(Aggregate[ProductState], category="product", snapshot_every=50):
 
 class CartOpened(DomainEvent):
     customer: str
+    email: CustomerData = None
 
 
 class ItemAdded(DomainEvent):
@@ -101,15 +107,16 @@ class CartCheckedOut(DomainEvent):
 
 class CartState(BaseModel):
     customer: str = ""
+    email: str | None = None
     lines: dict[str, tuple[int, int]] = Field(default_factory=dict)  # sku -> (quantity, price)
     checked_out: bool = False
 
 
 class Cart(Aggregate[CartState], category="cart"):
-    def open(self, customer: str) -> None:
+    def open(self, customer: str, email: str | None = None) -> None:
         if not self.is_new:
             raise ShopError(f"cart {self.id} is already open")
-        self._emit(CartOpened(customer=customer))
+        self._emit(CartOpened(customer=customer, email=email))
 
     def add(self, sku: str, quantity: int, price: int) -> None:
         self._open_for_changes()
@@ -136,6 +143,7 @@ class Cart(Aggregate[CartState], category="cart"):
     @applies(CartOpened)
     def _opened(self, event: CartOpened) -> None:
         self.state.customer = event.customer
+        self.state.email = event.email
 
     @applies(ItemAdded)
     def _added(self, event: ItemAdded) -> None:
@@ -164,6 +172,7 @@ class OrderPlaced(DomainEvent):
     customer: str
     lines: list[OrderLine]
     total: int
+    ship_to: CustomerData = None
 
 
 class PaymentCaptured(DomainEvent):
@@ -181,6 +190,7 @@ class OrderCancelled(DomainEvent):
 
 class OrderState(BaseModel):
     customer: str = ""
+    ship_to: str | None = None
     lines: list[OrderLine] = Field(default_factory=list)
     total: int = 0
     paid: int = 0
@@ -188,12 +198,13 @@ class OrderState(BaseModel):
 
 
 class Order(Aggregate[OrderState], category="order"):
-    def place(self, customer: str, lines: list[OrderLine]) -> None:
+    def place(self, customer: str, lines: list[OrderLine], ship_to: str | None = None) -> None:
         if not self.is_new:
             raise ShopError(f"order {self.id} is already placed")
         if not lines:
             raise ShopError("an order needs at least one line")
-        self._emit(OrderPlaced(customer=customer, lines=lines, total=sum(ln.quantity * ln.price for ln in lines)))
+        total = sum(ln.quantity * ln.price for ln in lines)
+        self._emit(OrderPlaced(customer=customer, lines=lines, total=total, ship_to=ship_to))
 
     def capture_payment(self, payment_id: str) -> None:
         if self.state.status != "placed":
@@ -213,6 +224,7 @@ class Order(Aggregate[OrderState], category="order"):
     @applies(OrderPlaced)
     def _placed(self, event: OrderPlaced) -> None:
         self.state.customer = event.customer
+        self.state.ship_to = event.ship_to
         self.state.lines = list(event.lines)
         self.state.total = event.total
         self.state.status = "placed"

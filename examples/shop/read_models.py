@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from eventstore import RecordedEvent
+from eventstore import REDACTED, SUBJECT_FORGOTTEN, RecordedEvent
 from projections import Connection, Projection, handles
 
 
@@ -12,12 +12,12 @@ class OrderSummary(Projection):
     """One row per order with its status: what a customer-service screen would query."""
 
     name = "order_summary"
-    version = 1
+    version = 2
     tables = {
         "order_summary": """
             CREATE TABLE order_summary (
                 order_id text PRIMARY KEY, customer text NOT NULL, status text NOT NULL,
-                total bigint NOT NULL, paid bigint NOT NULL DEFAULT 0, lines integer NOT NULL)
+                total bigint NOT NULL, paid bigint NOT NULL DEFAULT 0, lines integer NOT NULL, ship_to text)
         """
     }
 
@@ -25,8 +25,16 @@ class OrderSummary(Projection):
     async def placed(self, conn: Connection, event: RecordedEvent) -> None:
         data = event.json()
         await conn.execute(
-            "INSERT INTO order_summary (order_id, customer, status, total, lines) VALUES ($1, $2, 'placed', $3, $4)",
-            event.stream_id, data["customer"], data["total"], len(data["lines"]),
+            "INSERT INTO order_summary (order_id, customer, status, total, lines, ship_to)"
+            " VALUES ($1, $2, 'placed', $3, $4, $5)",
+            event.stream_id, data["customer"], data["total"], len(data["lines"]), data.get("ship_to"),
+        )
+
+    @handles(SUBJECT_FORGOTTEN)
+    async def forgotten(self, conn: Connection, event: RecordedEvent) -> None:
+        """A customer was forgotten: the addresses copied here go too (the events already read redacted)."""
+        await conn.execute(
+            "UPDATE order_summary SET ship_to = $2 WHERE customer = $1", event.json()["subject"], REDACTED
         )
 
     @handles("PaymentCaptured")

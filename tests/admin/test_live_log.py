@@ -98,6 +98,9 @@ async def test_a_bad_position_is_refused_and_live_logs_are_limited(shop_database
         assert bad.status_code == 400
         async with http.stream("GET", f"{server.url}/api/log") as first:
             assert first.status_code == 200
-            await Messages(first)._lines.__anext__()  # the stream has started
+            # Held in a name: a temporary's line iterator, once garbage collected, would close the
+            # stream and free the slot that the second request must find taken.
+            lines = first.aiter_lines()
+            await lines.__anext__()  # the stream has started
             second = await http.get(f"{server.url}/api/log")
             assert second.status_code == 503 and "live logs are open" in second.json()["error"]

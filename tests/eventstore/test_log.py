@@ -46,7 +46,7 @@ async def test_subscriber_sees_every_committed_event_exactly_once(store: EventSt
 
             reader = asyncio.create_task(subscriber())
             await asyncio.gather(*(_write(store, w, 15, committed, rng) for w in range(8)))
-            final = await store.head()
+            final = await store.last_committed()
             async with asyncio.timeout(30):
                 while sub.checkpoint < final:  # noqa: ASYNC110 - the subscription has no "reached" event
                     await asyncio.sleep(0.01)
@@ -71,6 +71,38 @@ async def test_reader_does_not_pass_an_open_transaction(store: EventStore) -> No
     await store.wait_until_visible(early.checkpoint)
     after = await store.read_all(seen[-1].checkpoint)
     assert sorted(e.event_type for e in after) == ["Early", "Late"]
+
+
+async def test_last_committed_reaches_past_what_an_open_transaction_holds_back(store: EventStore) -> None:
+    first = await store.append("a-1", [NewEvent("First")])
+    await store.wait_until_visible(first.checkpoint)
+    async with store.unit_of_work() as slow:
+        await slow.append("slow-1", [NewEvent("Late")])
+        early = await store.append("fast-1", [NewEvent("Early")])
+        assert await store.head() == first.checkpoint
+        assert await store.last_committed() == early.checkpoint
+        assert await store.held_back()
+    await store.wait_until_visible(early.checkpoint)
+    assert await store.head() == await store.last_committed() == early.checkpoint  # "Late" sorts before
+
+
+async def test_a_subscription_looks_again_soon_when_a_transaction_that_wrote_no_event_ends(
+    store: EventStore,
+) -> None:
+    """The transaction holding the log back sends no NOTIFY as it ends: the subscription must not
+    sleep its whole poll interval (30 s here) before it delivers the event it held back."""
+    async with store.subscribe(await store.last_committed(), poll_interval=30) as sub:
+        waiting = asyncio.ensure_future(anext(aiter(sub)))
+        await asyncio.sleep(0.3)  # it found nothing and sleeps
+        async with store.pool.acquire() as blocker:
+            transaction = blocker.transaction()
+            await transaction.start()
+            await blocker.fetchval("SELECT pg_current_xact_id()")  # holds the log's visibility line
+            await store.append("held-1", [NewEvent("Held")])  # its NOTIFY finds nothing visible yet
+            await asyncio.sleep(0.3)
+            await transaction.rollback()
+        event = await asyncio.wait_for(waiting, 5)
+    assert event.event_type == "Held"
 
 
 async def test_subscription_catches_up_then_follows(store: EventStore) -> None:

@@ -122,7 +122,7 @@ async def test_no_event_lost_or_skipped_under_every_fault(database_url: str, tmp
                 await asyncio.gather(*writers)
 
                 await eventually(everything_published, 90, "every outbox message published after the restart")
-                head = await store.head()
+                head = await store.last_committed()
 
                 async def runner_caught_up() -> bool:
                     row = await store.pool.fetchrow(

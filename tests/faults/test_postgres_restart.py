@@ -188,7 +188,7 @@ async def test_components_reconnect_by_themselves_after_postgres_restarts(
 
             async with EventStore(url) as admin:
                 await eventually(lambda: _none_pending(admin), 60, "the relay publishing every message")
-                head = await admin.head()
+                head = await admin.last_committed()
                 await eventually(lambda: _projected(admin, head), 60, "the runner projecting every event")
                 alive_after_restarts = (runner.returncode, relay.returncode)
                 ledger_events = await assert_ledger_exactly_once(admin)
@@ -278,7 +278,7 @@ async def test_a_runner_and_a_relay_started_while_postgres_is_down_wait_for_it(
             await asyncio.to_thread(server.start)
             await collector.start()
             async with EventStore(url) as admin:
-                head = await admin.head()
+                head = await admin.last_committed()
                 await eventually(lambda: _projected(admin, head), 60, "the runner projecting")
                 await eventually(lambda: _none_pending(admin), 60, "the relay publishing")
                 assert await assert_ledger_exactly_once(admin) == 2

@@ -75,6 +75,23 @@ async def test_a_notification_wakes_an_idle_relay(
         await collector.wait_count(1, timeout=10.0)
 
 
+async def test_a_relay_looks_again_soon_when_a_transaction_that_wrote_no_event_ends(
+    outbox_store: EventStore, kafka: str, collector: Collector
+) -> None:
+    """No NOTIFY comes when the transaction holding the log back ends without writing events."""
+    settings = relay_settings(poll_interval=60.0, lease_ttl=120.0)
+    async with Relay(outbox_store, kafka, settings) as relay:
+        await wait_until(lambda: _true(relay.owned_slots), what="slots")
+        async with outbox_store.pool.acquire() as blocker:
+            transaction = blocker.transaction()
+            await transaction.start()
+            await blocker.fetchval("SELECT pg_current_xact_id()")  # holds the log's visibility line
+            await outbox_store.append("order-1", [NewEvent("OrderPlaced")])  # its NOTIFY finds nothing
+            await asyncio.sleep(0.3)
+            await transaction.rollback()
+        await collector.wait_count(1, timeout=10.0)
+
+
 async def _true(value: object) -> bool:
     return bool(value)
 
@@ -168,17 +185,20 @@ async def test_relay_survives_its_connections_being_terminated(
 ) -> None:
     admin = await asyncpg.connect(asyncpg_dsn(database_url))
     try:
-        async with Relay(outbox_store, kafka, relay_settings(batch_size=20)) as relay:
+        terminated = 0
+        async with Relay(outbox_store, kafka, relay_settings(batch_size=20)):
             for round_ in range(10):
                 for stream in range(10):
                     await outbox_store.append(f"order-{stream}", [NewEvent("OrderPlaced", {"n": round_})])
-                await admin.execute(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                terminated += await admin.fetchval(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
                     " WHERE datname = current_database() AND pid <> pg_backend_pid()"
                 )
                 await asyncio.sleep(0.05)
             await collector.wait_count(100)
-            assert relay.stats.database_errors > 0
+        # The relay's own connections among them (its listener's at least); whether a query of its was
+        # under way when one went (and counted in stats.database_errors) is up to timing.
+        assert terminated >= 10
     finally:
         await admin.close()
     assert versions_by_key(collector) == {f"order-{s}": list(range(10)) for s in range(10)}
@@ -248,10 +268,12 @@ async def test_order_per_key_holds_when_the_network_to_the_broker_fails_mid_stre
         async with Relay(store, kafka, relay_settings(send_timeout=1.0)) as relay:
             writers = [asyncio.create_task(writer(k)) for k in range(keys)]
             try:
-                for _ in range(3):
+                for cut in range(1, 4):
                     await collector.wait_count(len(collector.ids()) + 30)  # mid-stream
                     cuttable_broker.cut()
-                    await asyncio.sleep(1.5)  # what is in flight times out (send_timeout 1 s)
+                    # What is in flight times out (send_timeout 1 s); the cut lasts until the relay saw it.
+                    await asyncio.sleep(1.5)
+                    await wait_until(lambda c=cut: _true(relay.stats.broker_errors >= c), what="a broker error")
                     cuttable_broker.heal()
             finally:
                 stop.set()

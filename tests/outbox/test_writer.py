@@ -199,3 +199,25 @@ async def test_rollback_publishes_nothing(
         await collector.wait_count(1)
     # Same key, so a published rolled-back message would sit before the committed one in one partition.
     assert [e.id for e in collector.events()] == [str(committed.event_id)]
+
+
+async def test_a_route_selects_events_by_tag(store: EventStore) -> None:
+    await Outbox([
+        Route("course-7", ["StudentSubscribed"], tag="course:7", key="metadata.tags.1"),
+        Route("all-subscriptions", ["StudentSubscribed"]),
+    ]).declare(store)
+    for student, course in [("ann", 7), ("bob", 8)]:
+        await store.append(f"subscription-{student}", [NewEvent(
+            "StudentSubscribed", {"student": student}, tags=[f"course:{course}", f"student:{student}"]
+        )])
+    rows = await _rows(store)
+    assert sorted((r["topic"], r["key"]) for r in rows) == [
+        ("all-subscriptions", "subscription-ann"), ("all-subscriptions", "subscription-bob"),
+        ("course-7", "student:ann"),
+    ]
+    with pytest.raises(InvalidRoute):
+        Route("t", tag="")
+    assert not await Outbox([
+        Route("course-7", ["StudentSubscribed"], tag="course:7", key="metadata.tags.1"),
+        Route("all-subscriptions", ["StudentSubscribed"]),
+    ]).declare(store), "the same routes again change nothing"

@@ -176,3 +176,28 @@ async def test_a_rebuild_moves_the_guard_to_the_new_declaration(store: EventStor
     await store.append("acc-1", [deposit("a1", 1)])  # no longer guarded
     with pytest.raises(AppendRefused):
         await store.append("acc-1", [withdraw("a1", 1)])
+
+
+class CourseRoster(Projection):
+    """A read model of one course only: it selects the events by tag."""
+
+    name = "course_7_roster"
+    tables = {"course_7_roster": "CREATE TABLE course_7_roster (student text PRIMARY KEY)"}
+    tags = ("course:7",)
+    inline = True
+
+    @handles("StudentSubscribed")
+    async def subscribed(self, conn: Any, event: RecordedEvent) -> None:
+        await conn.execute("INSERT INTO course_7_roster VALUES ($1)", event.json()["student"])
+
+
+async def test_a_projection_selects_events_by_tag(store: EventStore) -> None:
+    async with InlineProjections(store, [CourseRoster()]):
+        for student, course in [("ann", 7), ("bob", 8), ("cy", 7)]:
+            await store.append(f"subscription-{student}-{course}", [NewEvent(
+                "StudentSubscribed", {"student": student}, tags=[f"course:{course}", f"student:{student}"]
+            )])
+        rows = await store.pool.fetch("SELECT student FROM course_7_roster ORDER BY student")
+    assert [r["student"] for r in rows] == ["ann", "cy"]
+    with pytest.raises(InvalidProjection):
+        Projection(name="p", tables={"t": "CREATE TABLE t ()"}, handlers={"A": CourseRoster().subscribed}, tags="x")

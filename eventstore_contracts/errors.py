@@ -1,0 +1,21 @@
+"""Typed errors of the contracts tools, each naming the file and line a user has to fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from eventstore import EventStoreError, InvalidArgument
+
+
+class ContractError(EventStoreError):
+    """Base of every error the contracts tools raise on purpose."""
+
+
+class LockFileError(ContractError, InvalidArgument):
+    """A schema lock file cannot be used: not JSON, not a lock file, or written by a newer eventstore."""
+
+    def __init__(self, path: str | Path, line: int, reason: str) -> None:
+        super().__init__(f"{path}:{line}: {reason}")
+        self.path = str(path)
+        self.line = line
+        self.reason = reason
