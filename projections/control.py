@@ -280,7 +280,7 @@ class ProjectionAdmin:
             async with self._exclusive(name, "rebuild") as (conn, search_path, view_schema):
                 await _ensure(conn, projection, search_path, view_schema, self.store.keyring)
                 rebuild = Rebuild(
-                    conn, projection, search_path, view_schema, batch_size, tracker, self.store.keyring
+                    conn, projection, search_path, view_schema, batch_size, tracker, self.store.keyring, self.store
                 )
                 return await rebuild.run(restart_now)
 

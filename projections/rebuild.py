@@ -8,24 +8,29 @@ read model to the new one with nothing lost or applied twice. Progress is record
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NoReturn
 
-from eventstore import START, Checkpoint, Keyring
+from eventstore import START, Checkpoint, EventStore, Keyring, RecordedEvent
 from projections import sql
 from projections.errors import ProjectionError, ProjectionFailed, describe
 from projections.generations import (
     BatchLimit,
     StoredCheckpoint,
     apply_committed,
+    connect,
     create_generation,
+    disconnect,
     go_live,
     hold_for_swap,
+    partition_name,
     raise_if_disconnected,
     read_batch,
+    read_partition,
     schema_for,
     use_generation,
 )
@@ -117,7 +122,10 @@ class Rebuild:
         batch_size: int,
         tracker: ProgressTracker,
         keyring: Keyring,
+        store: EventStore | None = None,
     ) -> None:
+        self.store = store
+        """Where the partitions of a partitioned projection get connections of their own to build in parallel."""
         self.connection = connection
         self.projection = projection
         self.search_path = search_path
@@ -129,6 +137,7 @@ class Rebuild:
         self.checkpoint = START
         self.done = 0
         """Events applied to the new generation, also by earlier attempts."""
+        self._built = 0  # by the partitions building in parallel, so far
 
     async def run(self, restart: bool) -> RebuildProgress:
         """Build, then swap; a swap that fails builds again, to pin down the failing event."""
@@ -161,6 +170,7 @@ class Rebuild:
             row = await conn.fetchrow(sql.LOCK_REBUILD, name)
             if row is not None and (
                 restart
+                or (self._parallel and (row["log_xid"], row["position"]) == tuple(START))  # see _build_partitions
                 or row["version"] != projection.version
                 or sorted(row["tables"]) != sorted(tables)
                 or row["generation"] != state.generation + 1
@@ -179,9 +189,63 @@ class Rebuild:
             await conn.execute(sql.INSERT_REBUILD, name, self.generation, projection.version, tables)
             self.checkpoint, self.done = START, 0
 
+    @property
+    def _parallel(self) -> bool:
+        return self.projection.partitions > 1 and self.store is not None and self.store.url is not None
+
+    async def _build_partitions(self) -> None:
+        """Fill the new generation up to the log's head now, every partition at once on a connection of its own.
+
+        Partitions hold disjoint streams (keys), so each applies its events in log order and the
+        result is what one pass over the log would give. Their progress is recorded once all are at
+        the head: an attempt interrupted before then starts the generation over (`_begin`), since
+        only a whole pass says which events the tables hold. `_build` goes on from the head.
+        """
+        head = await self.connection.fetchrow(sql.LOG_HEAD)
+        if head is None:
+            return
+        target = Checkpoint(head["log_xid"], head["position"])
+        self._built = 0
+        try:
+            async with asyncio.TaskGroup() as group:
+                for partition in range(self.projection.partitions):
+                    group.create_task(self._build_partition(partition, target))
+        except* HandlerFailed as failed:
+            await self._fail(failed.exceptions[0])  # type: ignore[arg-type]
+        await self.connection.execute(sql.ADVANCE_REBUILD, self.projection.name, target[0], target[1], self._built)
+        self.checkpoint = target
+        self.done += self._built
+        self.tracker.update(self.done)
+
+    async def _build_partition(self, partition: int, target: Checkpoint) -> None:
+        assert self.store is not None
+        projection, name = self.projection, self.projection.name
+        conn = await connect(self.store, f"rebuild {partition_name(name, partition)}")
+        after = START
+        try:
+            while True:
+                async with conn.transaction():
+                    await use_generation(conn, name, self.generation, self.search_path)
+                    events, _ = await read_partition(conn, projection, partition, after, self.batch_size, self.keyring)
+                    mine: list[RecordedEvent] = [e for e in events if e.checkpoint <= target]
+                    try:
+                        await projection.apply(conn, mine)
+                    except HandlerFailed as failure:
+                        raise_if_disconnected(failure, conn)
+                        raise
+                self._built += len(mine)
+                self.tracker.update(self.done + self._built)
+                if len(mine) < self.batch_size:
+                    return
+                after = mine[-1].checkpoint
+        finally:
+            await disconnect(self.store, conn)
+
     async def _build(self) -> None:
         """Fill the new generation batch by batch until a batch comes back short (nearly caught up)."""
         conn, projection, name = self.connection, self.projection, self.projection.name
+        if self._parallel and self.checkpoint == START:
+            await self._build_partitions()
         batches = BatchLimit(self.batch_size)
         while True:
             limit = batches.next

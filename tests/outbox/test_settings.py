@@ -9,7 +9,15 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from pydantic import SecretStr
 
-from outbox import InvalidSettings, KafkaSettings, RelaySettings
+from outbox import (
+    InvalidSettings,
+    KafkaSettings,
+    NatsSettings,
+    RabbitMQSettings,
+    Relay,
+    RelaySettings,
+    broker_settings,
+)
 
 
 @pytest.mark.parametrize(
@@ -70,3 +78,31 @@ def test_relay_settings_that_cannot_work_are_rejected(values: dict[str, Any], me
 
 def test_default_relay_ids_are_unique() -> None:
     assert RelaySettings().relay_id != RelaySettings().relay_id
+
+
+def test_a_broker_is_chosen_by_its_url() -> None:
+    assert isinstance(broker_settings("nats://127.0.0.1:4222"), NatsSettings)
+    rabbit = broker_settings("amqp://guest:guest@127.0.0.1:5672/")
+    assert isinstance(rabbit, RabbitMQSettings) and rabbit.exchange == "outbox"
+    assert "guest:guest" not in repr(rabbit), "the password stays secret"
+    kafka = broker_settings("kafka://a:9092,kafka://b:9092")
+    assert isinstance(kafka, KafkaSettings) and kafka.bootstrap_servers == "a:9092,b:9092"
+    assert broker_settings("a:9092") == KafkaSettings(bootstrap_servers="a:9092")
+
+
+def test_bad_broker_settings_are_one_clear_error() -> None:
+    with pytest.raises(InvalidSettings, match="no broker for mqtt://"):
+        broker_settings("mqtt://127.0.0.1")
+    with pytest.raises(InvalidSettings, match="not a NATS URL"):
+        NatsSettings(servers="http://127.0.0.1:4222")
+    with pytest.raises(InvalidSettings, match="subject_prefix"):
+        NatsSettings(subject_prefix="shop")
+    with pytest.raises(InvalidSettings, match="AMQP URL"):
+        RabbitMQSettings(url="http://127.0.0.1")
+    with pytest.raises(InvalidSettings, match="extra must not set url"):
+        RabbitMQSettings(extra={"url": "amqp://x"})
+
+
+async def test_a_relay_refuses_what_is_not_a_broker(store: Any) -> None:
+    with pytest.raises(InvalidSettings, match="not int"):
+        Relay(store, 42)  # type: ignore[arg-type]

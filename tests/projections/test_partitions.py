@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from eventstore import EventStore, NewEvent, RecordedEvent
+from eventstore import START, EventStore, NewEvent, RecordedEvent
 from projections import InvalidProjection, Projection, ProjectionAdmin, ProjectionNeedsRebuild, handles
 from projections.generations import partition_name
 from tests.projections.app import caught_up, eventually
@@ -77,7 +77,7 @@ async def test_each_event_belongs_to_exactly_one_partition_by_its_key(store: Eve
         from projections.generations import read_partition
 
         for p in range(3):
-            events, _ = await read_partition(conn, by_account, p, (0, 0), 1000, store.keyring)  # type: ignore[arg-type]
+            events, _ = await read_partition(conn, by_account, p, START, 1000, store.keyring)
             seen[p] = {e.json()["account"] for e in events}
             assert len(events) == sum(1 for s in range(9) if f"a{s % 3}" in seen[p]) * 2
     assert set().union(*seen.values()) == {"a0", "a1", "a2"}
@@ -94,8 +94,12 @@ async def test_changing_the_number_of_partitions_is_a_rebuild(store: EventStore)
     async with admin.runner() as runner:
         with pytest.raises(ProjectionNeedsRebuild):
             await caught_up(runner, last)
-    await admin.rebuild("stream_order")
+    done = await admin.rebuild("stream_order")
+    assert done.done == 24
     assert await store.pool.fetchval("SELECT count(*) FROM projection_partitions") == 3
+    # The partitions were rebuilt side by side, each on a connection of its own.
+    sessions = await store.pool.fetchval("SELECT count(DISTINCT r) FROM stream_order, unnest(runners) AS r")
+    assert sessions == 3
     more = await _append(store, streams=6, versions=2)
     async with admin.runner() as runner:
         await caught_up(runner, more)
