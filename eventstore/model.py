@@ -12,6 +12,8 @@ from uuid import UUID
 import orjson
 from uuid_utils.compat import uuid7
 
+from eventstore.telemetry import inject_trace_context
+
 CORRELATION_ID = "correlation_id"
 CAUSATION_ID = "causation_id"
 TAGS = "tags"
@@ -89,6 +91,7 @@ class NewEvent:
             meta[CAUSATION_ID] = str(self.causation_id)
         if self.tags:
             meta[TAGS] = list(dict.fromkeys(self.tags))
+        inject_trace_context(meta)
         return meta
 
 

@@ -18,7 +18,7 @@ from uuid import UUID
 import asyncpg
 import orjson
 
-from eventstore import sql
+from eventstore import sql, telemetry
 from eventstore.errors import (
     AppendConditionFailed,
     AppendRefused,
@@ -247,6 +247,7 @@ class UnitOfWork:
         self.connection = connection
         self.results: list[AppendResult] = []
 
+    @telemetry.instrumented_append
     async def append(
         self,
         stream_id: str,
@@ -390,6 +391,7 @@ class EventStore:
 
     # -- appends -----------------------------------------------------------------------------------
 
+    @telemetry.instrumented_append
     async def append(
         self,
         stream_id: str,
@@ -555,6 +557,7 @@ class EventStore:
         version = await self.retrying(lambda: self.pool.fetchval(sql.STREAM_VERSION, stream_id))
         return -1 if version is None else int(version)
 
+    @telemetry.counted_read("stream")
     async def read_stream(
         self,
         stream_id: str,
@@ -590,6 +593,7 @@ class EventStore:
         )
         return [_record(r) for r in rows]
 
+    @telemetry.counted_read("all")
     async def read_all(
         self,
         after: Checkpoint = START,

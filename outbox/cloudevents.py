@@ -23,6 +23,9 @@ CONTENT_TYPE_HEADER = "content-type"
 CORRELATION_ID = "correlationid"
 CAUSATION_ID = "causationid"
 STREAM_VERSION = "streamversion"
+TRACEPARENT = "traceparent"
+TRACESTATE = "tracestate"
+"""The CloudEvents distributed-tracing extension: the W3C trace context of the append that wrote the event."""
 
 DATASCHEMA = "urn:eventstore:{source}:{type}:v{version}"
 """The default `dataschema` template: `{source}`, `{type}` and `{version}` are filled in per message.
@@ -60,6 +63,14 @@ class CloudEvent:
     def causation_id(self) -> str | None:
         return self.extensions.get(CAUSATION_ID)
 
+    @property
+    def traceparent(self) -> str | None:
+        return self.extensions.get(TRACEPARENT)
+
+    @property
+    def tracestate(self) -> str | None:
+        return self.extensions.get(TRACESTATE)
+
     def json(self) -> Any:
         return orjson.loads(self.data)
 
@@ -75,8 +86,14 @@ def kafka_headers(
     causation_id: str | None = None,
     stream_version: int | None = None,
     dataschema: str | None = None,
+    traceparent: str | None = None,
+    tracestate: str | None = None,
 ) -> Headers:
-    """Headers for one message; `time` is already RFC 3339 text (the relay formats it in SQL)."""
+    """Headers for one message; `time` is already RFC 3339 text (the relay formats it in SQL).
+
+    The trace context goes out twice: as the CloudEvents attribute (`ce_traceparent`) and as the bare
+    W3C header that OpenTelemetry's Kafka instrumentations read (`traceparent`).
+    """
     headers: Headers = [
         ("ce_specversion", b"1.0"),
         ("ce_id", id.encode()),
@@ -95,6 +112,11 @@ def kafka_headers(
         headers.append(("ce_" + CORRELATION_ID, correlation_id.encode()))
     if causation_id is not None:
         headers.append(("ce_" + CAUSATION_ID, causation_id.encode()))
+    if traceparent is not None:
+        encoded = traceparent.encode()
+        headers += [("ce_" + TRACEPARENT, encoded), (TRACEPARENT, encoded)]
+        if tracestate:
+            headers += [("ce_" + TRACESTATE, tracestate.encode()), (TRACESTATE, tracestate.encode())]
     return headers
 
 

@@ -56,6 +56,8 @@ class OutboxMessage(NamedTuple):
     position: int
     schema_version: str | None
     """The metadata's `schema_version` as text: set by typed events (`aggregates`), absent on raw ones."""
+    traceparent: str | None = None
+    tracestate: str | None = None
 
     @property
     def place(self) -> tuple[int, int, int]:
@@ -239,6 +241,7 @@ class Publisher:
                 subject=message.stream_id, correlation_id=message.correlation_id,
                 causation_id=message.causation_id, stream_version=message.stream_version,
                 dataschema=self._dataschemas.uri(message.source, message.event_type, message.schema_version),
+                traceparent=message.traceparent, tracestate=message.tracestate,
             )
             size = DefaultRecordBatchBuilder.estimate_size_in_bytes(key_bytes, value, headers)
             if size > self._max_request_size:
