@@ -34,6 +34,7 @@ from eventstore.schema import metadata
 from eventstore.sql import NOTIFY_CHANNEL
 from eventstore.store import AppendHook, Connection, EventStore, Snapshot, UnitOfWork, asyncpg_dsn, has_non_finite
 from eventstore.subscription import Subscription
+from eventstore.telemetry import MetricsServer, TelemetryUnavailable, serve_metrics
 
 __all__ = [
     "CONNECTION_ERRORS",
@@ -58,6 +59,7 @@ __all__ = [
     "ExpectedVersion",
     "InvalidAppend",
     "InvalidArgument",
+    "MetricsServer",
     "MigrationFailed",
     "NewEvent",
     "NotStarted",
@@ -69,6 +71,7 @@ __all__ = [
     "StreamNotFound",
     "StreamState",
     "Subscription",
+    "TelemetryUnavailable",
     "UnitOfWork",
     "WrongExpectedVersion",
     "asyncpg_dsn",
@@ -76,5 +79,6 @@ __all__ = [
     "expected_version",
     "has_non_finite",
     "metadata",
+    "serve_metrics",
     "with_retries",
 ]
