@@ -273,6 +273,7 @@ def prepare_append(
     tags: list[tuple[str, ...]] = []
     personal: list[dict[str, str] | None] = []
     checked: set[str] = set()  # event types already checked in this append
+    traced = telemetry.tracing()  # the trace context goes into every event's metadata
     for event in events:
         if not isinstance(event, NewEvent):
             raise InvalidAppend(f"events must be NewEvent instances, got {type(event).__name__}")
@@ -290,7 +291,7 @@ def prepare_append(
         personal.append(fields)
         if (
             event.metadata or event.correlation_id is not None or event.causation_id is not None
-            or event.tags or fields is not None
+            or event.tags or fields is not None or traced
         ):
             meta_dict = event.metadata_with_ids()
             if fields is not None:

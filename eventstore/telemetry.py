@@ -70,6 +70,11 @@ class TelemetryUnavailable(InvalidArgument):
 # -- trace context in event metadata ---------------------------------------------------------------
 
 
+def tracing() -> bool:
+    """Whether a sampled span is open: then appended events carry its trace context in their metadata."""
+    return bool(trace.get_current_span().get_span_context().trace_flags.sampled)
+
+
 def inject_trace_context(metadata: dict[str, Any]) -> None:
     """Put the current span's trace context into an event's metadata, unless it carries one already.
 
