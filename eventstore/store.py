@@ -90,7 +90,7 @@ Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 
 AppendHook = Callable[["UnitOfWork", AppendResult], Awaitable[None]]
 
-NOTIFY_INTERVAL = 0.003
+NOTIFY_INTERVAL = 0.005
 """Seconds between two NOTIFYs at most: the first of a burst goes out at once, the rest are coalesced."""
 
 # Set while a connection of the store's own pool runs only the store's own statements, which leave no
