@@ -13,6 +13,7 @@ from uuid import UUID
 import asyncpg
 from pydantic import BaseModel, ValidationError
 
+from aggregates import telemetry
 from aggregates.aggregate import A
 from aggregates.errors import AggregateNotFound, AggregateUsageError, EventRegistrationError, SnapshotError
 from aggregates.events import DomainEvent, EventRegistry
@@ -73,6 +74,7 @@ class Repository(Generic[A]):
 
     # -- loading -----------------------------------------------------------------------------------
 
+    @telemetry.load
     async def get(self, aggregate_id: str, *, version: int | None = None, as_of: datetime | None = None) -> A:
         """The aggregate now, or as it was at stream `version` or at time `as_of` (temporal load).
 
@@ -121,6 +123,7 @@ class Repository(Generic[A]):
         aggregate._replay(self.registry.decode_each(records[:count]), count - 1)
         return aggregate
 
+    @telemetry.snapshot
     async def _restore_snapshot(self, aggregate: A, stream_id: str, version: int | None) -> int:
         """Put the matching snapshot's state into `aggregate`; its stream version, or -1 if none fits."""
         snapshot = await self.store.load_snapshot(stream_id)
@@ -162,6 +165,7 @@ class Repository(Generic[A]):
 
     # -- saving ------------------------------------------------------------------------------------
 
+    @telemetry.save
     async def save(
         self,
         aggregate: A,

@@ -14,6 +14,8 @@ import asyncpg
 import orjson
 import uuid_utils
 
+from eventstore.telemetry import inject_trace_context
+
 CORRELATION_ID = "correlation_id"
 CAUSATION_ID = "causation_id"
 TAGS = "tags"
@@ -105,6 +107,7 @@ class NewEvent:
             meta[CAUSATION_ID] = str(self.causation_id)
         if self.tags:
             meta[TAGS] = list(dict.fromkeys(self.tags))
+        inject_trace_context(meta)
         return meta
 
 

@@ -20,7 +20,7 @@ from uuid import UUID
 import asyncpg
 import orjson
 
-from eventstore import sql
+from eventstore import sql, telemetry
 from eventstore.errors import (
     AppendConditionFailed,
     AppendRefused,
@@ -327,6 +327,7 @@ class UnitOfWork:
         self.connection = connection
         self.results: list[AppendResult] = []
 
+    @telemetry.instrumented_append
     async def append(
         self,
         stream_id: str,
@@ -492,6 +493,7 @@ class EventStore:
 
     # -- appends -----------------------------------------------------------------------------------
 
+    @telemetry.instrumented_append
     async def append(
         self,
         stream_id: str,
@@ -677,6 +679,7 @@ class EventStore:
         version = await self.retrying(lambda: self.pool.fetchval(sql.STREAM_VERSION, stream_id))
         return -1 if version is None else int(version)
 
+    @telemetry.counted_read("stream")
     async def read_stream(
         self,
         stream_id: str,
@@ -729,6 +732,7 @@ class EventStore:
         )
         return await self.reveal(_records(rows))
 
+    @telemetry.counted_read("all")
     async def read_all(
         self,
         after: Checkpoint = START,

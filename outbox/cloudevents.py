@@ -26,6 +26,9 @@ CAUSATION_ID = "causationid"
 STREAM_VERSION = "streamversion"
 PARTITION_KEY = "partitionkey"
 """The CloudEvents partitioning extension: the outbox key, where the broker has no key of its own."""
+TRACEPARENT = "traceparent"
+TRACESTATE = "tracestate"
+"""The CloudEvents distributed-tracing extension: the W3C trace context of the append that wrote the event."""
 
 DATASCHEMA = "urn:eventstore:{source}:{type}:v{version}"
 """The default `dataschema` template: `{source}`, `{type}` and `{version}` are filled in per message.
@@ -73,6 +76,14 @@ class CloudEvent:
         """The outbox key, on brokers without keys (NATS, RabbitMQ); on Kafka it is the record's key."""
         return self.extensions.get(PARTITION_KEY)
 
+    @property
+    def traceparent(self) -> str | None:
+        return self.extensions.get(TRACEPARENT)
+
+    @property
+    def tracestate(self) -> str | None:
+        return self.extensions.get(TRACESTATE)
+
     def json(self) -> Any:
         return orjson.loads(self.data)
 
@@ -88,6 +99,8 @@ def attributes(
     causation_id: str | None = None,
     stream_version: int | None = None,
     dataschema: str | None = None,
+    traceparent: str | None = None,
+    tracestate: str | None = None,
 ) -> list[tuple[str, str]]:
     """The context attributes of one message, by CloudEvents name; each binding adds its prefix."""
     found = [("specversion", SPEC_VERSION), ("id", id), ("source", source), ("type", type), ("time", time)]
@@ -101,6 +114,10 @@ def attributes(
         found.append((CORRELATION_ID, correlation_id))
     if causation_id is not None:
         found.append((CAUSATION_ID, causation_id))
+    if traceparent is not None:
+        found.append((TRACEPARENT, traceparent))
+        if tracestate:
+            found.append((TRACESTATE, tracestate))
     return found
 
 
@@ -115,15 +132,26 @@ def kafka_headers(
     causation_id: str | None = None,
     stream_version: int | None = None,
     dataschema: str | None = None,
+    traceparent: str | None = None,
+    tracestate: str | None = None,
 ) -> Headers:
-    """Headers for one message; `time` is already RFC 3339 text (the relay formats it in SQL)."""
+    """Headers for one message; `time` is already RFC 3339 text (the relay formats it in SQL).
+
+    The trace context goes out twice: as the CloudEvents attribute (`ce_traceparent`) and as the bare
+    W3C header that OpenTelemetry's Kafka instrumentations read (`traceparent`).
+    """
     found = attributes(
         id=id, type=type, source=source, time=time, subject=subject, correlation_id=correlation_id,
         causation_id=causation_id, stream_version=stream_version, dataschema=dataschema,
+        traceparent=traceparent, tracestate=tracestate,
     )
     headers: Headers = [(KAFKA_PREFIX + name, value.encode()) for name, value in found[:5]]
     headers.append((CONTENT_TYPE_HEADER, CONTENT_TYPE.encode()))
     headers.extend((KAFKA_PREFIX + name, value.encode()) for name, value in found[5:])
+    if traceparent is not None:
+        headers.append((TRACEPARENT, traceparent.encode()))
+        if tracestate:
+            headers.append((TRACESTATE, tracestate.encode()))
     return headers
 
 

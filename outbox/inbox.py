@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 from eventstore import Connection, EventStore, InvalidArgument, UnitOfWork
-from outbox import sql
+from outbox import sql, telemetry
 from outbox.cloudevents import CloudEvent
 
 Effect = Callable[[UnitOfWork], Awaitable[None]]
@@ -48,10 +48,13 @@ class Inbox:
         handled again (so do not commit the Kafka offset).
         """
         message_id = _message_id(message)
-        async with self.store.unit_of_work() as uow:
-            if not await self.record(uow.connection, message_id):
-                return False
-            await effect(uow)
+        with telemetry.consuming(message, self.consumer) as ran:
+            async with self.store.unit_of_work() as uow:
+                if not await self.record(uow.connection, message_id):
+                    ran(False)
+                    return False
+                await effect(uow)
+            ran(True)
         return True
 
     async def seen(self, message: CloudEvent | str) -> bool:

@@ -16,7 +16,7 @@ import math
 import time
 
 from eventstore import CONNECTION_ERRORS, Connection, DatabaseUnavailable, EventStore
-from outbox import sql
+from outbox import sql, telemetry
 from outbox.errors import InvalidSettings
 from outbox.schema import SLOT_COUNT
 from outbox.settings import RelaySettings
@@ -76,6 +76,7 @@ class SlotLeases:
                     owned |= {r["slot"] for r in gained}
             self._deadlines = dict.fromkeys(owned, started + self._ttl)
 
+    @telemetry.counted_renewal
     async def renew(self) -> None:
         async with self._lock:
             started = time.monotonic()

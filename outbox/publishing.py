@@ -52,6 +52,9 @@ class OutboxMessage(NamedTuple):
     """The URI of the schema that shaped the data: fetched as NULL, filled in by the `Sender`."""
     sealed: str | None
     """The event's metadata when `data` holds sealed personal fields (opened before publishing)."""
+    traceparent: str | None = None
+    tracestate: str | None = None
+    """The W3C trace context of the append (its metadata); the relay puts its publish span's in place."""
 
     @property
     def place(self) -> tuple[int, int, int]:
@@ -64,7 +67,7 @@ class OutboxMessage(NamedTuple):
             "id": self.event_id, "type": self.event_type, "source": self.source, "time": self.time,
             "subject": self.stream_id, "correlation_id": self.correlation_id,
             "causation_id": self.causation_id, "stream_version": self.stream_version,
-            "dataschema": self.dataschema,
+            "dataschema": self.dataschema, "traceparent": self.traceparent, "tracestate": self.tracestate,
         }
 
 

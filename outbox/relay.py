@@ -43,7 +43,7 @@ from eventstore import (
     NotStarted,
     with_retries,
 )
-from outbox import sql
+from outbox import sql, telemetry
 from outbox.brokers import Broker, publisher_for, resolve
 from outbox.leases import DATABASE_ERRORS, SlotLeases
 from outbox.operations import prune_published
@@ -113,6 +113,7 @@ class Relay:
 
     async def start(self) -> None:
         await self._leases.check_slots()
+        telemetry.watch(self)
         self._stopped.clear()
         self._main_task = asyncio.create_task(self._main(), name=f"outbox-relay-{self.relay_id}")
         self._renew_task = asyncio.create_task(self._leases.renew_forever(), name=f"outbox-lease-{self.relay_id}")
@@ -136,6 +137,7 @@ class Relay:
                 await self._leases.release()
         await self._publisher.stop()
         await self._wakeups.close()
+        telemetry.unwatch(self)
 
     async def __aenter__(self) -> Relay:
         await self.start()
@@ -219,6 +221,7 @@ class Relay:
         self._held.reset()
         await self._wakeups.wait(min(self.settings.poll_interval, max(self._next_rebalance - now, 0.0)))
 
+    @telemetry.relay_round
     async def _round(self) -> int:
         """Fetch, send and await acknowledgements for one batch; return how many messages went out."""
         slots = list(self._leases.usable())
@@ -245,7 +248,8 @@ class Relay:
         if full:
             self._backlog.fetch_ahead(slots, messages[-1])
         try:
-            outcome = await self._publisher.send(queued)
+            outcome = await self._publisher.send(telemetry.publishing(queued))
+            telemetry.acknowledged(queued, outcome.published)
             self.stats.max_in_flight = max(self.stats.max_in_flight, outcome.max_in_flight)
             await self._backlog.mark(outcome.published)
             if outcome.refused:
@@ -277,6 +281,7 @@ class Relay:
             self.settings.max_attempts,
         )
         dead = sum(1 for row in rows if row["dead"])
+        telemetry.refused(refused, [row["id"] for row in rows if row["dead"]])
         self.stats.refused += len(refused)
         self.stats.dead += dead
         for message, exc in refused:

@@ -166,7 +166,8 @@ SELECT o.id, o.slot, o.topic, o.key, e.data::text AS data, e.event_id::text AS e
        e.metadata ->> 'causation_id' AS causation_id,
        to_char(e.recorded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS time, o.attempts,
        o.log_xid, o.position, e.metadata ->> 'schema_version' AS schema_version, NULL::text AS dataschema,
-       CASE WHEN e.metadata ? 'personal_data' THEN e.metadata::text END AS sealed
+       CASE WHEN e.metadata ? 'personal_data' THEN e.metadata::text END AS sealed,
+       e.metadata ->> 'traceparent' AS traceparent, e.metadata ->> 'tracestate' AS tracestate
 FROM outbox AS o JOIN events AS e ON e.position = o.position
 WHERE o.published_at IS NULL AND o.dead_at IS NULL AND o.slot = ANY($1::int[])
   AND o.log_xid < {store_sql.LOG_HORIZON}
@@ -195,6 +196,18 @@ SELECT EXISTS (
       AND o.log_xid >= {store_sql.LOG_HORIZON})
 """
 """($1 slots): pending messages below the log's visibility line, held back by an older transaction."""
+
+# The gauges of each topic, read when metrics are collected: both scans follow a partial index
+# (pending rows, dead rows), so they cost what the backlog and the dead letters hold, not the table.
+TOPIC_GAUGES = """
+WITH pending AS (
+    SELECT topic, count(*) AS pending, extract(epoch FROM now() - min(recorded_at))::float8 AS oldest
+    FROM outbox WHERE published_at IS NULL AND dead_at IS NULL GROUP BY topic),
+dead AS (SELECT topic, count(*) AS dead FROM outbox WHERE dead_at IS NOT NULL GROUP BY topic),
+topics AS (SELECT topic FROM outbox_routes UNION SELECT topic FROM pending UNION SELECT topic FROM dead)
+SELECT t.topic, coalesce(p.pending, 0) AS pending, coalesce(p.oldest, 0) AS oldest_age, coalesce(d.dead, 0) AS dead
+FROM topics AS t LEFT JOIN pending AS p USING (topic) LEFT JOIN dead AS d USING (topic)
+"""
 
 MARK_PUBLISHED = """
 UPDATE outbox SET published_at = now(), published_by = $2

@@ -26,7 +26,7 @@ from eventstore import (
     EventStore,
     InvalidArgument,
 )
-from projections import sql
+from projections import sql, telemetry
 from projections.errors import (
     InvalidProjection,
     ProjectionError,
@@ -122,6 +122,7 @@ class ProjectionRunner:
         self._stopping = False
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(w.run(), name=f"projection {w.projection.name}") for w in self._workers]
+        telemetry.watch(self)
 
     async def stop(self, grace: float = 10.0) -> None:
         """Finish the batches in flight, record the projections as stopped and release them."""
@@ -134,6 +135,7 @@ class ProjectionRunner:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+        telemetry.unwatch(self)
 
     async def __aenter__(self) -> ProjectionRunner:
         await self.start()
@@ -281,6 +283,7 @@ class _Worker:
                 with contextlib.suppress(Exception):
                     await conn.execute(sql.RELEASE, name, self.runner.identity)
 
+    @telemetry.batch
     async def _step(self, conn: Connection, limit: int) -> tuple[_Outcome, int]:
         projection = self.projection
         async with conn.transaction():
@@ -314,6 +317,7 @@ class _Worker:
             held = await conn.fetchval(sql.HELD_BACK)
         return (_Outcome.HELD if held else _Outcome.IDLE), len(events)
 
+    @telemetry.failure
     async def _fail(self, conn: Connection, failure: HandlerFailed) -> None:
         event = failure.event
         log.error(

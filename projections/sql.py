@@ -343,3 +343,22 @@ def create_guard(events_schema: str, projection: str, event_types: list[str]) ->
 
 def drop_guard(events_schema: str, projection: str) -> str:
     return f"DROP TRIGGER IF EXISTS {ident(guard_name(projection))} ON {ident(events_schema)}.events"
+
+# -- metrics ---------------------------------------------------------------------------------------
+
+PROJECTION_GAUGES = f"""
+SELECT c.name, c.status,
+       (SELECT count(*) FROM (
+            SELECT 1 FROM events AS e
+            WHERE (e.log_xid, e.position) > (c.log_xid, c.position) AND e.{log.LOG_VISIBLE}
+            LIMIT $2) AS behind) AS lag,
+       coalesce((
+            SELECT extract(epoch FROM now() - e.recorded_at) FROM events AS e
+            WHERE (e.log_xid, e.position) > (c.log_xid, c.position) AND e.{log.LOG_VISIBLE}
+            ORDER BY e.log_xid, e.position
+            LIMIT 1), 0)::float8 AS lag_seconds
+FROM projection_checkpoints AS c
+WHERE c.name = ANY($1::text[])
+"""
+"""($1 names, $2 cap): each projection's status, the events after its checkpoint (counted up to the
+cap, so a projection far behind costs no more than that) and the age of the first of them."""

@@ -1,0 +1,296 @@
+"""Metrics, spans and trace context of the event store, through the OpenTelemetry API only.
+
+Without an OpenTelemetry SDK every instrument here is the API's no-op, so the library costs next to
+nothing unobserved. A process that serves Prometheus metrics installs the SDK with `serve_metrics`
+(the `observability` extra); an application that configures its own SDK gets the same instruments.
+
+The trace context of the code that appends travels with each event: the metadata keys `traceparent`
+and `tracestate` (W3C Trace Context), which the outbox relay puts on the Kafka message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from opentelemetry import metrics, propagate, trace
+from opentelemetry.context import Context
+from opentelemetry.trace import SpanKind
+
+from eventstore.errors import AppendRefused, DuplicateEventId, InvalidArgument, WrongExpectedVersion
+
+if TYPE_CHECKING:
+    from eventstore.model import AppendResult
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+TRACEPARENT = "traceparent"
+TRACESTATE = "tracestate"
+TRACE_KEYS = (TRACEPARENT, TRACESTATE)
+"""Metadata keys (and CloudEvents attributes) of the W3C trace context that an event carries."""
+
+SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+"""Histogram boundaries of every duration (unit `s`): an append takes a millisecond, a relay round tens."""
+
+tracer = trace.get_tracer("eventstore")
+meter = metrics.get_meter("eventstore")
+
+_appends = meter.create_counter(
+    "eventstore.appends", unit="{append}", description="Appends, by outcome (appended, idempotent, conflict, ...)"
+)
+_appended_events = meter.create_counter("eventstore.appended_events", unit="{event}", description="Events written")
+_append_duration = meter.create_histogram(
+    "eventstore.append.duration", unit="s", description="Time of one append, until it returns"
+)
+_conflicts = meter.create_counter(
+    "eventstore.append.conflicts", unit="{append}",
+    description="Appends refused by optimistic concurrency, by kind (wrong_expected_version, duplicate_event_id)",
+)
+_reads = meter.create_counter("eventstore.reads", unit="{read}", description="Reads, by kind (stream, all)")
+_read_events = meter.create_counter("eventstore.read_events", unit="{event}", description="Events read")
+
+
+class TelemetryUnavailable(InvalidArgument):
+    """Serving metrics needs the OpenTelemetry SDK and the Prometheus exporter (the `observability` extra)."""
+
+
+# -- trace context in event metadata ---------------------------------------------------------------
+
+
+def inject_trace_context(metadata: dict[str, Any]) -> None:
+    """Put the current span's trace context into an event's metadata, unless it carries one already.
+
+    Costs one context lookup when nothing is traced (no SDK, or no span open).
+    """
+    if TRACEPARENT in metadata or not trace.get_current_span().get_span_context().is_valid:
+        return
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    for key in TRACE_KEYS:
+        if key in carrier:
+            metadata[key] = carrier[key]
+
+
+def extract_trace_context(carrier: Mapping[str, str | None]) -> Context | None:
+    """The trace context carried by metadata or message attributes, or None when there is none."""
+    traceparent = carrier.get(TRACEPARENT)
+    if not traceparent:
+        return None
+    found = {TRACEPARENT: traceparent}
+    tracestate = carrier.get(TRACESTATE)
+    if tracestate:
+        found[TRACESTATE] = tracestate
+    return propagate.extract(found)
+
+
+# -- appends and reads -----------------------------------------------------------------------------
+
+
+def _outcome(exc: BaseException) -> str:
+    if isinstance(exc, WrongExpectedVersion):
+        return "wrong_expected_version"
+    if isinstance(exc, DuplicateEventId):
+        return "duplicate_event_id"
+    if isinstance(exc, AppendRefused):
+        return "refused"
+    if isinstance(exc, InvalidArgument):
+        return "invalid"
+    return "error"
+
+
+_CONFLICTS = frozenset({"wrong_expected_version", "duplicate_event_id"})
+
+Append = TypeVar("Append", bound=Callable[..., Awaitable["AppendResult"]])
+
+
+def instrumented_append(method: Append) -> Append:
+    """Wrap an `append` method: a span around it (current while the events are serialized, so they
+    carry its trace context), its duration, its outcome and the events written."""
+
+    @functools.wraps(method)
+    async def append(self: Any, stream_id: str, *args: Any, **kwargs: Any) -> AppendResult:
+        started = time.perf_counter()
+        with tracer.start_as_current_span(
+            "eventstore.append", kind=SpanKind.INTERNAL, attributes={"eventstore.stream_id": str(stream_id)}
+        ) as span:
+            try:
+                result = await method(self, stream_id, *args, **kwargs)
+            except Exception as exc:
+                outcome = _outcome(exc)
+                _appends.add(1, {"eventstore.outcome": outcome})
+                if outcome in _CONFLICTS:
+                    _conflicts.add(1, {"eventstore.conflict.kind": outcome})
+                _append_duration.record(time.perf_counter() - started, {"eventstore.outcome": outcome})
+                raise
+            outcome = "idempotent" if result.duplicate else "appended"
+            if span.is_recording():
+                span.set_attribute("eventstore.events", len(result.events))
+                span.set_attribute("eventstore.stream_version", result.next_expected_version)
+        _appends.add(1, {"eventstore.outcome": outcome})
+        if not result.duplicate:
+            _appended_events.add(len(result.events))
+        _append_duration.record(time.perf_counter() - started, {"eventstore.outcome": outcome})
+        return result
+
+    return append  # type: ignore[return-value]
+
+
+Read = TypeVar("Read", bound=Callable[..., Awaitable[list[Any]]])
+
+
+def counted_read(kind: str) -> Callable[[Read], Read]:
+    """Count the calls of a read method and the events they return (no span: reads are many and small)."""
+    attributes = {"eventstore.read.kind": kind}
+
+    def decorate(method: Read) -> Read:
+        @functools.wraps(method)
+        async def read(*args: Any, **kwargs: Any) -> list[Any]:
+            events = await method(*args, **kwargs)
+            _reads.add(1, attributes)
+            _read_events.add(len(events), attributes)
+            return events
+
+        return read  # type: ignore[return-value]
+
+    return decorate
+
+
+# -- gauges that ask the database --------------------------------------------------------------------
+
+
+@dataclass
+class Probe(Generic[T]):
+    """A cheap query run when metrics are collected, on the event loop of the component that owns it.
+
+    Collection happens on the metrics server's thread: the query is handed to the loop and awaited
+    for at most `timeout` seconds. One scrape reads several gauges of one probe; a result younger
+    than `max_age` is reused, and the last one stands in when the database does not answer in time.
+    """
+
+    query: Callable[[], Awaitable[T]]
+    timeout: float = 2.0
+    max_age: float = 0.5
+    loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
+    _last: T | None = None
+    _taken: float = float("-inf")
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def sample(self) -> T | None:
+        with self._lock:
+            if time.monotonic() - self._taken < self.max_age:
+                return self._last
+            if self.loop.is_closed() or _on_loop_thread(self.loop):
+                return self._last  # never block the loop the query needs
+            future = asyncio.run_coroutine_threadsafe(self._run(), self.loop)
+            try:
+                self._last = future.result(self.timeout)
+            except Exception as exc:
+                future.cancel()
+                log.debug("metrics probe failed: %r", exc)
+            self._taken = time.monotonic()
+            return self._last
+
+    async def _run(self) -> T:
+        return await self.query()
+
+
+def _on_loop_thread(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
+
+
+class Probes(Generic[T]):
+    """The probes of every started component of one kind in this process (a relay, a runner)."""
+
+    def __init__(self) -> None:
+        self._probes: dict[int, Probe[T]] = {}
+
+    def add(self, owner: object, probe: Probe[T]) -> None:
+        self._probes[id(owner)] = probe
+
+    def discard(self, owner: object) -> None:
+        self._probes.pop(id(owner), None)
+
+    def samples(self) -> list[T]:
+        return [s for s in (p.sample() for p in list(self._probes.values())) if s is not None]
+
+
+# -- serving /metrics --------------------------------------------------------------------------------
+
+
+@dataclass
+class MetricsServer:
+    """The Prometheus endpoint of this process; `close()` stops it."""
+
+    host: str
+    port: int
+    _server: Any
+    _thread: threading.Thread
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/metrics"
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)
+
+
+_installed: Any = None
+
+
+def install_prometheus() -> None:
+    """Install the OpenTelemetry SDK's meter provider with a Prometheus reader (once per process)."""
+    global _installed
+    if _installed is not None:
+        return
+    try:
+        from opentelemetry.exporter.prometheus import PrometheusMetricReader
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
+        from opentelemetry.sdk.resources import Resource
+    except ImportError as exc:
+        raise TelemetryUnavailable(
+            f"serving metrics needs the observability extra ({exc.name} is missing): "
+            "pip install 'eventstore[observability]'"
+        ) from None
+    if not type(metrics.get_meter_provider()).__name__.startswith("_Proxy"):
+        raise TelemetryUnavailable(
+            "an OpenTelemetry meter provider is installed already: add a PrometheusMetricReader to it instead"
+        )
+    seconds = View(instrument_unit="s", aggregation=ExplicitBucketHistogramAggregation(SECONDS_BUCKETS))
+    provider = MeterProvider(
+        metric_readers=[PrometheusMetricReader()], views=[seconds],
+        resource=Resource.create({"service.name": "eventstore"}),
+    )
+    metrics.set_meter_provider(provider)
+    _installed = provider
+
+
+def serve_metrics(port: int, host: str = "127.0.0.1") -> MetricsServer:
+    """Serve this process's metrics at http://host:port/metrics in the Prometheus text format.
+
+    Port 0 picks a free port (see `MetricsServer.port`).
+    """
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise InvalidArgument(f"the metrics port must be an int from 0 to 65535, got {port!r}")
+    install_prometheus()
+    from prometheus_client import start_http_server
+
+    try:
+        server, thread = start_http_server(port, addr=host)
+    except OSError as exc:
+        raise InvalidArgument(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from None
+    return MetricsServer(host, int(server.server_address[1]), server, thread)
