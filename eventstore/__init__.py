@@ -55,6 +55,7 @@ from eventstore.store import (
     has_non_finite,
 )
 from eventstore.subscription import Subscription
+from eventstore.telemetry import MetricsServer, TelemetryUnavailable, serve_metrics
 
 __all__ = [
     "CONNECTION_ERRORS",
@@ -89,6 +90,7 @@ __all__ = [
     "Keyring",
     "MasterKey",
     "MasterKeyMismatch",
+    "MetricsServer",
     "MigrationFailed",
     "NewEvent",
     "NoKeyProvider",
@@ -106,6 +108,7 @@ __all__ = [
     "StreamTombstoned",
     "SubjectForgotten",
     "Subscription",
+    "TelemetryUnavailable",
     "UnitOfWork",
     "UnknownSubject",
     "WrongExpectedVersion",
@@ -115,5 +118,6 @@ __all__ = [
     "expected_version",
     "has_non_finite",
     "metadata",
+    "serve_metrics",
     "with_retries",
 ]

@@ -68,9 +68,10 @@ class TelemetryUnavailable(InvalidArgument):
 def inject_trace_context(metadata: dict[str, Any]) -> None:
     """Put the current span's trace context into an event's metadata, unless it carries one already.
 
-    Costs one context lookup when nothing is traced (no SDK, or no span open).
+    Only a sampled trace's: an event keeps no bytes for a trace nobody records. Costs one context
+    lookup when nothing is traced (no SDK, or no span open).
     """
-    if TRACEPARENT in metadata or not trace.get_current_span().get_span_context().is_valid:
+    if TRACEPARENT in metadata or not trace.get_current_span().get_span_context().trace_flags.sampled:
         return
     carrier: dict[str, str] = {}
     propagate.inject(carrier)

@@ -3,10 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+from collections.abc import AsyncIterator
 from typing import Any
 
-from eventstore_cli.common import APP_ENV, CommandError, console, database_url, errors, run
+from eventstore_cli.common import (
+    APP_ENV,
+    CommandError,
+    add_metrics_options,
+    console,
+    database_url,
+    errors,
+    open_store,
+    run,
+    start_metrics,
+)
 from eventstore_cli.projection_commands import load_projections
 
 TOKEN_ENV = "EVENTSTORE_ADMIN_TOKEN"
@@ -36,6 +48,7 @@ def register(commands: Any) -> None:
         "--allowed-host", action="append", default=[], metavar="NAME",
         help="a host name browsers use to reach the console, besides the bind address and localhost (repeatable)",
     )
+    add_metrics_options(admin)
     admin.set_defaults(handler=lambda a: run(_admin(a)))
 
 
@@ -66,6 +79,30 @@ async def _admin(args: argparse.Namespace) -> int:
         )
     if not projections:
         console.print("no --app given: projections are shown, but only resume works (rebuild and reset run handlers)")
-    await serve(settings)
+    async with _metrics(args, [p.name for p in projections] if projections else None):
+        await serve(settings)
     console.print("admin console stopped")
     return 0
+
+
+@contextlib.asynccontextmanager
+async def _metrics(args: argparse.Namespace, names: list[str] | None) -> AsyncIterator[None]:
+    """With --metrics-port: serve the outbox's and the projections' gauges from a small store of its own."""
+    server = start_metrics(args)
+    if server is None:
+        yield
+        return
+    from outbox import telemetry as outbox_telemetry
+    from projections import telemetry as projection_telemetry
+
+    store = await open_store(args, min_connections=1, max_connections=2, retry_for=5.0)
+    owner = object()
+    outbox_telemetry.watch_backlog(owner, store)
+    projection_telemetry.watch_projections(owner, store, names)
+    try:
+        yield
+    finally:
+        outbox_telemetry.unwatch(owner)
+        projection_telemetry.unwatch(owner)
+        await store.stop()
+        server.close()

@@ -12,7 +12,7 @@ from typing import Any
 
 from rich.console import Console
 
-from eventstore import DatabaseUnavailable, EventStore, EventStoreError, MasterKey
+from eventstore import DatabaseUnavailable, EventStore, EventStoreError, MasterKey, MetricsServer, serve_metrics
 from eventstore.embedded import DATABASE_URL_ENV
 from eventstore_app import Application
 
@@ -69,6 +69,23 @@ async def open_store(args: argparse.Namespace, **kwargs: Any) -> EventStore:
     store = EventStore(database_url(args), **kwargs)
     await store.start()
     return store
+
+
+def add_metrics_options(parser: argparse.ArgumentParser) -> None:
+    """`--metrics-port` (and `--metrics-host`) for the long-running commands."""
+    parser.add_argument("--metrics-port", type=int, metavar="PORT",
+                        help="serve Prometheus metrics at http://HOST:PORT/metrics (needs eventstore[observability])")
+    parser.add_argument("--metrics-host", default="127.0.0.1",
+                        help="address the metrics endpoint listens on (default 127.0.0.1; 0.0.0.0 for all)")
+
+
+def start_metrics(args: argparse.Namespace) -> MetricsServer | None:
+    """Serve /metrics if the command was given `--metrics-port`; say where."""
+    if args.metrics_port is None:
+        return None
+    server = serve_metrics(args.metrics_port, args.metrics_host)
+    console.print(f"metrics on {server.url}", highlight=False)
+    return server
 
 
 def run(coroutine: Coroutine[Any, Any, int]) -> int:

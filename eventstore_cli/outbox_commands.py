@@ -17,7 +17,7 @@ from pydantic import SecretStr, ValidationError
 from rich.table import Table
 
 from eventstore import EventStore
-from eventstore_cli.common import CommandError, console, open_store, run
+from eventstore_cli.common import CommandError, add_metrics_options, console, open_store, run, start_metrics
 from outbox import (
     BrokerSettings,
     InvalidSettings,
@@ -66,6 +66,7 @@ def register(commands: Any) -> None:
     relay.add_argument("--retention", type=float, default=24 * 3600.0,
                        help="seconds to keep published messages (negative: keep them)")
     relay.add_argument("--max-request-size", type=int, default=1024 * 1024)
+    add_metrics_options(relay)
     relay.add_argument("--security-protocol", default="PLAINTEXT",
                        choices=["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"])
     relay.add_argument("--ssl-cafile", help="CA bundle for SSL / SASL_SSL")
@@ -199,6 +200,7 @@ async def _relay(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    metrics = start_metrics(args)
     # A store of the relay's own, as small as the relay needs; a server that is restarting gets time.
     async with _outbox_store(args, min_connections=1, max_connections=3, connect_timeout=RELAY_PATIENCE) as store:
         relay = Relay(store, broker, settings)
@@ -212,6 +214,8 @@ async def _relay(args: argparse.Namespace) -> int:
             running.cancel()
         finally:
             await relay.stop()
+            if metrics is not None:
+                metrics.close()
     s = relay.stats
     console.print(f"relay stopped: published {s.published}, refused {s.refused}, dead {s.dead}",
                   highlight=False)

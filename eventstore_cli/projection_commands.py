@@ -18,7 +18,17 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from eventstore_cli.common import APP_ENV, CommandError, console, errors, load_app, open_store, run
+from eventstore_cli.common import (
+    APP_ENV,
+    CommandError,
+    add_metrics_options,
+    console,
+    errors,
+    load_app,
+    open_store,
+    run,
+    start_metrics,
+)
 from projections import Projection, ProjectionAdmin, ProjectionStatus, RebuildProgress
 
 RUNNER_PATIENCE = 60.0
@@ -54,6 +64,7 @@ def register(commands: Any) -> None:
     runner.add_argument("--lease-interval", type=_positive_float, default=1.0,
                         help="seconds between attempts to take over a projection another runner holds")
     runner.add_argument("--until-caught-up", action="store_true", help="exit once they reach the head")
+    add_metrics_options(runner)
     runner.set_defaults(handler=lambda a: run(_run(a)))
 
     rebuild = sub.add_parser("rebuild", help="rebuild one projection from the start while it keeps serving")
@@ -154,6 +165,7 @@ async def _run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(message)s", handlers=[RichHandler(console=errors, show_path=False)]
     )
+    metrics = start_metrics(args)
     store = await open_store(args, retry_for=RUNNER_PATIENCE, connect_timeout=RUNNER_PATIENCE)
     try:
         projections = ProjectionAdmin(store, declared)
@@ -190,6 +202,8 @@ async def _run(args: argparse.Namespace) -> int:
                     loop.remove_signal_handler(signum)
     finally:
         await store.stop()
+        if metrics is not None:
+            metrics.close()
     return 0
 
 

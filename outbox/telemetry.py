@@ -106,20 +106,24 @@ meter.create_observable_gauge(
 )
 
 
-def watch(relay: Relay) -> None:
-    """Report this relay's slots, and the outbox's backlog through its store, until `unwatch`."""
-    store: EventStore = relay.store
-    _relays[id(relay)] = relay
+def watch_backlog(owner: object, store: EventStore) -> None:
+    """Report the outbox's gauges by topic through `store` (on the running loop) until `unwatch(owner)`."""
 
     async def gauges() -> list[asyncpg.Record]:
         return list(await store.pool.fetch(sql.TOPIC_GAUGES))
 
-    _backlog.add(relay, Probe(gauges))
+    _backlog.add(owner, Probe(gauges))
 
 
-def unwatch(relay: Relay) -> None:
-    _relays.pop(id(relay), None)
-    _backlog.discard(relay)
+def watch(relay: Relay) -> None:
+    """Report this relay's slots, and the outbox's backlog through its store, until `unwatch`."""
+    _relays[id(relay)] = relay
+    watch_backlog(relay, relay.store)
+
+
+def unwatch(owner: object) -> None:
+    _relays.pop(id(owner), None)
+    _backlog.discard(owner)
 
 
 # -- a relay round -----------------------------------------------------------------------------------

@@ -358,7 +358,7 @@ SELECT c.name, c.status,
             ORDER BY e.log_xid, e.position
             LIMIT 1), 0)::float8 AS lag_seconds
 FROM projection_checkpoints AS c
-WHERE c.name = ANY($1::text[])
+WHERE $1::text[] IS NULL OR c.name = ANY($1::text[])
 """
-"""($1 names, $2 cap): each projection's status, the events after its checkpoint (counted up to the
+"""($1 names or NULL for all, $2 cap): each projection's status, the events after its checkpoint (counted up to the
 cap, so a projection far behind costs no more than that) and the age of the first of them."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import asyncpg
@@ -18,6 +18,7 @@ from opentelemetry import metrics, trace
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from eventstore import EventStore
 from eventstore.telemetry import Probe, Probes
 from projections import sql
 from projections.projection import HandlerFailed
@@ -81,19 +82,23 @@ meter.create_observable_gauge(
 )
 
 
-def watch(runner: ProjectionRunner) -> None:
-    """Report the lag and state of the runner's projections until `unwatch`."""
-    names = [p.name for p in runner.projections]
-    store = runner.store
+def watch_projections(owner: object, store: EventStore, names: Sequence[str] | None = None) -> None:
+    """Report the lag and state of these projections (default: every one in the database) through
+    `store`, on the running loop, until `unwatch(owner)`."""
+    chosen = None if names is None else list(names)
 
     async def gauges() -> list[asyncpg.Record]:
-        return list(await store.pool.fetch(sql.PROJECTION_GAUGES, names, LAG_CAP))
+        return list(await store.pool.fetch(sql.PROJECTION_GAUGES, chosen, LAG_CAP))
 
-    _gauges.add(runner, Probe(gauges))
+    _gauges.add(owner, Probe(gauges))
 
 
-def unwatch(runner: ProjectionRunner) -> None:
-    _gauges.discard(runner)
+def watch(runner: ProjectionRunner) -> None:
+    watch_projections(runner, runner.store, [p.name for p in runner.projections])
+
+
+def unwatch(owner: object) -> None:
+    _gauges.discard(owner)
 
 
 Step = TypeVar("Step", bound=Callable[..., Awaitable[tuple[Any, int]]])
