@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import logging
 import threading
 import time
@@ -259,7 +260,7 @@ def install_prometheus() -> None:
         return
     try:
         from opentelemetry.exporter.prometheus import PrometheusMetricReader
-        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics import Histogram, MeterProvider
         from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
         from opentelemetry.sdk.resources import Resource
     except ImportError as exc:
@@ -271,9 +272,15 @@ def install_prometheus() -> None:
         raise TelemetryUnavailable(
             "an OpenTelemetry meter provider is installed already: add a PrometheusMetricReader to it instead"
         )
-    seconds = View(instrument_unit="s", aggregation=ExplicitBucketHistogramAggregation(SECONDS_BUCKETS))
+    seconds = View(
+        instrument_type=Histogram, instrument_unit="s",
+        aggregation=ExplicitBucketHistogramAggregation(SECONDS_BUCKETS),
+    )
+    options: dict[str, Any] = {}
+    if "scope_info_enabled" in inspect.signature(PrometheusMetricReader).parameters:
+        options["scope_info_enabled"] = False  # every name carries its component already
     provider = MeterProvider(
-        metric_readers=[PrometheusMetricReader()], views=[seconds],
+        metric_readers=[PrometheusMetricReader(**options)], views=[seconds],
         resource=Resource.create({"service.name": "eventstore"}),
     )
     metrics.set_meter_provider(provider)

@@ -1,0 +1,180 @@
+"""What observing costs: appends, aggregate loads and a projection replay with the OpenTelemetry SDK
+installed and exporting, against the same work with the API alone (no SDK: every instrument a no-op).
+
+    python -m benchmarks.telemetry [--rounds 5]
+
+An SDK, once installed, stays for the life of a process, so each mode runs in a child process of its
+own; rounds alternate the modes on one server and the table compares their medians as ratios. With
+the SDK every span is sampled (the worst case): spans go through a batch processor to an exporter
+that drops them, metrics to a Prometheus reader that the child scrapes once over HTTP at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Sequence
+from typing import Any
+
+from pydantic import BaseModel
+from rich.console import Console
+from rich.table import Table
+
+from aggregates import Aggregate, DomainEvent, Repository, applies
+from benchmarks.common import Timer, fresh_database, rate
+from eventstore import EventStore, NewEvent, RecordedEvent
+from eventstore.embedded import database_url
+from projections import Projection, ProjectionRunner, handles
+
+APPENDS = 3000
+WRITERS = 8
+LOADS = 300
+STREAM_LENGTH = 100
+REPLAY = 20_000
+
+
+class Added(DomainEvent):
+    amount: int
+
+
+class TallyState(BaseModel):
+    total: int = 0
+
+
+class Tally(Aggregate[TallyState], category="tally"):
+    @applies(Added)
+    def _added(self, event: Added) -> None:
+        self.state.total += event.amount
+
+
+class Totals(Projection):
+    name = "bench_totals"
+    tables = {"bench_totals": "CREATE TABLE bench_totals (stream text PRIMARY KEY, total bigint NOT NULL)"}
+
+    @handles("Added", batch=True)
+    async def added(self, conn: Any, events: list[RecordedEvent]) -> None:
+        await conn.executemany(
+            "INSERT INTO bench_totals VALUES ($1, 1) ON CONFLICT (stream) DO UPDATE SET total = bench_totals.total + 1",
+            [(e.stream_id,) for e in events],
+        )
+
+
+def _install_sdk() -> tuple[Any, Any]:
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+
+    from eventstore import serve_metrics
+
+    class Dropping(SpanExporter):
+        exported = 0
+
+        def export(self, spans: Sequence[Any]) -> SpanExportResult:
+            Dropping.exported += len(spans)
+            return SpanExportResult.SUCCESS
+
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(Dropping()))
+    trace.set_tracer_provider(provider)
+    return serve_metrics(0), (provider, Dropping)
+
+
+async def _appends(store: EventStore) -> float:
+    per_writer = APPENDS // WRITERS
+
+    async def writer(w: int) -> None:
+        for i in range(per_writer):
+            await store.append(f"w{w}-{i}", [NewEvent("Added", {"amount": i})])
+
+    with Timer() as timer:
+        await asyncio.gather(*(writer(w) for w in range(WRITERS)))
+    return rate(per_writer * WRITERS, timer.seconds)
+
+
+async def _loads(store: EventStore) -> float:
+    tallies = Repository(store, Tally)
+    for n in range(10):
+        await store.append(f"tally-{n}", [NewEvent("Added", {"amount": i}) for i in range(STREAM_LENGTH)])
+    with Timer() as timer:
+        for i in range(LOADS):
+            await tallies.get(str(i % 10))
+    return rate(LOADS * STREAM_LENGTH, timer.seconds)
+
+
+async def _replay(store: EventStore) -> float:
+    for chunk in range(REPLAY // 1000):
+        await store.append(f"replay-{chunk}", [NewEvent("Added", {"amount": i}) for i in range(1000)])
+    last = (await store.append("replay-end", [NewEvent("Added", {"amount": 0})])).checkpoint
+    with Timer() as timer:
+        async with ProjectionRunner(store, [Totals()], batch_size=500) as runner:
+            await runner.wait_caught_up(last, interval=0.005)
+    return rate(REPLAY + 1, timer.seconds)
+
+
+async def _measure(server_url: str) -> dict[str, Any]:
+    async with fresh_database(server_url) as url, EventStore(url, max_connections=WRITERS) as store:
+        await _appends(store)  # warm-up: connections, prepared statements, the first calls
+        return {"append": await _appends(store), "load": await _loads(store), "replay": await _replay(store)}
+
+
+def _child(server_url: str, sdk: bool) -> dict[str, Any]:
+    if not sdk:
+        return asyncio.run(_measure(server_url))
+    server, (provider, exporter) = _install_sdk()
+    out = asyncio.run(_measure(server_url))
+    provider.force_flush()
+    with urllib.request.urlopen(server.url) as response:
+        text = response.read().decode()
+    out["scraped_append_series"] = sum(1 for line in text.splitlines() if line.startswith("eventstore_appends"))
+    out["spans_exported"] = exporter.exported
+    server.close()
+    return out
+
+
+ROWS = (
+    ("append", f"appends ({WRITERS} writers, 1 event each)", "events/s"),
+    ("load", f"aggregate loads ({STREAM_LENGTH} events replayed each)", "events/s"),
+    ("replay", f"projection replay ({REPLAY:,} events, batches of 500)", "events/s"),
+)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.telemetry")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--child", choices=("api", "sdk"), help=argparse.SUPPRESS)
+    parser.add_argument("--url", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(_child(args.url, args.child == "sdk")))
+        return
+    runs: dict[str, list[dict[str, Any]]] = {"api": [], "sdk": []}
+    console = Console()
+    with database_url() as url:
+        for n in range(args.rounds):
+            for mode in (("api", "sdk") if n % 2 == 0 else ("sdk", "api")):
+                output = subprocess.run(
+                    [sys.executable, "-m", "benchmarks.telemetry", "--child", mode, "--url", url],
+                    check=True, capture_output=True, text=True,
+                ).stdout
+                runs[mode].append(json.loads(output.strip().splitlines()[-1]))
+            console.print(f"round {n + 1}/{args.rounds} done")
+    table = Table(title=f"telemetry cost: medians of {args.rounds} rounds, modes alternating")
+    for column in ("benchmark", "API only (no SDK)", "SDK exporting", "ratio", "unit"):
+        table.add_column(column, justify="left" if column in ("benchmark", "unit") else "right")
+    for key, label, unit in ROWS:
+        without = statistics.median(r[key] for r in runs["api"])
+        with_sdk = statistics.median(r[key] for r in runs["sdk"])
+        table.add_row(label, f"{without:,.0f}", f"{with_sdk:,.0f}", f"{with_sdk / without:.3f}", unit)
+    console.print(table)
+    last = runs["sdk"][-1]
+    console.print(f"SDK runs exported {last['spans_exported']:,} spans and "
+                  f"{last['scraped_append_series']} eventstore_appends series (last round)")
+
+
+if __name__ == "__main__":
+    main()
