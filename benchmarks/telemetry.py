@@ -17,6 +17,7 @@ import json
 import statistics
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Sequence
 from typing import Any
@@ -27,8 +28,9 @@ from rich.table import Table
 
 from aggregates import Aggregate, DomainEvent, Repository, applies
 from benchmarks.common import Timer, fresh_database, rate
-from eventstore import EventStore, NewEvent, RecordedEvent
+from eventstore import AppendResult, EventStore, NewEvent, RecordedEvent
 from eventstore.embedded import database_url
+from eventstore.telemetry import instrumented_append
 from projections import Projection, ProjectionRunner, handles
 
 APPENDS = 3000
@@ -36,6 +38,23 @@ WRITERS = 8
 LOADS = 300
 STREAM_LENGTH = 100
 REPLAY = 20_000
+
+
+WRAPPED = 20_000
+_CPU: dict[str, float] = {}
+_RESULT = AppendResult("s", 0, 1, 1, 1, (), False)
+
+
+class _Cpu:
+    """This process's CPU time over a block: what the client spends, whatever else the machine runs."""
+
+    def __enter__(self) -> _Cpu:
+        self.start = time.process_time()
+        self.seconds = 0.0
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.process_time() - self.start
 
 
 class Added(DomainEvent):
@@ -91,8 +110,9 @@ async def _appends(store: EventStore) -> float:
         for i in range(per_writer):
             await store.append(f"w{w}-{i}", [NewEvent("Added", {"amount": i})])
 
-    with Timer() as timer:
+    with Timer() as timer, _Cpu() as cpu:
         await asyncio.gather(*(writer(w) for w in range(WRITERS)))
+    _CPU["append"] = cpu.seconds / (per_writer * WRITERS)
     return rate(per_writer * WRITERS, timer.seconds)
 
 
@@ -100,9 +120,10 @@ async def _loads(store: EventStore) -> float:
     tallies = Repository(store, Tally)
     for n in range(10):
         await store.append(f"tally-{n}", [NewEvent("Added", {"amount": i}) for i in range(STREAM_LENGTH)])
-    with Timer() as timer:
+    with Timer() as timer, _Cpu() as cpu:
         for i in range(LOADS):
             await tallies.get(str(i % 10))
+    _CPU["load"] = cpu.seconds / (LOADS * STREAM_LENGTH)
     return rate(LOADS * STREAM_LENGTH, timer.seconds)
 
 
@@ -110,16 +131,37 @@ async def _replay(store: EventStore) -> float:
     for chunk in range(REPLAY // 1000):
         await store.append(f"replay-{chunk}", [NewEvent("Added", {"amount": i}) for i in range(1000)])
     last = (await store.append("replay-end", [NewEvent("Added", {"amount": 0})])).checkpoint
-    with Timer() as timer:
+    with Timer() as timer, _Cpu() as cpu:
         async with ProjectionRunner(store, [Totals()], batch_size=500) as runner:
             await runner.wait_caught_up(last, interval=0.005)
+    _CPU["replay"] = cpu.seconds / (REPLAY + 1)
     return rate(REPLAY + 1, timer.seconds)
+
+
+async def _wrapper_cost() -> float:
+    """Seconds the append instrumentation adds around one call (an append that does nothing)."""
+
+    class Nothing:
+        @instrumented_append
+        async def append(self, stream_id: str, events: list[NewEvent]) -> AppendResult:
+            return _RESULT
+
+    nothing, events = Nothing(), [NewEvent("Added")]
+    for _ in range(1000):
+        await nothing.append("s", events)
+    with _Cpu() as cpu:
+        for _ in range(WRAPPED):
+            await nothing.append("s", events)
+    return cpu.seconds / WRAPPED
 
 
 async def _measure(server_url: str) -> dict[str, Any]:
     async with fresh_database(server_url) as url, EventStore(url, max_connections=WRITERS) as store:
         await _appends(store)  # warm-up: connections, prepared statements, the first calls
-        return {"append": await _appends(store), "load": await _loads(store), "replay": await _replay(store)}
+        out = {"append": await _appends(store), "load": await _loads(store), "replay": await _replay(store)}
+    out.update({f"cpu_{key}": seconds for key, seconds in _CPU.items()})
+    out["wrapper"] = await _wrapper_cost()
+    return out
 
 
 def _child(server_url: str, sdk: bool) -> dict[str, Any]:
@@ -130,7 +172,8 @@ def _child(server_url: str, sdk: bool) -> dict[str, Any]:
     provider.force_flush()
     with urllib.request.urlopen(server.url) as response:
         text = response.read().decode()
-    out["scraped_append_series"] = sum(1 for line in text.splitlines() if line.startswith("eventstore_appends"))
+    counts = "eventstore_append_duration_seconds_count"
+    out["scraped_append_series"] = sum(1 for line in text.splitlines() if line.startswith(counts))
     out["spans_exported"] = exporter.exported
     server.close()
     return out
@@ -140,6 +183,14 @@ ROWS = (
     ("append", f"appends ({WRITERS} writers, 1 event each)", "events/s"),
     ("load", f"aggregate loads ({STREAM_LENGTH} events replayed each)", "events/s"),
     ("replay", f"projection replay ({REPLAY:,} events, batches of 500)", "events/s"),
+)
+
+
+CPU_ROWS = (
+    ("cpu_append", "client CPU per append", "µs"),
+    ("cpu_load", "client CPU per event loaded", "µs"),
+    ("cpu_replay", "client CPU per event replayed", "µs"),
+    ("wrapper", "the append instrumentation alone, per call", "µs"),
 )
 
 
@@ -170,10 +221,14 @@ def main() -> None:
         without = statistics.median(r[key] for r in runs["api"])
         with_sdk = statistics.median(r[key] for r in runs["sdk"])
         table.add_row(label, f"{without:,.0f}", f"{with_sdk:,.0f}", f"{with_sdk / without:.3f}", unit)
+    for key, label, unit in CPU_ROWS:
+        without = statistics.median(r[key] for r in runs["api"]) * 1e6
+        with_sdk = statistics.median(r[key] for r in runs["sdk"]) * 1e6
+        table.add_row(label, f"{without:,.1f}", f"{with_sdk:,.1f}", f"{with_sdk / without:.3f}", unit)
     console.print(table)
     last = runs["sdk"][-1]
     console.print(f"SDK runs exported {last['spans_exported']:,} spans and "
-                  f"{last['scraped_append_series']} eventstore_appends series (last round)")
+                  f"{last['scraped_append_series']} eventstore_append_duration_seconds_count series (last round)")
 
 
 if __name__ == "__main__":

@@ -241,8 +241,9 @@ def refused(refusals: Sequence[tuple[OutboxMessage, BaseException]], dead_ids: I
     for message, exc in refusals:
         kind = "dead" if message.id in dead else "retried"
         (_dead if kind == "dead" else _retried).add(1, {_TOPIC: message.topic})
-        log.warning(
-            "outbox.message.%s", kind,
+        # Beside the relay's own line for people: this record is for machines (ids as attributes).
+        log.log(
+            logging.WARNING if kind == "dead" else logging.INFO, "outbox.message.%s", kind,
             extra={"outbox_id": message.id, "event_id": message.event_id, "topic": message.topic,
                    "key": message.key, "attempt": message.attempts + 1, "error": repr(exc),
                    "traceparent": message.traceparent},

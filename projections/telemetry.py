@@ -146,7 +146,7 @@ def failure(method: Fail) -> Fail:
     async def fail(worker: Any, conn: Any, failed: HandlerFailed) -> None:
         event = failed.event
         _failures.add(1, {_NAME: worker.projection.name})
-        log.error(
+        log.warning(  # the runner logs the failure with its traceback; this record carries the ids
             "projection.failed",
             extra={"projection": worker.projection.name, "event_id": str(event.event_id),
                    "event_type": event.event_type, "position": event.position, "log_xid": event.log_xid,
