@@ -107,6 +107,7 @@ def _outcome(exc: BaseException) -> str:
 
 
 _CONFLICTS = frozenset({"wrong_expected_version", "duplicate_event_id"})
+_OUTCOMES = {name: {"eventstore.outcome": name} for name in ("appended", "idempotent")}
 
 Append = TypeVar("Append", bound=Callable[..., Awaitable["AppendResult"]])
 
@@ -135,7 +136,7 @@ def instrumented_append(method: Append) -> Append:
                 span.set_attribute("eventstore.stream_version", result.next_expected_version)
         if not result.duplicate:
             _appended_events.add(len(result.events))
-        _append_duration.record(time.perf_counter() - started, {"eventstore.outcome": outcome})
+        _append_duration.record(time.perf_counter() - started, _OUTCOMES[outcome])
         return result
 
     return append  # type: ignore[return-value]
