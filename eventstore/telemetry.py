@@ -24,7 +24,13 @@ from opentelemetry import metrics, propagate, trace
 from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind
 
-from eventstore.errors import AppendRefused, DuplicateEventId, InvalidArgument, WrongExpectedVersion
+from eventstore.errors import (
+    AppendConditionFailed,
+    AppendRefused,
+    DuplicateEventId,
+    InvalidArgument,
+    WrongExpectedVersion,
+)
 
 if TYPE_CHECKING:
     from eventstore.model import AppendResult
@@ -51,7 +57,7 @@ _append_duration = meter.create_histogram(
 )
 _conflicts = meter.create_counter(
     "eventstore.append.conflicts", unit="{append}",
-    description="Appends refused by optimistic concurrency, by kind (wrong_expected_version, duplicate_event_id)",
+    description="Appends refused by optimistic concurrency, by kind (wrong_expected_version, condition_failed, ...)",
 )
 _reads = meter.create_counter("eventstore.reads", unit="{read}", description="Reads, by kind (stream, all)")
 _read_events = meter.create_counter("eventstore.read_events", unit="{event}", description="Events read")
@@ -95,6 +101,8 @@ def extract_trace_context(carrier: Mapping[str, str | None]) -> Context | None:
 
 
 def _outcome(exc: BaseException) -> str:
+    if isinstance(exc, AppendConditionFailed):
+        return "condition_failed"
     if isinstance(exc, WrongExpectedVersion):
         return "wrong_expected_version"
     if isinstance(exc, DuplicateEventId):
@@ -106,7 +114,7 @@ def _outcome(exc: BaseException) -> str:
     return "error"
 
 
-_CONFLICTS = frozenset({"wrong_expected_version", "duplicate_event_id"})
+_CONFLICTS = frozenset({"wrong_expected_version", "duplicate_event_id", "condition_failed"})
 _OUTCOMES = {name: {"eventstore.outcome": name} for name in ("appended", "idempotent")}
 
 Append = TypeVar("Append", bound=Callable[..., Awaitable["AppendResult"]])
