@@ -15,7 +15,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from eventstore import EventStore, NewEvent
+from eventstore import EventStore, InvalidArgument, NewEvent, serve_metrics
 from tests.observability.app import deposit
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -172,3 +172,28 @@ async def test_relay_metrics_backlog_drains_and_a_dead_letter_is_counted(
     assert value(samples, "outbox_publish_latency_seconds_sum", **on_topic) > 0
     assert value(samples, "outbox_relay_slots", outbox_relay_id="observed") == 64
     assert value(samples, "outbox_relay_batch_duration_seconds_count", outbox_relay_id="observed") >= 1
+
+
+def test_a_bad_or_busy_metrics_port_is_a_clear_error() -> None:
+    with pytest.raises(InvalidArgument, match="from 0 to 65535"):
+        serve_metrics(70000)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(InvalidArgument, match=r"cannot serve metrics on 127\.0\.0\.1"):
+            serve_metrics(taken.getsockname()[1])
+
+
+async def test_the_relay_command_refuses_a_busy_metrics_port(database_url: str, kafka: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        process = await asyncio.create_subprocess_exec(
+            str(EVENTSTORE), "--database-url", database_url, "--kafka", kafka, "outbox", "relay",
+            "--metrics-port", str(taken.getsockname()[1]),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        async with asyncio.timeout(30):
+            _, err = await process.communicate()
+    assert process.returncode == 2
+    assert "cannot serve metrics on 127.0.0.1" in err.decode() and "Traceback" not in err.decode()
