@@ -297,7 +297,7 @@ def prepare_append(
                 meta_dict[PERSONAL_DATA] = marker(fields)
             meta = _dump_fast(event_type, meta_dict)
         else:
-            meta = b"{}"
+            meta = telemetry.bare_metadata()  # b"{}" unless a traced append brings its trace context
         size = len(body) + len(meta)
         if size > max_event_size:
             raise EventTooLarge(event_type, size, max_event_size)

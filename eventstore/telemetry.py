@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+import orjson
 from opentelemetry import metrics, propagate, trace
 from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind
@@ -83,6 +84,15 @@ def inject_trace_context(metadata: dict[str, Any]) -> None:
     for key in TRACE_KEYS:
         if key in carrier:
             metadata[key] = carrier[key]
+
+
+def bare_metadata() -> bytes:
+    """The metadata JSON of an event that brings none of its own: `{}`, or the trace context."""
+    if not trace.get_current_span().get_span_context().trace_flags.sampled:
+        return b"{}"
+    metadata: dict[str, Any] = {}
+    inject_trace_context(metadata)
+    return orjson.dumps(metadata)
 
 
 def extract_trace_context(carrier: Mapping[str, str | None]) -> Context | None:
