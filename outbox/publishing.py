@@ -52,9 +52,9 @@ class OutboxMessage(NamedTuple):
     """The URI of the schema that shaped the data: fetched as NULL, filled in by the `Sender`."""
     sealed: str | None
     """The event's metadata when `data` holds sealed personal fields (opened before publishing)."""
-    traceparent: str | None
-    tracestate: str | None
-    """The W3C trace context of the append (from the event's metadata), sent as CloudEvents extensions."""
+    traceparent: str | None = None
+    tracestate: str | None = None
+    """The W3C trace context of the append (its metadata); the relay puts its publish span's in place."""
 
     @property
     def place(self) -> tuple[int, int, int]:
