@@ -50,7 +50,8 @@ class SlotLeases:
 
     async def check_slots(self) -> None:
         """Refuse to start on a database whose slots are not the ones keys hash to here."""
-        slots = await self._store.pool.fetchval(sql.COUNT_SLOTS)
+        # Retried: the database may be restarting as the relay starts.
+        slots = await self._store.retrying(lambda: self._store.pool.fetchval(sql.COUNT_SLOTS))
         if slots != SLOT_COUNT:
             raise InvalidSettings(f"outbox_slots has {slots} rows, this code expects {SLOT_COUNT}")
 
