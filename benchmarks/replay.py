@@ -121,6 +121,9 @@ async def _fill(store: EventStore) -> Checkpoint:
 
     await asyncio.gather(*(writer() for _ in range(8)))
     await store.wait_until_visible(last)
+    # As autovacuum would after a load this size: without statistics the planner reads a type's events
+    # with a bitmap scan and sorts all of them for every page (five times slower).
+    await store.pool.execute("ANALYZE events")
     return last
 
 

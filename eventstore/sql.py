@@ -413,12 +413,26 @@ ORDER BY log_xid, position
 LIMIT $3
 """
 
-READ_ALL_TYPES = f"""
-SELECT {EVENT_COLUMNS} FROM events
-WHERE (log_xid, position) > ($1, $2) AND {LOG_VISIBLE} AND event_type = ANY($4::text[])
-ORDER BY log_xid, position
-LIMIT $3
+def per_type(condition: str, types: str, limit: str) -> str:
+    """Events of the types in parameter `types` that match `condition`, in log order, at most `limit`.
+
+    One index-ordered scan per type (`events_type_log_idx`), merged: a single scan filtering on the
+    type lets the planner pick that index and sort every later event of the types, which costs ten
+    times a page of the log (measured: 15 ms instead of 1.5 ms per 1,000 events).
+    """
+    return f"""
+SELECT x.* FROM (SELECT DISTINCT unnest({types}::text[]) AS event_type) AS t
+CROSS JOIN LATERAL (
+    SELECT {EVENT_COLUMNS} FROM events AS e
+    WHERE e.event_type = t.event_type AND {condition}
+    ORDER BY e.log_xid, e.position
+    LIMIT {limit}) AS x
+ORDER BY x.log_xid, x.position
+LIMIT {limit}
 """
+
+
+READ_ALL_TYPES = per_type(f"(log_xid, position) > ($1, $2) AND {LOG_VISIBLE}", "$4", "$3")
 
 READ_ALL_CATEGORY = f"""
 SELECT {EVENT_COLUMNS} FROM events
@@ -449,7 +463,7 @@ LIMIT 1
 """
 """The newest committed event, whether readers of the log see it yet or not."""
 
-HELD_BACK = f"SELECT EXISTS (SELECT 1 FROM events WHERE log_xid >= {LOG_HORIZON})"
+HELD_BACK = f"SELECT coalesce((SELECT max(log_xid) FROM events) >= {LOG_HORIZON}, false)"
 """Committed events the log does not show yet: an older transaction still running holds them back."""
 
 CHECKPOINT_VISIBLE = f"SELECT $1::bigint < {LOG_HORIZON}"

@@ -15,12 +15,7 @@ READ_LOG = log.READ_ALL_TYPES
 
 LOG_HEAD = log.HEAD
 
-READ_COMMITTED = f"""
-SELECT {log.EVENT_COLUMNS} FROM events
-WHERE (log_xid, position) > ($1, $2) AND event_type = ANY($4::text[])
-ORDER BY log_xid, position
-LIMIT $3
-"""
+READ_COMMITTED = log.per_type("(log_xid, position) > ($1, $2)", "$4", "$3")
 """Every committed event after a checkpoint, also behind transactions still running.
 
 Only for inline projections, while holding their checkpoint row exclusively: then no append can be
@@ -159,13 +154,11 @@ WHERE name = $1
 _PARTITION_KEY = """COALESCE(CASE $7::text WHEN 'data' THEN data #>> $8::text[]
                                WHEN 'metadata' THEN metadata #>> $8::text[] END, stream_id)"""
 
-READ_PARTITION = f"""
-SELECT {log.EVENT_COLUMNS} FROM events
-WHERE (log_xid, position) > ($1, $2) AND {log.LOG_VISIBLE} AND event_type = ANY($4::text[])
-  AND (hashtextextended({_PARTITION_KEY}, 0) & 9223372036854775807) % $5 = $6
-ORDER BY log_xid, position
-LIMIT $3
-"""
+READ_PARTITION = log.per_type(
+    f"(log_xid, position) > ($1, $2) AND {log.LOG_VISIBLE}"
+    f" AND (hashtextextended({_PARTITION_KEY}, 0) & 9223372036854775807) % $5 = $6",
+    "$4", "$3",
+)
 """`READ_LOG` for partition $6 of $5: events whose key ($7 'data'/'metadata' and path $8, else the stream id)
 hashes there, by PostgreSQL's own hash (hash partitioning relies on it staying stable)."""
 
