@@ -138,11 +138,10 @@ async def _round(server: str, processes: int, events: int, io: float, batch: int
     return replay, live
 
 
-async def main(args: argparse.Namespace) -> None:
+async def main(args: argparse.Namespace, url: str) -> None:
     console = Console()
     counts = (1, 2, 4)
     with_io, without_io = {}, {}
-    url = args.database_url or database_url()
     for io, results in ((args.io_ms / 1000, with_io), (0.0, without_io)):
         await _round(url, 1, min(args.events, 2000), io, args.batch, 0)  # warm-up
         for processes in counts:
@@ -175,4 +174,6 @@ if __name__ == "__main__":
         url, name, partitions, io, batch = sys.argv[2:7]
         asyncio.run(_worker(url, name, int(partitions), float(io), int(batch)))
     else:
-        asyncio.run(main(_parse()))
+        args = _parse()
+        with database_url(args.database_url) as url:  # the embedded server when none is given
+            asyncio.run(main(args, url))

@@ -176,8 +176,7 @@ def _listening(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
-async def main(args: argparse.Namespace) -> None:
-    server = args.database_url or database_url()
+async def main(args: argparse.Namespace, server: str) -> None:
     with contextlib.ExitStack() as stack:
         servers = args.nats or "nats://127.0.0.1:4222"
         if not args.nats and not _listening(4222):
@@ -212,4 +211,6 @@ if __name__ == "__main__":
         url, servers, prefix, relay_id = sys.argv[2:6]
         asyncio.run(_worker(url, servers, prefix, relay_id))
     else:
-        asyncio.run(main(_parse()))
+        args = _parse()
+        with database_url(args.database_url) as server:  # the embedded server when none is given
+            asyncio.run(main(args, server))
