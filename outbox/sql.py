@@ -190,10 +190,10 @@ FETCH_PENDING = _FETCH_PENDING.format(condition="o.id <> ALL($3::bigint[])")
 FETCH_PENDING_AFTER = _FETCH_PENDING.format(condition="(o.log_xid, o.position, o.id) > ($3, $4, $5)")
 
 HELD_BACK = f"""
-SELECT EXISTS (
-    SELECT 1 FROM outbox AS o
+SELECT coalesce((
+    SELECT max(o.log_xid) FROM outbox AS o
     WHERE o.published_at IS NULL AND o.dead_at IS NULL AND o.slot = ANY($1::int[])
-      AND o.log_xid >= {store_sql.LOG_HORIZON})
+) >= {store_sql.LOG_HORIZON}, false)
 """
 """($1 slots): pending messages below the log's visibility line, held back by an older transaction."""
 
