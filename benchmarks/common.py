@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import statistics
+import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -124,3 +125,35 @@ def eventsourcing_env(url: str) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+class WorkerProcesses:
+    """Worker processes that print `ready` once set up and start on a `go` line; closing stdin stops them.
+
+    Started together and released together, so a measurement times the work, not the processes' start.
+    """
+
+    def __init__(self, commands: list[list[str]]) -> None:
+        self.processes = [
+            subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for command in commands
+        ]
+
+    def ready(self) -> None:
+        for process in self.processes:
+            assert process.stdout is not None and process.stdout.readline().strip() == "ready"
+
+    def go(self) -> None:
+        for process in self.processes:
+            assert process.stdin is not None
+            process.stdin.write("go\n")
+            process.stdin.flush()
+
+    def stop(self) -> None:
+        for process in self.processes:
+            assert process.stdin is not None
+            process.stdin.close()
+        for process in self.processes:
+            try:
+                process.wait(20)
+            except subprocess.TimeoutExpired:
+                process.kill()

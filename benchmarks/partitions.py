@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import subprocess
 import sys
 import time
 from typing import Any
@@ -24,7 +23,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks.common import fresh_database
+from benchmarks.common import WorkerProcesses, fresh_database
 from eventstore import START, Checkpoint, EventStore, NewEvent, RecordedEvent
 from eventstore.embedded import database_url
 from projections import Projection, ProjectionRunner, handles
@@ -85,34 +84,9 @@ async def _caught_up(store: EventStore, name: str, head: Checkpoint) -> None:
         await asyncio.sleep(0.01)
 
 
-class _Workers:
-    def __init__(self, url: str, name: str, processes: int, io: float, batch: int) -> None:
-        command = [sys.executable, "-m", "benchmarks.partitions", "worker", url, name, str(processes), str(io),
-                   str(batch)]
-        self.processes = [
-            subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-            for _ in range(processes)
-        ]
-
-    def ready(self) -> None:
-        for process in self.processes:
-            assert process.stdout is not None and process.stdout.readline().strip() == "ready"
-
-    def go(self) -> None:
-        for process in self.processes:
-            assert process.stdin is not None
-            process.stdin.write("go\n")
-            process.stdin.flush()
-
-    def stop(self) -> None:
-        for process in self.processes:
-            assert process.stdin is not None
-            process.stdin.close()
-        for process in self.processes:
-            try:
-                process.wait(20)
-            except subprocess.TimeoutExpired:
-                process.kill()
+def _workers(url: str, name: str, processes: int, io: float, batch: int) -> WorkerProcesses:
+    command = [sys.executable, "-m", "benchmarks.partitions", "worker", url, name, str(processes), str(io), str(batch)]
+    return WorkerProcesses([command] * processes)
 
 
 async def _round(server: str, processes: int, events: int, io: float, batch: int, n: int) -> tuple[float, float]:
@@ -120,7 +94,7 @@ async def _round(server: str, processes: int, events: int, io: float, batch: int
     name = f"wait_{processes}_{n}"
     async with fresh_database(server) as url, EventStore(url, max_connections=4) as store:
         head = await _append(store, events, transactions=40)
-        workers = _Workers(url, name, processes, io, batch)
+        workers = _workers(url, name, processes, io, batch)
         try:
             await asyncio.to_thread(workers.ready)
             started = time.perf_counter()

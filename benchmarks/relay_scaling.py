@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import socket
 import statistics
-import subprocess
 import sys
 import time
 import uuid
@@ -30,7 +29,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, StreamConfig
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks.common import fresh_database
+from benchmarks.common import WorkerProcesses, fresh_database
 from eventstore import EventStore, NewEvent
 from eventstore.embedded import database_url
 from outbox import NatsSettings, Outbox, Relay, RelaySettings, Route, from_nats
@@ -84,35 +83,9 @@ async def _drained(store: EventStore) -> None:
         await asyncio.sleep(0.01)
 
 
-class _Relays:
-    def __init__(self, url: str, servers: str, prefix: str, count: int) -> None:
-        self.processes = [
-            subprocess.Popen(
-                [sys.executable, "-m", "benchmarks.relay_scaling", "worker", url, servers, prefix, f"r{n}"],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-            )
-            for n in range(count)
-        ]
-
-    def ready(self) -> None:
-        for process in self.processes:
-            assert process.stdout is not None and process.stdout.readline().strip() == "ready"
-
-    def go(self) -> None:
-        for process in self.processes:
-            assert process.stdin is not None
-            process.stdin.write("go\n")
-            process.stdin.flush()
-
-    def stop(self) -> None:
-        for process in self.processes:
-            assert process.stdin is not None
-            process.stdin.close()
-        for process in self.processes:
-            try:
-                process.wait(20)
-            except subprocess.TimeoutExpired:
-                process.kill()
+def _relays(url: str, servers: str, prefix: str, count: int) -> WorkerProcesses:
+    command = [sys.executable, "-m", "benchmarks.relay_scaling", "worker", url, servers, prefix]
+    return WorkerProcesses([[*command, f"r{n}"] for n in range(count)])
 
 
 async def _check_order(servers: str, stream: str, expected: int) -> int:
@@ -151,7 +124,7 @@ async def _round(server: str, servers: str, relays: int, messages: int) -> tuple
     async with fresh_database(server) as url, EventStore(url, max_connections=4) as store:
         await Outbox([Route(TOPIC, ["OrderChanged"])], source="/bench").declare(store)
         await _append(store, messages, transactions=20, offset=0)
-        processes = _Relays(url, servers, f"{stream}.", relays)
+        processes = _relays(url, servers, f"{stream}.", relays)
         try:
             await asyncio.to_thread(processes.ready)
             started = time.perf_counter()
