@@ -232,13 +232,13 @@ class _Worker:
             await self._pause(delay)
 
     async def _session(self) -> None:
-        name = self.projection.name
-        conn = await connect(self.runner.store, f"projection {name}")
+        conn = await connect(self.runner.store, f"projection {self.label}")
         try:
+            await self._name_session(conn)
             self._search_path, view_schema = await session_paths(conn)
             await ensure(conn, self.projection, self._search_path, view_schema, self.runner.store.keyring)
             while not self.runner._stopping:
-                if await conn.fetchval(sql.TRY_LOCK, self.key):
+                if await self._may_take(conn) and await conn.fetchval(sql.TRY_LOCK, self.key):
                     self.owned = True
                     try:
                         await self._own(conn)
@@ -250,6 +250,13 @@ class _Worker:
                 await self._pause(self.runner.lease_interval)
         finally:
             await disconnect(self.runner.store, conn)
+
+    async def _name_session(self, conn: Connection) -> None:
+        """Mark the session for other runners (partition workers count each other by it)."""
+
+    async def _may_take(self, conn: Connection) -> bool:
+        """Whether to try for the lease now (a partition worker takes no more than its fair share)."""
+        return True
 
     async def _own(self, conn: Connection) -> None:
         name = self.projection.name
@@ -366,27 +373,11 @@ class _PartitionWorker(_Worker):
         runners = int(await conn.fetchval(sql.PARTITION_RUNNERS, self.projection.name) or 1)
         return math.ceil(self.projection.partitions / max(runners, 1))
 
-    async def _session(self) -> None:
-        conn = await connect(self.runner.store, f"projection {self.label}")
-        try:
-            await conn.execute(sql.NAME_PARTITION_SESSION, self._session_name)
-            self._search_path, view_schema = await session_paths(conn)
-            await ensure(conn, self.projection, self._search_path, view_schema, self.runner.store.keyring)
-            while not self.runner._stopping:
-                if self._held_by_runner() < await self._fair_share(conn) and await conn.fetchval(
-                    sql.TRY_LOCK, self.key
-                ):
-                    self.owned = True
-                    try:
-                        await self._own(conn)
-                    finally:
-                        self.owned = False
-                        if not conn.is_closed():
-                            await conn.fetchval(sql.UNLOCK, self.key)
-                self.wakeup.clear()
-                await self._pause(self.runner.lease_interval)
-        finally:
-            await disconnect(self.runner.store, conn)
+    async def _name_session(self, conn: Connection) -> None:
+        await conn.execute(sql.NAME_PARTITION_SESSION, self._session_name)
+
+    async def _may_take(self, conn: Connection) -> bool:
+        return self._held_by_runner() < await self._fair_share(conn)
 
     async def _step(self, conn: Connection, limit: int) -> tuple[_Outcome, int]:
         now = time.monotonic()
