@@ -57,6 +57,12 @@ class Backoff:
         self._next = first
         self._since: float | None = None
 
+    @classmethod
+    def held_back(cls, poll_interval: float) -> Backoff:
+        """Looks at the log while committed events wait below its visibility line: from 20 ms up to the
+        poll interval, since the older transaction holding them back sends no NOTIFY when it ends."""
+        return cls(min(0.02, poll_interval), poll_interval)
+
     def failed(self, ran_for: float = 0.0) -> float:
         """Count an attempt that failed after running `ran_for` seconds; return how long to wait now."""
         now = time.monotonic()

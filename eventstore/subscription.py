@@ -109,7 +109,7 @@ class Subscription:
 
     async def batches(self) -> AsyncIterator[list[RecordedEvent]]:
         """Batches of up to `batch_size` events; the checkpoint moves past each batch as it is handed out."""
-        held = Backoff(min(0.02, self._poll_interval), self._poll_interval)
+        held = Backoff.held_back(self._poll_interval)
         while not self._closed:
             self._wakeup.clear()
             try:

@@ -103,7 +103,7 @@ class Relay:
         self._next_rebalance = 0.0
         self._next_prune = 0.0
         self._busy_until = 0.0
-        self._held = Backoff(min(0.02, self.settings.poll_interval), self.settings.poll_interval)
+        self._held = Backoff.held_back(self.settings.poll_interval)
 
     @property
     def relay_id(self) -> str:

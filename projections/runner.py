@@ -263,8 +263,7 @@ class _Worker:
         log.info("projection %s: owned by %s", name, self.runner.identity)
         await conn.add_listener(NOTIFY_CHANNEL, self._notified)
         batches = BatchLimit(self.runner.batch_size)
-        # No notification comes when a long transaction elsewhere ends: look again, backing off.
-        held = Backoff(min(0.02, self.runner.poll_interval), self.runner.poll_interval)
+        held = Backoff.held_back(self.runner.poll_interval)
         try:
             while not self.runner._stopping:
                 self.wakeup.clear()
