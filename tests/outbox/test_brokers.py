@@ -180,7 +180,13 @@ async def _restart_mid_stream(store: EventStore, relay: Relay, fail: object, rou
             async with asyncio.timeout(20):
                 while relay.stats.published < published + 30:  # noqa: ASYNC110 - mid-stream
                     await asyncio.sleep(0.02)
+            errors = relay.stats.broker_errors
             await fail()  # type: ignore[operator]
+            # the writers go on until the relay has met the failure: a cut found only by a send
+            # that never comes (every event already published) would not be a failure mid-stream
+            async with asyncio.timeout(20):
+                while relay.stats.broker_errors == errors:  # noqa: ASYNC110 - mid-stream
+                    await asyncio.sleep(0.02)
     finally:
         stop.set()
         await asyncio.gather(*writers)
