@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import enum
+import functools
 import operator
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, NamedTuple
@@ -127,6 +128,11 @@ class RecordedEvent(NamedTuple):
     position: int
     log_xid: int
     recorded_at: datetime
+
+    @classmethod
+    def from_rows(cls, rows: Iterable[Sequence[Any]]) -> list[RecordedEvent]:
+        """One per row selected with `sql.EVENT_COLUMNS`, without a Python-level call per row."""
+        return list(map(functools.partial(tuple.__new__, cls), rows))
 
     @property
     def checkpoint(self) -> Checkpoint:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import operator
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
@@ -47,6 +48,7 @@ MASTER_KEY_ENV = "EVENTSTORE_MASTER_KEY"
 """Environment variable holding the master key (32 bytes, base64) for `MasterKey.from_env`."""
 
 _MARKER = f'"{PERSONAL_DATA}"'
+_METADATA = operator.attrgetter("metadata")
 _NONCE = 12
 
 Executor = Any
@@ -292,7 +294,7 @@ class Keyring:
         Every reader of the log calls it (through `EventStore.reveal`, or with its own transaction's
         connection); events without personal data cost one substring test.
         """
-        found = [i for i, r in enumerate(records) if has_personal_data(r.metadata)]
+        found = [i for i, metadata in enumerate(map(_METADATA, records)) if _MARKER in metadata]
         if not found:
             return records
         chosen = [records[i] for i in found]

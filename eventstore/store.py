@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import contextvars
 import dataclasses
-import functools
 import logging
 import math
 import re
@@ -156,12 +155,7 @@ class Snapshot:
 
 
 # The statements select the columns in RecordedEvent's field order.
-_NEW_RECORD = functools.partial(tuple.__new__, RecordedEvent)
-
-
-def _records(rows: list[asyncpg.Record]) -> list[RecordedEvent]:
-    """A `RecordedEvent` of every row, without a Python-level call per row."""
-    return list(map(_NEW_RECORD, rows))
+_records = RecordedEvent.from_rows
 
 
 def _check_text(kind: str, value: object, limit: int, error: type[InvalidArgument] = InvalidArgument) -> str:

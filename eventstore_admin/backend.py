@@ -182,7 +182,7 @@ class Backend:
         rows = await self._query(sql.EVENT_AT, position)
         if not rows:
             raise NotFound(f"no event at position {position}")
-        return _event(RecordedEvent(*rows[0]), None)
+        return _event(RecordedEvent.from_rows(rows)[0], None)
 
     # -- the global log -------------------------------------------------------------------------
 

@@ -335,18 +335,22 @@ def raise_if_disconnected(failure: HandlerFailed, conn: Connection) -> None:
 
 
 def _events(rows: Sequence[Any]) -> list[RecordedEvent]:
-    return [RecordedEvent(*row) for row in rows]
+    return RecordedEvent.from_rows(rows)
 
 
 async def read_batch(
-    conn: Connection, projection: Projection, after: Checkpoint, limit: int, keyring: Keyring
+    conn: Connection, projection: Projection, after: Checkpoint, limit: int, keyring: Keyring,
+    head: Checkpoint | None = None,
 ) -> tuple[list[RecordedEvent], Checkpoint]:
     """The next events the projection handles, and the checkpoint to record once they are applied.
 
-    When fewer than `limit` come back, every handled event up to the head (read before them) has been
-    seen, so the checkpoint moves to the head: lag then counts only what is really left to do.
+    When fewer than `limit` come back, every handled event up to the head (read before them: pass
+    `head` if the caller read it already, as `sql.LOCK_BATCH` does) has been seen, so the checkpoint
+    moves to the head: lag then counts only what is really left to do.
     """
-    head = await conn.fetchrow(sql.LOG_HEAD)
+    if head is None:
+        row = await conn.fetchrow(sql.LOG_HEAD)
+        head = None if row is None else Checkpoint(row["log_xid"], row["position"])
     events = await keyring.reveal(
         conn, _events(await conn.fetch(sql.READ_LOG, after[0], after[1], limit, projection.event_types))
     )
@@ -354,7 +358,7 @@ async def read_batch(
         return events, events[-1].checkpoint
     end = events[-1].checkpoint if events else Checkpoint(*after)
     if head is not None:
-        end = max(end, Checkpoint(head["log_xid"], head["position"]))
+        end = max(end, head)
     return events, end
 
 

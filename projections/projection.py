@@ -8,6 +8,7 @@ handler serves the live tables, a rebuild into new ones, and inline updates.
 from __future__ import annotations
 
 import inspect
+import operator
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ _NAME = re.compile(r"[a-z_][a-z0-9_]{0,39}")
 _TABLE = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 _MARK = "__projection_handles__"
 _KEY_PATH = re.compile(r"^(data|metadata)(\.[^.\s]+)+$")
+_EVENT_TYPE = operator.attrgetter("event_type")
 MAX_PARTITIONS = 256
 
 
@@ -336,24 +338,26 @@ class Projection:
         """
         handlers = self._handlers
         tags = frozenset(self.tags)
-
-        def target(event: RecordedEvent) -> _Handler | None:
-            handler = handlers.get(event.event_type)
-            if handler is None or (tags and not tags.issubset(event.tags)):
-                return None
-            return handler
+        # The handler of every event first, in one pass (the batch runs below only compare them).
+        if tags:
+            targets = [
+                handler if handler is not None and tags.issubset(event.tags) else None
+                for event, handler in ((e, handlers.get(e.event_type)) for e in events)
+            ]
+        else:
+            targets = [handlers.get(event_type) for event_type in map(_EVENT_TYPE, events)]
 
         writes = _DeferredWrites(connection) if defer and self.defer_writes else None
         i, n = 0, len(events)
         while i < n:
             event = events[i]
-            handler = target(event)
+            handler = targets[i]
             if handler is None:
                 i += 1
                 continue
             j = i + 1
             if handler.batch:
-                while j < n and target(events[j]) is handler:
+                while j < n and targets[j] is handler:
                     j += 1
             try:
                 if handler.batch:

@@ -48,6 +48,7 @@ from projections.generations import (
     read_batch,
     read_partition,
     runner_identity,
+    schema_for,
     session_paths,
     use_generation,
 )
@@ -292,8 +293,11 @@ class _Worker:
     @telemetry.batch
     async def _step(self, conn: Connection, limit: int) -> tuple[_Outcome, int]:
         projection = self.projection
+        expected = self._generation or 1
         async with conn.transaction():
-            row = await conn.fetchrow(sql.LOCK_CHECKPOINT, projection.name)
+            row = await conn.fetchrow(
+                sql.LOCK_BATCH, projection.name, schema_for(projection.name, expected), self._search_path
+            )
             if row is None:
                 raise ProjectionError(f"projection {projection.name!r} has no checkpoint row")
             state = StoredCheckpoint.of(row)
@@ -307,8 +311,11 @@ class _Worker:
                 return _Outcome.MISMATCH, 0
             self._mismatch = None
             self._generation = state.generation
-            await use_generation(conn, projection.name, state.generation, self._search_path)
-            events, end = await read_batch(conn, projection, state.checkpoint, limit, self.runner.store.keyring)
+            if state.generation != expected:
+                await use_generation(conn, projection.name, state.generation, self._search_path)
+            head = None if row["head_log_xid"] is None else Checkpoint(row["head_log_xid"], row["head_position"])
+            keyring = self.runner.store.keyring
+            events, end = await read_batch(conn, projection, state.checkpoint, limit, keyring, head)
             try:
                 await projection.apply(conn, events, defer=True)
             except HandlerFailed as failure:

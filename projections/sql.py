@@ -49,6 +49,15 @@ SELECT_CHECKPOINT = f"SELECT {_CHECKPOINT} FROM projection_checkpoints WHERE nam
 LOCK_CHECKPOINT = f"SELECT {_CHECKPOINT} FROM projection_checkpoints WHERE name = $1 FOR UPDATE"
 """Taken first by every transaction that writes a projection's tables or moves its checkpoint."""
 
+LOCK_BATCH = f"""
+SELECT c.*, set_config('search_path', quote_ident($2) || ', ' || $3, true) AS search_path,
+       head.log_xid AS head_log_xid, head.position AS head_position
+FROM ({LOCK_CHECKPOINT}) AS c LEFT JOIN LATERAL ({log.HEAD}) AS head ON true
+"""
+"""A runner's batch begins with one round trip instead of three: `LOCK_CHECKPOINT`, `USE_GENERATION`
+for the generation the runner expects ($2 its schema, $3 the connection's own search_path; set again
+if the row names another), and `LOG_HEAD`, read before the batch's events as `read_batch` needs."""
+
 SHARE_GENERATION = "SELECT pg_advisory_xact_lock_shared(key) FROM unnest($1::bigint[]) AS key"
 """Taken by every append whose inline hooks write a projection's tables, until the append commits."""
 
