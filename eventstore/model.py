@@ -130,7 +130,7 @@ class RecordedEvent(NamedTuple):
     recorded_at: datetime
 
     @classmethod
-    def from_rows(cls, rows: Iterable[Sequence[Any]]) -> list[RecordedEvent]:
+    def from_rows(cls, rows: Iterable[asyncpg.Record] | Iterable[Sequence[Any]]) -> list[RecordedEvent]:
         """One per row selected with `sql.EVENT_COLUMNS`, without a Python-level call per row."""
         return list(map(functools.partial(tuple.__new__, cls), rows))
 
