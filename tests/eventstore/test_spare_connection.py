@@ -1,0 +1,59 @@
+"""The store keeps the last connection of its own statements as a spare: it must never cost anyone else."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from eventstore import EventStore, NewEvent, WrongExpectedVersion
+from eventstore.store import SPARE_IDLE
+
+
+async def test_the_spare_goes_back_to_the_pool_when_idle(database_url: str) -> None:
+    async with EventStore(database_url, min_connections=2, max_connections=2) as store:
+        await store.append("spare-1", [NewEvent("Happened")])
+        assert store.pool.get_idle_size() == store.pool.get_size() - 1, "kept as the spare"
+        await asyncio.sleep(SPARE_IDLE * 4)
+        assert store.pool.get_idle_size() == store.pool.get_size(), "handed back once idle"
+        # Units of work and the application's own queries get every connection of the pool.
+        async with store.pool.acquire() as a, store.pool.acquire() as b:
+            assert await a.fetchval("SELECT 1") == await b.fetchval("SELECT 1") == 1
+
+
+async def test_the_spare_is_not_kept_when_the_pool_has_nothing_else_free(database_url: str) -> None:
+    async with EventStore(database_url, min_connections=1, max_connections=1) as store:
+        await store.append("spare-2", [NewEvent("Happened")])
+        assert store.pool.get_idle_size() == 1
+        async with store.unit_of_work() as uow:
+            await uow.append("spare-2", [NewEvent("Happened")])
+        assert len(await store.read_stream("spare-2")) == 2
+
+
+async def test_a_terminated_spare_is_replaced_and_the_append_written_once(store: EventStore) -> None:
+    await store.append("spare-3", [NewEvent("First")])
+    await store.pool.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
+    )
+    await store.append("spare-3", [NewEvent("Second")], 0)
+    assert [e.event_type for e in await store.read_stream("spare-3")] == ["First", "Second"]
+
+
+async def test_an_append_cancelled_on_the_spare_leaves_no_connection_behind(database_url: str) -> None:
+    async with EventStore(database_url, min_connections=1, max_connections=3) as store:
+        await store.append("spare-4", [NewEvent("First")])  # the spare now
+        async with store.unit_of_work() as uow:
+            await uow.append("spare-4", [NewEvent("Held")])  # holds the stream's row lock
+            blocked = asyncio.create_task(store.append("spare-4", [NewEvent("Blocked")], 0))
+            await asyncio.sleep(0.3)
+            assert not blocked.done()
+            blocked.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await blocked
+        with pytest.raises(WrongExpectedVersion):
+            await store.append("spare-4", [NewEvent("Stale")], 0)
+        await store.append("spare-4", [NewEvent("Last")], 1)
+        assert [e.event_type for e in await store.read_stream("spare-4")] == ["First", "Held", "Last"]
+        await asyncio.sleep(SPARE_IDLE * 4)
+        assert store.pool.get_idle_size() == store.pool.get_size(), "every connection back in the pool"
