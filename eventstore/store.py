@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import contextvars
 import dataclasses
+import itertools
 import logging
 import math
 import re
@@ -676,13 +677,13 @@ class EventStore:
             raise DuplicateEventId(p.stream_id, p.event_ids)
         stream_id, version_of = p.stream_id, version - len(p.event_ids) + 1
         data = p.data if p.plain is None else p.plain  # hooks see what was appended, not its sealed form
-        new = tuple.__new__
-        recorded = tuple(
-            new(RecordedEvent, (event_id, event_type, text, meta, stream_id, v, position, log_xid, recorded_at))
-            for event_id, event_type, text, meta, v, position in zip(
-                p.event_ids, p.types, data, p.metadata, range(version_of, version + 1), positions, strict=True
-            )
-        )
+        if len(positions) != len(p.event_ids):
+            raise RuntimeError(f"append of {len(p.event_ids)} events reported {len(positions)} positions")
+        # Rows in RecordedEvent's field order, zipped and built without a Python-level step per event.
+        recorded = tuple(RecordedEvent.from_rows(zip(
+            p.event_ids, p.types, data, p.metadata, itertools.repeat(stream_id), range(version_of, version + 1),
+            positions, itertools.repeat(log_xid), itertools.repeat(recorded_at),
+        )))
         result = AppendResult(
             stream_id=p.stream_id,
             next_expected_version=version,
