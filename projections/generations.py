@@ -7,7 +7,9 @@ A rebuild fills generation n+1 while n keeps serving, then repoints the views in
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import logging
 import os
 import socket
 from collections.abc import Iterable, Sequence
@@ -22,6 +24,8 @@ from eventstore import CONNECTION_ERRORS, START, Checkpoint, EventStore, Keyring
 from projections import sql
 from projections.errors import InvalidProjection, ProjectionError, ProjectionsNotMigrated
 from projections.projection import Connection, HandlerFailed, Projection
+
+log = logging.getLogger(__name__)
 
 
 def schema_for(name: str, generation: int) -> str:
@@ -360,6 +364,60 @@ async def read_batch(
     if head is not None:
         end = max(end, head)
     return events, end
+
+
+class ReadAhead:
+    """The next batch of a projection that is catching up, read on a pooled connection while the runner
+    applies the current one: the server reads while the handlers run, instead of one after the other.
+
+    A batch takes it only if it starts where the read-ahead started (same checkpoint, same size). It is
+    then exactly what the batch would have read itself: an event that becomes visible later has a log
+    transaction id at or above the visibility line the read-ahead saw, so it sorts after every event
+    the read-ahead returned. One still waiting for a pooled connection is dropped, never waited for (a
+    store without a URL runs the runners on pooled connections too, and a full pool must not stall them).
+    """
+
+    def __init__(self, store: EventStore, projection: Projection) -> None:
+        self._store = store
+        self._projection = projection
+        self._task: asyncio.Task[tuple[list[RecordedEvent], Checkpoint]] | None = None
+        self._key: tuple[Checkpoint, int] | None = None
+        self._reading = False
+
+    def start(self, after: Checkpoint, limit: int) -> None:
+        self.cancel()
+        self._key, self._reading = (Checkpoint(*after), limit), False
+        self._task = asyncio.get_running_loop().create_task(self._read(Checkpoint(*after), limit))
+        self._task.add_done_callback(_retrieve)
+
+    async def _read(self, after: Checkpoint, limit: int) -> tuple[list[RecordedEvent], Checkpoint]:
+        async with self._store.pool.acquire() as conn:
+            self._reading = True
+            return await read_batch(conn, self._projection, after, limit, self._store.keyring)
+
+    async def take(self, after: Checkpoint, limit: int) -> tuple[list[RecordedEvent], Checkpoint] | None:
+        """The batch after `after` of `limit` events if it was read ahead (None: read it yourself)."""
+        task, key, self._task, self._key = self._task, self._key, None, None
+        if task is None:
+            return None
+        if key != (after, limit) or not (task.done() or self._reading):
+            task.cancel()
+            return None
+        try:
+            return await task
+        except Exception as exc:  # the batch reads for itself, and meets the error if it lasts
+            log.debug("projection %s: read-ahead failed (%s)", self._projection.name, exc)
+            return None
+
+    def cancel(self) -> None:
+        task, self._task, self._key = self._task, None, None
+        if task is not None:
+            task.cancel()
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # a read-ahead nobody took: its error was not an error of any batch
 
 
 async def read_partition(

@@ -36,6 +36,7 @@ from projections.errors import (
 )
 from projections.generations import (
     BatchLimit,
+    ReadAhead,
     StoredCheckpoint,
     connect,
     disconnect,
@@ -202,6 +203,7 @@ class _Worker:
         self._search_path = ""
         self._generation = 0
         self._mismatch: str | None = None
+        self._ahead = ReadAhead(runner.store, projection)
 
     def _notified(self, *_: object) -> None:
         self.wakeup.set()
@@ -284,6 +286,7 @@ class _Worker:
                 if outcome is not _Outcome.MORE:
                     await self._pause(self.runner.poll_interval)
         finally:
+            self._ahead.cancel()
             if not conn.is_closed():
                 with contextlib.suppress(Exception):
                     await conn.remove_listener(NOTIFY_CHANNEL, self._notified)
@@ -313,9 +316,15 @@ class _Worker:
             self._generation = state.generation
             if state.generation != expected:
                 await use_generation(conn, projection.name, state.generation, self._search_path)
-            head = None if row["head_log_xid"] is None else Checkpoint(row["head_log_xid"], row["head_position"])
-            keyring = self.runner.store.keyring
-            events, end = await read_batch(conn, projection, state.checkpoint, limit, keyring, head)
+            taken = await self._ahead.take(state.checkpoint, limit)
+            if taken is None:
+                head = None if row["head_log_xid"] is None else Checkpoint(row["head_log_xid"], row["head_position"])
+                keyring = self.runner.store.keyring
+                events, end = await read_batch(conn, projection, state.checkpoint, limit, keyring, head)
+            else:
+                events, end = taken
+            if len(events) == limit:  # catching up: the next batch is read while this one is applied
+                self._ahead.start(end, limit)
             try:
                 await projection.apply(conn, events, defer=True)
             except HandlerFailed as failure:
