@@ -377,8 +377,9 @@ class ReadAhead:
     store without a URL runs the runners on pooled connections too, and a full pool must not stall them).
     """
 
-    def __init__(self, store: EventStore, projection: Projection) -> None:
+    def __init__(self, store: EventStore | None, projection: Projection) -> None:
         self._store = store
+        """None: nothing is read ahead."""
         self._projection = projection
         self._task: asyncio.Task[tuple[list[RecordedEvent], Checkpoint]] | None = None
         self._key: tuple[Checkpoint, int] | None = None
@@ -386,14 +387,18 @@ class ReadAhead:
 
     def start(self, after: Checkpoint, limit: int) -> None:
         self.cancel()
+        if self._store is None:
+            return
         self._key, self._reading = (Checkpoint(*after), limit), False
         self._task = asyncio.get_running_loop().create_task(self._read(Checkpoint(*after), limit))
         self._task.add_done_callback(_retrieve)
 
     async def _read(self, after: Checkpoint, limit: int) -> tuple[list[RecordedEvent], Checkpoint]:
-        async with self._store.pool.acquire() as conn:
+        store = self._store
+        assert store is not None
+        async with store.pool.acquire() as conn:
             self._reading = True
-            return await read_batch(conn, self._projection, after, limit, self._store.keyring)
+            return await read_batch(conn, self._projection, after, limit, store.keyring)
 
     async def take(self, after: Checkpoint, limit: int) -> tuple[list[RecordedEvent], Checkpoint] | None:
         """The batch after `after` of `limit` events if it was read ahead (None: read it yourself)."""

@@ -20,6 +20,7 @@ from projections import sql
 from projections.errors import ProjectionError, ProjectionFailed, describe
 from projections.generations import (
     BatchLimit,
+    ReadAhead,
     StoredCheckpoint,
     apply_committed,
     connect,
@@ -247,28 +248,37 @@ class Rebuild:
         if self._parallel and self.checkpoint == START:
             await self._build_partitions()
         batches = BatchLimit(self.batch_size)
-        while True:
-            limit = batches.next
-            try:
-                async with conn.transaction():
-                    await use_generation(conn, name, self.generation, self.search_path)
-                    events, end = await read_batch(conn, projection, self.checkpoint, limit, self.keyring)
-                    await projection.apply(conn, events, defer=True)
-                    if end != self.checkpoint:
-                        await conn.execute(sql.ADVANCE_REBUILD, name, end[0], end[1], len(events))
-            except HandlerFailed as failure:
-                raise_if_disconnected(failure, conn)
-                if batches.failed():
-                    continue
-                await self._fail(failure)
-            self.checkpoint = end
-            self.done += len(events)
-            if time.perf_counter() - self.tracker.last_count > 10:
-                self.tracker.counted(await self._count_left())
-            self.tracker.update(self.done)
-            batches.applied(len(events))
-            if len(events) < limit and not batches.searching:
-                return
+        ahead = ReadAhead(self.store, projection)
+        try:
+            while True:
+                limit = batches.next
+                try:
+                    async with conn.transaction():
+                        await use_generation(conn, name, self.generation, self.search_path)
+                        taken = await ahead.take(self.checkpoint, limit)
+                        if taken is None:
+                            taken = await read_batch(conn, projection, self.checkpoint, limit, self.keyring)
+                        events, end = taken
+                        if len(events) == limit:
+                            ahead.start(end, limit)
+                        await projection.apply(conn, events, defer=True)
+                        if end != self.checkpoint:
+                            await conn.execute(sql.ADVANCE_REBUILD, name, end[0], end[1], len(events))
+                except HandlerFailed as failure:
+                    raise_if_disconnected(failure, conn)
+                    if batches.failed():
+                        continue
+                    await self._fail(failure)
+                self.checkpoint = end
+                self.done += len(events)
+                if time.perf_counter() - self.tracker.last_count > 10:
+                    self.tracker.counted(await self._count_left())
+                self.tracker.update(self.done)
+                batches.applied(len(events))
+                if len(events) < limit and not batches.searching:
+                    return
+        finally:
+            ahead.cancel()
 
     async def _swap(self) -> None:
         """Apply the last few events and make the new generation the live one, in one transaction.
