@@ -173,7 +173,7 @@ def _percentile(values: list[float], p: float) -> float:
 
 
 async def _latency(url: str, kafka: KafkaSettings) -> tuple[list[float], list[float]]:
-    """Writer here, relay and consumer in processes of their own, the broker in another."""
+    """Writer here, relay and consumer in processes of their own, the broker in another; then raw aiokafka."""
     count = int(RATE * SECONDS)
     servers = kafka.bootstrap_servers
     topic = await _topic(servers)
@@ -199,13 +199,22 @@ async def _latency(url: str, kafka: KafkaSettings) -> tuple[list[float], list[fl
         stop.set()
         await asyncio.to_thread(relay.join, 30)
 
+    return ours, await _raw_latency(kafka, None)
+
+
+async def _raw_latency(kafka: KafkaSettings, store: EventStore | None) -> list[float]:
+    """Raw aiokafka at the steady rate; with a `store`, each send follows one append of the same event to
+    a database without outbox routes: how much of the gap is the appends' load on the machine's cores."""
+    servers = kafka.bootstrap_servers
     raw_topic = await _topic(servers)
     produced: dict[str, float] = {}
     producer = _producer(kafka)
     await producer.start()
-    consumer = _Consumer(servers, raw_topic, count)
+    consumer = _Consumer(servers, raw_topic, int(RATE * SECONDS))
     try:
         async def send(i: int) -> None:
+            if store is not None:
+                await store.append(f"order-{i % STREAMS}", [NewEvent("OrderPlaced", DATA)])
             event_id = str(uuid.uuid4())
             headers = kafka_headers(id=event_id, type="OrderPlaced", source="/bench",
                                     time="2026-11-26T00:00:00Z", subject=f"order-{i % STREAMS}")
@@ -215,10 +224,9 @@ async def _latency(url: str, kafka: KafkaSettings) -> tuple[list[float], list[fl
         await consumer.warm_up(lambda: _discard(producer.send_and_wait(raw_topic, b"{}", key=b"warm-up",
                                                                        headers=headers_for_warm_up())))
         await _steady(send)
-        raw = _latencies(produced, await consumer.received())
+        return _latencies(produced, await consumer.received())
     finally:
         await producer.stop()
-    return ours, raw
 
 
 def headers_for_warm_up() -> list[tuple[str, bytes]]:
@@ -237,6 +245,8 @@ async def run(server_url: str) -> list[Result]:
             ours_rate, raw_rate = await _throughput(url, kafka)
         async with fresh_database(server_url) as url:
             ours, raw = await _latency(url, kafka)
+        async with fresh_database(server_url) as url, EventStore(url, max_connections=20) as store:
+            loaded = await _raw_latency(kafka, store)
     label = f"@{RATE:,}/s"
     return [
         Result(f"outbox relay, {BACKLOG:,} message backlog", ours_rate, "events/s", limit=raw_rate),
@@ -244,4 +254,8 @@ async def run(server_url: str) -> list[Result]:
                limit=_percentile(raw, 50)),
         Result(f"outbox commit-to-consumer p99 {label}", _percentile(ours, 99), "ms",
                limit=_percentile(raw, 99)),
+        Result(f"outbox commit-to-consumer p50 {label}, limit beside the same appends", _percentile(ours, 50), "ms",
+               limit=_percentile(loaded, 50)),
+        Result(f"outbox commit-to-consumer p99 {label}, limit beside the same appends", _percentile(ours, 99), "ms",
+               limit=_percentile(loaded, 99)),
     ]
