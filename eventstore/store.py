@@ -485,7 +485,7 @@ class EventStore:
         pool = self.pool
         if (
             self._spare is not None or conn.is_closed() or conn.is_in_transaction() or pool.is_closing()
-            or pool.get_idle_size() + pool.get_max_size() - pool.get_size() == 0  # others may be waiting
+            or (pool.get_idle_size() == 0 and pool.get_size() >= pool.get_max_size())  # others may wait
         ):
             await self._release(conn)
             return

