@@ -93,8 +93,8 @@ AppendHook = Callable[["UnitOfWork", AppendResult], Awaitable[None]]
 NOTIFY_INTERVAL = 0.005
 
 SPARE_IDLE = 0.05
-"""Seconds the store keeps its spare connection (see `EventStore._own_connection`) unused before
-handing it back to the pool."""
+"""Seconds the store keeps a spare connection (see `EventStore._own_connection`) unused before handing
+it back to the pool."""
 """Seconds between two NOTIFYs at most: the first of a burst goes out at once, the rest are coalesced."""
 
 # Set while a connection of the store's own pool runs only the store's own statements, which leave no
@@ -407,8 +407,8 @@ class EventStore:
         self._notify_pending = False
         self._notify_task: asyncio.Task[None] | None = None
         self._notifier: asyncpg.Connection | None = None
-        self._spare: asyncpg.pool.PoolConnectionProxy | None = None
-        self._spare_used = 0.0
+        self._spares: list[tuple[asyncpg.pool.PoolConnectionProxy, float]] = []
+        """Connections kept out of the pool for the store's own next statements (`_own_connection`)."""
         self._spare_timer: asyncio.TimerHandle | None = None
         self._releasing: set[asyncio.Task[None]] = set()
 
@@ -437,7 +437,7 @@ class EventStore:
                 await self.keyring.check(conn)
 
     async def stop(self) -> None:
-        await self._return_spare()
+        await self._return_spares()
         if self._notify_task is not None:
             with contextlib.suppress(Exception):
                 await self._notify_task
@@ -466,16 +466,21 @@ class EventStore:
     async def _own_connection(self) -> AsyncIterator[Connection]:
         """A pooled connection for the store's own statements only (no session state to reset after).
 
-        The last one that served a call without error stays out of the pool as the store's spare, for
-        the next call: asyncpg's `release` shields a task, three turns of the event loop that cost about
-        a quarter of a one-event append's client CPU. The spare goes back to the pool after `SPARE_IDLE`
-        seconds unused, at `stop()`, whenever a call on it fails (the pool then resets or replaces it),
-        and at once when the pool has no other connection free.
+        One that served a call without error stays out of the pool as a spare for the next call:
+        asyncpg's `release` shields a task, three turns of the event loop that cost about a quarter of a
+        one-event append's client CPU. There are as many spares as calls ran at once, never the pool's
+        last free connection (one is kept only while the pool has another free or can open one). A
+        spare goes back to the pool after `SPARE_IDLE` seconds unused, at `stop()`, and whenever a call
+        on it fails (the pool then resets or replaces it).
         """
-        conn, self._spare = self._spare, None
-        if conn is None or conn.is_closed():
-            if conn is not None:
+        spares = self._spares
+        conn = None
+        while spares and conn is None:
+            conn = spares.pop()[0]
+            if conn.is_closed():  # its server session ended while it waited: the pool replaces it
                 await self._release(conn)
+                conn = None
+        if conn is None:
             conn = await self.pool.acquire()
         try:
             yield conn
@@ -484,39 +489,34 @@ class EventStore:
             raise
         pool = self.pool
         if (
-            self._spare is not None or conn.is_closed() or conn.is_in_transaction() or pool.is_closing()
+            conn.is_closed() or conn.is_in_transaction() or pool.is_closing()
             or (pool.get_idle_size() == 0 and pool.get_size() >= pool.get_max_size())  # others may wait
         ):
             await self._release(conn)
             return
-        self._spare = conn
         loop = asyncio.get_running_loop()
-        self._spare_used = loop.time()
+        spares.append((conn, loop.time()))  # in the order of their last use: the oldest first
         if self._spare_timer is None:
-            self._spare_timer = loop.call_later(SPARE_IDLE, self._spare_idle)
+            self._spare_timer = loop.call_later(SPARE_IDLE, self._spares_idle)
 
-    def _spare_idle(self) -> None:
+    def _spares_idle(self) -> None:
+        """Hand back the spares unused for `SPARE_IDLE` seconds; look again when the next one will be."""
         self._spare_timer = None
-        conn = self._spare
-        if conn is None:
-            return
         loop = asyncio.get_running_loop()
-        idle = loop.time() - self._spare_used
-        if idle < SPARE_IDLE:
-            self._spare_timer = loop.call_later(SPARE_IDLE - idle, self._spare_idle)
-            return
-        self._spare = None
-        task = loop.create_task(self._release(conn))
-        self._releasing.add(task)
-        task.add_done_callback(self._releasing.discard)
+        spares = self._spares
+        while spares and loop.time() - spares[0][1] >= SPARE_IDLE:
+            task = loop.create_task(self._release(spares.pop(0)[0]))
+            self._releasing.add(task)
+            task.add_done_callback(self._releasing.discard)
+        if spares:
+            self._spare_timer = loop.call_later(SPARE_IDLE - (loop.time() - spares[0][1]), self._spares_idle)
 
-    async def _return_spare(self) -> None:
+    async def _return_spares(self) -> None:
         if self._spare_timer is not None:
             self._spare_timer.cancel()
             self._spare_timer = None
-        conn, self._spare = self._spare, None
-        if conn is not None:
-            await self._release(conn)
+        while self._spares:
+            await self._release(self._spares.pop()[0])
         if self._releasing:
             await asyncio.gather(*self._releasing, return_exceptions=True)
 

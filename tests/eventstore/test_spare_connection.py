@@ -57,3 +57,19 @@ async def test_an_append_cancelled_on_the_spare_leaves_no_connection_behind(data
         assert [e.event_type for e in await store.read_stream("spare-4")] == ["First", "Held", "Last"]
         await asyncio.sleep(SPARE_IDLE * 4)
         assert store.pool.get_idle_size() == store.pool.get_size(), "every connection back in the pool"
+
+
+async def test_concurrent_appends_keep_spares_but_never_the_last_free_connection(database_url: str) -> None:
+    async with EventStore(database_url, min_connections=1, max_connections=4) as store:
+        await asyncio.gather(*(store.append(f"spare-5{w}", [NewEvent("Happened")]) for w in range(6)))
+        pool = store.pool
+        assert pool.get_idle_size() >= 1 or pool.get_size() < pool.get_max_size(), "one left for others"
+        kept = pool.get_size() - pool.get_idle_size()
+        assert kept >= 2, "concurrent calls left several spares"
+        # A unit of work and a direct user of the pool get connections at once, and all of them at the end.
+        async with store.unit_of_work() as uow:
+            await uow.append("spare-5x", [NewEvent("Happened")])
+        await asyncio.sleep(SPARE_IDLE * 4)
+        assert pool.get_idle_size() == pool.get_size(), "every spare handed back once idle"
+        async with pool.acquire() as a, pool.acquire() as b, pool.acquire() as c, pool.acquire() as d:
+            assert {await x.fetchval("SELECT 1") for x in (a, b, c, d)} == {1}
