@@ -527,10 +527,27 @@ class EventStore:
         finally:
             _SESSION_UNTOUCHED.reset(token)
 
+    def connection(self) -> contextlib.AbstractAsyncContextManager[Connection]:
+        """A pooled connection for statements that leave no session state behind (no SET, LISTEN,
+        session advisory locks, open cursors or temporary tables; a transaction is fine).
+
+        It goes back without asyncpg's reset query (a round trip saved) and may stay out of the pool as
+        one of the store's spares for the next such call. For anything else use `pool.acquire()`.
+        """
+        return self._own_connection()
+
     async def _fetch(self, query: str, *args: object, record_class: type[Any] | None = None) -> list[Any]:
         async with self._own_connection() as conn:
             rows: list[Any] = await conn.fetch(query, *args, record_class=record_class)
             return rows
+
+    async def _fetchrow(self, query: str, *args: object) -> Any:
+        async with self._own_connection() as conn:
+            return await conn.fetchrow(query, *args)
+
+    async def _fetchval(self, query: str, *args: object) -> Any:
+        async with self._own_connection() as conn:
+            return await conn.fetchval(query, *args)
 
     def add_append_hook(self, hook: AppendHook) -> None:
         """Run `hook` inside every append's transaction, after the events are written."""
@@ -736,7 +753,7 @@ class EventStore:
 
     async def stream_version(self, stream_id: str) -> int:
         """The stream's current version, -1 when it has no events."""
-        version = await self.retrying(lambda: self.pool.fetchval(sql.STREAM_VERSION, stream_id))
+        version = await self.retrying(lambda: self._fetchval(sql.STREAM_VERSION, stream_id))
         return -1 if version is None else int(version)
 
     @telemetry.counted_read("stream")
@@ -895,7 +912,7 @@ class EventStore:
 
     async def head(self) -> Checkpoint:
         """The checkpoint of the newest event a reader can see now."""
-        row = await self.retrying(lambda: self.pool.fetchrow(sql.HEAD))
+        row = await self.retrying(lambda: self._fetchrow(sql.HEAD))
         return START if row is None else Checkpoint(row[0], row[1])
 
     async def last_committed(self) -> Checkpoint:
@@ -904,13 +921,13 @@ class EventStore:
         What to wait for after one's own writes: `head()` stops short of events that an older
         transaction, still running anywhere in the cluster, holds back.
         """
-        row = await self.retrying(lambda: self.pool.fetchrow(sql.LAST_COMMITTED))
+        row = await self.retrying(lambda: self._fetchrow(sql.LAST_COMMITTED))
         return START if row is None else Checkpoint(row[0], row[1])
 
     async def held_back(self) -> bool:
         """Whether committed events wait below the log's visibility line (no NOTIFY comes when the
         older transaction holding them back ends without writing events)."""
-        return bool(await self.retrying(lambda: self.pool.fetchval(sql.HELD_BACK)))
+        return bool(await self.retrying(lambda: self._fetchval(sql.HELD_BACK)))
 
     async def wait_until_visible(self, checkpoint: Checkpoint, timeout: float = 30.0) -> None:
         """Wait until `read_all` readers can see `checkpoint`.
@@ -921,16 +938,16 @@ class EventStore:
         """
         polls = Backoff(0.005, 0.1)
         async with asyncio.timeout(timeout):
-            while not await self.retrying(lambda: self.pool.fetchval(sql.CHECKPOINT_VISIBLE, checkpoint[0])):
+            while not await self.retrying(lambda: self._fetchval(sql.CHECKPOINT_VISIBLE, checkpoint[0])):
                 delay = polls.failed()  # not visible yet: look again, less and less often
                 await asyncio.sleep(delay)
 
     async def count_after(self, after: Checkpoint) -> int:
         """How many visible events lie after `after` (a reader's lag)."""
-        return int(await self.retrying(lambda: self.pool.fetchval(sql.COUNT_AFTER, after[0], after[1])))
+        return int(await self.retrying(lambda: self._fetchval(sql.COUNT_AFTER, after[0], after[1])))
 
     async def list_streams(self, category: str | None = None, limit: int = 100) -> list[tuple[str, int]]:
-        rows = await self.retrying(lambda: self.pool.fetch(sql.LIST_STREAMS, category, limit))
+        rows = await self.retrying(lambda: self._fetch(sql.LIST_STREAMS, category, limit))
         return [(r[0], r[1]) for r in rows]
 
     def subscribe(
@@ -960,7 +977,7 @@ class EventStore:
 
     async def load_snapshot(self, stream_id: str) -> Snapshot | None:
         check_stream_id(stream_id)
-        row = await self.retrying(lambda: self.pool.fetchrow(sql.LOAD_SNAPSHOT, stream_id))
+        row = await self.retrying(lambda: self._fetchrow(sql.LOAD_SNAPSHOT, stream_id))
         return None if row is None else Snapshot(*row)
 
 

@@ -196,6 +196,10 @@ class Relay:
                 log.exception("relay round failed; retrying in %.1fs", self.settings.max_broker_backoff)
                 await self._sleep(self.settings.max_broker_backoff)
 
+    async def _held_back(self, slots: list[int]) -> bool:
+        async with self.store.connection() as conn:
+            return bool(await conn.fetchval(sql.HELD_BACK, slots))
+
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopped.wait(), seconds)
@@ -214,7 +218,7 @@ class Relay:
             return
         await self._wakeups.listen()
         slots = list(self._leases.usable())
-        if slots and await self.store.pool.fetchval(sql.HELD_BACK, slots):
+        if slots and await self._held_back(slots):
             # No NOTIFY comes when the older transaction holding them back ends without writing events.
             await self._wakeups.wait(self._held.failed())
             return
@@ -299,7 +303,8 @@ class Relay:
 
         async def attempt() -> list[asyncpg.Record]:
             try:
-                return list(await self.store.pool.fetch(statement, *args))
+                async with self.store.connection() as conn:
+                    return list(await conn.fetch(statement, *args))
             except CONNECTION_ERRORS:
                 self.stats.database_errors += 1
                 raise
@@ -340,7 +345,8 @@ class _Backlog:
         elif self._cursor is not None:
             messages = await self._fetch_after(slots, self._cursor)
         else:
-            rows = await self._store.pool.fetch(sql.FETCH_PENDING, slots, self._batch_size, self._marking_ids)
+            async with self._store.connection() as conn:
+                rows = await conn.fetch(sql.FETCH_PENDING, slots, self._batch_size, self._marking_ids)
             messages = await self._open([OutboxMessage._make(row) for row in rows])
         self._cursor = None
         return messages
@@ -382,7 +388,8 @@ class _Backlog:
         await self.settle_marking()
 
     async def _fetch_after(self, slots: list[int], after: tuple[int, int, int]) -> list[OutboxMessage]:
-        rows = await self._store.pool.fetch(sql.FETCH_PENDING_AFTER, slots, self._batch_size, *after)
+        async with self._store.connection() as conn:
+            rows = await conn.fetch(sql.FETCH_PENDING_AFTER, slots, self._batch_size, *after)
         return await self._open([OutboxMessage._make(row) for row in rows])
 
     async def _open(self, messages: list[OutboxMessage]) -> list[OutboxMessage]:

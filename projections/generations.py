@@ -396,7 +396,7 @@ class ReadAhead:
     async def _read(self, after: Checkpoint, limit: int) -> tuple[list[RecordedEvent], Checkpoint]:
         store = self._store
         assert store is not None
-        async with store.pool.acquire() as conn:
+        async with store.connection() as conn:
             self._reading = True
             return await read_batch(conn, self._projection, after, limit, store.keyring)
 
