@@ -4,9 +4,11 @@ installed and exporting, against the same work with the API alone (no SDK: every
     python -m benchmarks.telemetry [--rounds 5]
 
 An SDK, once installed, stays for the life of a process, so each mode runs in a child process of its
-own; rounds alternate the modes on one server and the table compares their medians as ratios. With
-the SDK every span is sampled (the worst case): spans go through a batch processor to an exporter
-that drops them, metrics to a Prometheus reader that the child scrapes once over HTTP at the end.
+own; rounds alternate the modes on one server and the table compares their medians as ratios. The SDK
+runs twice: sampling every span (the worst case) and sampling 10% of traces
+(`ParentBased(TraceIdRatioBased(0.1))`, what the README recommends where appends are hot). Spans go
+through a batch processor to an exporter that drops them, metrics to a Prometheus reader that the
+child scrapes once over HTTP at the end.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ WRITERS = 8
 LOADS = 300
 STREAM_LENGTH = 100
 REPLAY = 20_000
+SAMPLED = 0.1
 
 
 WRAPPED = 20_000
@@ -83,10 +86,12 @@ class Totals(Projection):
         )
 
 
-def _install_sdk() -> tuple[Any, Any]:
+def _install_sdk(ratio: float | None) -> tuple[Any, Any]:
+    """The SDK exporting metrics and spans: every span, or (`ratio`) the sampling the README recommends."""
     from opentelemetry import trace
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+    from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased, TraceIdRatioBased
 
     from eventstore import serve_metrics
 
@@ -97,7 +102,7 @@ def _install_sdk() -> tuple[Any, Any]:
             Dropping.exported += len(spans)
             return SpanExportResult.SUCCESS
 
-    provider = TracerProvider()
+    provider = TracerProvider(sampler=ALWAYS_ON if ratio is None else ParentBased(TraceIdRatioBased(ratio)))
     provider.add_span_processor(BatchSpanProcessor(Dropping()))
     trace.set_tracer_provider(provider)
     return serve_metrics(0), (provider, Dropping)
@@ -164,10 +169,13 @@ async def _measure(server_url: str) -> dict[str, Any]:
     return out
 
 
-def _child(server_url: str, sdk: bool) -> dict[str, Any]:
-    if not sdk:
+MODES = {"api": "API only (no SDK)", "sdk": "SDK, every span", "sampled": f"SDK, {SAMPLED:.0%} sampled"}
+
+
+def _child(server_url: str, mode: str) -> dict[str, Any]:
+    if mode == "api":
         return asyncio.run(_measure(server_url))
-    server, (provider, exporter) = _install_sdk()
+    server, (provider, exporter) = _install_sdk(SAMPLED if mode == "sampled" else None)
     out = asyncio.run(_measure(server_url))
     provider.force_flush()
     with urllib.request.urlopen(server.url) as response:
@@ -197,17 +205,18 @@ CPU_ROWS = (
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.telemetry")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--child", choices=("api", "sdk"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=tuple(MODES), help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(_child(args.url, args.child == "sdk")))
+        print(json.dumps(_child(args.url, args.child)))
         return
-    runs: dict[str, list[dict[str, Any]]] = {"api": [], "sdk": []}
+    runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in MODES}
     console = Console()
+    order = list(MODES)
     with database_url() as url:
         for n in range(args.rounds):
-            for mode in (("api", "sdk") if n % 2 == 0 else ("sdk", "api")):
+            for mode in order[n % 3:] + order[: n % 3]:  # each mode goes first in turn
                 output = subprocess.run(
                     [sys.executable, "-m", "benchmarks.telemetry", "--child", mode, "--url", url],
                     check=True, capture_output=True, text=True,
@@ -215,20 +224,18 @@ def main() -> None:
                 runs[mode].append(json.loads(output.strip().splitlines()[-1]))
             console.print(f"round {n + 1}/{args.rounds} done")
     table = Table(title=f"telemetry cost: medians of {args.rounds} rounds, modes alternating")
-    for column in ("benchmark", "API only (no SDK)", "SDK exporting", "ratio", "unit"):
+    for column in ("benchmark", MODES["api"], MODES["sdk"], "ratio", MODES["sampled"], "ratio ", "unit"):
         table.add_column(column, justify="left" if column in ("benchmark", "unit") else "right")
-    for key, label, unit in ROWS:
-        without = statistics.median(r[key] for r in runs["api"])
-        with_sdk = statistics.median(r[key] for r in runs["sdk"])
-        table.add_row(label, f"{without:,.0f}", f"{with_sdk:,.0f}", f"{with_sdk / without:.3f}", unit)
-    for key, label, unit in CPU_ROWS:
-        without = statistics.median(r[key] for r in runs["api"]) * 1e6
-        with_sdk = statistics.median(r[key] for r in runs["sdk"]) * 1e6
-        table.add_row(label, f"{without:,.1f}", f"{with_sdk:,.1f}", f"{with_sdk / without:.3f}", unit)
+    for rows, scale, digits in ((ROWS, 1.0, 0), (CPU_ROWS, 1e6, 1)):
+        for key, label, unit in rows:
+            base, every, sampled = (statistics.median(r[key] for r in runs[m]) * scale for m in MODES)
+            table.add_row(label, f"{base:,.{digits}f}", f"{every:,.{digits}f}", f"{every / base:.3f}",
+                          f"{sampled:,.{digits}f}", f"{sampled / base:.3f}", unit)
     console.print(table)
-    last = runs["sdk"][-1]
-    console.print(f"SDK runs exported {last['spans_exported']:,} spans and "
-                  f"{last['scraped_append_series']} eventstore_append_duration_seconds_count series (last round)")
+    for mode in ("sdk", "sampled"):
+        last = runs[mode][-1]
+        console.print(f"{MODES[mode]}: exported {last['spans_exported']:,} spans and "
+                      f"{last['scraped_append_series']} eventstore_append_duration_seconds_count series (last round)")
 
 
 if __name__ == "__main__":
