@@ -91,11 +91,11 @@ Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 AppendHook = Callable[["UnitOfWork", AppendResult], Awaitable[None]]
 
 NOTIFY_INTERVAL = 0.005
+"""Seconds between two NOTIFYs at most: the first of a burst goes out at once, the rest are coalesced."""
 
 SPARE_IDLE = 0.05
 """Seconds the store keeps a spare connection (see `EventStore._own_connection`) unused before handing
 it back to the pool."""
-"""Seconds between two NOTIFYs at most: the first of a burst goes out at once, the rest are coalesced."""
 
 # Set while a connection of the store's own pool runs only the store's own statements, which leave no
 # session state behind: releasing it then skips asyncpg's reset query (a round trip per release).

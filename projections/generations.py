@@ -400,6 +400,18 @@ class ReadAhead:
             self._reading = True
             return await read_batch(conn, self._projection, after, limit, store.keyring)
 
+    async def read(
+        self, conn: Connection, after: Checkpoint, limit: int, keyring: Keyring, head: Checkpoint | None = None
+    ) -> tuple[list[RecordedEvent], Checkpoint]:
+        """`read_batch` on `conn`, or the batch read ahead if it is the same; when the batch is full, the
+        one after it is read ahead at once, while the caller applies this one."""
+        taken = await self.take(after, limit)
+        if taken is None:
+            taken = await read_batch(conn, self._projection, after, limit, keyring, head)
+        if len(taken[0]) == limit:
+            self.start(taken[1], limit)
+        return taken
+
     async def take(self, after: Checkpoint, limit: int) -> tuple[list[RecordedEvent], Checkpoint] | None:
         """The batch after `after` of `limit` events if it was read ahead (None: read it yourself)."""
         task, key, self._task, self._key = self._task, self._key, None, None

@@ -255,12 +255,7 @@ class Rebuild:
                 try:
                     async with conn.transaction():
                         await use_generation(conn, name, self.generation, self.search_path)
-                        taken = await ahead.take(self.checkpoint, limit)
-                        if taken is None:
-                            taken = await read_batch(conn, projection, self.checkpoint, limit, self.keyring)
-                        events, end = taken
-                        if len(events) == limit:
-                            ahead.start(end, limit)
+                        events, end = await ahead.read(conn, self.checkpoint, limit, self.keyring)
                         await projection.apply(conn, events, defer=True)
                         if end != self.checkpoint:
                             await conn.execute(sql.ADVANCE_REBUILD, name, end[0], end[1], len(events))

@@ -46,7 +46,6 @@ from projections.generations import (
     mismatch,
     partition_name,
     raise_if_disconnected,
-    read_batch,
     read_partition,
     runner_identity,
     schema_for,
@@ -316,15 +315,9 @@ class _Worker:
             self._generation = state.generation
             if state.generation != expected:
                 await use_generation(conn, projection.name, state.generation, self._search_path)
-            taken = await self._ahead.take(state.checkpoint, limit)
-            if taken is None:
-                head = None if row["head_log_xid"] is None else Checkpoint(row["head_log_xid"], row["head_position"])
-                keyring = self.runner.store.keyring
-                events, end = await read_batch(conn, projection, state.checkpoint, limit, keyring, head)
-            else:
-                events, end = taken
-            if len(events) == limit:  # catching up: the next batch is read while this one is applied
-                self._ahead.start(end, limit)
+            head = None if row["head_log_xid"] is None else Checkpoint(row["head_log_xid"], row["head_position"])
+            keyring = self.runner.store.keyring
+            events, end = await self._ahead.read(conn, state.checkpoint, limit, keyring, head)
             try:
                 await projection.apply(conn, events, defer=True)
             except HandlerFailed as failure:
