@@ -72,9 +72,10 @@ class ProjectionRunner:
     """Keeps asynchronous projections current. Use as `async with ProjectionRunner(store, [...]) as runner:`.
 
     Each batch is one transaction on the owner's connection: lock the checkpoint row, read the next
-    events, run the handlers, move the checkpoint. A kill at any point rolls the whole batch back, so
-    every event takes effect exactly once. A failing handler stops only its projection, with the event
-    and error recorded in its status.
+    events (or take those read ahead on a pooled connection while the batch before was applied, when
+    they start at the locked checkpoint), run the handlers, move the checkpoint. A kill at any point
+    rolls the whole batch back, so every event takes effect exactly once. A failing handler stops only
+    its projection, with the event and error recorded in its status.
 
     Keep batches short (`batch_size` times the handlers' time per event): while a batch transaction
     is open it holds back what every reader of the global log can see, cluster-wide.
