@@ -345,7 +345,7 @@ class UnitOfWork:
 
     async def read_query(self, query: Query, after: Checkpoint = START, *, limit: int = 1000) -> list[RecordedEvent]:
         """`EventStore.read_query` inside this transaction."""
-        rows = await self.connection.fetch(sql.READ_QUERY, *_query_args(query, after, limit))
+        rows = await self.connection.fetch(sql.CALL_READ_QUERY, *_query_args(query, after, limit))
         return await self._store.reveal(_records(rows), self.connection)
 
     async def read_stream(
@@ -880,7 +880,7 @@ class EventStore:
         The checkpoint of the last event a decision read is the `after` of its append condition.
         """
         args = _query_args(query, after, limit)
-        rows = await self.retrying(lambda: self._fetch(sql.READ_QUERY, *args))
+        rows = await self.retrying(lambda: self._fetch(sql.CALL_READ_QUERY, *args))
         return await self.reveal(_records(rows))
 
     async def read_with_condition(self, query: Query, *, page: int = 1000) -> tuple[list[RecordedEvent], Condition]:
@@ -897,7 +897,7 @@ class EventStore:
         after = START
         while True:
             page_args = (after[0], after[1], *args[2:])
-            rows = await self.retrying(partial(self._fetch, sql.READ_QUERY_COMMITTED, *page_args))
+            rows = await self.retrying(partial(self._fetch, sql.CALL_READ_QUERY_COMMITTED, *page_args))
             if rows and horizon is None:
                 horizon = int(rows[0]["horizon"])
             events.extend(tuple.__new__(RecordedEvent, r[:9]) for r in rows)
