@@ -17,7 +17,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from eventstore import EventStore
+from eventstore import EventStore, NewEvent
 from outbox import Outbox, RelaySettings, Route
 from outbox.cloudevents import CloudEvent, from_record
 from outbox.embedded import EmbeddedBroker, broker_binary, free_port
@@ -150,6 +150,30 @@ async def create_topic(servers: str, name: str | None = None, partitions: int = 
 @pytest.fixture
 async def topic(kafka: str) -> str:
     return await create_topic(kafka)
+
+
+@contextlib.asynccontextmanager
+async def keyed_writers(store: EventStore, keys: int) -> AsyncIterator[list[str]]:
+    """Writers appending five events to `order-{key}` every 50 ms until the block ends; yields the ids
+    appended so far (the list grows while the block runs, and is complete after it)."""
+    appended: list[str] = []
+    stop = asyncio.Event()
+
+    async def writer(key: int) -> None:
+        n = 0
+        while not stop.is_set():
+            events = [NewEvent("OrderPlaced", {"n": n + i}) for i in range(5)]
+            await store.append(f"order-{key}", events)
+            appended.extend(str(e.event_id) for e in events)
+            n += 5
+            await asyncio.sleep(0.05)
+
+    writers = [asyncio.create_task(writer(k)) for k in range(keys)]
+    try:
+        yield appended
+    finally:
+        stop.set()
+        await asyncio.gather(*writers)
 
 
 def relay_settings(**overrides: Any) -> RelaySettings:

@@ -19,7 +19,7 @@ from eventstore import EventStore, NewEvent
 from outbox import CloudEvent, Outbox, Relay, Route, retry_dead
 from outbox import status as outbox_status
 from outbox.embedded import EmbeddedNats
-from tests.outbox.conftest import relay_settings
+from tests.outbox.conftest import keyed_writers, relay_settings
 from tests.outbox.readers import NatsReader, RabbitReader, cut_relay_connections
 
 
@@ -71,34 +71,29 @@ async def _wait_none_pending(store: EventStore, timeout: float = 20.0) -> None:
             await asyncio.sleep(0.05)
 
 
-async def test_nats_messages_arrive_as_cloud_events_in_order_per_key_once(
-    store: EventStore, nats_reader: NatsReader
-) -> None:
-    await nats_reader.create(["orders"])
+async def _arrive_in_order_per_key_once(store: EventStore, reader: NatsReader | RabbitReader) -> None:
+    await reader.create(["orders"])
     await Outbox([Route("orders", category="order")], source="/tests").declare(store)
     written = await _append_interleaved(store, streams=20, versions=5)
-    async with Relay(store, nats_reader.settings, relay_settings(batch_size=32)) as relay:
-        events = await nats_reader.read(100)
+    async with Relay(store, reader.settings, relay_settings(batch_size=32)) as relay:
+        events = await reader.read(100)
         await _wait_none_pending(store)
     assert relay.stats.published == 100
     assert len(events) == 100 and {e.id for e in events} == set(written)
     _check_attributes(events, written)
     assert versions_by_subject(events) == {f"order-{s}": list(range(5)) for s in range(20)}
+
+
+async def test_nats_messages_arrive_as_cloud_events_in_order_per_key_once(
+    store: EventStore, nats_reader: NatsReader
+) -> None:
+    await _arrive_in_order_per_key_once(store, nats_reader)
 
 
 async def test_rabbitmq_messages_arrive_as_cloud_events_in_order_per_key(
     store: EventStore, rabbit_reader: RabbitReader
 ) -> None:
-    await rabbit_reader.create(["orders"])
-    await Outbox([Route("orders", category="order")], source="/tests").declare(store)
-    written = await _append_interleaved(store, streams=20, versions=5)
-    async with Relay(store, rabbit_reader.settings, relay_settings(batch_size=32)) as relay:
-        events = await rabbit_reader.read(100)
-        await _wait_none_pending(store)
-    assert relay.stats.published == 100
-    assert len(events) == 100 and {e.id for e in events} == set(written)
-    _check_attributes(events, written)
-    assert versions_by_subject(events) == {f"order-{s}": list(range(5)) for s in range(20)}
+    await _arrive_in_order_per_key_once(store, rabbit_reader)
 
 
 async def test_nats_re_sends_within_the_duplicate_window_are_dropped(
@@ -161,20 +156,7 @@ async def test_rabbitmq_unroutable_message_is_refused_dead_lettered_and_retried_
 
 async def _restart_mid_stream(store: EventStore, relay: Relay, fail: object, rounds: int = 2) -> list[str]:
     """Writers append to 4 keys while the broker fails `rounds` times; returns the event ids appended."""
-    appended: list[str] = []
-    stop = asyncio.Event()
-
-    async def writer(key: int) -> None:
-        n = 0
-        while not stop.is_set():
-            events = [NewEvent("OrderPlaced", {"n": n + i}) for i in range(5)]
-            await store.append(f"order-{key}", events)
-            appended.extend(str(e.event_id) for e in events)
-            n += 5
-            await asyncio.sleep(0.05)
-
-    writers = [asyncio.create_task(writer(k)) for k in range(4)]
-    try:
+    async with keyed_writers(store, keys=4) as appended:
         for _ in range(rounds):
             published = relay.stats.published
             async with asyncio.timeout(20):
@@ -187,9 +169,6 @@ async def _restart_mid_stream(store: EventStore, relay: Relay, fail: object, rou
             async with asyncio.timeout(20):
                 while relay.stats.broker_errors == errors:  # noqa: ASYNC110 - mid-stream
                     await asyncio.sleep(0.02)
-    finally:
-        stop.set()
-        await asyncio.gather(*writers)
     await _wait_none_pending(store, timeout=30)
     return appended
 

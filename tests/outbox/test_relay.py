@@ -15,7 +15,7 @@ import pytest
 from eventstore import EventStore, NewEvent, StreamState, asyncpg_dsn
 from outbox import KafkaSettings, Outbox, Relay, Route, retry_dead
 from outbox.embedded import EmbeddedBroker
-from tests.outbox.conftest import Collector, CuttableBroker, create_topic, relay_settings
+from tests.outbox.conftest import Collector, CuttableBroker, create_topic, keyed_writers, relay_settings
 
 
 def versions_by_key(collector: Collector) -> dict[str, list[int]]:
@@ -251,23 +251,10 @@ async def test_order_per_key_holds_when_the_network_to_the_broker_fails_mid_stre
     kafka = KafkaSettings(bootstrap_servers=servers, max_batch_size=1024)
     collector = Collector(servers, topic)
     keys = 4
-    appended: list[str] = []
-    stop = asyncio.Event()
-
-    async def writer(key: int) -> None:
-        n = 0
-        while not stop.is_set():
-            events = [NewEvent("OrderPlaced", {"n": n + i}) for i in range(5)]
-            await store.append(f"order-{key}", events)
-            appended.extend(str(e.event_id) for e in events)
-            n += 5
-            await asyncio.sleep(0.05)
-
     await collector.start()
     try:
         async with Relay(store, kafka, relay_settings(send_timeout=1.0)) as relay:
-            writers = [asyncio.create_task(writer(k)) for k in range(keys)]
-            try:
+            async with keyed_writers(store, keys) as appended:
                 for cut in range(1, 4):
                     await collector.wait_count(len(collector.ids()) + 30)  # mid-stream
                     cuttable_broker.cut()
@@ -275,9 +262,6 @@ async def test_order_per_key_holds_when_the_network_to_the_broker_fails_mid_stre
                     await asyncio.sleep(1.5)
                     await wait_until(lambda c=cut: _true(relay.stats.broker_errors >= c), what="a broker error")
                     cuttable_broker.heal()
-            finally:
-                stop.set()
-                await asyncio.gather(*writers)
             await collector.wait_for(lambda c: set(appended) <= c.ids(), timeout=30)
     finally:
         await collector.stop()
