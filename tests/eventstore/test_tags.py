@@ -277,3 +277,21 @@ async def test_the_query_reads_and_the_conditional_append_keep_generic_plans(sto
     names = ("eventstore_read_query", "eventstore_read_query_committed", "eventstore_append_tagged")
     generic = ["plan_cache_mode=force_generic_plan"]
     assert {r["proname"]: r["proconfig"] for r in rows} == {name: generic for name in names}
+
+
+async def test_a_conditional_append_never_scans_the_whole_log(store: EventStore) -> None:
+    """The retry check looks each event id up in its index (migration 0015).
+
+    The session keeps one generic plan; `event_id = ANY (...)` was planned as a scan of `events` on a
+    log of a thousand events, and that scan then ran in every conditional append of the session.
+    """
+    for start in range(0, 1_000, 500):
+        filler = [NewEvent("Filler", {"i": i}, tags=[f"filler:{i}"]) for i in range(start, start + 500)]
+        await store.append(fresh(), filler)
+    query = Query.of(["Booked"], ["course:1"])
+    async with store.unit_of_work() as uow:
+        for i in range(3):  # the first calls of a session plan; later ones run the cached plan
+            booked = NewEvent("Booked", {"i": i}, tags=[f"course:{i + 2}"])
+            await uow.append(fresh(), [booked], condition=(query, START))
+        scans = await uow.connection.fetchval("SELECT seq_scan FROM pg_stat_xact_user_tables WHERE relname = 'events'")
+    assert scans == 0
