@@ -9,7 +9,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from opentelemetry import metrics, trace
-from opentelemetry.trace import SpanKind
+
+from eventstore.telemetry import Tally, current_span
 
 tracer = trace.get_tracer("aggregates")
 meter = metrics.get_meter("aggregates")
@@ -19,11 +20,11 @@ _TYPE = "aggregate.type"
 _load_duration = meter.create_histogram(
     "aggregate.load.duration", unit="s", description="Loading one aggregate: snapshot, read, replay"
 )
-_replayed = meter.create_counter(
-    "aggregate.load.replayed_events", unit="{event}", description="Events replayed by loads (after the snapshot)"
+_replayed = Tally(
+    meter, "aggregate.load.replayed_events", unit="{event}", description="Events replayed by loads (after the snapshot)"
 )
-_snapshots = meter.create_counter(
-    "aggregate.load.snapshots", unit="{load}",
+_snapshots = Tally(
+    meter, "aggregate.load.snapshots", unit="{load}",
     description="Loads of aggregates that snapshot, by whether a snapshot served (hit) or not (miss)",
 )
 _save_duration = meter.create_histogram(
@@ -46,9 +47,7 @@ def load(method: Load) -> Load:
         started = time.perf_counter()
         token = _restored.set(-1)
         try:
-            with tracer.start_as_current_span(
-                "aggregate load", kind=SpanKind.INTERNAL, attributes={**attributes, "aggregate.id": str(aggregate_id)}
-            ) as span:
+            with current_span(tracer, "aggregate load", {**attributes, "aggregate.id": str(aggregate_id)}) as span:
                 aggregate = await method(repository, aggregate_id, **kwargs)
                 replayed = aggregate.version - _restored.get()
                 if span.is_recording():
@@ -90,9 +89,7 @@ def save(method: Save) -> Save:
     async def save_(repository: Any, aggregate: Any, **kwargs: Any) -> Any:
         attributes = {_TYPE: repository.aggregate_type.__qualname__}
         started = time.perf_counter()
-        with tracer.start_as_current_span(
-            "aggregate save", kind=SpanKind.INTERNAL, attributes={**attributes, "aggregate.id": str(aggregate.id)}
-        ):
+        with current_span(tracer, "aggregate save", {**attributes, "aggregate.id": str(aggregate.id)}):
             result = await method(repository, aggregate, **kwargs)
         _save_duration.record(time.perf_counter() - started, attributes)
         return result

@@ -20,9 +20,11 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from opentelemetry import metrics, propagate, trace
+from opentelemetry import context, metrics, propagate, trace
 from opentelemetry.context import Context
-from opentelemetry.trace import SpanKind
+from opentelemetry.metrics import CallbackOptions, Meter, Observation
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.util.types import AttributeValue
 
 from eventstore.errors import (
     AppendConditionFailed,
@@ -50,7 +52,58 @@ SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 tracer = trace.get_tracer("eventstore")
 meter = metrics.get_meter("eventstore")
 
-_appended_events = meter.create_counter("eventstore.appended_events", unit="{event}", description="Events written")
+
+class Tally:
+    """A counter for hot paths: summed in the process, handed to the SDK when metrics are collected.
+
+    An SDK counter's `add` hashes its attributes and walks views and locks on every call (7-14 µs each
+    on the benchmark machine); this one updates a dict under a lock, and an observable counter of the
+    same name reports the sums, so the exported series is the same counter. Without an SDK nothing
+    ever collects it.
+    """
+
+    def __init__(self, meter: Meter, name: str, unit: str, description: str) -> None:
+        self._sums: dict[frozenset[tuple[str, AttributeValue]], int] = {}
+        self._lock = threading.Lock()
+        meter.create_observable_counter(name, [self._observe], unit=unit, description=description)
+
+    def add(self, amount: int, attributes: Mapping[str, AttributeValue] | None = None) -> None:
+        key = frozenset(attributes.items()) if attributes else frozenset()
+        with self._lock:
+            self._sums[key] = self._sums.get(key, 0) + amount
+
+    def _observe(self, _: CallbackOptions) -> list[Observation]:
+        with self._lock:
+            sums = list(self._sums.items())
+        return [Observation(total, dict(key)) for key, total in sums]
+
+
+class current_span:
+    """`tracer.start_as_current_span` as one small context manager: the API's nests three generator
+    context managers, a third of what an unsampled span costs. Records an escaping exception on the
+    span and marks it failed, as the API's does."""
+
+    __slots__ = ("_attributes", "_name", "_token", "_tracer", "span")
+
+    def __init__(self, tracer: trace.Tracer, name: str, attributes: Mapping[str, AttributeValue]) -> None:
+        self._tracer, self._name, self._attributes = tracer, name, attributes
+
+    def __enter__(self) -> Span:
+        self.span = self._tracer.start_span(self._name, kind=SpanKind.INTERNAL, attributes=self._attributes)
+        self._token = context.attach(trace.set_span_in_context(self.span))
+        return self.span
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, _: object) -> None:
+        try:
+            if exc is not None and self.span.is_recording():
+                self.span.record_exception(exc)
+                self.span.set_status(Status(StatusCode.ERROR, f"{kind.__name__ if kind else 'Error'}: {exc}"))
+        finally:
+            context.detach(self._token)
+            self.span.end()
+
+
+_appended_events = Tally(meter, "eventstore.appended_events", unit="{event}", description="Events written")
 _append_duration = meter.create_histogram(
     "eventstore.append.duration", unit="s",
     description="Time of one append, until it returns, by outcome; its count is the number of appends",
@@ -59,8 +112,8 @@ _conflicts = meter.create_counter(
     "eventstore.append.conflicts", unit="{append}",
     description="Appends refused by optimistic concurrency, by kind (wrong_expected_version, condition_failed, ...)",
 )
-_reads = meter.create_counter("eventstore.reads", unit="{read}", description="Reads, by kind (stream, all)")
-_read_events = meter.create_counter("eventstore.read_events", unit="{event}", description="Events read")
+_reads = Tally(meter, "eventstore.reads", unit="{read}", description="Reads, by kind (stream, all)")
+_read_events = Tally(meter, "eventstore.read_events", unit="{event}", description="Events read")
 
 
 class TelemetryUnavailable(InvalidArgument):
@@ -168,9 +221,7 @@ def _failed_append(exc: Exception, started: float) -> None:
 async def _traced_append(
     method: Callable[..., Awaitable[AppendResult]], self: Any, stream_id: str, args: Any, kwargs: Any, started: float
 ) -> AppendResult:
-    with tracer.start_as_current_span(
-        "eventstore.append", kind=SpanKind.INTERNAL, attributes={"eventstore.stream_id": str(stream_id)}
-    ) as span:
+    with current_span(tracer, "eventstore.append", {"eventstore.stream_id": str(stream_id)}) as span:
         try:
             result = await method(self, stream_id, *args, **kwargs)
         except Exception as exc:
