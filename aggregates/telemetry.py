@@ -55,7 +55,7 @@ def load(method: Load) -> Load:
                     span.set_attribute("aggregate.version", aggregate.version)
         finally:
             _restored.reset(token)
-        _replayed.add(replayed, attributes)
+        _replayed.add(replayed, ((_TYPE, kind),))
         _load_duration.record(time.perf_counter() - started, attributes)
         return aggregate
 
@@ -73,7 +73,7 @@ def snapshot(method: Restore) -> Restore:
         version = await method(repository, *args)
         _restored.set(version)
         result = "hit" if version >= 0 else "miss"
-        _snapshots.add(1, {_TYPE: repository.aggregate_type.__qualname__, "aggregate.snapshot.result": result})
+        _snapshots.add(1, ((_TYPE, repository.aggregate_type.__qualname__), ("aggregate.snapshot.result", result)))
         return version
 
     return restore  # type: ignore[return-value]

@@ -53,24 +53,27 @@ tracer = trace.get_tracer("eventstore")
 meter = metrics.get_meter("eventstore")
 
 
+Attributes = tuple[tuple[str, AttributeValue], ...]
+"""A `Tally`'s attributes: (name, value) pairs, in the same order at every call of one counter."""
+
+
 class Tally:
     """A counter for hot paths: summed in the process, handed to the SDK when metrics are collected.
 
     An SDK counter's `add` hashes its attributes and walks views and locks on every call (7-14 µs each
-    on the benchmark machine); this one updates a dict under a lock, and an observable counter of the
-    same name reports the sums, so the exported series is the same counter. Without an SDK nothing
-    ever collects it.
+    on the benchmark machine); this one updates a dict under a lock (under a µs), and an observable
+    counter of the same name reports the sums, so the exported series is the same counter. Without an
+    SDK nothing ever collects it.
     """
 
     def __init__(self, meter: Meter, name: str, unit: str, description: str) -> None:
-        self._sums: dict[frozenset[tuple[str, AttributeValue]], int] = {}
+        self._sums: dict[Attributes, int] = {}
         self._lock = threading.Lock()
         meter.create_observable_counter(name, [self._observe], unit=unit, description=description)
 
-    def add(self, amount: int, attributes: Mapping[str, AttributeValue] | None = None) -> None:
-        key = frozenset(attributes.items()) if attributes else frozenset()
+    def add(self, amount: int, attributes: Attributes = ()) -> None:
         with self._lock:
-            self._sums[key] = self._sums.get(key, 0) + amount
+            self._sums[attributes] = self._sums.get(attributes, 0) + amount
 
     def _observe(self, _: CallbackOptions) -> list[Observation]:
         with self._lock:
@@ -238,7 +241,7 @@ Read = TypeVar("Read", bound=Callable[..., Awaitable[list[Any]]])
 
 def counted_read(kind: str) -> Callable[[Read], Read]:
     """Count the calls of a read method and the events they return (no span: reads are many and small)."""
-    attributes = {"eventstore.read.kind": kind}
+    attributes = (("eventstore.read.kind", kind),)
 
     def decorate(method: Read) -> Read:
         @functools.wraps(method)
