@@ -175,11 +175,20 @@ def _check_text(kind: str, value: object, limit: int, error: type[InvalidArgumen
     return value
 
 
+_MAX_LABEL = 1000
+"""Longest snapshot type accepted (the column has no limit; a type name is far shorter)."""
+
+_BIGINT_MAX = 2**63 - 1
+"""The largest value of a PostgreSQL bigint: versions, positions and transaction ids are bigints."""
+
+
 def _check_int(name: str, value: object, minimum: int | None) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidArgument(f"{name} must be an int, got {value!r}")
     if minimum is not None and value < minimum:
         raise InvalidArgument(f"{name} must be at least {minimum}, got {value}")
+    if not -_BIGINT_MAX - 1 <= value <= _BIGINT_MAX:
+        raise InvalidArgument(f"{name} must fit in 64 bits (at most {_BIGINT_MAX}), got {value}")
     return value
 
 
@@ -201,6 +210,8 @@ def _expected_number(expected: ExpectedVersion) -> int:
         raise InvalidAppend(f"expected version must be an int or a StreamState, got {expected!r}")
     if expected < 0:
         raise InvalidAppend(f"expected version must not be negative, got {expected}")
+    if expected > _BIGINT_MAX:
+        raise InvalidAppend(f"expected version must fit in 64 bits (at most {_BIGINT_MAX}), got {expected}")
     return expected
 
 
@@ -804,6 +815,9 @@ class EventStore:
     ) -> list[RecordedEvent]:
         """Events of one stream recorded at or before `until` (temporal queries)."""
         check_stream_id(stream_id)
+        if not isinstance(until, datetime):
+            raise InvalidArgument(f"until must be a datetime, got {type(until).__name__}")
+        _check_int("from_version", from_version, None)
         rows = await self.retrying(
             lambda: self._fetch(sql.READ_STREAM_UNTIL_TIME, stream_id, from_version, until, _MAX_VERSION)
         )
@@ -936,6 +950,7 @@ class EventStore:
         PostgreSQL cluster (transaction ids are cluster-wide), so a long transaction, even in another
         database, holds it back until it ends. Raises `TimeoutError` after `timeout` seconds.
         """
+        checkpoint = _checkpoint(checkpoint)
         polls = Backoff(0.005, 0.1)
         async with asyncio.timeout(timeout):
             while not await self.retrying(lambda: self._fetchval(sql.CHECKPOINT_VISIBLE, checkpoint[0])):
@@ -944,9 +959,13 @@ class EventStore:
 
     async def count_after(self, after: Checkpoint) -> int:
         """How many visible events lie after `after` (a reader's lag)."""
+        after = _checkpoint(after)
         return int(await self.retrying(lambda: self._fetchval(sql.COUNT_AFTER, after[0], after[1])))
 
     async def list_streams(self, category: str | None = None, limit: int = 100) -> list[tuple[str, int]]:
+        if category is not None and (not isinstance(category, str) or "\x00" in category):
+            raise InvalidArgument(f"category must be a string without NUL, got {category!r}")  # may be empty
+        _check_int("limit", limit, 0)
         rows = await self.retrying(lambda: self._fetch(sql.LIST_STREAMS, category, limit))
         return [(r[0], r[1]) for r in rows]
 
@@ -960,6 +979,11 @@ class EventStore:
         poll_interval: float = 1.0,
     ) -> Subscription:
         """Catch up from `after`, then follow new events (LISTEN/NOTIFY, polling as a fallback)."""
+        after = _checkpoint(after)
+        if category is not None:
+            _check_text("category", category, MAX_STREAM_ID_LENGTH)
+        if isinstance(poll_interval, bool) or not isinstance(poll_interval, int | float) or not poll_interval > 0:
+            raise InvalidArgument(f"poll_interval must be a positive number of seconds, got {poll_interval!r}")
         return Subscription(
             self, after, types=types, category=category, batch_size=batch_size, poll_interval=poll_interval
         )
@@ -989,6 +1013,12 @@ async def _save_snapshot(
     stream_version: int,
     data: str,
 ) -> None:
+    _check_text("snapshot type", snapshot_type, _MAX_LABEL)
+    if not isinstance(schema_version, str) or "\x00" in schema_version:
+        raise InvalidArgument(f"schema_version must be a string without NUL, got {schema_version!r}")
+    _check_int("stream_version", stream_version, 0)
+    if not isinstance(data, str):
+        raise InvalidArgument(f"snapshot data must be JSON text (str), got {type(data).__name__}")
     try:
         await executor.execute(sql.SAVE_SNAPSHOT, stream_id, snapshot_type, schema_version, stream_version, data)
     except _JSON_REFUSED as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -61,8 +62,19 @@ class OutboxStatus:
         return sum(t.dead for t in self.topics)
 
 
+_BIGINT_MAX = 2**63 - 1
+
+
+def _count(name: str, value: object, minimum: int) -> int:
+    """An int argument that PostgreSQL takes as a bigint: a typed error instead of the driver's."""
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= _BIGINT_MAX:
+        raise InvalidArgument(f"{name} must be an int from {minimum} to {_BIGINT_MAX}, got {value!r}")
+    return value
+
+
 async def status(store: EventStore, *, dead_limit: int = 20) -> OutboxStatus:
     """Counts per topic, the running relays with their slots, and the first dead messages."""
+    _count("dead_limit", dead_limit, 0)
     async with store.pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
         topics = [TopicStatus(*r) for r in await conn.fetch(sql.STATUS_BY_TOPIC)]
         relays = [RelayStatus(*r) for r in await conn.fetch(sql.RELAYS)]
@@ -74,8 +86,13 @@ async def retry_dead(
     store: EventStore, *, ids: Sequence[int] | None = None, topic: str | None = None
 ) -> list[int]:
     """Put dead messages (all, or those with `ids` / on `topic`) back in line; wake the relays."""
-    if ids is not None and (isinstance(ids, str | bytes) or not all(isinstance(i, int) for i in ids)):
+    if ids is not None and (
+        isinstance(ids, str | bytes) or not isinstance(ids, Sequence)
+        or not all(not isinstance(i, bool) and isinstance(i, int) and 0 <= i <= _BIGINT_MAX for i in ids)
+    ):
         raise InvalidArgument("ids must be a sequence of integer message ids")
+    if topic is not None and (not isinstance(topic, str) or not topic or "\x00" in topic):
+        raise InvalidArgument(f"topic must be a non-empty string, got {topic!r}")
     async with store.pool.acquire() as conn:
         async with conn.transaction():
             rows = await conn.fetch(sql.RETRY_DEAD, list(ids) if ids is not None else None, topic)
@@ -86,8 +103,9 @@ async def retry_dead(
 
 async def prune_published(store: EventStore, older_than: float, *, chunk: int = 5000) -> int:
     """Delete messages published more than `older_than` seconds ago, in chunks; return how many."""
-    if older_than < 0:
-        raise InvalidArgument("older_than must not be negative")
+    if isinstance(older_than, bool) or not isinstance(older_than, int | float) or not 0 <= older_than < math.inf:
+        raise InvalidArgument(f"older_than must be a number of seconds >= 0, got {older_than!r}")
+    _count("chunk", chunk, 1)
     total = 0
     while True:
         result = await store.pool.execute(sql.PRUNE_PUBLISHED, older_than, chunk)

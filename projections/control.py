@@ -12,7 +12,7 @@ from uuid import UUID
 
 import asyncpg
 
-from eventstore import START, Checkpoint, EventStore, InvalidArgument, Keyring, with_retries
+from eventstore import START, Checkpoint, EventStore, Keyring, with_retries
 from projections import sql
 from projections.errors import (
     InvalidProjection,
@@ -24,6 +24,8 @@ from projections.errors import (
 from projections.generations import (
     StoredCheckpoint,
     apply_committed,
+    check_batch_size,
+    check_name,
     connect,
     create_generation,
     disconnect,
@@ -184,6 +186,7 @@ class ProjectionAdmin:
 
         Returns False if it had not failed. Works by name alone, so an operator needs no declarations.
         """
+        check_name(name)
         if await _migrated(self.store.pool.fetchval(sql.RESUME, name)) is not None:
             return True
         if await self.store.pool.fetchrow(sql.SELECT_CHECKPOINT, name) is None:
@@ -197,6 +200,7 @@ class ProjectionAdmin:
         Works by name alone. Stop its runners first (a running one would create it again); an inline
         projection's guard goes with it, so its events can be appended again by any process.
         """
+        check_name(name)
 
         async def drop() -> None:
             async with self._exclusive(name, "drop") as (conn, _, view_schema), conn.transaction():
@@ -270,8 +274,7 @@ class ProjectionAdmin:
         if another process is rebuilding it, `ProjectionFailed` if a handler fails.
         """
         projection = self.get(name)
-        if batch_size <= 0:
-            raise InvalidArgument("batch_size must be positive")
+        check_batch_size(batch_size)
         tracker = ProgressTracker(name, progress, progress_interval)
         fresh = [restart]
 

@@ -38,6 +38,8 @@ from projections.generations import (
     BatchLimit,
     ReadAhead,
     StoredCheckpoint,
+    check_batch_size,
+    check_checkpoint,
     connect,
     disconnect,
     distinct,
@@ -91,8 +93,7 @@ class ProjectionRunner:
         lease_interval: float = 1.0,
         label: str | None = None,
     ) -> None:
-        if batch_size <= 0:
-            raise InvalidArgument("batch_size must be positive")
+        check_batch_size(batch_size)
         if poll_interval <= 0 or lease_interval <= 0:
             raise InvalidArgument("poll_interval and lease_interval must be positive")
         self.store = store
@@ -160,7 +161,7 @@ class ProjectionRunner:
         `ProjectionNeedsRebuild` if the stored tables of one belong to another declaration. Bound the
         wait with `asyncio.timeout`.
         """
-        head = await self.store.last_committed() if until is None else Checkpoint(*until)
+        head = await self.store.last_committed() if until is None else check_checkpoint(until)
         names = [p.name for p in self.projections]
         declared = {p.name: p for p in self.projections}
         while True:

@@ -96,6 +96,18 @@ async def test_domain_events_and_snapshots_refuse_nan(store: EventStore, value: 
         (lambda s: s.read_stream("s-1", limit=-1), "limit must be at least 0"),
         (lambda s: s.read_stream("s-1", "0"), "from_version"),
         (lambda s: s.read_stream("", 0), "stream id"),
+        # Past a bigint: the driver's own DataError before (beyond PostgreSQL's range, never a real value).
+        (lambda s: s.read_all((2**63, 0)), "log_xid must fit in 64 bits"),
+        (lambda s: s.read_all(limit=2**63), "limit must fit in 64 bits"),
+        (lambda s: s.read_stream("s-1", -(2**63) - 1), "from_version must fit in 64 bits"),
+        (lambda s: s.count_after((0, 2**63)), "position must fit in 64 bits"),
+        (lambda s: s.wait_until_visible((2**64, 0), timeout=1), "log_xid must fit in 64 bits"),
+        (lambda s: s.list_streams(limit=2**63), "limit must fit in 64 bits"),
+        (lambda s: s.list_streams(category=7), "category must be a string"),
+        (lambda s: s.read_stream_until("s-1", "yesterday"), "until must be a datetime"),
+        (lambda s: s.save_snapshot("s-1", "T", "1", 2**63, "{}"), "stream_version must fit in 64 bits"),
+        (lambda s: s.save_snapshot("s-1", "T", "1", 0, {"a": 1}), "snapshot data must be JSON text"),
+        (lambda s: s.save_snapshot("s-1", "T\x00", "1", 0, "{}"), "NUL"),
     ],
 )
 async def test_bad_read_arguments_are_typed(store: EventStore, call: Any, message: str) -> None:
@@ -107,6 +119,10 @@ async def test_bad_read_arguments_are_typed(store: EventStore, call: Any, messag
 def test_bad_subscription_and_settings_are_typed(store: EventStore) -> None:
     with pytest.raises(InvalidArgument):
         store.subscribe(START, batch_size=0)
+    with pytest.raises(InvalidArgument, match="fit in 64 bits"):
+        store.subscribe((2**63, 0))
+    with pytest.raises(InvalidArgument, match="poll_interval"):
+        store.subscribe(START, poll_interval=0)
     with pytest.raises(InvalidSettings):
         KafkaSettings(bootstrap_servers="")
     with pytest.raises(InvalidSettings):

@@ -143,6 +143,7 @@ async def test_same_event_id_with_other_content_is_an_error(store: EventStore) -
         ("ok-1", [ev(), object()], StreamState.ANY, InvalidAppend),
         ("ok-1", [ev()], -1, InvalidAppend),
         ("ok-1", [ev()], True, InvalidAppend),
+        ("ok-1", [ev()], 2**63, InvalidAppend),
         ("ok-1", [ev(), NewEvent("", {})], StreamState.ANY, InvalidAppend),
         ("ok-1", [ev(), NewEvent("T", {"x": object()})], StreamState.ANY, EventSerializationError),
         ("ok-1", [NewEvent("T", {"x": 2**70})], StreamState.ANY, EventSerializationError),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from eventstore import EventStore, NewEvent
 from outbox import Outbox, Route
 from tests.outbox.test_relay_processes import EVENTSTORE
@@ -63,3 +65,26 @@ async def test_bad_arguments_are_one_clear_line(database_url: str) -> None:
     assert code == 2 and "must not be negative" in err and "Traceback" not in err
     code, _, err = await cli("postgresql://postgres@127.0.0.1:1/none", "status")
     assert code == 2 and "error" in err and "Traceback" not in err
+
+
+async def test_bad_operator_input_is_a_typed_error_and_changes_nothing(store: EventStore) -> None:
+    from eventstore import InvalidArgument
+    from outbox import prune_published, retry_dead, status
+
+    await Outbox([Route("orders")]).declare(store)
+    await store.append("order-2", [NewEvent("OrderPlaced")])
+    await store.pool.execute("UPDATE outbox SET dead_at = now(), attempts = 5, last_error = 'x'")
+    calls = [
+        retry_dead(store, ids=[2**63]),
+        retry_dead(store, ids=[True]),
+        retry_dead(store, ids="12"),
+        retry_dead(store, topic=7),  # type: ignore[arg-type]
+        prune_published(store, "1h"),  # type: ignore[arg-type]
+        prune_published(store, float("inf")),
+        prune_published(store, 60, chunk=0),
+        status(store, dead_limit=2**63),
+    ]
+    for call in calls:
+        with pytest.raises(InvalidArgument):
+            await call
+    assert await store.pool.fetchval("SELECT count(*) FROM outbox WHERE dead_at IS NOT NULL") == 1

@@ -128,3 +128,27 @@ async def test_after_a_failed_batch_its_events_go_one_at_a_time_then_full_batche
         later = await store.append("acc-9", [deposit("acc9", n) for n in range(20)])
         await caught_up(runner, later.checkpoint)
     assert sizes == [1, 1, 1, 20]
+
+
+async def test_bad_operator_input_is_a_typed_error(store: EventStore) -> None:
+    """Values PostgreSQL cannot take (past a bigint, a NUL) are refused before any statement runs."""
+    from eventstore import InvalidArgument
+    from projections import ProjectionRunner
+
+    projections = ProjectionAdmin(store, [Ledger()])
+    for size in (0, 2**63, 1.5, True):
+        with pytest.raises(InvalidArgument, match="batch_size"):
+            ProjectionRunner(store, [Ledger()], batch_size=size)  # type: ignore[arg-type]
+        with pytest.raises(InvalidArgument, match="batch_size"):
+            await projections.rebuild("ledger", batch_size=size)  # type: ignore[arg-type]
+    for name in ("", "led\x00ger", 7):
+        with pytest.raises(InvalidArgument, match="projection name"):
+            await projections.resume(name)  # type: ignore[arg-type]
+        with pytest.raises(InvalidArgument, match="projection name"):
+            await projections.drop(name)  # type: ignore[arg-type]
+    async with projections.runner() as runner:
+        for until in ("x", (1,), (2**63, 0), (-1, 0)):
+            with pytest.raises(InvalidArgument, match="checkpoint"):
+                await runner.wait_caught_up(until)  # type: ignore[arg-type]
+        await runner.wait_caught_up()
+    assert [s.name for s in await projections.status()] == ["ledger"]
