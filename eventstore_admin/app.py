@@ -378,8 +378,15 @@ def create_app(settings: AdminSettings) -> Starlette:
     return app
 
 
+_BIGINT_MAX = 2**63 - 1
+
+
 def _int(text: str | None) -> int | None:
-    if text is None or not text.strip().isdigit():
+    """A number from an address: plain ASCII digits within a bigint (`isdigit` also takes '²'), else None."""
+    if text is None:
+        return None
+    text = text.strip()
+    if not (text.isascii() and text.isdigit()) or len(text) > 19 or int(text) > _BIGINT_MAX:
         return None
     return int(text)
 

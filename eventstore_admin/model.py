@@ -77,7 +77,9 @@ class LogPosition:
     @classmethod
     def parse(cls, text: str) -> LogPosition | None:
         head, dot, tail = text.strip().partition(".")
-        if not dot or not head.isdigit() or not tail.isdigit():
+        if not dot or not all(part.isascii() and part.isdigit() and len(part) <= 19 for part in (head, tail)):
+            return None  # `isdigit` also takes '²'; a bigint has at most 19 digits
+        if max(int(head), int(tail)) > 2**63 - 1:
             return None
         return cls(int(head), int(tail))
 
