@@ -111,6 +111,8 @@ async def delete(store: EventStore, stream_ids: Sequence[str], reason: str) -> d
         raise InvalidArgument("no streams to delete")
     if not isinstance(reason, str) or not reason.strip():
         raise InvalidArgument("a deletion needs a reason (it is recorded with it)")
+    if "\x00" in reason:
+        raise InvalidArgument("a deletion's reason must not contain the NUL character")
     for stream_id in ids:
         if stream_id.startswith("$"):
             raise InvalidArgument(f"{stream_id!r} is a stream of the store's own records; they are never deleted")

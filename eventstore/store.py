@@ -764,6 +764,7 @@ class EventStore:
 
     async def stream_version(self, stream_id: str) -> int:
         """The stream's current version, -1 when it has no events."""
+        check_stream_id(stream_id)
         version = await self.retrying(lambda: self._fetchval(sql.STREAM_VERSION, stream_id))
         return -1 if version is None else int(version)
 
@@ -781,6 +782,11 @@ class EventStore:
         count = _MAX_VERSION if limit is None else _check_int("limit", limit, 0)
         if from_version is not None:
             _check_int("from_version", from_version, None)
+        if not isinstance(direction, Direction):
+            try:
+                direction = Direction(direction)  # its value, "forwards" or "backwards", will do
+            except ValueError:
+                raise InvalidArgument(f"direction must be a Direction, got {direction!r}") from None
         if direction is Direction.FORWARDS:
             start = 0 if from_version is None else from_version
             rows = await self.retrying(
@@ -837,7 +843,9 @@ class EventStore:
         tx, pos = _checkpoint(after)
         if category is not None:
             _check_text("category", category, MAX_STREAM_ID_LENGTH)
-        if types is not None and (isinstance(types, str) or not all(isinstance(t, str) for t in types)):
+        if types is not None and (
+            isinstance(types, str) or not all(isinstance(t, str) and "\x00" not in t for t in types)
+        ):
             raise InvalidArgument(f"types must be a sequence of event type names, got {types!r}")
         if types is not None and not types:
             return []

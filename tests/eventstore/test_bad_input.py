@@ -108,6 +108,10 @@ async def test_domain_events_and_snapshots_refuse_nan(store: EventStore, value: 
         (lambda s: s.save_snapshot("s-1", "T", "1", 2**63, "{}"), "stream_version must fit in 64 bits"),
         (lambda s: s.save_snapshot("s-1", "T", "1", 0, {"a": 1}), "snapshot data must be JSON text"),
         (lambda s: s.save_snapshot("s-1", "T\x00", "1", 0, "{}"), "NUL"),
+        (lambda s: s.read_stream("s-1", direction="up"), "direction must be a Direction"),
+        (lambda s: s.stream_version("s\x00"), "stream id"),
+        (lambda s: s.stream_version(5), "stream id"),
+        (lambda s: s.read_all(types=["T\x00"]), "types"),
     ],
 )
 async def test_bad_read_arguments_are_typed(store: EventStore, call: Any, message: str) -> None:

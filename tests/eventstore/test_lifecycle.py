@@ -73,6 +73,8 @@ async def test_bad_lifecycle_input_changes_nothing(store: EventStore) -> None:
     with pytest.raises(InvalidArgument):
         await lifecycle.delete(store, ["note-k"], " ")
     with pytest.raises(InvalidArgument):
+        await lifecycle.delete(store, ["note-k"], "nul\x00reason")
+    with pytest.raises(InvalidArgument):
         await lifecycle.delete(store, "note-k", "cleanup")  # type: ignore[arg-type]
     with pytest.raises(InvalidArgument):
         RetentionPolicy("note")
