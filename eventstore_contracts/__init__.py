@@ -10,7 +10,7 @@ The `eventstore schemas check|lock|export|verify-stored` and `eventstore asyncap
 
 from eventstore_contracts.asyncapi import asyncapi_document
 from eventstore_contracts.compatibility import CheckResult, Incompatibility, check, compare
-from eventstore_contracts.errors import ContractError, LockFileError
+from eventstore_contracts.errors import ContractError, LockFileError, SchemaUnreadable
 from eventstore_contracts.export import all_versions, export_schemas, standalone_schema
 from eventstore_contracts.lock import (
     DEFAULT_LOCK_FILE,
@@ -35,6 +35,7 @@ __all__ = [
     "Incompatibility",
     "LockFileError",
     "SchemaLock",
+    "SchemaUnreadable",
     "StoredReport",
     "StoredVersion",
     "TopicContract",

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from eventstore_contracts.errors import SchemaUnreadable
 from eventstore_contracts.lock import LockedTopic, SchemaLock
 from eventstore_contracts.model import Contracts
 
@@ -137,7 +138,15 @@ def compare(
     With `removal_breaks`, a field the writer has and the reader lacks is a finding even where the
     reader would ignore it: for stored events that is data the new code silently drops.
     """
-    findings = _Comparison(reader, writer, removal_breaks).check(reader, writer, "")
+    for side, schema in (("reader", reader), ("writer", writer)):
+        if not isinstance(schema, Mapping):
+            raise SchemaUnreadable(f"the {side} schema must be a JSON Schema object, got {type(schema).__name__}")
+    try:
+        findings = _Comparison(reader, writer, removal_breaks).check(reader, writer, "")
+    except RecursionError:
+        raise SchemaUnreadable("a schema nests too deeply to compare") from None
+    except (AttributeError, TypeError, KeyError) as exc:  # a keyword whose value has the wrong shape
+        raise SchemaUnreadable(f"a schema is malformed ({type(exc).__name__}: {exc})") from None
     return list(dict.fromkeys(findings))
 
 

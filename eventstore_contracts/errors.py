@@ -19,3 +19,7 @@ class LockFileError(ContractError, InvalidArgument):
         self.path = str(path)
         self.line = line
         self.reason = reason
+
+
+class SchemaUnreadable(ContractError, InvalidArgument):
+    """A schema the compatibility check cannot walk: not a JSON Schema object, or malformed inside."""

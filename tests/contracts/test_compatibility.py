@@ -230,3 +230,24 @@ def test_a_new_variant_of_a_discriminated_union_is_compatible_a_dropped_one_is_n
     assert [(p.field, p.reason.split(";")[0]) for p in dropped] == [
         ("method", "type changed from Card | Cash | Voucher to Card | Cash")
     ]
+
+
+def test_a_schema_the_check_cannot_read_is_a_typed_error() -> None:
+    import pytest
+
+    from eventstore_contracts import SchemaUnreadable
+
+    deep: dict[str, Any] = {}
+    for _ in range(5_000):
+        deep = {"type": "array", "items": deep}
+    string = {"type": "string"}
+    for reader, writer in [
+        ("abc", string),
+        (string, ["not", "a", "schema"]),
+        ({"type": "object", "properties": [1, 2]}, {"type": "object", "properties": {"a": {}}}),
+        (deep, deep),
+    ]:
+        with pytest.raises(SchemaUnreadable):
+            compare(reader, writer)  # type: ignore[arg-type]
+    tree = {"type": "object", "properties": {"children": {"type": "array", "items": {"$ref": "#"}}}}
+    assert compare(tree, tree) == []  # a recursive schema is not a deep one
