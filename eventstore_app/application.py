@@ -16,7 +16,18 @@ from eventstore import DatabaseUnavailable, EventStore, InvalidArgument, KeyProv
 from eventstore.embedded import DATABASE_URL_ENV
 from eventstore.lifecycle import RetentionPolicy
 from eventstore_app.migrate import migrate_async
-from outbox import BrokerSettings, Inbox, KafkaSettings, Outbox, Publisher, Relay, RelaySettings, Route
+from outbox import (
+    BrokerSettings,
+    Inbox,
+    KafkaSettings,
+    NatsSettings,
+    Outbox,
+    Publisher,
+    RabbitMQSettings,
+    Relay,
+    RelaySettings,
+    Route,
+)
 from outbox import status as outbox_status
 from outbox.embedded import BOOTSTRAP_ENV
 from projections import InlineProjections, Projection, ProjectionAdmin, ProjectionRunner
@@ -40,6 +51,31 @@ class ApplicationSettings(BaseModel):
     projection_poll_interval: float = Field(default=1.0, gt=0)
     projection_lease_interval: float = Field(default=1.0, gt=0)
     relay: RelaySettings = Field(default_factory=RelaySettings)
+
+
+def _check_parts(
+    aggregates: tuple[object, ...], projections: tuple[object, ...], database_url: object,
+    kafka: object, broker: object, settings: object, keys: object, registry: object,
+) -> None:
+    """What an application is built from, checked where it is declared rather than when a process starts."""
+    for aggregate in aggregates:
+        if not (isinstance(aggregate, type) and issubclass(aggregate, Aggregate)):
+            raise InvalidArgument(f"aggregates must be Aggregate subclasses, got {aggregate!r}")
+    for projection in projections:
+        if not isinstance(projection, Projection):
+            raise InvalidArgument(f"projections must be Projection instances, got {projection!r}")
+    if database_url is not None and not isinstance(database_url, str):
+        raise InvalidArgument(f"database_url must be a URL string, got {type(database_url).__name__}")
+    if kafka is not None and not isinstance(kafka, str | KafkaSettings):
+        raise InvalidArgument(f"kafka must be bootstrap servers or KafkaSettings, got {type(kafka).__name__}")
+    if broker is not None and not isinstance(broker, str | KafkaSettings | NatsSettings | RabbitMQSettings | Publisher):
+        raise InvalidArgument(f"broker must be a URL, broker settings or a Publisher, got {type(broker).__name__}")
+    if settings is not None and not isinstance(settings, ApplicationSettings):
+        raise InvalidArgument(f"settings must be ApplicationSettings, got {type(settings).__name__}")
+    if keys is not None and not isinstance(keys, KeyProvider):
+        raise InvalidArgument(f"keys must be a KeyProvider (e.g. MasterKey), got {type(keys).__name__}")
+    if registry is not None and not isinstance(registry, EventRegistry):
+        raise InvalidArgument(f"registry must be an EventRegistry, got {type(registry).__name__}")
 
 
 class Application:
@@ -78,22 +114,26 @@ class Application:
         keys: KeyProvider | None = None,
         retention: Sequence[RetentionPolicy] = (),
     ) -> None:
-        if not isinstance(name, str) or not name:
+        if not isinstance(name, str) or not name or "\x00" in name:
             raise InvalidArgument("an application needs a name (the CloudEvents source of its messages by default)")
-        self.name = name
+        for kind, parts in (("aggregates", aggregates), ("projections", projections)):
+            if isinstance(parts, str) or not isinstance(parts, Iterable):
+                raise InvalidArgument(f"{kind} must be a collection, got {type(parts).__name__}")
         self.aggregates = tuple(aggregates)
         self.projections = tuple(projections)
+        _check_parts(self.aggregates, self.projections, database_url, kafka, broker, settings, keys, registry)
+        self.name = name
         self.outbox = None if routes is None else Outbox(routes, source=source or name)
         self.database_url = database_url
         self.kafka = kafka
         self.broker = broker
         self.settings = settings or ApplicationSettings()
         self.keys = keys
+        """The master key of personal data (`eventstore.personal`); `EVENTSTORE_MASTER_KEY` when None."""
         self.retention = tuple(retention)
         """Retention policies per category, run by `eventstore streams retain --app ...`."""
         if not all(isinstance(p, RetentionPolicy) for p in self.retention):
             raise InvalidArgument("retention must be a sequence of eventstore.lifecycle.RetentionPolicy")
-        """The master key of personal data (`eventstore.personal`); `EVENTSTORE_MASTER_KEY` when None."""
         self.registry = registry if registry is not None else EventRegistry()
         """The event types of every aggregate; register upcasters here (`APP.registry.upcaster(...)`)."""
         for aggregate_type in self.aggregates:

@@ -156,3 +156,22 @@ async def test_migrate_from_inside_an_event_loop(server_url: str) -> None:
             await store.append("s-1", [NewEvent("X")])
     finally:
         await _admin(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_an_application_declared_with_the_wrong_parts_is_refused_where_it_is_declared() -> None:
+    import os
+
+    from eventstore import MasterKey
+    from eventstore_app import Application, ApplicationSettings
+
+    for parts in [
+        {"aggregates": [5]}, {"aggregates": "Cart"}, {"projections": [object()]}, {"database_url": 5},
+        {"kafka": 5}, {"broker": 5}, {"settings": "fast"}, {"keys": "secret"}, {"registry": {}},
+    ]:
+        with pytest.raises(InvalidArgument):
+            Application("shop", **parts)  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgument):
+        Application("sh\x00p")
+    app = Application("shop", aggregates=(a for a in ()), keys=MasterKey(os.urandom(32)),
+                      settings=ApplicationSettings(), broker="nats://127.0.0.1:4222")
+    assert app.aggregates == () and app.name == "shop"
