@@ -172,11 +172,11 @@ def broker_settings(url: str) -> BrokerSettings:
 class RelaySettings(_Settings):
     """Tuning and failure policy of one relay process."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
-    relay_id: str = Field(default_factory=_default_relay_id, min_length=1)
+    relay_id: str = Field(default_factory=_default_relay_id, min_length=1, max_length=255, pattern=r"^[^\x00]+$")
     """Unique among running relays. A restarted relay with the same id takes its slots back at once."""
-    batch_size: int = Field(default=1000, gt=0)
+    batch_size: int = Field(default=1000, gt=0, le=1_000_000)
     """Messages fetched, sent and acknowledged per round; also the bound on messages in flight."""
     poll_interval: float = Field(default=1.0, gt=0)
     """Longest sleep without a notification (NOTIFY lost, listener connection down)."""
@@ -188,7 +188,7 @@ class RelaySettings(_Settings):
     """The producer's request timeout: how long the broker may take to acknowledge."""
     lease_ttl: float = Field(default=30.0, gt=0)
     """A slot lease lasts this long unless renewed; a crashed relay's slots move on after it."""
-    max_attempts: int = Field(default=5, gt=0)
+    max_attempts: int = Field(default=5, gt=0, le=2**31 - 1)
     """Refusals by the broker before a message is dead-lettered."""
     retry_backoff: float = Field(default=1.0, ge=0)
     max_retry_backoff: float = Field(default=60.0, ge=0)

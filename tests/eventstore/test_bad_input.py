@@ -131,6 +131,9 @@ def test_bad_subscription_and_settings_are_typed(store: EventStore) -> None:
         KafkaSettings(bootstrap_servers="")
     with pytest.raises(InvalidSettings):
         RelaySettings(batch_size=0)
+    for bad in ({"relay_id": "r\x00"}, {"batch_size": 2**63}, {"max_attempts": 2**40}, {"poll_interval": math.inf}):
+        with pytest.raises(InvalidSettings):
+            RelaySettings(**bad)  # type: ignore[arg-type]
     with pytest.raises(InvalidArgument):
         EventStore()
 
