@@ -25,6 +25,7 @@ from eventstore.errors import (
     WrongExpectedVersion,
 )
 from eventstore.model import (
+    MAX_BIGINT,
     START,
     AppendResult,
     Checkpoint,
@@ -60,6 +61,7 @@ from eventstore.telemetry import MetricsServer, TelemetryUnavailable, serve_metr
 __all__ = [
     "CONNECTION_ERRORS",
     "MASTER_KEY_ENV",
+    "MAX_BIGINT",
     "MAX_TAG_LENGTH",
     "NOTIFY_CHANNEL",
     "REDACTED",

@@ -15,6 +15,7 @@ import asyncpg
 import orjson
 import uuid_utils
 
+from eventstore.errors import InvalidArgument
 from eventstore.telemetry import inject_trace_context
 
 CORRELATION_ID = "correlation_id"
@@ -59,6 +60,21 @@ class Direction(enum.Enum):
     BACKWARDS = "backwards"
 
 
+MAX_BIGINT = 2**63 - 1
+"""The largest PostgreSQL bigint: versions, positions, transaction ids and limits are bigints."""
+
+
+def check_int(name: str, value: object, minimum: int | None) -> int:
+    """An int argument bound for a bigint parameter: a typed error instead of the driver's."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgument(f"{name} must be an int, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise InvalidArgument(f"{name} must be at least {minimum}, got {value}")
+    if not -MAX_BIGINT - 1 <= value <= MAX_BIGINT:
+        raise InvalidArgument(f"{name} must fit in 64 bits (at most {MAX_BIGINT}), got {value}")
+    return value
+
+
 class Checkpoint(NamedTuple):
     """A reader's place in the global log, which is ordered by (log_xid, position).
 
@@ -75,6 +91,13 @@ class Checkpoint(NamedTuple):
     @classmethod
     def start(cls) -> Checkpoint:
         return START
+
+    @classmethod
+    def of(cls, value: object) -> Checkpoint:
+        """A checkpoint as a caller passes it (a `Checkpoint` or a pair of ints), or `InvalidArgument`."""
+        if not isinstance(value, tuple) or len(value) != 2:
+            raise InvalidArgument(f"a checkpoint is a (log_xid, position) pair, got {value!r}")
+        return cls(check_int("checkpoint log_xid", value[0], 0), check_int("checkpoint position", value[1], 0))
 
 
 START = Checkpoint(0, 0)

@@ -38,6 +38,7 @@ from eventstore.errors import (
     WrongExpectedVersion,
 )
 from eventstore.model import (
+    MAX_BIGINT,
     START,
     TAGS,
     AppendResult,
@@ -48,6 +49,7 @@ from eventstore.model import (
     NewEvent,
     RecordedEvent,
     StreamState,
+    check_int,
 )
 from eventstore.personal import (
     PERSONAL_DATA,
@@ -68,7 +70,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DEFAULT_MAX_EVENT_SIZE = 1024 * 1024
-_MAX_VERSION = 2**63 - 1
+_MAX_VERSION = MAX_BIGINT
 # JSON text that PostgreSQL's jsonb refuses: the escaped NUL character.
 _JSON_NUL = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
 
@@ -178,25 +180,6 @@ def _check_text(kind: str, value: object, limit: int, error: type[InvalidArgumen
 _MAX_LABEL = 1000
 """Longest snapshot type accepted (the column has no limit; a type name is far shorter)."""
 
-_BIGINT_MAX = 2**63 - 1
-"""The largest value of a PostgreSQL bigint: versions, positions and transaction ids are bigints."""
-
-
-def _check_int(name: str, value: object, minimum: int | None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidArgument(f"{name} must be an int, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise InvalidArgument(f"{name} must be at least {minimum}, got {value}")
-    if not -_BIGINT_MAX - 1 <= value <= _BIGINT_MAX:
-        raise InvalidArgument(f"{name} must fit in 64 bits (at most {_BIGINT_MAX}), got {value}")
-    return value
-
-
-def _checkpoint(value: object) -> Checkpoint:
-    """A checkpoint as a reader passes it: a `Checkpoint` or a pair of non-negative ints."""
-    if not isinstance(value, tuple) or len(value) != 2:
-        raise InvalidArgument(f"a checkpoint is a (log_xid, position) pair, got {value!r}")
-    return Checkpoint(_check_int("checkpoint log_xid", value[0], 0), _check_int("checkpoint position", value[1], 0))
 
 
 def check_stream_id(stream_id: object, error: type[InvalidArgument] = InvalidArgument) -> str:
@@ -210,8 +193,8 @@ def _expected_number(expected: ExpectedVersion) -> int:
         raise InvalidAppend(f"expected version must be an int or a StreamState, got {expected!r}")
     if expected < 0:
         raise InvalidAppend(f"expected version must not be negative, got {expected}")
-    if expected > _BIGINT_MAX:
-        raise InvalidAppend(f"expected version must fit in 64 bits (at most {_BIGINT_MAX}), got {expected}")
+    if expected > MAX_BIGINT:
+        raise InvalidAppend(f"expected version must fit in 64 bits (at most {MAX_BIGINT}), got {expected}")
     return expected
 
 
@@ -779,9 +762,9 @@ class EventStore:
     ) -> list[RecordedEvent]:
         """Events of one stream from `from_version` (inclusive); backwards from the end by default."""
         check_stream_id(stream_id)
-        count = _MAX_VERSION if limit is None else _check_int("limit", limit, 0)
+        count = _MAX_VERSION if limit is None else check_int("limit", limit, 0)
         if from_version is not None:
-            _check_int("from_version", from_version, None)
+            check_int("from_version", from_version, None)
         if not isinstance(direction, Direction):
             try:
                 direction = Direction(direction)  # its value, "forwards" or "backwards", will do
@@ -807,8 +790,8 @@ class EventStore:
         A stream holding personal data is read with `read_stream`, whose events have those fields opened.
         """
         check_stream_id(stream_id)
-        _check_int("from_version", from_version, None)
-        count = _MAX_VERSION if limit is None else _check_int("limit", limit, 0)
+        check_int("from_version", from_version, None)
+        count = _MAX_VERSION if limit is None else check_int("limit", limit, 0)
         payloads: list[EventPayload] = await self.retrying(
             lambda: self._fetch(sql.READ_STREAM_PAYLOADS, stream_id, from_version, count, record_class=EventPayload)
         )
@@ -823,7 +806,7 @@ class EventStore:
         check_stream_id(stream_id)
         if not isinstance(until, datetime):
             raise InvalidArgument(f"until must be a datetime, got {type(until).__name__}")
-        _check_int("from_version", from_version, None)
+        check_int("from_version", from_version, None)
         rows = await self.retrying(
             lambda: self._fetch(sql.READ_STREAM_UNTIL_TIME, stream_id, from_version, until, _MAX_VERSION)
         )
@@ -839,8 +822,8 @@ class EventStore:
         category: str | None = None,
     ) -> list[RecordedEvent]:
         """The global log after `after`, in commit-safe order; see `Checkpoint` for why it never skips."""
-        _check_int("limit", limit, 1)
-        tx, pos = _checkpoint(after)
+        check_int("limit", limit, 1)
+        tx, pos = Checkpoint.of(after)
         if category is not None:
             _check_text("category", category, MAX_STREAM_ID_LENGTH)
         if types is not None and (
@@ -958,7 +941,7 @@ class EventStore:
         PostgreSQL cluster (transaction ids are cluster-wide), so a long transaction, even in another
         database, holds it back until it ends. Raises `TimeoutError` after `timeout` seconds.
         """
-        checkpoint = _checkpoint(checkpoint)
+        checkpoint = Checkpoint.of(checkpoint)
         polls = Backoff(0.005, 0.1)
         async with asyncio.timeout(timeout):
             while not await self.retrying(lambda: self._fetchval(sql.CHECKPOINT_VISIBLE, checkpoint[0])):
@@ -967,13 +950,13 @@ class EventStore:
 
     async def count_after(self, after: Checkpoint) -> int:
         """How many visible events lie after `after` (a reader's lag)."""
-        after = _checkpoint(after)
+        after = Checkpoint.of(after)
         return int(await self.retrying(lambda: self._fetchval(sql.COUNT_AFTER, after[0], after[1])))
 
     async def list_streams(self, category: str | None = None, limit: int = 100) -> list[tuple[str, int]]:
         if category is not None and (not isinstance(category, str) or "\x00" in category):
             raise InvalidArgument(f"category must be a string without NUL, got {category!r}")  # may be empty
-        _check_int("limit", limit, 0)
+        check_int("limit", limit, 0)
         rows = await self.retrying(lambda: self._fetch(sql.LIST_STREAMS, category, limit))
         return [(r[0], r[1]) for r in rows]
 
@@ -987,7 +970,7 @@ class EventStore:
         poll_interval: float = 1.0,
     ) -> Subscription:
         """Catch up from `after`, then follow new events (LISTEN/NOTIFY, polling as a fallback)."""
-        after = _checkpoint(after)
+        after = Checkpoint.of(after)
         if category is not None:
             _check_text("category", category, MAX_STREAM_ID_LENGTH)
         if isinstance(poll_interval, bool) or not isinstance(poll_interval, int | float) or not poll_interval > 0:
@@ -1024,7 +1007,7 @@ async def _save_snapshot(
     _check_text("snapshot type", snapshot_type, _MAX_LABEL)
     if not isinstance(schema_version, str) or "\x00" in schema_version:
         raise InvalidArgument(f"schema_version must be a string without NUL, got {schema_version!r}")
-    _check_int("stream_version", stream_version, 0)
+    check_int("stream_version", stream_version, 0)
     if not isinstance(data, str):
         raise InvalidArgument(f"snapshot data must be JSON text (str), got {type(data).__name__}")
     try:
@@ -1042,14 +1025,14 @@ def _condition(value: object) -> Condition | None:
     seen = value[2] if len(value) == 3 else ()
     if not isinstance(seen, tuple) or not all(isinstance(p, int) and not isinstance(p, bool) for p in seen):
         raise InvalidAppend(f"a condition's seen positions must be a tuple of ints, got {seen!r}")
-    return Condition(value[0], _checkpoint(value[1]), seen)
+    return Condition(value[0], Checkpoint.of(value[1]), seen)
 
 
 def _query_args(query: object, after: object, limit: object) -> tuple[object, ...]:
     if not isinstance(query, Query):
         raise InvalidArgument(f"query must be a Query, got {type(query).__name__}")
-    tx, pos = _checkpoint(after)
-    return (tx, pos, _check_int("limit", limit, 1), *branches(query))
+    tx, pos = Checkpoint.of(after)
+    return (tx, pos, check_int("limit", limit, 1), *branches(query))
 
 
 def _tagged_args(p: _Prepared, condition: Condition | None) -> tuple[object, ...]:

@@ -23,6 +23,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
+from eventstore import MAX_BIGINT
 from eventstore_admin.backend import Backend
 from eventstore_admin.errors import ConsoleError, Forbidden, NotFound, Unavailable
 from eventstore_admin.jobs import RebuildJobs
@@ -378,15 +379,12 @@ def create_app(settings: AdminSettings) -> Starlette:
     return app
 
 
-_BIGINT_MAX = 2**63 - 1
-
-
 def _int(text: str | None) -> int | None:
     """A number from an address: plain ASCII digits within a bigint (`isdigit` also takes '²'), else None."""
     if text is None:
         return None
     text = text.strip()
-    if not (text.isascii() and text.isdigit()) or len(text) > 19 or int(text) > _BIGINT_MAX:
+    if not (text.isascii() and text.isdigit()) or len(text) > 19 or int(text) > MAX_BIGINT:
         return None
     return int(text)
 

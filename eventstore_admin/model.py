@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
+from eventstore import MAX_BIGINT
+
 RebuildPhase = Literal["starting", "building", "swapping", "done", "failed"]
 
 
@@ -79,7 +81,7 @@ class LogPosition:
         head, dot, tail = text.strip().partition(".")
         if not dot or not all(part.isascii() and part.isdigit() and len(part) <= 19 for part in (head, tail)):
             return None  # `isdigit` also takes '²'; a bigint has at most 19 digits
-        if max(int(head), int(tail)) > 2**63 - 1:
+        if max(int(head), int(tail)) > MAX_BIGINT:
             return None
         return cls(int(head), int(tail))
 

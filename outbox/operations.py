@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from uuid import UUID
 
-from eventstore import EventStore, InvalidArgument
+from eventstore import MAX_BIGINT, EventStore, InvalidArgument
 from outbox import sql
 
 
@@ -62,13 +62,10 @@ class OutboxStatus:
         return sum(t.dead for t in self.topics)
 
 
-_BIGINT_MAX = 2**63 - 1
-
-
 def _count(name: str, value: object, minimum: int) -> int:
     """An int argument that PostgreSQL takes as a bigint: a typed error instead of the driver's."""
-    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= _BIGINT_MAX:
-        raise InvalidArgument(f"{name} must be an int from {minimum} to {_BIGINT_MAX}, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= MAX_BIGINT:
+        raise InvalidArgument(f"{name} must be an int from {minimum} to {MAX_BIGINT}, got {value!r}")
     return value
 
 
@@ -88,7 +85,7 @@ async def retry_dead(
     """Put dead messages (all, or those with `ids` / on `topic`) back in line; wake the relays."""
     if ids is not None and (
         isinstance(ids, str | bytes) or not isinstance(ids, Sequence)
-        or not all(not isinstance(i, bool) and isinstance(i, int) and 0 <= i <= _BIGINT_MAX for i in ids)
+        or not all(not isinstance(i, bool) and isinstance(i, int) and 0 <= i <= MAX_BIGINT for i in ids)
     ):
         raise InvalidArgument("ids must be a sequence of integer message ids")
     if topic is not None and (not isinstance(topic, str) or not topic or "\x00" in topic):

@@ -20,7 +20,16 @@ from uuid import UUID
 
 import asyncpg
 
-from eventstore import CONNECTION_ERRORS, START, Checkpoint, EventStore, InvalidArgument, Keyring, RecordedEvent
+from eventstore import (
+    CONNECTION_ERRORS,
+    MAX_BIGINT,
+    START,
+    Checkpoint,
+    EventStore,
+    InvalidArgument,
+    Keyring,
+    RecordedEvent,
+)
 from projections import sql
 from projections.errors import InvalidProjection, ProjectionError, ProjectionsNotMigrated
 from projections.projection import Connection, HandlerFailed, Projection
@@ -338,13 +347,10 @@ def raise_if_disconnected(failure: HandlerFailed, conn: Connection) -> None:
         raise failure.error from None
 
 
-_BIGINT_MAX = 2**63 - 1
-
-
 def check_batch_size(value: object) -> int:
     """A batch size as a caller passes it (it becomes a LIMIT, a bigint): a typed error otherwise."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= _BIGINT_MAX:
-        raise InvalidArgument(f"batch_size must be positive (an int up to {_BIGINT_MAX}), got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_BIGINT:
+        raise InvalidArgument(f"batch_size must be positive (an int up to {MAX_BIGINT}), got {value!r}")
     return value
 
 
@@ -353,16 +359,6 @@ def check_name(value: object) -> str:
     if not isinstance(value, str) or not value or "\x00" in value:
         raise InvalidArgument(f"a projection name is a non-empty string without NUL, got {value!r}")
     return value
-
-
-def check_checkpoint(value: object) -> Checkpoint:
-    """A checkpoint as a caller passes it: a pair of ints from 0 to a bigint's largest."""
-    if (
-        not isinstance(value, tuple) or len(value) != 2
-        or not all(not isinstance(v, bool) and isinstance(v, int) and 0 <= v <= _BIGINT_MAX for v in value)
-    ):
-        raise InvalidArgument(f"a checkpoint is a (log_xid, position) pair of ints >= 0, got {value!r}")
-    return Checkpoint(*value)
 
 
 def _events(rows: Sequence[Any]) -> list[RecordedEvent]:

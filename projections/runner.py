@@ -39,7 +39,6 @@ from projections.generations import (
     ReadAhead,
     StoredCheckpoint,
     check_batch_size,
-    check_checkpoint,
     connect,
     disconnect,
     distinct,
@@ -161,7 +160,7 @@ class ProjectionRunner:
         `ProjectionNeedsRebuild` if the stored tables of one belong to another declaration. Bound the
         wait with `asyncio.timeout`.
         """
-        head = await self.store.last_committed() if until is None else check_checkpoint(until)
+        head = await self.store.last_committed() if until is None else Checkpoint.of(until)
         names = [p.name for p in self.projections]
         declared = {p.name: p for p in self.projections}
         while True:
