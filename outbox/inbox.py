@@ -8,6 +8,7 @@ redelivered message finds its id and is skipped.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable
 
 from eventstore import Connection, EventStore, InvalidArgument, UnitOfWork
@@ -19,8 +20,8 @@ Effect = Callable[[UnitOfWork], Awaitable[None]]
 
 def _message_id(message: CloudEvent | str) -> str:
     message_id = message.id if isinstance(message, CloudEvent) else message
-    if not isinstance(message_id, str) or not message_id:
-        raise InvalidArgument(f"a message id is a non-empty string, got {message_id!r}")
+    if not isinstance(message_id, str) or not message_id or "\x00" in message_id:  # it comes off the wire
+        raise InvalidArgument(f"a message id is a non-empty string without NUL, got {message_id!r}")
     return message_id
 
 
@@ -28,8 +29,8 @@ class Inbox:
     """Handled message ids of one consumer (`consumer` names it; consumers do not see each other's ids)."""
 
     def __init__(self, store: EventStore, consumer: str) -> None:
-        if not isinstance(consumer, str) or not consumer:
-            raise InvalidArgument("consumer must be a non-empty string")
+        if not isinstance(consumer, str) or not consumer or "\x00" in consumer:
+            raise InvalidArgument("consumer must be a non-empty string without NUL")
         self.store = store
         self.consumer = consumer
 
@@ -62,7 +63,7 @@ class Inbox:
 
     async def prune(self, older_than: float) -> int:
         """Forget ids handled more than `older_than` seconds ago (a redelivery older than that is applied again)."""
-        if older_than < 0:
-            raise InvalidArgument("older_than must not be negative")
+        if isinstance(older_than, bool) or not isinstance(older_than, int | float) or not 0 <= older_than < math.inf:
+            raise InvalidArgument(f"older_than must be a number of seconds >= 0, got {older_than!r}")
         result = await self.store.pool.execute(sql.INBOX_PRUNE, self.consumer, older_than)
         return int(result.split()[-1])

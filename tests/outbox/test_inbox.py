@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 
 import orjson
 import pytest
@@ -102,12 +103,18 @@ async def test_prune_forgets_old_ids_only(store: EventStore) -> None:
     assert not await inbox.seen("old") and await inbox.seen("new")
 
 
-@pytest.mark.parametrize("bad", ["", None, 5])
+@pytest.mark.parametrize("bad", ["", None, 5, "id-with-\x00-from-the-wire"])
 async def test_bad_ids_and_names_are_rejected(store: EventStore, bad: object) -> None:
     with pytest.raises(ValueError):
         await Inbox(store, "billing").seen(bad)  # type: ignore[arg-type]
     with pytest.raises(ValueError):
+        await Inbox(store, "billing").handle(bad, lambda uow: asyncio.sleep(0))  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
         Inbox(store, bad)  # type: ignore[arg-type]
+    for older_than in ("1d", math.inf, -1):
+        with pytest.raises(ValueError):
+            await Inbox(store, "billing").prune(older_than)  # type: ignore[arg-type]
+    assert await store.pool.fetchval("SELECT count(*) FROM inbox") == 0
 
 
 async def test_duplicates_from_kafka_are_applied_once(
