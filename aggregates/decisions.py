@@ -72,8 +72,8 @@ class Decisions:
     """
 
     def __init__(self, store: EventStore, *, category: str = "decision") -> None:
-        if not isinstance(category, str) or not category or category_of(category) != category:
-            raise InvalidArgument(f"category must be a non-empty name without '-', got {category!r}")
+        if not isinstance(category, str) or not category or category_of(category) != category or "\x00" in category:
+            raise InvalidArgument(f"category must be a non-empty name without '-' or NUL, got {category!r}")
         self.store = store
         self.category = category
 

@@ -19,6 +19,7 @@ from aggregates.errors import AggregateNotFound, AggregateUsageError, EventRegis
 from aggregates.events import DomainEvent, EventRegistry
 from eventstore import (
     CONNECTION_ERRORS,
+    MAX_BIGINT,
     AppendResult,
     EventPayload,
     EventStore,
@@ -87,8 +88,10 @@ class Repository(Generic[A]):
             raise InvalidArgument("pass either version or as_of, not both")
         if as_of is not None:
             return await self._get_as_of(aggregate_id, stream_id, as_of)
-        if version is not None and (isinstance(version, bool) or not isinstance(version, int) or version < 0):
-            raise InvalidArgument(f"version must be an int >= 0, got {version!r}")
+        if version is not None and (
+            isinstance(version, bool) or not isinstance(version, int) or not 0 <= version <= MAX_BIGINT
+        ):
+            raise InvalidArgument(f"version must be an int from 0 to {MAX_BIGINT}, got {version!r}")
         aggregate = cls(aggregate_id)
         start = 0
         if cls.snapshot_every is not None:

@@ -272,5 +272,7 @@ async def test_decisions_refuse_bad_declarations(store: EventStore) -> None:
     with pytest.raises(InvalidArgument):
         Decisions(store, category="a-b")
     with pytest.raises(InvalidArgument):
+        Decisions(store, category="a\x00b")
+    with pytest.raises(InvalidArgument):
         await decisions.execute({"x": DecisionProjection(Query.of(tags=["a"]), 0, lambda s, e: s)}, lambda s: [],
                                 retries=-1)
