@@ -75,6 +75,19 @@ def check_int(name: str, value: object, minimum: int | None) -> int:
     return value
 
 
+def check_text(kind: str, value: object, limit: int, error: type[InvalidArgument] = InvalidArgument) -> str:
+    """A non-empty name of at most `limit` characters without NUL (PostgreSQL's text cannot hold one)."""
+    if not isinstance(value, str):
+        raise error(f"{kind} must be a string, got {type(value).__name__}")
+    if not value:
+        raise error(f"{kind} must not be empty")
+    if len(value) > limit:
+        raise error(f"{kind} is {len(value)} characters, over the limit of {limit}")
+    if "\x00" in value:
+        raise error(f"{kind} must not contain the NUL character")
+    return value
+
+
 class Checkpoint(NamedTuple):
     """A reader's place in the global log, which is ordered by (log_xid, position).
 

@@ -50,6 +50,7 @@ from eventstore.model import (
     RecordedEvent,
     StreamState,
     check_int,
+    check_text,
 )
 from eventstore.personal import (
     PERSONAL_DATA,
@@ -70,7 +71,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DEFAULT_MAX_EVENT_SIZE = 1024 * 1024
-_MAX_VERSION = MAX_BIGINT
 # JSON text that PostgreSQL's jsonb refuses: the escaped NUL character.
 _JSON_NUL = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
 
@@ -165,25 +165,13 @@ class Snapshot:
 _records = RecordedEvent.from_rows
 
 
-def _check_text(kind: str, value: object, limit: int, error: type[InvalidArgument] = InvalidArgument) -> str:
-    if not isinstance(value, str):
-        raise error(f"{kind} must be a string, got {type(value).__name__}")
-    if not value:
-        raise error(f"{kind} must not be empty")
-    if len(value) > limit:
-        raise error(f"{kind} is {len(value)} characters, over the limit of {limit}")
-    if "\x00" in value:
-        raise error(f"{kind} must not contain the NUL character")
-    return value
-
-
 _MAX_LABEL = 1000
 """Longest snapshot type accepted (the column has no limit; a type name is far shorter)."""
 
 
 
 def check_stream_id(stream_id: object, error: type[InvalidArgument] = InvalidArgument) -> str:
-    return _check_text("stream id", stream_id, MAX_STREAM_ID_LENGTH, error)
+    return check_text("stream id", stream_id, MAX_STREAM_ID_LENGTH, error)
 
 
 def _expected_number(expected: ExpectedVersion) -> int:
@@ -272,7 +260,7 @@ def prepare_append(
             raise InvalidAppend(f"events must be NewEvent instances, got {type(event).__name__}")
         event_type = event.type
         if event_type not in checked:
-            _check_text("event type", event_type, MAX_EVENT_TYPE_LENGTH, InvalidAppend)
+            check_text("event type", event_type, MAX_EVENT_TYPE_LENGTH, InvalidAppend)
             checked.add(event_type)
         if not isinstance(event.event_id, UUID):
             raise InvalidAppend(f"event id must be a UUID, got {event.event_id!r}")
@@ -346,7 +334,7 @@ class UnitOfWork:
         self, stream_id: str, from_version: int = 0, limit: int | None = None
     ) -> list[RecordedEvent]:
         rows = await self.connection.fetch(
-            sql.READ_STREAM_FORWARDS, stream_id, from_version, limit if limit is not None else _MAX_VERSION
+            sql.READ_STREAM_FORWARDS, stream_id, from_version, limit if limit is not None else MAX_BIGINT
         )
         return await self._store.reveal(_records(rows), self.connection)
 
@@ -762,7 +750,7 @@ class EventStore:
     ) -> list[RecordedEvent]:
         """Events of one stream from `from_version` (inclusive); backwards from the end by default."""
         check_stream_id(stream_id)
-        count = _MAX_VERSION if limit is None else check_int("limit", limit, 0)
+        count = MAX_BIGINT if limit is None else check_int("limit", limit, 0)
         if from_version is not None:
             check_int("from_version", from_version, None)
         if not isinstance(direction, Direction):
@@ -776,7 +764,7 @@ class EventStore:
                 lambda: self._fetch(sql.READ_STREAM_FORWARDS, stream_id, start, count)
             )
         else:
-            start = _MAX_VERSION if from_version is None or from_version < 0 else from_version
+            start = MAX_BIGINT if from_version is None or from_version < 0 else from_version
             rows = await self.retrying(
                 lambda: self._fetch(sql.READ_STREAM_BACKWARDS, stream_id, start, count)
             )
@@ -791,7 +779,7 @@ class EventStore:
         """
         check_stream_id(stream_id)
         check_int("from_version", from_version, None)
-        count = _MAX_VERSION if limit is None else check_int("limit", limit, 0)
+        count = MAX_BIGINT if limit is None else check_int("limit", limit, 0)
         payloads: list[EventPayload] = await self.retrying(
             lambda: self._fetch(sql.READ_STREAM_PAYLOADS, stream_id, from_version, count, record_class=EventPayload)
         )
@@ -808,7 +796,7 @@ class EventStore:
             raise InvalidArgument(f"until must be a datetime, got {type(until).__name__}")
         check_int("from_version", from_version, None)
         rows = await self.retrying(
-            lambda: self._fetch(sql.READ_STREAM_UNTIL_TIME, stream_id, from_version, until, _MAX_VERSION)
+            lambda: self._fetch(sql.READ_STREAM_UNTIL_TIME, stream_id, from_version, until, MAX_BIGINT)
         )
         return await self.reveal(_records(rows))
 
@@ -825,7 +813,7 @@ class EventStore:
         check_int("limit", limit, 1)
         tx, pos = Checkpoint.of(after)
         if category is not None:
-            _check_text("category", category, MAX_STREAM_ID_LENGTH)
+            check_text("category", category, MAX_STREAM_ID_LENGTH)
         if types is not None and (
             isinstance(types, str) or not all(isinstance(t, str) and "\x00" not in t for t in types)
         ):
@@ -970,11 +958,6 @@ class EventStore:
         poll_interval: float = 1.0,
     ) -> Subscription:
         """Catch up from `after`, then follow new events (LISTEN/NOTIFY, polling as a fallback)."""
-        after = Checkpoint.of(after)
-        if category is not None:
-            _check_text("category", category, MAX_STREAM_ID_LENGTH)
-        if isinstance(poll_interval, bool) or not isinstance(poll_interval, int | float) or not poll_interval > 0:
-            raise InvalidArgument(f"poll_interval must be a positive number of seconds, got {poll_interval!r}")
         return Subscription(
             self, after, types=types, category=category, batch_size=batch_size, poll_interval=poll_interval
         )
@@ -1004,7 +987,7 @@ async def _save_snapshot(
     stream_version: int,
     data: str,
 ) -> None:
-    _check_text("snapshot type", snapshot_type, _MAX_LABEL)
+    check_text("snapshot type", snapshot_type, _MAX_LABEL)
     if not isinstance(schema_version, str) or "\x00" in schema_version:
         raise InvalidArgument(f"schema_version must be a string without NUL, got {schema_version!r}")
     check_int("stream_version", stream_version, 0)

@@ -12,8 +12,9 @@ import asyncpg
 
 from eventstore import sql
 from eventstore.errors import DatabaseUnavailable, InvalidArgument
-from eventstore.model import Checkpoint, RecordedEvent
+from eventstore.model import Checkpoint, RecordedEvent, check_text
 from eventstore.retry import Backoff
+from eventstore.schema import MAX_STREAM_ID_LENGTH
 
 if TYPE_CHECKING:
     from eventstore.store import EventStore
@@ -42,8 +43,12 @@ class Subscription:
     ) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
             raise InvalidArgument(f"batch_size must be a positive int, got {batch_size!r}")
+        if isinstance(poll_interval, bool) or not isinstance(poll_interval, int | float) or not poll_interval > 0:
+            raise InvalidArgument(f"poll_interval must be a positive number of seconds, got {poll_interval!r}")
+        if category is not None:
+            check_text("category", category, MAX_STREAM_ID_LENGTH)
         self._store = store
-        self.checkpoint = Checkpoint(*after)
+        self.checkpoint = Checkpoint.of(after)
         self._types = list(types) if types is not None else None
         self._category = category
         self._batch_size = batch_size
