@@ -36,6 +36,7 @@ from eventstore.model import (
     RecordedEvent,
     StreamState,
     category_of,
+    check_int,
     expected_version,
 )
 from eventstore.personal import MASTER_KEY_ENV, REDACTED, KeyProvider, Keyring, MasterKey
@@ -116,6 +117,7 @@ __all__ = [
     "WrongExpectedVersion",
     "asyncpg_dsn",
     "category_of",
+    "check_int",
     "erasure_stream",
     "expected_version",
     "has_non_finite",

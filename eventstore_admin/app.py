@@ -23,11 +23,10 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
-from eventstore import MAX_BIGINT
 from eventstore_admin.backend import Backend
 from eventstore_admin.errors import ConsoleError, Forbidden, NotFound, Unavailable
 from eventstore_admin.jobs import RebuildJobs
-from eventstore_admin.model import EventView, LogPosition
+from eventstore_admin.model import EventView, LogPosition, parse_number
 from eventstore_admin.sampler import LagSampler
 from eventstore_admin.security import Guard, Redactor, Session, Sessions, allowed_hosts, mask_url, same_origin
 from eventstore_admin.settings import AdminSettings
@@ -130,7 +129,7 @@ class AdminConsole:
         q = request.query_params
         category, prefix = q.get("category", ""), q.get("prefix", "")
         page = await self.backend.search_streams(
-            category=category, prefix=prefix, before=_int(q.get("before")), after=_int(q.get("after")),
+            category=category, prefix=prefix, before=parse_number(q.get("before")), after=parse_number(q.get("after")),
             limit=PAGE_SIZE,
         )
         categories = await self.backend.categories()
@@ -141,7 +140,7 @@ class AdminConsole:
 
     async def stream(self, request: Request) -> Response:
         stream_id = request.query_params.get("id", "")
-        start = max(_int(request.query_params.get("from")) or 0, 0)
+        start = max(parse_number(request.query_params.get("from")) or 0, 0)
         info = await self.backend.stream(stream_id)
         events = await self.backend.stream_events(stream_id, start, PAGE_SIZE)
         last_page = max(info.version - info.version % PAGE_SIZE, 0)
@@ -153,7 +152,7 @@ class AdminConsole:
         )
 
     async def event(self, request: Request) -> Response:
-        position = _int(request.query_params.get("position"))
+        position = parse_number(request.query_params.get("position"))
         if position is None:
             raise ConsoleError("which event? give its position")
         event = await self.backend.event_at(position)
@@ -300,7 +299,7 @@ class AdminConsole:
 
     async def retry_one(self, request: Request) -> Response:
         await self.authorize(request)
-        message_id = _int(request.path_params["id"])
+        message_id = parse_number(request.path_params["id"])
         if message_id is None:
             raise ConsoleError("which message?")
         retried = await self.backend.retry_dead([message_id])
@@ -377,16 +376,6 @@ def create_app(settings: AdminSettings) -> Starlette:
     )
     app.state.console = console
     return app
-
-
-def _int(text: str | None) -> int | None:
-    """A number from an address: plain ASCII digits within a bigint (`isdigit` also takes '²'), else None."""
-    if text is None:
-        return None
-    text = text.strip()
-    if not (text.isascii() and text.isdigit()) or len(text) > 19 or int(text) > MAX_BIGINT:
-        return None
-    return int(text)
 
 
 def _when(value: datetime | None) -> str:

@@ -79,11 +79,20 @@ class LogPosition:
     @classmethod
     def parse(cls, text: str) -> LogPosition | None:
         head, dot, tail = text.strip().partition(".")
-        if not dot or not all(part.isascii() and part.isdigit() and len(part) <= 19 for part in (head, tail)):
-            return None  # `isdigit` also takes '²'; a bigint has at most 19 digits
-        if max(int(head), int(tail)) > MAX_BIGINT:
+        log_xid, position = parse_number(head), parse_number(tail)
+        if not dot or log_xid is None or position is None:
             return None
-        return cls(int(head), int(tail))
+        return cls(log_xid, position)
+
+
+def parse_number(text: str | None) -> int | None:
+    """A number from an address: plain ASCII digits within a bigint (`isdigit` also takes '²'), else None."""
+    if text is None:
+        return None
+    text = text.strip()
+    if not (text.isascii() and text.isdigit()) or len(text) > 19 or int(text) > MAX_BIGINT:
+        return None
+    return int(text)
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from uuid import UUID
 
-from eventstore import MAX_BIGINT, EventStore, InvalidArgument
+from eventstore import MAX_BIGINT, EventStore, InvalidArgument, check_int
 from outbox import sql
 
 
@@ -62,16 +62,9 @@ class OutboxStatus:
         return sum(t.dead for t in self.topics)
 
 
-def _count(name: str, value: object, minimum: int) -> int:
-    """An int argument that PostgreSQL takes as a bigint: a typed error instead of the driver's."""
-    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= MAX_BIGINT:
-        raise InvalidArgument(f"{name} must be an int from {minimum} to {MAX_BIGINT}, got {value!r}")
-    return value
-
-
 async def status(store: EventStore, *, dead_limit: int = 20) -> OutboxStatus:
     """Counts per topic, the running relays with their slots, and the first dead messages."""
-    _count("dead_limit", dead_limit, 0)
+    check_int("dead_limit", dead_limit, 0)
     async with store.pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
         topics = [TopicStatus(*r) for r in await conn.fetch(sql.STATUS_BY_TOPIC)]
         relays = [RelayStatus(*r) for r in await conn.fetch(sql.RELAYS)]
@@ -102,7 +95,7 @@ async def prune_published(store: EventStore, older_than: float, *, chunk: int = 
     """Delete messages published more than `older_than` seconds ago, in chunks; return how many."""
     if isinstance(older_than, bool) or not isinstance(older_than, int | float) or not 0 <= older_than < math.inf:
         raise InvalidArgument(f"older_than must be a number of seconds >= 0, got {older_than!r}")
-    _count("chunk", chunk, 1)
+    check_int("chunk", chunk, 1)
     total = 0
     while True:
         result = await store.pool.execute(sql.PRUNE_PUBLISHED, older_than, chunk)

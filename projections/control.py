@@ -12,7 +12,7 @@ from uuid import UUID
 
 import asyncpg
 
-from eventstore import START, Checkpoint, EventStore, Keyring, with_retries
+from eventstore import START, Checkpoint, EventStore, Keyring, check_int, with_retries
 from projections import sql
 from projections.errors import (
     InvalidProjection,
@@ -24,7 +24,6 @@ from projections.errors import (
 from projections.generations import (
     StoredCheckpoint,
     apply_committed,
-    check_batch_size,
     check_name,
     connect,
     create_generation,
@@ -274,7 +273,7 @@ class ProjectionAdmin:
         if another process is rebuilding it, `ProjectionFailed` if a handler fails.
         """
         projection = self.get(name)
-        check_batch_size(batch_size)
+        check_int("batch_size", batch_size, 1)
         tracker = ProgressTracker(name, progress, progress_interval)
         fresh = [restart]
 

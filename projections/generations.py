@@ -22,7 +22,6 @@ import asyncpg
 
 from eventstore import (
     CONNECTION_ERRORS,
-    MAX_BIGINT,
     START,
     Checkpoint,
     EventStore,
@@ -345,13 +344,6 @@ def raise_if_disconnected(failure: HandlerFailed, conn: Connection) -> None:
     """A handler that failed because the connection was lost did not fail: raise the connection error."""
     if isinstance(failure.error, CONNECTION_ERRORS) and conn.is_closed():
         raise failure.error from None
-
-
-def check_batch_size(value: object) -> int:
-    """A batch size as a caller passes it (it becomes a LIMIT, a bigint): a typed error otherwise."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_BIGINT:
-        raise InvalidArgument(f"batch_size must be positive (an int up to {MAX_BIGINT}), got {value!r}")
-    return value
 
 
 def check_name(value: object) -> str:

@@ -25,6 +25,7 @@ from eventstore import (
     DatabaseUnavailable,
     EventStore,
     InvalidArgument,
+    check_int,
 )
 from projections import sql, telemetry
 from projections.errors import (
@@ -38,7 +39,6 @@ from projections.generations import (
     BatchLimit,
     ReadAhead,
     StoredCheckpoint,
-    check_batch_size,
     connect,
     disconnect,
     distinct,
@@ -92,7 +92,7 @@ class ProjectionRunner:
         lease_interval: float = 1.0,
         label: str | None = None,
     ) -> None:
-        check_batch_size(batch_size)
+        check_int("batch_size", batch_size, 1)
         if poll_interval <= 0 or lease_interval <= 0:
             raise InvalidArgument("poll_interval and lease_interval must be positive")
         self.store = store
