@@ -8,12 +8,12 @@ redelivered message finds its id and is skipped.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Awaitable, Callable
 
 from eventstore import Connection, EventStore, InvalidArgument, UnitOfWork
 from outbox import sql, telemetry
 from outbox.cloudevents import CloudEvent
+from outbox.operations import check_age
 
 Effect = Callable[[UnitOfWork], Awaitable[None]]
 
@@ -63,7 +63,6 @@ class Inbox:
 
     async def prune(self, older_than: float) -> int:
         """Forget ids handled more than `older_than` seconds ago (a redelivery older than that is applied again)."""
-        if isinstance(older_than, bool) or not isinstance(older_than, int | float) or not 0 <= older_than < math.inf:
-            raise InvalidArgument(f"older_than must be a number of seconds >= 0, got {older_than!r}")
+        check_age(older_than)
         result = await self.store.pool.execute(sql.INBOX_PRUNE, self.consumer, older_than)
         return int(result.split()[-1])

@@ -91,10 +91,16 @@ async def retry_dead(
     return sorted(r["id"] for r in rows)
 
 
-async def prune_published(store: EventStore, older_than: float, *, chunk: int = 5000) -> int:
-    """Delete messages published more than `older_than` seconds ago, in chunks; return how many."""
+def check_age(older_than: object) -> float:
+    """A pruning age: a finite number of seconds >= 0 (PostgreSQL's interval takes no infinity or NaN)."""
     if isinstance(older_than, bool) or not isinstance(older_than, int | float) or not 0 <= older_than < math.inf:
         raise InvalidArgument(f"older_than must be a number of seconds >= 0, got {older_than!r}")
+    return older_than
+
+
+async def prune_published(store: EventStore, older_than: float, *, chunk: int = 5000) -> int:
+    """Delete messages published more than `older_than` seconds ago, in chunks; return how many."""
+    check_age(older_than)
     check_int("chunk", chunk, 1)
     total = 0
     while True:
