@@ -463,8 +463,12 @@ LIMIT 1
 """
 """The newest committed event, whether readers of the log see it yet or not."""
 
-HELD_BACK = f"SELECT coalesce((SELECT max(log_xid) FROM events) >= {LOG_HORIZON}, false)"
-"""Committed events the log does not show yet: an older transaction still running holds them back."""
+LOG_HELD_BACK = f"coalesce((SELECT max(log_xid) FROM events) >= {LOG_HORIZON}, false)"
+"""Whether committed events wait below the log's visibility line: an older transaction still running
+holds them back, and sends no NOTIFY when it ends (a reader then looks again soon, not at its poll)."""
+
+HELD_BACK = f"SELECT {LOG_HELD_BACK}"
+"""`LOG_HELD_BACK` as a statement of its own."""
 
 CHECKPOINT_VISIBLE = f"SELECT $1::bigint < {LOG_HORIZON}"
 """($1 log_xid): whether readers of the log see a checkpoint with this log transaction id."""

@@ -330,8 +330,7 @@ class _Worker:
                 await conn.execute(sql.CLAIM, projection.name, self.runner.identity)
             if len(events) == limit:
                 return _Outcome.MORE, len(events)
-            held = await conn.fetchval(sql.HELD_BACK)
-        return (_Outcome.HELD if held else _Outcome.IDLE), len(events)
+        return (_Outcome.HELD if row["held"] else _Outcome.IDLE), len(events)
 
     @telemetry.failure
     async def _fail(self, conn: Connection, failure: HandlerFailed) -> None:
@@ -428,5 +427,4 @@ class _PartitionWorker(_Worker):
                 )
             if len(events) == limit:
                 return _Outcome.MORE, len(events)
-            held = await conn.fetchval(sql.HELD_BACK)
-        return (_Outcome.HELD if held else _Outcome.IDLE), len(events)
+        return (_Outcome.HELD if row["held"] else _Outcome.IDLE), len(events)

@@ -23,8 +23,6 @@ between writing its events and running its hook, so what this reads is exactly w
 committed transactions have applied.
 """
 
-HELD_BACK = log.HELD_BACK
-
 COUNT_LOG = f"""
 SELECT count(*) FROM events
 WHERE (log_xid, position) > ($1, $2) AND event_type = ANY($3::text[]) AND {log.LOG_VISIBLE}
@@ -51,12 +49,13 @@ LOCK_CHECKPOINT = f"SELECT {_CHECKPOINT} FROM projection_checkpoints WHERE name 
 
 LOCK_BATCH = f"""
 SELECT c.*, set_config('search_path', quote_ident($2) || ', ' || $3, true) AS search_path,
-       head.log_xid AS head_log_xid, head.position AS head_position
+       head.log_xid AS head_log_xid, head.position AS head_position, {log.LOG_HELD_BACK} AS held
 FROM ({LOCK_CHECKPOINT}) AS c LEFT JOIN LATERAL ({log.HEAD}) AS head ON true
 """
-"""A runner's batch begins with one round trip instead of three: `LOCK_CHECKPOINT`, `USE_GENERATION`
+"""A runner's batch begins with one round trip instead of four: `LOCK_CHECKPOINT`, `USE_GENERATION`
 for the generation the runner expects ($2 its schema, $3 the connection's own search_path; set again
-if the row names another), and `LOG_HEAD`, read before the batch's events as `read_batch` needs."""
+if the row names another), `LOG_HEAD`, read before the batch's events as `read_batch` needs, and
+whether the log holds events back (`held`: what a batch that comes back short waits for)."""
 
 SHARE_GENERATION = "SELECT pg_advisory_xact_lock_shared(key) FROM unnest($1::bigint[]) AS key"
 """Taken by every append whose inline hooks write a projection's tables, until the append commits."""
@@ -183,9 +182,11 @@ SHARE_CHECKPOINT = f"SELECT {_CHECKPOINT} FROM projection_checkpoints WHERE name
 """The projection's row, shared: its partitions run side by side, and a swap (which locks the row
 exclusively) waits for their batches in flight."""
 
-LOCK_PARTITION = """
-SELECT log_xid, position, runner FROM projection_partitions WHERE name = $1 AND partition = $2 FOR UPDATE
+LOCK_PARTITION = f"""
+SELECT log_xid, position, runner, {log.LOG_HELD_BACK} AS held
+FROM projection_partitions WHERE name = $1 AND partition = $2 FOR UPDATE
 """
+"""A partition's checkpoint, locked, and whether the log holds events back (see `LOCK_BATCH`)."""
 
 ADVANCE_PARTITION = """
 UPDATE projection_partitions SET log_xid = $3, position = $4, runner = $5, updated_at = now()

@@ -76,6 +76,27 @@ async def test_follows_new_events_without_polling(store: EventStore) -> None:
     assert await assert_ledger_exactly_once(store) == 3
 
 
+@pytest.mark.parametrize("partitions", [1, 2])
+async def test_an_event_held_back_by_an_older_transaction_is_applied_soon_after_it_ends(
+    store: EventStore, partitions: int
+) -> None:
+    """The transaction holding the log back sends no NOTIFY as it ends: the runner, woken by the
+    append's NOTIFY to a batch that found the event held back, must look again well before its poll
+    interval (120 s here)."""
+    async with ProjectionAdmin(store, [Ledger(partitions=partitions)]).runner(poll_interval=120) as runner:
+        await runner.wait_caught_up()
+        await asyncio.sleep(0.3)  # every worker found nothing and waits for a NOTIFY
+        async with store.pool.acquire() as blocker:
+            transaction = blocker.transaction()
+            await transaction.start()
+            await blocker.fetchval("SELECT pg_current_xact_id()")  # holds the log's visibility line
+            result = await store.append("held-1", [deposit("held", 7)])  # its NOTIFY finds nothing visible
+            await asyncio.sleep(0.5)
+            await transaction.rollback()
+        await caught_up(runner, result.checkpoint, seconds=10)
+    assert await assert_ledger_exactly_once(store) == 1
+
+
 async def test_batch_handlers_receive_consecutive_runs(store: EventStore) -> None:
     sizes: list[int] = []
 
