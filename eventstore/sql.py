@@ -470,6 +470,20 @@ holds them back, and sends no NOTIFY when it ends (a reader then looks again soo
 HELD_BACK = f"SELECT {LOG_HELD_BACK}"
 """`LOG_HELD_BACK` as a statement of its own."""
 
+STATISTICS_STALE = """
+SELECT s.n_mod_since_analyze >= greatest(c.reltuples, $1::real),
+       pg_has_role(c.relowner, 'USAGE')
+FROM pg_class AS c JOIN pg_stat_user_tables AS s ON s.relid = c.oid
+WHERE c.oid = 'events'::regclass
+"""
+"""($1 the fewest changes worth it): whether `events` changed since its last ANALYZE by at least as many
+rows as it had then (its planner statistics describe less than half of it), and whether this role
+may ANALYZE it (only its owner may)."""
+
+ANALYZE_LOCK = "SELECT pg_try_advisory_lock(hashtextextended('eventstore analyze events', 0))"
+ANALYZE_UNLOCK = "SELECT pg_advisory_unlock(hashtextextended('eventstore analyze events', 0))"
+ANALYZE_EVENTS = "ANALYZE events"
+
 CHECKPOINT_VISIBLE = f"SELECT $1::bigint < {LOG_HORIZON}"
 """($1 log_xid): whether readers of the log see a checkpoint with this log transaction id."""
 

@@ -99,6 +99,10 @@ SPARE_IDLE = 0.05
 """Seconds the store keeps a spare connection (see `EventStore._own_connection`) unused before handing
 it back to the pool."""
 
+STALE_AFTER = 10_000
+"""Rows changed since the last ANALYZE below which `EventStore.refresh_statistics` never analyzes: a
+planner misled about fewer rows than this costs a page a few milliseconds at most."""
+
 # Set while a connection of the store's own pool runs only the store's own statements, which leave no
 # session state behind: releasing it then skips asyncpg's reset query (a round trip per release).
 _SESSION_UNTOUCHED: contextvars.ContextVar[bool] = contextvars.ContextVar("eventstore_session_untouched", default=False)
@@ -916,6 +920,39 @@ class EventStore:
         """
         row = await self.retrying(lambda: self._fetchrow(sql.LAST_COMMITTED))
         return START if row is None else Checkpoint(row[0], row[1])
+
+    async def refresh_statistics(self, min_changes: int = STALE_AFTER) -> bool:
+        """ANALYZE `events` if it has at least doubled (and grown by `min_changes` rows) since its last
+        ANALYZE; return whether it ran.
+
+        Readers of event types (projections, decisions) page through `events_type_log_idx` in log order,
+        a plan that holds only while the planner's statistics are about the table's size. After a bulk
+        load, until autovacuum catches up, the planner instead sorts every event of the type for each
+        page: a replay then slows down with the square of the log. Runners and rebuilds call this as
+        they start. One process analyzes at a time, outside any transaction, so the log's visibility
+        line never waits for it; a role that does not own the table only gets a warning in the log.
+        """
+        check_int("min_changes", min_changes, 0)
+
+        async def refresh() -> bool:
+            async with self.pool.acquire() as conn:
+                row = await conn.fetchrow(sql.STATISTICS_STALE, min_changes)
+                if row is None or not row[0]:
+                    return False
+                if not row[1]:
+                    log.warning("the statistics of table events are stale and this role may not ANALYZE it: "
+                                "run ANALYZE events as its owner before replaying projections")
+                    return False
+                if not await conn.fetchval(sql.ANALYZE_LOCK):
+                    return False  # another process is analyzing it
+                try:
+                    await conn.execute(sql.ANALYZE_EVENTS)
+                finally:
+                    await conn.fetchval(sql.ANALYZE_UNLOCK)
+                log.info("analyzed table events: its statistics described less than half of it")
+                return True
+
+        return await self.retrying(refresh)
 
     async def held_back(self) -> bool:
         """Whether committed events wait below the log's visibility line (no NOTIFY comes when the

@@ -276,6 +276,7 @@ class ProjectionAdmin:
         check_int("batch_size", batch_size, 1)
         tracker = ProgressTracker(name, progress, progress_interval)
         fresh = [restart]
+        await self.store.refresh_statistics()  # the rebuild pages through the whole log by type
 
         async def attempt() -> RebuildProgress:
             restart_now, fresh[0] = fresh[0], False

@@ -121,6 +121,7 @@ class ProjectionRunner:
 
         # Creating rows and tables is idempotent: a session killed meanwhile just means doing it again.
         await self.store.retrying(prepare)
+        await self.store.refresh_statistics()  # after a bulk load, before paging through it by type
         self._stopping = False
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(w.run(), name=f"projection {w.projection.name}") for w in self._workers]

@@ -1,0 +1,88 @@
+"""Planner statistics after a bulk load: `refresh_statistics` analyzes `events` only when they are stale."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+
+import asyncpg
+import pytest
+
+from eventstore import EventStore, InvalidArgument, NewEvent, asyncpg_dsn
+
+CHANGES = """
+SELECT s.n_mod_since_analyze, s.last_analyze FROM pg_stat_user_tables AS s WHERE s.relid = 'events'::regclass
+"""
+
+
+async def bulk_load_after_analyze(store: EventStore, before: int, after: int) -> None:
+    """`before` events, ANALYZE, then `after` more: statistics of a table a fraction of its size."""
+    await store.pool.execute("ALTER TABLE events SET (autovacuum_enabled = false)")  # no ANALYZE behind our back
+    await store.append("small-1", [NewEvent("Loaded", {"n": n}) for n in range(before)])
+    await _changes_at_least(store, before)  # reported before the ANALYZE that counts from zero again
+    await store.pool.execute("ANALYZE events")
+    for chunk in range(after // 1000):
+        await store.append(f"bulk-{chunk}", [NewEvent("Loaded", {"n": n}) for n in range(1000)])
+    await _changes_at_least(store, after)
+
+
+async def _changes_at_least(store: EventStore, count: int) -> None:
+    """The writers' backends report their row counts to the statistics system a moment after commit."""
+    async with asyncio.timeout(20):
+        while True:
+            if (await store.pool.fetchrow(CHANGES))[0] >= count:
+                return
+            await asyncio.sleep(0.1)
+
+
+async def analyzed(store: EventStore) -> bool:
+    async with asyncio.timeout(20):
+        while True:
+            changes, analyzed = await store.pool.fetchrow(CHANGES)
+            if analyzed is not None and changes == 0:
+                return True
+            await asyncio.sleep(0.1)
+
+
+async def test_analyzes_a_table_that_more_than_doubled_since_its_statistics_and_only_then(store: EventStore) -> None:
+    await bulk_load_after_analyze(store, 200, 3000)
+    assert not await store.refresh_statistics(min_changes=5000), "3,000 changed rows are below the floor"
+    assert await store.refresh_statistics(min_changes=1000)
+    assert await analyzed(store)
+    assert not await store.refresh_statistics(min_changes=1000), "fresh statistics are left alone"
+
+
+async def test_a_table_that_grew_by_less_than_its_size_is_left_to_autovacuum(store: EventStore) -> None:
+    await bulk_load_after_analyze(store, 3000, 2000)
+    assert not await store.refresh_statistics(min_changes=1000)
+
+
+async def test_a_role_that_may_not_analyze_gets_a_warning_and_nothing_else(
+    store: EventStore, database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    await bulk_load_after_analyze(store, 200, 3000)
+    role = f"reader_{uuid.uuid4().hex[:8]}"
+    await store.pool.execute(f'CREATE ROLE "{role}"')
+    try:
+
+        async def as_reader(conn: asyncpg.Connection) -> None:
+            await conn.execute(f'SET ROLE "{role}"')
+
+        pool = await asyncpg.create_pool(asyncpg_dsn(database_url), min_size=1, max_size=2, setup=as_reader)
+        try:
+            async with EventStore(pool=pool, check_schema=False) as reader:
+                with caplog.at_level(logging.WARNING, logger="eventstore.store"):
+                    assert not await reader.refresh_statistics(min_changes=1000)
+            assert any("run ANALYZE events" in r.getMessage() for r in caplog.records)
+            assert (await store.pool.fetchrow(CHANGES))[0] >= 3000, "nothing was analyzed"
+        finally:
+            await pool.close()
+    finally:
+        await store.pool.execute(f'DROP ROLE "{role}"')
+
+
+async def test_refuses_a_bad_floor(store: EventStore) -> None:
+    for bad in (-1, 2**63, 1.5, "10", True):
+        with pytest.raises(InvalidArgument):
+            await store.refresh_statistics(min_changes=bad)  # type: ignore[arg-type]
