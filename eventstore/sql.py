@@ -482,7 +482,9 @@ may ANALYZE it (only its owner may)."""
 
 ANALYZE_LOCK = "SELECT pg_try_advisory_lock(hashtextextended('eventstore analyze events', 0))"
 ANALYZE_UNLOCK = "SELECT pg_advisory_unlock(hashtextextended('eventstore analyze events', 0))"
-ANALYZE_EVENTS = "ANALYZE events"
+ANALYZE_EVENTS = "ANALYZE (SKIP_LOCKED) events"
+"""Skipped while another holds the table's maintenance lock (an anti-wraparound vacuum is not cancelled
+for us, and a runner's start must not wait for it)."""
 
 CHECKPOINT_VISIBLE = f"SELECT $1::bigint < {LOG_HORIZON}"
 """($1 log_xid): whether readers of the log see a checkpoint with this log transaction id."""

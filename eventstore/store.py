@@ -930,7 +930,8 @@ class EventStore:
         load, until autovacuum catches up, the planner instead sorts every event of the type for each
         page: a replay then slows down with the square of the log. Runners and rebuilds call this as
         they start. One process analyzes at a time, outside any transaction, so the log's visibility
-        line never waits for it; a role that does not own the table only gets a warning in the log.
+        line never waits for it, and never waits itself for a vacuum that holds the table (it skips
+        the ANALYZE then); a role that does not own the table only gets a warning in the log.
         """
         check_int("min_changes", min_changes, 0)
 

@@ -82,6 +82,15 @@ async def test_a_role_that_may_not_analyze_gets_a_warning_and_nothing_else(
         await store.pool.execute(f'DROP ROLE "{role}"')
 
 
+async def test_never_waits_for_a_vacuum_holding_the_table(store: EventStore) -> None:
+    await bulk_load_after_analyze(store, 200, 3000)
+    async with store.pool.acquire() as vacuum, vacuum.transaction():
+        await vacuum.execute("LOCK TABLE events IN SHARE UPDATE EXCLUSIVE MODE")  # what a vacuum holds
+        async with asyncio.timeout(5):
+            await store.refresh_statistics(min_changes=1000)
+    assert (await store.pool.fetchrow(CHANGES))[0] >= 3000, "nothing was analyzed"
+
+
 async def test_refuses_a_bad_floor(store: EventStore) -> None:
     for bad in (-1, 2**63, 1.5, "10", True):
         with pytest.raises(InvalidArgument):
