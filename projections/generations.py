@@ -419,8 +419,15 @@ class ReadAhead:
         self, conn: Connection, after: Checkpoint, limit: int, keyring: Keyring, head: Checkpoint | None = None
     ) -> tuple[list[RecordedEvent], Checkpoint]:
         """`read_batch` on `conn`, or the batch read ahead if it is the same; when the batch is full, the
-        one after it is read ahead at once, while the caller applies this one."""
+        one after it is read ahead at once, while the caller applies this one.
+
+        A read-ahead that came back short is dropped when the log's head (`head`, read by this batch) has
+        moved past it: the events committed since woke the runner while it applied the batch before,
+        and that wake-up is spent, so this batch must see them or they wait for the poll interval.
+        """
         taken = await self.take(after, limit)
+        if taken is not None and len(taken[0]) < limit and head is not None and head > taken[1]:
+            taken = None
         if taken is None:
             taken = await read_batch(conn, self._projection, after, limit, keyring, head)
         if len(taken[0]) == limit:

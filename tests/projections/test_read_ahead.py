@@ -110,3 +110,48 @@ async def test_a_batch_that_fails_drops_what_was_read_ahead_for_it(
     assert [r["version"] for r in rows] == list(range(30)), "each event once, in order"
     assert (True, False) in takes, "a read-ahead was waiting and not used (the one for the failed batch)"
     assert (True, True) in takes
+
+
+class Gate(Projection):
+    """Holds its handler on event 2 until released: a full batch in flight, its read-ahead done."""
+
+    name = "gate"
+    tables = {"gate_seen": "CREATE TABLE gate_seen (n bigint NOT NULL)"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered, self.release = asyncio.Event(), asyncio.Event()
+
+    @handles("Tick")
+    async def tick(self, conn: Any, event: RecordedEvent) -> None:
+        n = event.json()["n"]
+        await conn.execute("INSERT INTO gate_seen VALUES ($1)", n)
+        if n == 2:
+            self.entered.set()
+            await self.release.wait()
+
+
+@pytest.mark.parametrize("held_back", [False, True])
+async def test_an_event_committed_while_the_last_full_batch_runs_is_applied_without_waiting_for_the_poll(
+    store: EventStore, held_back: bool
+) -> None:
+    """The read-ahead of the next batch comes back short before the event is visible; the event's NOTIFY
+    is spent on the batch in flight. The next batch must not take the stale read-ahead (poll: 120 s)."""
+    gate = Gate()
+    await store.append("t-1", [NewEvent("Tick", {"n": 1}), NewEvent("Tick", {"n": 2})])
+    async with ProjectionRunner(store, [gate], batch_size=2, poll_interval=120) as runner:
+        await asyncio.wait_for(gate.entered.wait(), 10)  # batch 1 (full) in its handler, reading ahead
+        async with store.pool.acquire() as old:
+            transaction = old.transaction()
+            if held_back:
+                await transaction.start()
+                await old.fetchval("SELECT pg_current_xact_id()")  # holds the log's visibility line
+            result = await store.append("t-2", [NewEvent("Tick", {"n": 3})])
+            await asyncio.sleep(0.5)  # the read-ahead is long done: it saw nothing
+            if held_back:
+                await transaction.rollback()  # ends without a NOTIFY
+        gate.release.set()
+        async with asyncio.timeout(10):
+            await runner.wait_caught_up(result.checkpoint)
+    assert sorted(await store.pool.fetch("SELECT n FROM gate_seen")) == [(1,), (2,), (3,)]
+
