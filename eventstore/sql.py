@@ -471,20 +471,26 @@ HELD_BACK = f"SELECT {LOG_HELD_BACK}"
 """`LOG_HELD_BACK` as a statement of its own."""
 
 STATISTICS_STALE = """
-SELECT s.n_mod_since_analyze >= greatest(c.reltuples, $1::real),
-       pg_has_role(c.relowner, 'USAGE')
+SELECT s.n_mod_since_analyze >= greatest(c.reltuples, $1::real), s.last_analyze
 FROM pg_class AS c JOIN pg_stat_user_tables AS s ON s.relid = c.oid
 WHERE c.oid = 'events'::regclass
 """
 """($1 the fewest changes worth it): whether `events` changed since its last ANALYZE by at least as many
-rows as it had then (its planner statistics describe less than half of it), and whether this role
-may ANALYZE it (only its owner may)."""
+rows as it had then (its planner statistics describe less than half of it), and when it was analyzed."""
 
-ANALYZE_LOCK = "SELECT pg_try_advisory_lock(hashtextextended('eventstore analyze events', 0))"
-ANALYZE_UNLOCK = "SELECT pg_advisory_unlock(hashtextextended('eventstore analyze events', 0))"
+LAST_ANALYZE = "SELECT pg_stat_get_last_analyze_time('events'::regclass)"
+
+_ANALYZE_KEY = "hashtextextended('eventstore analyze', 'events'::regclass::oid::bigint)"
+ANALYZE_LOCK = f"SELECT pg_try_advisory_lock({_ANALYZE_KEY})"
+ANALYZE_UNLOCK = f"SELECT pg_advisory_unlock({_ANALYZE_KEY})"
+"""One process analyzes a schema's `events` at a time (the key is the table's)."""
+
+ANALYZE_TIMEOUT = "SELECT set_config('lock_timeout', '1s', false)"
+"""ANALYZE waits for no lock longer than this: a GRANT left open on the table would hold it to the end."""
+
 ANALYZE_EVENTS = "ANALYZE (SKIP_LOCKED) events"
 """Skipped while another holds the table's maintenance lock (an anti-wraparound vacuum is not cancelled
-for us, and a runner's start must not wait for it)."""
+for us, and a runner's start must not wait for it); a role that may not analyze it gets a warning."""
 
 CHECKPOINT_VISIBLE = f"SELECT $1::bigint < {LOG_HORIZON}"
 """($1 log_xid): whether readers of the log see a checkpoint with this log transaction id."""

@@ -923,33 +923,45 @@ class EventStore:
 
     async def refresh_statistics(self, min_changes: int = STALE_AFTER) -> bool:
         """ANALYZE `events` if it has at least doubled (and grown by `min_changes` rows) since its last
-        ANALYZE; return whether it ran.
+        ANALYZE; return whether it did.
 
         Readers of event types (projections, decisions) page through `events_type_log_idx` in log order,
         a plan that holds only while the planner's statistics are about the table's size. After a bulk
         load, until autovacuum catches up, the planner instead sorts every event of the type for each
         page: a replay then slows down with the square of the log. Runners and rebuilds call this as
-        they start. One process analyzes at a time, outside any transaction, so the log's visibility
-        line never waits for it, and never waits itself for a vacuum that holds the table (it skips
-        the ANALYZE then); a role that does not own the table only gets a warning in the log.
+        they start, so it never fails them: one process analyzes at a time, outside any transaction (the
+        log's visibility line never waits for it), waiting at most a second for a lock and skipping the
+        table while a vacuum holds it; when it cannot analyze (a role that may not, a lock, a timeout),
+        it logs a warning saying why and returns False.
         """
         check_int("min_changes", min_changes, 0)
 
         async def refresh() -> bool:
             async with self.pool.acquire() as conn:
                 row = await conn.fetchrow(sql.STATISTICS_STALE, min_changes)
-                if row is None or not row[0]:
-                    return False
-                if not row[1]:
-                    log.warning("the statistics of table events are stale and this role may not ANALYZE it: "
-                                "run ANALYZE events as its owner before replaying projections")
-                    return False
-                if not await conn.fetchval(sql.ANALYZE_LOCK):
-                    return False  # another process is analyzing it
+                if row is None or not row[0] or not await conn.fetchval(sql.ANALYZE_LOCK):
+                    return False  # fresh enough, or another process is analyzing it
+                said: list[str] = []
+
+                def listen(_: object, message: asyncpg.PostgresLogMessage) -> None:
+                    said.append(str(message))
+
+                conn.add_log_listener(listen)
                 try:
+                    await conn.fetchval(sql.ANALYZE_TIMEOUT)
                     await conn.execute(sql.ANALYZE_EVENTS)
+                    analyzed = await conn.fetchval(sql.LAST_ANALYZE)
+                except (asyncpg.exceptions.LockNotAvailableError, asyncpg.exceptions.QueryCanceledError,
+                        asyncpg.exceptions.InsufficientPrivilegeError) as exc:
+                    said.append(str(exc))
+                    analyzed = None
                 finally:
+                    conn.remove_log_listener(listen)
                     await conn.fetchval(sql.ANALYZE_UNLOCK)
+                if analyzed is None or analyzed == row[1]:
+                    log.warning("the statistics of table events are stale and it was not analyzed (%s): run "
+                                "ANALYZE events as its owner before replaying projections", "; ".join(said) or "?")
+                    return False
                 log.info("analyzed table events: its statistics described less than half of it")
                 return True
 

@@ -82,13 +82,64 @@ async def test_a_role_that_may_not_analyze_gets_a_warning_and_nothing_else(
         await store.pool.execute(f'DROP ROLE "{role}"')
 
 
-async def test_never_waits_for_a_vacuum_holding_the_table(store: EventStore) -> None:
+async def test_never_waits_for_a_vacuum_holding_the_table_and_says_it_did_not_analyze(
+    store: EventStore, caplog: pytest.LogCaptureFixture
+) -> None:
     await bulk_load_after_analyze(store, 200, 3000)
     async with store.pool.acquire() as vacuum, vacuum.transaction():
         await vacuum.execute("LOCK TABLE events IN SHARE UPDATE EXCLUSIVE MODE")  # what a vacuum holds
         async with asyncio.timeout(5):
-            await store.refresh_statistics(min_changes=1000)
+            with caplog.at_level(logging.WARNING, logger="eventstore.store"):
+                assert not await store.refresh_statistics(min_changes=1000)
+    assert any("not analyzed" in r.getMessage() for r in caplog.records)
     assert (await store.pool.fetchrow(CHANGES))[0] >= 3000, "nothing was analyzed"
+
+
+async def test_waits_at_most_a_second_for_a_transaction_that_changed_the_table_and_holds_no_lock(
+    store: EventStore,
+) -> None:
+    """A GRANT left open (an operator's migration) takes no lock ANALYZE would skip, yet ANALYZE waits
+    for it to update the table's catalog row: a runner's start must not wait with it."""
+    await bulk_load_after_analyze(store, 200, 3000)
+    role = f"reader_{uuid.uuid4().hex[:8]}"
+    await store.pool.execute(f'CREATE ROLE "{role}"')
+    try:
+        async with store.pool.acquire() as admin, admin.transaction():
+            await admin.execute(f'GRANT SELECT ON events TO "{role}"')
+            async with asyncio.timeout(5):
+                assert not await store.refresh_statistics(min_changes=1000)
+        assert await store.refresh_statistics(min_changes=1000), "it analyzes once the transaction ended"
+        locks = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND database = " \
+                "(SELECT oid FROM pg_database WHERE datname = current_database())"
+        assert await store.pool.fetchval(locks) == 0
+    finally:
+        await store.pool.execute(f'REVOKE ALL ON events FROM "{role}"')
+        await store.pool.execute(f'DROP ROLE "{role}"')
+
+
+async def test_a_statement_timeout_of_the_role_is_a_warning_not_an_error(
+    store: EventStore, database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    await bulk_load_after_analyze(store, 200, 3000)
+    role = f"reader_{uuid.uuid4().hex[:8]}"
+    await store.pool.execute(f'CREATE ROLE "{role}"')
+
+    async def impatient(conn: asyncpg.Connection) -> None:
+        await conn.execute("SET statement_timeout = '300ms'")  # shorter than the lock wait it allows itself
+
+    pool = await asyncpg.create_pool(asyncpg_dsn(database_url), min_size=1, max_size=2, setup=impatient)
+    try:
+        async with (
+            EventStore(pool=pool, check_schema=False) as hurried, store.pool.acquire() as admin, admin.transaction()
+        ):
+            await admin.execute(f'GRANT SELECT ON events TO "{role}"')  # ANALYZE waits for it
+            with caplog.at_level(logging.WARNING, logger="eventstore.store"):
+                assert not await hurried.refresh_statistics(min_changes=1000)
+        assert any("statement timeout" in r.getMessage() for r in caplog.records)
+    finally:
+        await pool.close()
+        await store.pool.execute(f'REVOKE ALL ON events FROM "{role}"')
+        await store.pool.execute(f'DROP ROLE "{role}"')
 
 
 async def test_refuses_a_bad_floor(store: EventStore) -> None:
