@@ -471,12 +471,12 @@ HELD_BACK = f"SELECT {LOG_HELD_BACK}"
 """`LOG_HELD_BACK` as a statement of its own."""
 
 STATISTICS_STALE = """
-SELECT s.n_mod_since_analyze >= greatest(c.reltuples, $1::real), s.last_analyze
-FROM pg_class AS c JOIN pg_stat_user_tables AS s ON s.relid = c.oid
-WHERE c.oid = 'events'::regclass
+SELECT s.n_mod_since_analyze >= $1 AND 2 * s.n_mod_since_analyze >= s.n_live_tup, s.last_analyze
+FROM pg_stat_user_tables AS s WHERE s.relid = 'events'::regclass
 """
-"""($1 the fewest changes worth it): whether `events` changed since its last ANALYZE by at least as many
-rows as it had then (its planner statistics describe less than half of it), and when it was analyzed."""
+"""($1 the fewest changes worth it): whether `events` changed since its last ANALYZE by at least half the
+rows it has now (its planner statistics describe less than half of it; a VACUUM, which counts the rows
+again but keeps the old statistics, does not hide it), and when it was analyzed."""
 
 LAST_ANALYZE = "SELECT pg_stat_get_last_analyze_time('events'::regclass)"
 

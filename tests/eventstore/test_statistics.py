@@ -53,6 +53,13 @@ async def test_analyzes_a_table_that_more_than_doubled_since_its_statistics_and_
     assert not await store.refresh_statistics(min_changes=1000), "fresh statistics are left alone"
 
 
+async def test_a_vacuum_after_the_load_does_not_hide_stale_statistics(store: EventStore) -> None:
+    """VACUUM counts the table's rows again (`reltuples`) but leaves the planner's statistics as they were."""
+    await bulk_load_after_analyze(store, 200, 3000)
+    await store.pool.execute("VACUUM events")
+    assert await store.refresh_statistics(min_changes=1000)
+
+
 async def test_a_table_that_grew_by_less_than_its_size_is_left_to_autovacuum(store: EventStore) -> None:
     await bulk_load_after_analyze(store, 3000, 2000)
     assert not await store.refresh_statistics(min_changes=1000)
