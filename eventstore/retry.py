@@ -38,6 +38,8 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 
 FIRST_DELAY = 0.05
 MAX_DELAY = 1.0
+HELD_BACK_LIMIT = 1.0
+"""Seconds at most between two looks at a log that holds committed events back (`Backoff.held_back`)."""
 
 
 class Backoff:
@@ -59,9 +61,11 @@ class Backoff:
 
     @classmethod
     def held_back(cls, poll_interval: float) -> Backoff:
-        """Looks at the log while committed events wait below its visibility line: from 20 ms up to the
-        poll interval, since the older transaction holding them back sends no NOTIFY when it ends."""
-        return cls(min(0.02, poll_interval), poll_interval)
+        """Looks at the log while committed events wait below its visibility line: from 20 ms up to a
+        second (or the poll interval if shorter), since the older transaction holding them back sends no
+        NOTIFY when it ends. One cheap query a second, so that a long hold delays them by a second at
+        most once it ends, not by as long again."""
+        return cls(min(0.02, poll_interval), min(HELD_BACK_LIMIT, poll_interval))
 
     def failed(self, ran_for: float = 0.0) -> float:
         """Count an attempt that failed after running `ran_for` seconds; return how long to wait now."""

@@ -719,21 +719,27 @@ class EventStore:
         # Sends at once, then waits NOTIFY_INTERVAL so that the appends of a busy spell share one NOTIFY.
         while self._notify_pending:
             self._notify_pending = False
-            try:
-                if self.url is None:
-                    await self.pool.execute(sql.NOTIFY)
-                else:
-                    # A connection of its own: a pool saturated by writers would delay the wake-up.
-                    if self._notifier is None or self._notifier.is_closed():
-                        self._notifier = await asyncpg.connect(self.url, timeout=5)
-                    await self._notifier.execute(sql.NOTIFY)
-            except Exception as exc:  # subscribers fall back to polling
-                log.debug("notify failed: %s", exc)
-                if self._notifier is not None:
-                    self._notifier.terminate()
-                    self._notifier = None
-                return
+            for attempt in range(2):  # a notifier whose session ended unnoticed gets one fresh connection
+                try:
+                    await self._send_notify()
+                    break
+                except Exception as exc:  # then subscribers fall back to polling
+                    log.debug("notify failed: %s", exc)
+                    if self._notifier is not None:
+                        self._notifier.terminate()
+                        self._notifier = None
+                    if attempt:
+                        return
             await asyncio.sleep(NOTIFY_INTERVAL)
+
+    async def _send_notify(self) -> None:
+        if self.url is None:
+            await self.pool.execute(sql.NOTIFY)
+            return
+        # A connection of its own: a pool saturated by writers would delay the wake-up.
+        if self._notifier is None or self._notifier.is_closed():
+            self._notifier = await asyncpg.connect(self.url, timeout=5)
+        await self._notifier.execute(sql.NOTIFY)
 
     # -- reads -------------------------------------------------------------------------------------
 

@@ -21,6 +21,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+LISTEN_RETRY = 5.0
+"""Seconds at most between two attempts to listen again after the listener connection was lost; until
+then the subscription polls at that pace, not at its poll interval."""
+
 
 class Subscription:
     """Yields every event after its checkpoint exactly once, in the log's commit-safe order.
@@ -84,6 +88,7 @@ class Subscription:
             return
         try:
             await conn.add_listener(sql.NOTIFY_CHANNEL, self._on_notify)
+            conn.add_termination_listener(self._on_notify)  # a lost listener wakes the reader to listen again
         except Exception as exc:
             log.warning("subscription cannot listen (%s); polling every %ss", exc, self._poll_interval)
             conn.terminate()
@@ -108,36 +113,57 @@ class Subscription:
         loop = asyncio.get_running_loop()
         if loop.time() < self._next_listen_attempt:
             return
-        self._next_listen_attempt = loop.time() + max(self._poll_interval, 1.0)
+        self._next_listen_attempt = loop.time() + min(max(self._poll_interval, 1.0), LISTEN_RETRY)
         await self._unlisten()
         await self._listen()
 
     async def batches(self) -> AsyncIterator[list[RecordedEvent]]:
-        """Batches of up to `batch_size` events; the checkpoint moves past each batch as it is handed out."""
+        """Batches of up to `batch_size` events; the checkpoint moves past each batch as it is handed out.
+
+        Once caught up, it asks whether the log holds events back before each read, not after: events
+        that an older transaction releases after that question (it sends no NOTIFY) were held back when
+        asked, so it looks again soon; asked after the read, a release in between would go unseen until
+        the poll interval. A read that follows a full batch asks nothing and, if it comes back short,
+        is followed by one that does.
+        """
         held = Backoff.held_back(self._poll_interval)
+        failures = Backoff(min(0.05, self._poll_interval), self._poll_interval)
+        caught_up = False
         while not self._closed:
             self._wakeup.clear()
             try:
+                held_back = caught_up and await self._store.held_back()
                 events = await self._store.read_all(
                     self.checkpoint, limit=self._batch_size, types=self._types, category=self._category
                 )
-                if len(events) < self._batch_size and await self._store.held_back():
-                    pause = held.failed()
-                else:
-                    held.reset()
-                    pause = self._poll_interval
             except (DatabaseUnavailable, asyncpg.exceptions.InterfaceError) as exc:
                 log.warning("subscription read failed (%s); retrying", exc)
-                await asyncio.sleep(self._poll_interval)
+                await self._wait(failures.failed())
                 continue
+            failures.reset()
             if events:
                 self.checkpoint = events[-1].checkpoint
                 yield events
-                if len(events) == self._batch_size:
-                    continue
+            if len(events) == self._batch_size:
+                caught_up = False
+                continue
+            if not caught_up:
+                caught_up = True  # read once more, asking first
+                continue
+            if held_back:
+                pause = held.failed()
+            else:
+                held.reset()
+                pause = self._poll_interval
             await self._ensure_listening()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), pause)
+            if self._listener is None or self._listener.is_closed():  # no NOTIFY comes: look again soon
+                pause = min(pause, max(self._next_listen_attempt - asyncio.get_running_loop().time(), 0.05))
+            await self._wait(pause)
+
+    async def _wait(self, seconds: float) -> None:
+        """Until a NOTIFY, `close()` or `seconds`."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wakeup.wait(), seconds)
 
     async def __aiter__(self) -> AsyncIterator[RecordedEvent]:
         async for batch in self.batches():

@@ -104,6 +104,10 @@ class Relay:
         self._next_prune = 0.0
         self._busy_until = 0.0
         self._held = Backoff.held_back(self.settings.poll_interval)
+        self._idled = False
+        """The last round sent nothing: the next one asks whether the log holds messages back first."""
+        self._held_now: bool | None = None
+        """This round's answer to that question (None: not asked)."""
 
     @property
     def relay_id(self) -> str:
@@ -175,6 +179,7 @@ class Relay:
                     await prune_published(self.store, self.settings.retention)
                     self._next_prune = now + self.settings.prune_interval
                 sent = await self._round()
+                self._idled = not sent
                 broker.reset()
                 database.reset()
                 if sent:
@@ -218,7 +223,11 @@ class Relay:
             return
         await self._wakeups.listen()
         slots = list(self._leases.usable())
-        if slots and await self._held_back(slots):
+        if slots and self._held_now is None:
+            # Asked after this round's fetch, the question would miss messages that an older transaction
+            # released in between (it sends no NOTIFY): one more round, which asks before it fetches.
+            return
+        if slots and self._held_now:
             # No NOTIFY comes when the older transaction holding them back ends without writing events.
             await self._wakeups.wait(self._held.failed())
             return
@@ -229,10 +238,13 @@ class Relay:
     async def _round(self) -> int:
         """Fetch, send and await acknowledgements for one batch; return how many messages went out."""
         slots = list(self._leases.usable())
+        self._held_now = None
         if not slots:
             await self._backlog.settle()
             return 0
         self._wakeups.clear()
+        if self._idled:
+            self._held_now = await self._held_back(slots)
         messages = await self._backlog.next(slots)
         if not messages:
             return 0
@@ -442,12 +454,14 @@ class _Wakeups:
             conn = await asyncpg.connect(self._url, timeout=self._poll_interval + 1)
             await conn.add_listener(NOTIFY_CHANNEL, self.set)
             await conn.add_listener(sql.NOTIFY_CHANNEL, self.set)
+            conn.add_termination_listener(self.set)  # a lost listener wakes the relay to listen again
         except _LISTEN_ERRORS as exc:
             log.debug("relay cannot listen (%s); polling every %ss", exc, self._poll_interval)
             if conn is not None:
                 conn.terminate()
             return
         self._listener = conn
+        self.set()  # what was committed while nobody listened: look once more before sleeping
 
     async def close(self) -> None:
         conn, self._listener = self._listener, None

@@ -97,6 +97,26 @@ async def test_an_event_held_back_by_an_older_transaction_is_applied_soon_after_
     assert await assert_ledger_exactly_once(store) == 1
 
 
+@pytest.mark.parametrize("partitions", [1, 2])
+async def test_a_short_hold_during_a_burst_of_appends_delays_them_by_a_second_at_most(
+    store: EventStore, partitions: int
+) -> None:
+    """Each NOTIFY of the burst wakes the runner to find the events held back, and each such look
+    doubled the next wait, up to the poll interval (120 s): the looks now wait a second at most."""
+    async with ProjectionAdmin(store, [Ledger(partitions=partitions)]).runner(poll_interval=120) as runner:
+        await runner.wait_caught_up()
+        async with store.pool.acquire() as old:
+            holder = old.transaction()
+            await holder.start()
+            await old.fetchval("SELECT pg_current_xact_id()")  # holds the log's visibility line
+            for n in range(14):
+                last = await store.append(f"burst-{n % 3}", [deposit(f"burst{n % 3}", 1)])
+                await asyncio.sleep(0.03)
+            await holder.rollback()  # held for about half a second; ends without a NOTIFY
+        await caught_up(runner, last.checkpoint, seconds=10)
+    assert await assert_ledger_exactly_once(store) == 14
+
+
 async def test_batch_handlers_receive_consecutive_runs(store: EventStore) -> None:
     sizes: list[int] = []
 
