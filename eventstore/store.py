@@ -325,7 +325,13 @@ class UnitOfWork:
         prepared = prepare_append(stream_id, events, expected_version, self._store.max_event_size)
         checked = _condition(condition)
         prepared = await self._store._seal(self.connection, prepared)
-        result = await self._store._append_prepared(self, prepared, expected_version, checked)
+        if self._store._hooks:
+            # In a savepoint: a hook that fails (an inline projection's handler) takes this append's events
+            # back with it, so the unit of work cannot go on to commit them without their read models.
+            async with self.connection.transaction():
+                result = await self._store._append_prepared(self, prepared, expected_version, checked)
+        else:
+            result = await self._store._append_prepared(self, prepared, expected_version, checked)
         self.results.append(result)
         return result
 

@@ -56,6 +56,19 @@ async def test_failing_inline_handler_fails_the_append_and_writes_nothing(store:
     assert await balances(store) == {"a1": 10}
 
 
+async def test_a_failing_inline_handler_in_a_unit_of_work_takes_back_only_its_own_append(store: EventStore) -> None:
+    """The application catches the failure and goes on: what commits is what the read model holds, the
+    append that failed is not in the log, and the unit of work's other appends are."""
+    async with InlineProjections(store, [Totals()]), store.unit_of_work() as uow:
+        await uow.append("acc-a", [deposit("a", 10)])
+        with pytest.raises(ProjectionFailed):
+            await uow.append("acc-b", [deposit("b", 5), deposit("b", -1)])  # Totals refuses the -1
+        await uow.append("acc-c", [deposit("c", 3)])
+    stored = [e.json() for e in await store.read_all(types=["Deposited"])]
+    assert [(d["account"], d["amount"]) for d in stored] == [("a", 10), ("c", 3)]
+    assert await balances(store) == {"a": 10, "c": 3}
+
+
 async def test_attaching_fills_the_tables_from_the_existing_log(store: EventStore) -> None:
     await store.append("acc-1", [deposit("a1", 7), deposit("a1", 3)])
     await store.append("acc-2", [deposit("a2", 1)])
