@@ -370,6 +370,9 @@ class _PartitionWorker(_Worker):
         self.key = lease_key("run", self.label)
         tag = hashlib.blake2b(f"{runner.identity}:{id(runner)}".encode(), digest_size=4).hexdigest()
         self._session_name = f"{sql.PARTITION_RUNNER_PREFIX}{tag} {projection.name}"
+        self._mismatched_name = f"{sql.PARTITION_MISMATCHED_PREFIX}{tag} {projection.name}"
+        self._counted = True
+        """Whether the session goes by `_session_name`, counted by other runners for the fair share."""
         self._next_share_check = 0.0
 
     def _held_by_runner(self) -> int:
@@ -384,8 +387,18 @@ class _PartitionWorker(_Worker):
 
     async def _name_session(self, conn: Connection) -> None:
         await conn.execute(sql.NAME_PARTITION_SESSION, self._session_name)
+        self._counted = True
 
     async def _may_take(self, conn: Connection) -> bool:
+        # A runner that cannot run the live declaration takes no share: one of its workers found out, and
+        # the others share its declaration (a worker whose partition another runner holds never would).
+        counted = not any(
+            w._mismatch is not None for w in self.runner._workers
+            if isinstance(w, _PartitionWorker) and w.projection is self.projection
+        )
+        if counted != self._counted:
+            await conn.execute(sql.NAME_PARTITION_SESSION, self._session_name if counted else self._mismatched_name)
+            self._counted = counted
         return self._held_by_runner() < await self._fair_share(conn)
 
     async def _step(self, conn: Connection, limit: int) -> tuple[_Outcome, int]:

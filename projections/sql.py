@@ -195,6 +195,11 @@ WHERE name = $1 AND partition = $2
 
 PARTITION_RUNNER_PREFIX = "eventstore partitions "
 
+PARTITION_MISMATCHED_PREFIX = "eventstore partitions-mismatched "
+"""The session name of a partition worker whose declaration differs from the live one (a runner of the
+old version during a rolling deploy): `PARTITION_RUNNERS` does not count it, so it takes no fair share
+from the runners that can run the projection."""
+
 NAME_PARTITION_SESSION = "SELECT set_config('application_name', $1, false)"
 """A partition worker's session says whose it is: `PARTITION_RUNNER_PREFIX` + runner tag + ' ' + projection."""
 

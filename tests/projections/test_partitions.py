@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
 
 from eventstore import START, EventStore, NewEvent, RecordedEvent
-from projections import InvalidProjection, Projection, ProjectionAdmin, ProjectionNeedsRebuild, handles
+from projections import (
+    InvalidProjection,
+    Projection,
+    ProjectionAdmin,
+    ProjectionNeedsRebuild,
+    ProjectionRunner,
+    handles,
+)
 from projections.generations import partition_name
 from tests.projections.app import caught_up, eventually
 
@@ -131,3 +139,39 @@ def test_bad_partition_declarations_are_refused() -> None:
         StreamOrder(partitions=2, partition_key="account")
     with pytest.raises(InvalidProjection, match="inline"):
         StreamOrder(partitions=2, inline=True)
+
+
+def _seen(version: int) -> Projection:
+    class Seen(Projection):
+        name = "seen"
+        partitions = 4
+        tables = {"seen": "CREATE TABLE seen (stream_id text NOT NULL, version int NOT NULL)"}
+
+        @handles("Tick")
+        async def tick(self, conn: Any, event: RecordedEvent) -> None:
+            await conn.execute("INSERT INTO seen VALUES ($1, $2)", event.stream_id, event.stream_version)
+
+    return Seen(version=version)
+
+
+async def test_a_runner_of_the_old_version_takes_no_share_of_the_partitions_from_the_new_one(
+    store: EventStore,
+) -> None:
+    """A rolling deploy: the runner of version 1 is still up after version 2 went live. It cannot run
+    the projection, so it must not count in the fair share (the new runner took half and half stalled)."""
+    streams = [f"t-{n}" for n in range(16)]
+    for stream in streams:
+        await store.append(stream, [NewEvent("Tick")])
+    settings: dict[str, Any] = {"poll_interval": 0.2, "lease_interval": 0.1}
+    async with ProjectionRunner(store, [_seen(1)], label="old", **settings) as old:
+        async with asyncio.timeout(10):
+            await old.wait_caught_up()
+        await ProjectionAdmin(store, [_seen(2)]).rebuild("seen")
+        async with ProjectionRunner(store, [_seen(2)], label="new", **settings) as new:
+            for stream in streams:
+                await store.append(stream, [NewEvent("Tick")])
+            await caught_up(new, await store.last_committed(), seconds=10)
+            assert len(new.owned) == 4
+    rows = await store.pool.fetch("SELECT stream_id, array_agg(version ORDER BY version) AS v FROM seen GROUP BY 1")
+    assert {r["stream_id"]: list(r["v"]) for r in rows} == {stream: [0, 1] for stream in streams}
+
