@@ -223,22 +223,28 @@ class Rebuild:
         projection, name = self.projection, self.projection.name
         conn = await connect(self.store, f"rebuild {partition_name(name, partition)}")
         after = START
+        batches = BatchLimit(self.batch_size)  # a batch that fails is retried one event at a time, as in `_build`
         try:
             while True:
-                async with conn.transaction():
-                    await use_generation(conn, name, self.generation, self.search_path)
-                    events, _ = await read_partition(conn, projection, partition, after, self.batch_size, self.keyring)
-                    mine: list[RecordedEvent] = [e for e in events if e.checkpoint <= target]
-                    try:
+                limit = batches.next
+                try:
+                    async with conn.transaction():
+                        await use_generation(conn, name, self.generation, self.search_path)
+                        events, _ = await read_partition(conn, projection, partition, after, limit, self.keyring)
+                        mine: list[RecordedEvent] = [e for e in events if e.checkpoint <= target]
                         await projection.apply(conn, mine)
-                    except HandlerFailed as failure:
-                        raise_if_disconnected(failure, conn)
-                        raise
+                except HandlerFailed as failure:
+                    raise_if_disconnected(failure, conn)
+                    if batches.failed():
+                        continue
+                    raise
                 self._built += len(mine)
                 self.tracker.update(self.done + self._built)
-                if len(mine) < self.batch_size:
+                batches.applied(len(mine))
+                if len(mine) < limit and not batches.searching:
                     return
-                after = mine[-1].checkpoint
+                if mine:
+                    after = mine[-1].checkpoint
         finally:
             await disconnect(self.store, conn)
 

@@ -9,9 +9,10 @@ from typing import Any
 import asyncpg
 import pytest
 
-from eventstore import START, Checkpoint, EventStore, RecordedEvent, asyncpg_dsn
+from eventstore import START, Checkpoint, EventStore, NewEvent, RecordedEvent, asyncpg_dsn
 from projections import (
     InlineProjections,
+    Projection,
     ProjectionAdmin,
     ProjectionFailed,
     ProjectionNeedsRebuild,
@@ -253,3 +254,41 @@ async def test_inline_rebuild_and_reset_under_concurrent_appends(store: EventSto
     assert await balances(store) == expected
     (status,) = await projections.status()
     assert (status.state, status.generation) == ("inline", 3)
+
+
+class _FailsOnce(Projection):
+    """Records each applied (stream, version); raises once, on the event `armed` names."""
+
+    name = "fails_once"
+    partitions = 3
+    tables = {
+        "fails_once": "CREATE TABLE fails_once "
+        "(seq bigserial PRIMARY KEY, stream_id text NOT NULL, version int NOT NULL)"
+    }
+    armed: tuple[str, int] | None = None
+
+    @handles("Step")
+    async def step(self, conn: Any, event: RecordedEvent) -> None:
+        if _FailsOnce.armed == (event.stream_id, event.stream_version):
+            _FailsOnce.armed = None
+            raise RuntimeError("fails once")
+        await conn.execute(
+            "INSERT INTO fails_once (stream_id, version) VALUES ($1, $2)", event.stream_id, event.stream_version
+        )
+
+
+async def test_a_partitioned_rebuild_gets_past_a_handler_that_fails_once(store: EventStore) -> None:
+    """Like the single pass, each partition retries a failed batch one event at a time: a passing error
+    (a deadlock, a timeout) must not throw a long rebuild away."""
+    streams = [f"step-{s}" for s in range(5)]
+    for stream in streams:
+        await store.append(stream, [NewEvent("Step") for _ in range(30)])
+    admin = ProjectionAdmin(store, [_FailsOnce()])
+    _FailsOnce.armed = ("step-2", 7)
+    await admin.rebuild("fails_once", batch_size=7)
+    assert _FailsOnce.armed is None, "the handler failed once"
+    rows = await store.pool.fetch("SELECT stream_id, version FROM fails_once ORDER BY seq")
+    applied: dict[str, list[int]] = {}
+    for row in rows:
+        applied.setdefault(row["stream_id"], []).append(row["version"])
+    assert applied == {stream: list(range(30)) for stream in streams}
