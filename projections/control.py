@@ -187,6 +187,7 @@ class ProjectionAdmin:
         """
         check_name(name)
         if await _migrated(self.store.pool.fetchval(sql.RESUME, name)) is not None:
+            await self.store.pool.execute(sql.WAKE_RUNNERS)
             return True
         if await self.store.pool.fetchrow(sql.SELECT_CHECKPOINT, name) is None:
             known = [r["name"] for r in await self.store.pool.fetch(sql.STATUS)]

@@ -23,6 +23,9 @@ between writing its events and running its hook, so what this reads is exactly w
 committed transactions have applied.
 """
 
+WAKE_RUNNERS = log.NOTIFY
+"""Sent after an operator resumes a failed projection: its runner waits for a NOTIFY, not for its poll."""
+
 COUNT_LOG = f"""
 SELECT count(*) FROM events
 WHERE (log_xid, position) > ($1, $2) AND event_type = ANY($3::text[]) AND {log.LOG_VISIBLE}

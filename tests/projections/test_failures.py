@@ -152,3 +152,19 @@ async def test_bad_operator_input_is_a_typed_error(store: EventStore) -> None:
                 await runner.wait_caught_up(until)  # type: ignore[arg-type]
         await runner.wait_caught_up()
     assert [s.name for s in await projections.status()] == ["ledger"]
+
+
+async def test_a_resumed_projection_goes_on_at_once(store: EventStore) -> None:
+    """The runner of a failed projection waits for its poll interval (120 s here) or a NOTIFY: resuming
+    sends one."""
+    poisoned = await store.append("acc-0", [NewEvent("Deposited", {"account": "acc0", "amount": 1, "poison": True})])
+    picky = Picky()
+    projections = ProjectionAdmin(store, [picky.projection(batch=True)])
+    async with projections.runner(poll_interval=120) as runner:
+        with pytest.raises(ProjectionFailed):
+            await caught_up(runner, poisoned.checkpoint)
+        picky.broken = False
+        assert await projections.resume("picky")
+        await caught_up(runner, poisoned.checkpoint, seconds=10)
+    assert await store.pool.fetchval("SELECT count(*) FROM picky_seen") == 1
+
