@@ -59,13 +59,27 @@ async def status(store: EventStore, stream_id: str) -> StreamStatus:
 
 
 async def _maintain(store: EventStore, action: str, stream_ids: Sequence[str], reason: str) -> dict[str, int]:
+    ids = list(stream_ids)
+
     async def call() -> dict[str, int]:
         async with store.pool.acquire() as conn, conn.transaction():
-            rows = await conn.fetch(sql.MAINTENANCE, action, list(stream_ids), reason)
+            if action in ("archive", "delete"):
+                await conn.execute(sql.DROP_STREAM_TAGS, ids)
+            if action == "archive":
+                await conn.execute(sql.DROP_STREAM_SNAPSHOTS, ids)
+            rows = await conn.fetch(sql.MAINTENANCE, action, ids, reason)
+            if action == "restore":
+                await conn.execute(sql.RESTORE_STREAM_TAGS, ids)
         return {r["o_stream_id"]: r["o_events"] for r in rows}
 
     try:
         return await store.retrying(call)
+    except asyncpg.UniqueViolationError as exc:
+        if exc.constraint_name == "events_event_id_key":  # an id of the archive was appended again meanwhile
+            raise InvalidArgument(
+                f"cannot restore {', '.join(ids)}: an event appended since the archive reuses one of its event ids"
+            ) from None
+        raise
     except asyncpg.InsufficientPrivilegeError as exc:
         raise InvalidArgument(
             f"eventstore_maintenance cannot bypass the append-only triggers ({exc}): its owner must be a "

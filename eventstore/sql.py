@@ -892,6 +892,26 @@ DROP_LIFECYCLE_V1 = (
 
 MAINTENANCE = "SELECT o_stream_id, o_events FROM eventstore_maintenance($1, $2, $3)"
 
+DROP_STREAM_TAGS = """
+DELETE FROM event_tags AS t USING events AS e
+WHERE e.stream_id = ANY ($1::text[]) AND t.log_xid = e.log_xid AND t.position = e.position
+"""
+"""Before an archive or a delete: the tag index of the streams' events goes with them, so that no decision
+reads or checks against events the log no longer has."""
+
+RESTORE_STREAM_TAGS = """
+INSERT INTO event_tags (tag, log_xid, position, event_type)
+SELECT t.tag, e.log_xid, e.position, e.event_type
+FROM events AS e CROSS JOIN LATERAL jsonb_array_elements_text(e.metadata -> 'tags') AS t(tag)
+WHERE e.stream_id = ANY ($1::text[]) AND jsonb_typeof(e.metadata -> 'tags') = 'array'
+ON CONFLICT DO NOTHING
+"""
+"""After a restore: the tag index rebuilt from the tags each event keeps in its metadata."""
+
+DROP_STREAM_SNAPSHOTS = "DELETE FROM snapshots WHERE stream_id = ANY ($1::text[])"
+"""With an archive: a snapshot would let an archived aggregate load (and keep personal data that a
+`forget` while archived would not find); after a restore the next load replays the events."""
+
 STREAM_STATES = """
 SELECT stream_id, version, archived_at, tombstoned_at FROM streams WHERE stream_id = ANY($1::text[])
 """

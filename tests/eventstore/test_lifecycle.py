@@ -181,3 +181,41 @@ async def test_retention_deletes_what_the_policy_no_longer_keeps(store: EventSto
     with pytest.raises(RetentionRefused):
         await lifecycle.retain(store, everything)
     assert (await lifecycle.retain(store, everything, allow_all=True)).deleted_events == 3
+
+
+async def test_archived_and_deleted_tagged_events_leave_the_decisions_that_read_them(store: EventStore) -> None:
+    """The tag index goes with an archived or deleted stream's events (and comes back with a restore): a
+    decision must neither miss live events behind a page of archived ones nor fail on events gone."""
+    from eventstore import START, Query
+
+    query = Query.of(tags=["course:7"])
+    await store.append("course-7", [NewEvent("CourseDefined", {"capacity": 1}, tags=["course:7"])])
+    await store.append("term-2025", [NewEvent("Subscribed", {"n": i}, tags=["course:7"]) for i in range(5)])
+    await store.append("term-2026", [NewEvent("Subscribed", {"n": 9}, tags=["course:7"])])
+    await lifecycle.archive(store, "term-2025")
+    page = await store.read_query(query, limit=2)
+    assert [e.stream_id for e in page] == ["course-7", "term-2026"], "a page is not cut short by archived events"
+    events, condition = await store.read_with_condition(query, page=2)
+    assert [e.stream_id for e in events] == ["course-7", "term-2026"]
+    await lifecycle.delete(store, ["term-2026"], reason="test")
+    events, condition = await store.read_with_condition(query)
+    assert [e.stream_id for e in events] == ["course-7"]
+    await store.append("term-2027", [NewEvent("Subscribed", {"n": 10}, tags=["course:7"])], condition=condition)
+    await lifecycle.restore(store, "term-2025")
+    restored = await store.read_query(query, START)
+    assert sorted(e.stream_id for e in restored) == ["course-7"] + ["term-2025"] * 5 + ["term-2027"]
+
+
+async def test_an_archive_drops_the_streams_snapshot(store: EventStore) -> None:
+    await store.append("cart-1", _events(3))
+    await store.save_snapshot("cart-1", "Cart", "1", 2, '{"items": 3}')
+    await lifecycle.archive(store, "cart-1")
+    assert await store.pool.fetchval("SELECT count(*) FROM snapshots WHERE stream_id = 'cart-1'") == 0
+
+
+async def test_restoring_a_stream_whose_event_id_was_reused_is_a_typed_error(store: EventStore) -> None:
+    first = (await store.append("ticket-1", [NewEvent("Opened")])).events[0]
+    await lifecycle.archive(store, "ticket-1")
+    await store.append("ticket-2", [NewEvent("Other", event_id=first.event_id)])
+    with pytest.raises(InvalidArgument, match="reuses one of its event ids"):
+        await lifecycle.restore(store, "ticket-1")
