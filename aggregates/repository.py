@@ -46,13 +46,28 @@ _SNAPSHOT_WRITE_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-def _unstorable(state: BaseModel, data: str) -> str | None:
-    """Why the JSON of a state cannot be a faithful snapshot, or None."""
+def _snapshot_of(state: BaseModel) -> tuple[str, None] | tuple[None, str]:
+    """The JSON of a state as a snapshot, or why it cannot be a faithful one.
+
+    Faithful means it reads back equal: a snapshot that loads differently from a replay of the same
+    events (excluded or private fields, a subclass in a field of its base class, a set in an untyped
+    field) would have commands decide on other state depending on whether a snapshot existed.
+    """
+    try:
+        data = state.model_dump_json()
+    except Exception as exc:  # bytes that are not UTF-8, objects with no JSON form
+        return None, f"its state has no JSON form ({exc})"
     if _JSON_NUL.search(data):
-        return "PostgreSQL cannot store the NUL character"
+        return None, "PostgreSQL cannot store the NUL character"
     if "null" in data and has_non_finite(state.model_dump()):  # pydantic writes NaN as null
-        return "NaN and infinity are not JSON"
-    return None
+        return None, "NaN and infinity are not JSON"
+    try:
+        same = type(state).model_validate_json(data) == state
+    except Exception:
+        same = False
+    if not same:
+        return None, "its state does not read back equal from its JSON, so a snapshot would load differently"
+    return data, None
 
 
 class Repository(Generic[A]):
@@ -213,11 +228,9 @@ class Repository(Generic[A]):
         every = self.aggregate_type.snapshot_every
         if every is None or (after + 1) // every == (before + 1) // every:
             return None
-        data: str = aggregate.state.model_dump_json()
-        reason = _unstorable(aggregate.state, data)
+        data, reason = _snapshot_of(aggregate.state)
         if reason is not None:
             log.warning("not snapshotting %s: %s", aggregate.stream_id, reason)
-            return None
         return data
 
     async def _write_snapshot(self, stream_id: str, version: int, data: str, uow: UnitOfWork | None) -> None:
@@ -240,9 +253,8 @@ class Repository(Generic[A]):
             raise SnapshotError(f"{cls.__qualname__} does not use snapshots: declare snapshot_every=N")
         if aggregate._pending or aggregate.version < 0:
             raise SnapshotError(f"{aggregate.stream_id}: save the aggregate before snapshotting it")
-        data: str = aggregate.state.model_dump_json()
-        reason = _unstorable(aggregate.state, data)
-        if reason is not None:
+        data, reason = _snapshot_of(aggregate.state)
+        if data is None:
             raise SnapshotError(f"{aggregate.stream_id}: {reason}")
         await self.store.save_snapshot(aggregate.stream_id, cls.__name__, cls.snapshot_tag(), aggregate.version, data)
 

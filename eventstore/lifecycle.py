@@ -28,6 +28,7 @@ from eventstore.errors import (
     StreamNotFound,
     StreamTombstoned,
 )
+from eventstore.model import UNSTORABLE, storable_text
 from eventstore.store import EventStore, check_stream_id
 
 STREAM_DELETED = sql.STREAM_DELETED
@@ -125,8 +126,8 @@ async def delete(store: EventStore, stream_ids: Sequence[str], reason: str) -> d
         raise InvalidArgument("no streams to delete")
     if not isinstance(reason, str) or not reason.strip():
         raise InvalidArgument("a deletion needs a reason (it is recorded with it)")
-    if "\x00" in reason:
-        raise InvalidArgument("a deletion's reason must not contain the NUL character")
+    if not storable_text(reason):
+        raise InvalidArgument(f"a deletion's reason must not contain {UNSTORABLE}")
     for stream_id in ids:
         if stream_id.startswith("$"):
             raise InvalidArgument(f"{stream_id!r} is a stream of the store's own records; they are never deleted")

@@ -75,16 +75,32 @@ def check_int(name: str, value: object, minimum: int | None) -> int:
     return value
 
 
+def storable_text(value: str) -> bool:
+    """Whether PostgreSQL's text can hold `value`: no NUL character, no lone surrogate (no UTF-8 form)."""
+    if value.isascii():
+        return "\x00" not in value
+    if "\x00" in value:
+        return False
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+UNSTORABLE = "the NUL character or a lone surrogate (PostgreSQL's text holds neither)"
+
+
 def check_text(kind: str, value: object, limit: int, error: type[InvalidArgument] = InvalidArgument) -> str:
-    """A non-empty name of at most `limit` characters without NUL (PostgreSQL's text cannot hold one)."""
+    """A non-empty name of at most `limit` characters that PostgreSQL's text can hold (`storable_text`)."""
     if not isinstance(value, str):
         raise error(f"{kind} must be a string, got {type(value).__name__}")
     if not value:
         raise error(f"{kind} must not be empty")
     if len(value) > limit:
         raise error(f"{kind} is {len(value)} characters, over the limit of {limit}")
-    if "\x00" in value:
-        raise error(f"{kind} must not contain the NUL character")
+    if not storable_text(value):
+        raise error(f"{kind} must not contain {UNSTORABLE}")
     return value
 
 

@@ -36,7 +36,7 @@ from eventstore.errors import (
     SchemaNotMigrated,
     SubjectForgotten,
 )
-from eventstore.model import RecordedEvent
+from eventstore.model import RecordedEvent, storable_text
 
 REDACTED = "[redacted]"
 """What a forgotten subject's personal field reads as, on every read path (a JSON string)."""
@@ -135,7 +135,7 @@ def check_personal_data(personal: object) -> dict[str, str] | None:
 
 
 def check_subject(subject: object) -> str:
-    if not isinstance(subject, str) or not subject or "\x00" in subject or len(subject) > 255:
+    if not isinstance(subject, str) or not subject or not storable_text(subject) or len(subject) > 255:
         raise InvalidArgument(f"a subject id is a non-empty string of at most 255 characters, got {subject!r}")
     return subject
 

@@ -28,7 +28,7 @@ from typing import NamedTuple
 import orjson
 
 from eventstore.errors import InvalidAppend, InvalidArgument
-from eventstore.model import Checkpoint, RecordedEvent
+from eventstore.model import UNSTORABLE, Checkpoint, RecordedEvent, storable_text
 from eventstore.schema import MAX_EVENT_TYPE_LENGTH
 
 MAX_TAG_LENGTH = 255
@@ -48,8 +48,8 @@ def check_tag(tag: object, error: type[InvalidArgument] = InvalidArgument) -> st
         raise error("a tag must not be empty")
     if len(tag) > MAX_TAG_LENGTH:
         raise error(f"tag is {len(tag)} characters, over the limit of {MAX_TAG_LENGTH}")
-    if "\x00" in tag:
-        raise error("a tag must not contain the NUL character")
+    if not storable_text(tag):
+        raise error(f"a tag must not contain {UNSTORABLE}")
     return tag
 
 
@@ -68,7 +68,7 @@ def _check_types(types: object) -> tuple[str, ...]:
         raise InvalidArgument(f"types must be a collection of event type names, got {types!r}")
     out: list[str] = []
     for t in types:
-        if not isinstance(t, str) or not t or len(t) > MAX_EVENT_TYPE_LENGTH or "\x00" in t:
+        if not isinstance(t, str) or not t or len(t) > MAX_EVENT_TYPE_LENGTH or not storable_text(t):
             raise InvalidArgument(f"bad event type {t!r} in a query item")
         out.append(t)
     return tuple(sorted(set(out)))

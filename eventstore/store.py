@@ -51,6 +51,7 @@ from eventstore.model import (
     StreamState,
     check_int,
     check_text,
+    storable_text,
 )
 from eventstore.personal import (
     PERSONAL_DATA,
@@ -270,6 +271,10 @@ def prepare_append(
             raise InvalidAppend(f"event id must be a UUID, got {event.event_id!r}")
         if event.metadata and TAGS in event.metadata:
             raise InvalidAppend(f"metadata key {TAGS!r} is reserved for the event's tags: pass NewEvent(tags=...)")
+        if event.metadata and PERSONAL_DATA in event.metadata:
+            raise InvalidAppend(
+                f"metadata key {PERSONAL_DATA!r} is reserved for sealed fields: pass NewEvent(personal_data=...)"
+            )
         tags.append(check_tags(event.tags, InvalidAppend))
         body = _dump_fast(event_type, event.data)
         fields = check_personal_data(event.personal_data)
@@ -399,6 +404,7 @@ class EventStore:
         self._notify_pending = False
         self._notify_task: asyncio.Task[None] | None = None
         self._notifier: asyncpg.Connection | None = None
+        self._stopping = False
         self._spares: list[tuple[asyncpg.pool.PoolConnectionProxy, float]] = []
         """Connections kept out of the pool for the store's own next statements (`_own_connection`)."""
         self._spare_timer: asyncio.TimerHandle | None = None
@@ -422,14 +428,27 @@ class EventStore:
                 self._pool = await with_retries(connect, patience=self.connect_timeout, what="cannot connect")
             except _REFUSED_FOR_GOOD as exc:
                 raise DatabaseUnavailable(f"cannot connect to PostgreSQL: {exc}") from None
+        self._stopping = False
         if self._check_schema:
-            async with self.pool.acquire() as conn:
-                if not await conn.fetchval(sql.SCHEMA_PRESENT):
-                    raise SchemaNotMigrated(None, "head")
-                await self.keyring.check(conn)
+            try:
+                async with self.pool.acquire() as conn:
+                    if not await conn.fetchval(sql.SCHEMA_PRESENT):
+                        raise SchemaNotMigrated(None, "head")
+                    await self.keyring.check(conn)
+            except BaseException:
+                await self.stop()  # a store that failed to start holds no connections
+                raise
 
     async def stop(self) -> None:
+        self._stopping = True  # appends finishing meanwhile schedule no NOTIFY on a connection of their own
         await self._return_spares()
+        await self._close_notifier()
+        if self._pool is not None and self._owns_pool:
+            await self._pool.close()
+            self._pool = None
+        await self._close_notifier()
+
+    async def _close_notifier(self) -> None:
         if self._notify_task is not None:
             with contextlib.suppress(Exception):
                 await self._notify_task
@@ -437,9 +456,6 @@ class EventStore:
             notifier, self._notifier = self._notifier, None
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(notifier.close(), 2)
-        if self._pool is not None and self._owns_pool:
-            await self._pool.close()
-            self._pool = None
 
     async def __aenter__(self) -> EventStore:
         await self.start()
@@ -715,7 +731,7 @@ class EventStore:
         NOTIFY inside the writer's transaction would take PostgreSQL's global notify lock across every
         commit and serialize writers; sent afterwards it costs one tiny statement per burst.
         """
-        if not self._notify:
+        if not self._notify or self._stopping:
             return
         self._notify_pending = True
         if self._notify_task is None or self._notify_task.done():
@@ -831,7 +847,7 @@ class EventStore:
         if category is not None:
             check_text("category", category, MAX_STREAM_ID_LENGTH)
         if types is not None and (
-            isinstance(types, str) or not all(isinstance(t, str) and "\x00" not in t for t in types)
+            isinstance(types, str) or not all(isinstance(t, str) and storable_text(t) for t in types)
         ):
             raise InvalidArgument(f"types must be a sequence of event type names, got {types!r}")
         if types is not None and not types:
@@ -1004,7 +1020,7 @@ class EventStore:
         return int(await self.retrying(lambda: self._fetchval(sql.COUNT_AFTER, after[0], after[1])))
 
     async def list_streams(self, category: str | None = None, limit: int = 100) -> list[tuple[str, int]]:
-        if category is not None and (not isinstance(category, str) or "\x00" in category):
+        if category is not None and (not isinstance(category, str) or not storable_text(category)):
             raise InvalidArgument(f"category must be a string without NUL, got {category!r}")  # may be empty
         check_int("limit", limit, 0)
         rows = await self.retrying(lambda: self._fetch(sql.LIST_STREAMS, category, limit))
@@ -1050,7 +1066,7 @@ async def _save_snapshot(
     data: str,
 ) -> None:
     check_text("snapshot type", snapshot_type, _MAX_LABEL)
-    if not isinstance(schema_version, str) or "\x00" in schema_version:
+    if not isinstance(schema_version, str) or not storable_text(schema_version):
         raise InvalidArgument(f"schema_version must be a string without NUL, got {schema_version!r}")
     check_int("stream_version", stream_version, 0)
     if not isinstance(data, str):
@@ -1068,8 +1084,10 @@ def _condition(value: object) -> Condition | None:
     if not isinstance(value, tuple) or len(value) not in (2, 3) or not isinstance(value[0], Query):
         raise InvalidAppend(f"a condition is a (Query, Checkpoint) pair, got {value!r}")
     seen = value[2] if len(value) == 3 else ()
-    if not isinstance(seen, tuple) or not all(isinstance(p, int) and not isinstance(p, bool) for p in seen):
-        raise InvalidAppend(f"a condition's seen positions must be a tuple of ints, got {seen!r}")
+    if not isinstance(seen, tuple) or not all(
+        isinstance(p, int) and not isinstance(p, bool) and 0 <= p <= MAX_BIGINT for p in seen
+    ):
+        raise InvalidAppend(f"a condition's seen positions must be a tuple of log positions, got {seen!r}")
     return Condition(value[0], Checkpoint.of(value[1]), seen)
 
 

@@ -185,6 +185,8 @@ class Application:
 
     async def start(self) -> None:
         """Start the store, declare the outbox routes and attach the inline projections."""
+        if self._store is not None:
+            raise InvalidArgument(f"application {self.name!r} is started already: stop it first")
         s = self.settings
         store = EventStore(
             self.url(), max_connections=s.max_connections, retry_for=s.retry_for, max_event_size=s.max_event_size,

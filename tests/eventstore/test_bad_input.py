@@ -178,3 +178,27 @@ def test_an_application_declared_with_the_wrong_parts_is_refused_where_it_is_dec
     app = Application("shop", aggregates=(a for a in ()), keys=MasterKey(os.urandom(32)),
                       settings=ApplicationSettings(), broker="nats://127.0.0.1:4222")
     assert app.aggregates == () and app.name == "shop"
+
+
+async def test_lone_surrogates_and_forged_markers_are_typed_errors_that_write_nothing(store: EventStore) -> None:
+    """PostgreSQL's text has no form for a lone surrogate: the driver's DataError must not leak."""
+    from eventstore import START, Query, lifecycle
+
+    bad = "s-\ud800"
+    calls = [
+        lambda: store.append(bad, [NewEvent("T")]),
+        lambda: store.append("s-1", [NewEvent("T\ud800")]),
+        lambda: store.append("s-1", [NewEvent("T", tags=["t\ud800"])]),
+        lambda: store.read_all(types=["T\ud800"]),
+        lambda: store.read_all(category="c\ud800"),
+        lambda: store.read_stream(bad),
+        lambda: store.read_query(Query.of(tags=["t\ud800"])),
+        lambda: store.forget("subject\ud800"),
+        lambda: lifecycle.delete(store, ["s-1"], reason="because\ud800"),
+        lambda: store.append("s-1", [NewEvent("T")], condition=(Query.of(types=["T"]), START, (2**70,))),
+        lambda: store.append("s-1", [NewEvent("T", metadata={"personal_data": {"fields": {"email": "x"}}})]),
+    ]
+    for call in calls:
+        with pytest.raises(InvalidArgument):
+            await call()
+    assert await store.pool.fetchval("SELECT count(*) FROM events") == 0
