@@ -10,6 +10,7 @@ from uuid import UUID
 
 import orjson
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
+from pydantic_core import PydanticSerializationError
 
 from aggregates.errors import (
     DuplicateEventType,
@@ -18,7 +19,15 @@ from aggregates.errors import (
     MissingUpcaster,
     UnknownEventType,
 )
-from eventstore import REDACTED, EventPayload, EventSerializationError, NewEvent, RecordedEvent, has_non_finite
+from eventstore import (
+    REDACTED,
+    EventPayload,
+    EventSerializationError,
+    InvalidArgument,
+    NewEvent,
+    RecordedEvent,
+    has_non_finite,
+)
 
 SCHEMA_VERSION_KEY = "schema_version"
 """Metadata key holding the schema version an event was written with (absent means 1)."""
@@ -239,9 +248,14 @@ class EventRegistry:
             raise EventRegistrationError(f"not a DomainEvent: {event!r}")
         if event.event_type not in self._entries or self._entries[event.event_type].cls is not cls:
             raise UnknownEventType(cls.event_type)
+        if metadata is not None and not isinstance(metadata, Mapping):
+            raise InvalidArgument(f"metadata must be a mapping, got {type(metadata).__name__}")
         meta: dict[str, Any] = dict(metadata) if metadata else {}
         meta[SCHEMA_VERSION_KEY] = cls.schema_version
-        text = event.model_dump_json().encode()
+        try:
+            text = event.model_dump_json().encode()
+        except PydanticSerializationError as exc:  # bytes that are not UTF-8, objects with no JSON form
+            raise EventSerializationError(cls.event_type, str(exc)) from None
         if b"null" in text and has_non_finite(event.model_dump()):  # pydantic writes NaN as null
             raise EventSerializationError(cls.event_type, "NaN and infinity are not JSON")
         data = orjson.Fragment(text)

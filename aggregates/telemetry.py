@@ -89,7 +89,7 @@ def save(method: Save) -> Save:
     async def save_(repository: Any, aggregate: Any, **kwargs: Any) -> Any:
         attributes = {_TYPE: repository.aggregate_type.__qualname__}
         started = time.perf_counter()
-        with current_span(tracer, "aggregate save", {**attributes, "aggregate.id": str(aggregate.id)}):
+        with current_span(tracer, "aggregate save", {**attributes, "aggregate.id": str(getattr(aggregate, "id", ""))}):
             result = await method(repository, aggregate, **kwargs)
         _save_duration.record(time.perf_counter() - started, attributes)
         return result

@@ -61,6 +61,8 @@ def _check_parts(
     for aggregate in aggregates:
         if not (isinstance(aggregate, type) and issubclass(aggregate, Aggregate)):
             raise InvalidArgument(f"aggregates must be Aggregate subclasses, got {aggregate!r}")
+        if aggregate.category is None:
+            raise InvalidArgument(f"aggregate {aggregate.__qualname__} declares no category")
     for projection in projections:
         if not isinstance(projection, Projection):
             raise InvalidArgument(f"projections must be Projection instances, got {projection!r}")
@@ -130,6 +132,8 @@ class Application:
         self.settings = settings or ApplicationSettings()
         self.keys = keys
         """The master key of personal data (`eventstore.personal`); `EVENTSTORE_MASTER_KEY` when None."""
+        if isinstance(retention, RetentionPolicy) or not isinstance(retention, Iterable):
+            raise InvalidArgument("retention must be a sequence of eventstore.lifecycle.RetentionPolicy")
         self.retention = tuple(retention)
         """Retention policies per category, run by `eventstore streams retain --app ...`."""
         if not all(isinstance(p, RetentionPolicy) for p in self.retention):
@@ -231,10 +235,11 @@ class Application:
 
     def repository(self, aggregate_type: type[A]) -> Repository[A]:
         """The repository of a declared aggregate type (one per type, sharing the application's events)."""
-        if aggregate_type not in self.aggregates:
+        if not isinstance(aggregate_type, type) or aggregate_type not in self.aggregates:
             declared = ", ".join(a.__name__ for a in self.aggregates) or "none"
             raise InvalidArgument(
-                f"{aggregate_type.__name__} is not an aggregate of {self.name!r} (declared: {declared})"
+                f"{getattr(aggregate_type, '__name__', repr(aggregate_type))} is not an aggregate of {self.name!r}"
+                f" (declared: {declared})"
             )
         repository = self._repositories.get(aggregate_type)
         if repository is None:

@@ -93,11 +93,12 @@ async def test_racing_saves_let_exactly_one_win(store: EventStore) -> None:
     assert await store.stream_version("account-2") == 1
 
 
-async def test_unstorable_event_is_refused_before_writing(store: EventStore) -> None:
+@pytest.mark.parametrize("memo", ["nul \x00 inside", "lone \ud800 surrogate"], ids=["nul", "surrogate"])
+async def test_unstorable_event_is_refused_before_writing(store: EventStore, memo: str) -> None:
     accounts = Repository(store, Account)
     account = opened("1")
     await accounts.save(account)
-    account.deposit(5, memo="nul \x00 inside")
+    account.deposit(5, memo=memo)
     with pytest.raises(EventSerializationError):
         await accounts.save(account)
     assert await store.stream_version("account-1") == 0

@@ -8,9 +8,10 @@ import uuid
 import asyncpg
 import pytest
 
+from aggregates import Aggregate, AggregateError
 from eventstore import EventStore, InvalidArgument, SchemaNotMigrated, asyncpg_dsn
 from eventstore_app import Application
-from tests.aggregates.domain import Account
+from tests.aggregates.domain import Account, AccountState
 from tests.conftest import with_database
 
 
@@ -75,3 +76,25 @@ async def test_stopping_while_commands_run_leaves_no_connection(database_url: st
     await asyncio.sleep(0.3)
     assert store._notifier is None or store._notifier.is_closed()
     assert await _sessions(server_url, _database(database_url)) == 0
+
+
+class _NoCategory(Aggregate[AccountState]):
+    pass
+
+
+async def test_odd_arguments_get_typed_errors(database_url: str) -> None:
+    for retention in (None, 5):
+        with pytest.raises(InvalidArgument, match="retention"):
+            Application("bank", aggregates=[Account], retention=retention)  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgument, match="declares no category"):
+        Application("bank", aggregates=[_NoCategory])
+    async with Application("bank", aggregates=[Account], database_url=database_url) as app:
+        for odd in ("Account", None):
+            with pytest.raises(InvalidArgument, match="is not an aggregate"):
+                app.repository(odd)  # type: ignore[arg-type]
+        accounts = app.repository(Account)
+        with pytest.raises(AggregateError):
+            await accounts.save("1")  # type: ignore[arg-type]
+        with pytest.raises(InvalidArgument, match="metadata must be a mapping"):
+            await accounts.execute("1", lambda a: a.open("ann"), create=True, metadata="x")  # type: ignore[arg-type]
+        assert await app.store.stream_version("account-1") == -1
