@@ -352,6 +352,17 @@ APPEND = "SELECT * FROM eventstore_append($1, $2, $3, $4, $5, $6)"
 
 NOTIFY = f"SELECT pg_notify('{NOTIFY_CHANNEL}', '')"
 
+DUPLICATES_BUT_TRACE = """
+SELECT * FROM eventstore_duplicates($1, $2, $3, $4, $5, ARRAY(
+    SELECT (g.metadata - 'traceparent' - 'tracestate') || coalesce(jsonb_strip_nulls(jsonb_build_object(
+               'traceparent', e.metadata -> 'traceparent', 'tracestate', e.metadata -> 'tracestate')), '{}')
+    FROM unnest($3::uuid[], $6::jsonb[]) WITH ORDINALITY AS g(event_id, metadata, ord)
+    LEFT JOIN events AS e ON e.event_id = g.event_id
+    ORDER BY g.ord))
+"""
+"""`eventstore_duplicates` (arguments of `APPEND`) with each event's trace context taken as stored: an
+append sent again from another span carries another `traceparent`, yet it is the same append."""
+
 # -- the contract other components build their queries on ---------------------------------------------
 
 EVENT_COLUMNS = (

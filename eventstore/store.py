@@ -699,7 +699,14 @@ class EventStore:
         if status == sql.WRONG_VERSION:
             raise WrongExpectedVersion(p.stream_id, expected_version, version)
         if status == sql.ID_CONFLICT:
-            raise DuplicateEventId(p.stream_id, p.event_ids)
+            # Sent again from another span (a caller's retry after a lost connection), the events carry
+            # another trace context in their metadata: the same append all the same, if nothing else differs.
+            again = await uow.connection.fetchrow(
+                sql.DUPLICATES_BUT_TRACE, p.stream_id, p.expected, p.event_ids, p.types, p.data, p.metadata
+            )
+            if again is None or again[0] != sql.IDEMPOTENT:
+                raise DuplicateEventId(p.stream_id, p.event_ids)
+            status, version, positions, log_xid, recorded_at = again
         stream_id, version_of = p.stream_id, version - len(p.event_ids) + 1
         data = p.data if p.plain is None else p.plain  # hooks see what was appended, not its sealed form
         if len(positions) != len(p.event_ids):

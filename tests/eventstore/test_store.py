@@ -318,3 +318,21 @@ async def test_snapshots_keep_the_newest(store: EventStore) -> None:
     await store.save_snapshot("acc-1", "Account", "2", 9, '{"balance": 9}')
     snap = await store.load_snapshot("acc-1")
     assert snap is not None and (snap.stream_version, snap.schema_version) == (9, "2")
+
+
+async def test_an_append_sent_again_from_another_trace_is_still_the_same_append(store: EventStore) -> None:
+    """A caller's retry runs in another span: its events carry another traceparent (OpenTelemetry on),
+    and that alone must not turn the retry into a DuplicateEventId."""
+    event_id = uuid.uuid4()
+
+    def sent(traceparent: str, amount: int = 5) -> list[NewEvent]:
+        return [NewEvent("Deposited", {"amount": amount}, {"traceparent": traceparent}, event_id=event_id)]
+
+    first = await store.append("account-1", sent("00-" + "a" * 32 + "-" + "b" * 16 + "-01"))
+    again = await store.append("account-1", sent("00-" + "c" * 32 + "-" + "d" * 16 + "-01"))
+    assert again.duplicate and again.events[0].position == first.events[0].position
+    untraced = await store.append("account-1", [NewEvent("Deposited", {"amount": 5}, event_id=event_id)])
+    assert untraced.duplicate
+    with pytest.raises(DuplicateEventId):
+        await store.append("account-1", sent("00-" + "e" * 32 + "-" + "f" * 16 + "-01", amount=6))
+    assert await store.stream_version("account-1") == 0
