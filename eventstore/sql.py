@@ -663,6 +663,19 @@ APPEND_TAGGED_FUNCTION_V2 = APPEND_TAGGED_FUNCTION_V1.replace("CREATE FUNCTION",
 ).replace("LANGUAGE plpgsql AS $$", "LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$", 1)
 assert APPEND_TAGGED_FUNCTION_V2.count("force_generic_plan") == 1
 
+# Version 3: a checkpoint is "from the future" only if no event, live or archived, has reached its
+# position. Archiving the newest events lowered `max(position)` of `events` below checkpoints that reads
+# had handed out, and conditional appends on them were refused. The archive is only looked at then.
+_FUTURE_V2 = """            IF p_after_xid > pg_snapshot_xmax(pg_current_snapshot())::text::bigint
+               OR p_after_position > coalesce((SELECT max(e.position) FROM events AS e), 0) THEN
+                RETURN QUERY"""
+_FUTURE_V3 = """            IF p_after_xid > pg_snapshot_xmax(pg_current_snapshot())::text::bigint
+               OR (p_after_position > coalesce((SELECT max(e.position) FROM events AS e), 0)
+                   AND p_after_position > coalesce((SELECT max(a.position) FROM events_archive AS a), 0)) THEN
+                RETURN QUERY"""
+APPEND_TAGGED_FUNCTION_V3 = APPEND_TAGGED_FUNCTION_V2.replace(_FUTURE_V2, _FUTURE_V3, 1)
+assert APPEND_TAGGED_FUNCTION_V3.count("events_archive") == 1
+
 DROP_APPEND_TAGGED_FUNCTION = (
     "DROP FUNCTION IF EXISTS eventstore_append_tagged(text, bigint, uuid[], text[], jsonb[], jsonb[], text[], int[],"
     " bigint[], int[], text[], text[], jsonb[], jsonb[], bigint, bigint, bigint[])"

@@ -219,3 +219,15 @@ async def test_restoring_a_stream_whose_event_id_was_reused_is_a_typed_error(sto
     await store.append("ticket-2", [NewEvent("Other", event_id=first.event_id)])
     with pytest.raises(InvalidArgument, match="reuses one of its event ids"):
         await lifecycle.restore(store, "ticket-1")
+
+
+async def test_archiving_the_newest_events_leaves_checkpoints_of_earlier_reads_valid(store: EventStore) -> None:
+    from eventstore import Query
+
+    await store.append("other-1", [NewEvent("Other")])
+    await store.append("ticket-9", [NewEvent("Opened", tags=["ticket:9"])])
+    after = await store.head()
+    await lifecycle.archive(store, "ticket-9")  # the newest event leaves the log
+    query = Query.of(tags=["ticket:1"])
+    result = await store.append("ticket-1", [NewEvent("Opened", tags=["ticket:1"])], condition=(query, after))
+    assert result.next_expected_version == 0
