@@ -156,7 +156,8 @@ class Subscription:
                 held.reset()
                 pause = self._poll_interval
             await self._ensure_listening()
-            if self._listener is None or self._listener.is_closed():  # no NOTIFY comes: look again soon
+            listening = self._listener is not None and not self._listener.is_closed()
+            if self._store.url is not None and not listening:  # its listener was lost: look again soon
                 pause = min(pause, max(self._next_listen_attempt - asyncio.get_running_loop().time(), 0.05))
             await self._wait(pause)
 

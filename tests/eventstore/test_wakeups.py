@@ -79,3 +79,24 @@ async def test_a_subscription_whose_listener_was_killed_listens_again(store: Eve
             await store.append("after-1", [NewEvent("After", {"n": n})])
             event = await asyncio.wait_for(waiting, 10)
             assert event.json() == {"n": n}
+
+
+async def test_a_subscription_on_a_bare_pool_polls_at_its_poll_interval(store: EventStore) -> None:
+    """Without a URL it cannot listen: that is no lost listener to hurry back to, so it polls at its pace."""
+    from eventstore import EventStore as Store
+
+    reads = 0
+    bare = Store(pool=store.pool)
+    real = bare.read_all
+
+    async def counted(*args: object, **kwargs: object) -> list[object]:
+        nonlocal reads
+        reads += 1
+        return await real(*args, **kwargs)  # type: ignore[arg-type]
+
+    bare.read_all = counted  # type: ignore[method-assign]
+    async with bare.subscribe(await store.last_committed(), poll_interval=30) as sub:
+        waiting = asyncio.ensure_future(anext(aiter(sub)))
+        await asyncio.sleep(5.6)  # past the 5 s at which a subscription that lost its listener looks again
+        waiting.cancel()
+    assert reads == 2, f"{reads} reads in 5.6 s with a poll interval of 30 s"  # catching up, then asking first
