@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
+from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
@@ -65,28 +67,41 @@ async def test_a_table_that_grew_by_less_than_its_size_is_left_to_autovacuum(sto
     assert not await store.refresh_statistics(min_changes=1000)
 
 
+@contextlib.asynccontextmanager
+async def _store_whose_sessions_run(database_url: str, statement: str) -> AsyncIterator[EventStore]:
+    """A store on a pool of its own whose connections run `statement` as they are handed out."""
+
+    async def setup(conn: asyncpg.Connection) -> None:
+        await conn.execute(statement)
+
+    pool = await asyncpg.create_pool(asyncpg_dsn(database_url), min_size=1, max_size=2, setup=setup)
+    try:
+        async with EventStore(pool=pool, check_schema=False) as store:
+            yield store
+    finally:
+        await pool.close()
+
+
+@contextlib.asynccontextmanager
+async def _role(store: EventStore) -> AsyncIterator[str]:
+    role = f"reader_{uuid.uuid4().hex[:8]}"
+    await store.pool.execute(f'CREATE ROLE "{role}"')
+    try:
+        yield role
+    finally:
+        await store.pool.execute(f'REVOKE ALL ON events FROM "{role}"')
+        await store.pool.execute(f'DROP ROLE "{role}"')
+
+
 async def test_a_role_that_may_not_analyze_gets_a_warning_and_nothing_else(
     store: EventStore, database_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     await bulk_load_after_analyze(store, 200, 3000)
-    role = f"reader_{uuid.uuid4().hex[:8]}"
-    await store.pool.execute(f'CREATE ROLE "{role}"')
-    try:
-
-        async def as_reader(conn: asyncpg.Connection) -> None:
-            await conn.execute(f'SET ROLE "{role}"')
-
-        pool = await asyncpg.create_pool(asyncpg_dsn(database_url), min_size=1, max_size=2, setup=as_reader)
-        try:
-            async with EventStore(pool=pool, check_schema=False) as reader:
-                with caplog.at_level(logging.WARNING, logger="eventstore.store"):
-                    assert not await reader.refresh_statistics(min_changes=1000)
-            assert any("run ANALYZE events" in r.getMessage() for r in caplog.records)
-            assert (await store.pool.fetchrow(CHANGES))[0] >= 3000, "nothing was analyzed"
-        finally:
-            await pool.close()
-    finally:
-        await store.pool.execute(f'DROP ROLE "{role}"')
+    async with _role(store) as role, _store_whose_sessions_run(database_url, f'SET ROLE "{role}"') as reader:
+        with caplog.at_level(logging.WARNING, logger="eventstore.store"):
+            assert not await reader.refresh_statistics(min_changes=1000)
+    assert any("run ANALYZE events" in r.getMessage() for r in caplog.records)
+    assert (await store.pool.fetchrow(CHANGES))[0] >= 3000, "nothing was analyzed"
 
 
 async def test_never_waits_for_a_vacuum_holding_the_table_and_says_it_did_not_analyze(
@@ -108,45 +123,30 @@ async def test_waits_at_most_a_second_for_a_transaction_that_changed_the_table_a
     """A GRANT left open (an operator's migration) takes no lock ANALYZE would skip, yet ANALYZE waits
     for it to update the table's catalog row: a runner's start must not wait with it."""
     await bulk_load_after_analyze(store, 200, 3000)
-    role = f"reader_{uuid.uuid4().hex[:8]}"
-    await store.pool.execute(f'CREATE ROLE "{role}"')
-    try:
+    async with _role(store) as role:
         async with store.pool.acquire() as admin, admin.transaction():
             await admin.execute(f'GRANT SELECT ON events TO "{role}"')
             async with asyncio.timeout(5):
                 assert not await store.refresh_statistics(min_changes=1000)
         assert await store.refresh_statistics(min_changes=1000), "it analyzes once the transaction ended"
-        locks = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND database = " \
-                "(SELECT oid FROM pg_database WHERE datname = current_database())"
-        assert await store.pool.fetchval(locks) == 0
-    finally:
-        await store.pool.execute(f'REVOKE ALL ON events FROM "{role}"')
-        await store.pool.execute(f'DROP ROLE "{role}"')
+    locks = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND database = " \
+            "(SELECT oid FROM pg_database WHERE datname = current_database())"
+    assert await store.pool.fetchval(locks) == 0
 
 
 async def test_a_statement_timeout_of_the_role_is_a_warning_not_an_error(
     store: EventStore, database_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     await bulk_load_after_analyze(store, 200, 3000)
-    role = f"reader_{uuid.uuid4().hex[:8]}"
-    await store.pool.execute(f'CREATE ROLE "{role}"')
-
-    async def impatient(conn: asyncpg.Connection) -> None:
-        await conn.execute("SET statement_timeout = '300ms'")  # shorter than the lock wait it allows itself
-
-    pool = await asyncpg.create_pool(asyncpg_dsn(database_url), min_size=1, max_size=2, setup=impatient)
-    try:
-        async with (
-            EventStore(pool=pool, check_schema=False) as hurried, store.pool.acquire() as admin, admin.transaction()
-        ):
-            await admin.execute(f'GRANT SELECT ON events TO "{role}"')  # ANALYZE waits for it
-            with caplog.at_level(logging.WARNING, logger="eventstore.store"):
-                assert not await hurried.refresh_statistics(min_changes=1000)
-        assert any("statement timeout" in r.getMessage() for r in caplog.records)
-    finally:
-        await pool.close()
-        await store.pool.execute(f'REVOKE ALL ON events FROM "{role}"')
-        await store.pool.execute(f'DROP ROLE "{role}"')
+    impatient = "SET statement_timeout = '300ms'"  # shorter than the lock wait it allows itself
+    async with (
+        _role(store) as role, _store_whose_sessions_run(database_url, impatient) as hurried,
+        store.pool.acquire() as admin,admin.transaction()
+    ):
+        await admin.execute(f'GRANT SELECT ON events TO "{role}"')  # ANALYZE waits for it
+        with caplog.at_level(logging.WARNING, logger="eventstore.store"):
+            assert not await hurried.refresh_statistics(min_changes=1000)
+    assert any("statement timeout" in r.getMessage() for r in caplog.records)
 
 
 async def test_refuses_a_bad_floor(store: EventStore) -> None:
