@@ -658,9 +658,8 @@ class EventStore:
             else:
                 row = await uow.connection.fetchrow(sql.APPEND_TAGGED, *_tagged_args(p, condition))
         except asyncpg.exceptions.DeadlockDetectedError:
-            if condition is None and not p.tagged:
-                raise
-            # Only a unit of work that mixes appends can deadlock (each append takes its locks in order).
+            # Only units of work that append to several streams in different orders can deadlock (each
+            # append takes its own locks in order): PostgreSQL aborts one of them, to be run again.
             raise AppendConditionFailed(
                 condition.query if condition else None, condition.after if condition else START,
                 "deadlock with a concurrent append: retry the unit of work",

@@ -11,6 +11,7 @@ import pytest
 
 from eventstore import (
     START,
+    AppendConditionFailed,
     Checkpoint,
     Direction,
     DuplicateEventId,
@@ -336,3 +337,25 @@ async def test_an_append_sent_again_from_another_trace_is_still_the_same_append(
     with pytest.raises(DuplicateEventId):
         await store.append("account-1", sent("00-" + "e" * 32 + "-" + "f" * 16 + "-01", amount=6))
     assert await store.stream_version("account-1") == 0
+
+
+async def test_units_of_work_deadlocking_over_two_streams_get_a_typed_error(store: EventStore) -> None:
+    """Two units of work append to the same two streams in opposite orders: PostgreSQL aborts one, and
+    its caller gets the store's error that says to run the unit of work again, not the driver's."""
+    for stream in ("left-1", "right-1"):
+        await store.append(stream, [NewEvent("Opened")])
+    both_first = asyncio.Barrier(2)
+
+    async def transfer(first: str, second: str) -> None:
+        async with store.unit_of_work() as uow:
+            await uow.append(first, [NewEvent("Moved")], expected_version=0)
+            await both_first.wait()
+            await uow.append(second, [NewEvent("Moved")], expected_version=0)
+
+    results = await asyncio.gather(
+        transfer("left-1", "right-1"), transfer("right-1", "left-1"), return_exceptions=True
+    )
+    failed = [r for r in results if isinstance(r, BaseException)]
+    assert len(failed) == 1 and isinstance(failed[0], AppendConditionFailed), results
+    assert "retry the unit of work" in str(failed[0])
+    assert sorted([await store.stream_version("left-1"), await store.stream_version("right-1")]) == [1, 1]
