@@ -11,6 +11,7 @@ from pydantic import BaseModel
 
 from aggregates.errors import AggregateUsageError, EventRegistrationError, InvalidAggregateId, MissingHandler
 from aggregates.events import DomainEvent
+from eventstore import storable_text
 
 S = TypeVar("S", bound=BaseModel)
 E = TypeVar("E", bound=DomainEvent)
@@ -93,9 +94,10 @@ class Aggregate(Generic[S]):
         if state_type is not None:
             cls.state_type = state_type
         if category is not None:
-            if not isinstance(category, str) or not category or "-" in category or "\x00" in category:
+            if not isinstance(category, str) or not category or "-" in category or not storable_text(category):
                 raise EventRegistrationError(
-                    f"{cls.__qualname__}: category must be a non-empty string without '-', got {category!r}"
+                    f"{cls.__qualname__}: category must be a non-empty string without '-', NUL or lone"
+                    f" surrogates, got {category!r}"
                 )
             cls.category = category
         if snapshot_every is not None:
@@ -147,8 +149,8 @@ class Aggregate(Generic[S]):
             raise InvalidAggregateId(aggregate_id, f"must be a string, got {type(aggregate_id).__name__}")
         if not aggregate_id:
             raise InvalidAggregateId(aggregate_id, "must not be empty")
-        if "\x00" in aggregate_id:
-            raise InvalidAggregateId(aggregate_id, "must not contain the NUL character")
+        if not storable_text(aggregate_id):
+            raise InvalidAggregateId(aggregate_id, "must not contain the NUL character or a lone surrogate")
         limit = _MAX_STREAM_ID_LENGTH - len(cls.category or "") - 1
         if len(aggregate_id) > limit:
             raise InvalidAggregateId(aggregate_id, f"is {len(aggregate_id)} characters, over the limit of {limit}")

@@ -34,6 +34,7 @@ from eventstore import (
     RecordedEvent,
     StreamState,
     category_of,
+    storable_text,
 )
 
 log = logging.getLogger(__name__)
@@ -72,8 +73,13 @@ class Decisions:
     """
 
     def __init__(self, store: EventStore, *, category: str = "decision") -> None:
-        if not isinstance(category, str) or not category or category_of(category) != category or "\x00" in category:
-            raise InvalidArgument(f"category must be a non-empty name without '-' or NUL, got {category!r}")
+        if (
+            not isinstance(category, str) or not category or category_of(category) != category
+            or not storable_text(category)
+        ):
+            raise InvalidArgument(
+                f"category must be a non-empty name without '-', NUL or lone surrogates, got {category!r}"
+            )
         self.store = store
         self.category = category
 

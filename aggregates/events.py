@@ -27,6 +27,7 @@ from eventstore import (
     NewEvent,
     RecordedEvent,
     has_non_finite,
+    storable_text,
 )
 
 SCHEMA_VERSION_KEY = "schema_version"
@@ -69,7 +70,7 @@ class DomainEvent(BaseModel):
     def __init_subclass__(cls, *, event_type: str | None = None, version: int | None = None, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         name = event_type if event_type is not None else cls.__dict__.get("event_type", cls.__name__)
-        if not isinstance(name, str) or not name or "\x00" in name or len(name) > 255:
+        if not isinstance(name, str) or not name or not storable_text(name) or len(name) > 255:
             raise EventRegistrationError(f"{cls.__qualname__}: event type must be a non-empty string, got {name!r}")
         cls.event_type = name
         number = version if version is not None else cls.__dict__.get("schema_version", 1)

@@ -38,6 +38,7 @@ from eventstore.model import (
     category_of,
     check_int,
     expected_version,
+    storable_text,
 )
 from eventstore.personal import MASTER_KEY_ENV, REDACTED, KeyProvider, Keyring, MasterKey
 from eventstore.query import MAX_TAG_LENGTH, Condition, Query, QueryItem
@@ -123,5 +124,6 @@ __all__ = [
     "has_non_finite",
     "metadata",
     "serve_metrics",
+    "storable_text",
     "with_retries",
 ]

@@ -24,6 +24,7 @@ from tests.aggregates.domain import (
     AccountError,
     AccountNotOpen,
     AccountOpened,
+    AccountState,
     Deposited,
     InsufficientFunds,
     InterestRateSet,
@@ -88,7 +89,7 @@ def test_stream_id_and_version_of_a_new_aggregate() -> None:
     assert not account.is_new and account.version == -1
 
 
-@pytest.mark.parametrize("bad", ["", "x\x00y", "x" * 300, 42, None])
+@pytest.mark.parametrize("bad", ["", "x\x00y", "x\ud800y", "x" * 300, 42, None])
 def test_invalid_aggregate_id_is_a_typed_error(bad: object) -> None:
     with pytest.raises(InvalidAggregateId):
         Account(bad)  # type: ignore[arg-type]
@@ -189,3 +190,16 @@ def test_overriding_a_handler_method_without_the_decorator_still_replaces_it() -
             self.state.balance += 3 * event.amount
 
     assert Tripling.from_events("1", [AccountOpened(owner="ann"), Deposited(amount=2)]).state.balance == 6
+
+
+@pytest.mark.parametrize("bad", ["x\x00y", "x\ud800y"], ids=["nul", "surrogate"])
+def test_a_category_or_event_type_postgresql_cannot_store_is_refused_where_it_is_declared(bad: str) -> None:
+    with pytest.raises(EventRegistrationError):
+
+        class Odd(Aggregate[AccountState], category=bad):
+            pass
+
+    with pytest.raises(EventRegistrationError):
+
+        class Strange(DomainEvent, event_type=bad):
+            n: int

@@ -271,8 +271,9 @@ async def test_decisions_refuse_bad_declarations(store: EventStore) -> None:
         await decisions.build({"x": Query.of(tags=["a"])})  # type: ignore[dict-item]
     with pytest.raises(InvalidArgument):
         Decisions(store, category="a-b")
-    with pytest.raises(InvalidArgument):
-        Decisions(store, category="a\x00b")
+    for category in ("a\x00b", "a\ud800b"):
+        with pytest.raises(InvalidArgument):
+            Decisions(store, category=category)
     with pytest.raises(InvalidArgument):
         await decisions.execute({"x": DecisionProjection(Query.of(tags=["a"]), 0, lambda s, e: s)}, lambda s: [],
                                 retries=-1)
