@@ -446,7 +446,7 @@ class EventStore:
         if self._pool is not None and self._owns_pool:
             await self._pool.close()
             self._pool = None
-        await self._close_notifier()
+        await self._close_notifier()  # one a NOTIFY task still running as the pool closed may have opened
 
     async def _close_notifier(self) -> None:
         if self._notify_task is not None:
