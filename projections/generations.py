@@ -28,6 +28,7 @@ from eventstore import (
     InvalidArgument,
     Keyring,
     RecordedEvent,
+    storable_text,
 )
 from projections import sql
 from projections.errors import InvalidProjection, ProjectionError, ProjectionsNotMigrated
@@ -348,8 +349,8 @@ def raise_if_disconnected(failure: HandlerFailed, conn: Connection) -> None:
 
 def check_name(value: object) -> str:
     """A projection name given by an operator (looked up by name alone)."""
-    if not isinstance(value, str) or not value or "\x00" in value:
-        raise InvalidArgument(f"a projection name is a non-empty string without NUL, got {value!r}")
+    if not isinstance(value, str) or not value or not storable_text(value):
+        raise InvalidArgument(f"a projection name is a non-empty string without NUL or lone surrogates, got {value!r}")
     return value
 
 

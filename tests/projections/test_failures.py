@@ -141,7 +141,7 @@ async def test_bad_operator_input_is_a_typed_error(store: EventStore) -> None:
             ProjectionRunner(store, [Ledger()], batch_size=size)  # type: ignore[arg-type]
         with pytest.raises(InvalidArgument, match="batch_size"):
             await projections.rebuild("ledger", batch_size=size)  # type: ignore[arg-type]
-    for name in ("", "led\x00ger", 7):
+    for name in ("", "led\x00ger", "led\ud800ger", 7):
         with pytest.raises(InvalidArgument, match="projection name"):
             await projections.resume(name)  # type: ignore[arg-type]
         with pytest.raises(InvalidArgument, match="projection name"):
