@@ -375,11 +375,12 @@ class _PartitionWorker(_Worker):
         """Whether the session goes by `_session_name`, counted by other runners for the fair share."""
         self._next_share_check = 0.0
 
+    def _siblings(self) -> list[_PartitionWorker]:
+        """This runner's workers of the same projection, this one included."""
+        return [w for w in self.runner._workers if isinstance(w, _PartitionWorker) and w.projection is self.projection]
+
     def _held_by_runner(self) -> int:
-        return sum(
-            1 for w in self.runner._workers
-            if isinstance(w, _PartitionWorker) and w.projection is self.projection and w.owned
-        )
+        return sum(1 for w in self._siblings() if w.owned)
 
     async def _fair_share(self, conn: Connection) -> int:
         runners = int(await conn.fetchval(sql.PARTITION_RUNNERS, self.projection.name) or 1)
@@ -392,10 +393,7 @@ class _PartitionWorker(_Worker):
     async def _may_take(self, conn: Connection) -> bool:
         # A runner that cannot run the live declaration takes no share: one of its workers found out, and
         # the others share its declaration (a worker whose partition another runner holds never would).
-        counted = not any(
-            w._mismatch is not None for w in self.runner._workers
-            if isinstance(w, _PartitionWorker) and w.projection is self.projection
-        )
+        counted = not any(w._mismatch is not None for w in self._siblings())
         if counted != self._counted:
             await conn.execute(sql.NAME_PARTITION_SESSION, self._session_name if counted else self._mismatched_name)
             self._counted = counted
