@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
-from eventstore import Connection, EventStore, InvalidArgument, UnitOfWork
+from eventstore import Connection, EventStore, InvalidArgument, UnitOfWork, storable_text
 from outbox import sql, telemetry
 from outbox.cloudevents import CloudEvent
 from outbox.operations import check_age
@@ -20,8 +20,8 @@ Effect = Callable[[UnitOfWork], Awaitable[None]]
 
 def _message_id(message: CloudEvent | str) -> str:
     message_id = message.id if isinstance(message, CloudEvent) else message
-    if not isinstance(message_id, str) or not message_id or "\x00" in message_id:  # it comes off the wire
-        raise InvalidArgument(f"a message id is a non-empty string without NUL, got {message_id!r}")
+    if not isinstance(message_id, str) or not message_id or not storable_text(message_id):  # off the wire
+        raise InvalidArgument(f"a message id is a non-empty string without NUL or lone surrogates, got {message_id!r}")
     return message_id
 
 
@@ -29,8 +29,8 @@ class Inbox:
     """Handled message ids of one consumer (`consumer` names it; consumers do not see each other's ids)."""
 
     def __init__(self, store: EventStore, consumer: str) -> None:
-        if not isinstance(consumer, str) or not consumer or "\x00" in consumer:
-            raise InvalidArgument("consumer must be a non-empty string without NUL")
+        if not isinstance(consumer, str) or not consumer or not storable_text(consumer):
+            raise InvalidArgument("consumer must be a non-empty string without NUL or lone surrogates")
         self.store = store
         self.consumer = consumer
 

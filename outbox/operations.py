@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from uuid import UUID
 
-from eventstore import MAX_BIGINT, EventStore, InvalidArgument, check_int
+from eventstore import MAX_BIGINT, EventStore, InvalidArgument, check_int, storable_text
 from outbox import sql
 
 
@@ -81,7 +81,7 @@ async def retry_dead(
         or not all(not isinstance(i, bool) and isinstance(i, int) and 0 <= i <= MAX_BIGINT for i in ids)
     ):
         raise InvalidArgument("ids must be a sequence of integer message ids")
-    if topic is not None and (not isinstance(topic, str) or not topic or "\x00" in topic):
+    if topic is not None and (not isinstance(topic, str) or not topic or not storable_text(topic)):
         raise InvalidArgument(f"topic must be a non-empty string, got {topic!r}")
     async with store.pool.acquire() as conn:
         async with conn.transaction():

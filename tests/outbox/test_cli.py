@@ -79,6 +79,7 @@ async def test_bad_operator_input_is_a_typed_error_and_changes_nothing(store: Ev
         retry_dead(store, ids=[True]),
         retry_dead(store, ids="12"),
         retry_dead(store, topic=7),  # type: ignore[arg-type]
+        retry_dead(store, topic="orders\ud800"),
         prune_published(store, "1h"),  # type: ignore[arg-type]
         prune_published(store, float("inf")),
         prune_published(store, 60, chunk=0),

@@ -9,7 +9,7 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer
 
-from eventstore import EventStore, NewEvent, UnitOfWork
+from eventstore import EventStore, InvalidArgument, NewEvent, UnitOfWork
 from outbox import Inbox, Relay, from_record
 from outbox.inbox import Effect
 from tests.outbox.conftest import relay_settings
@@ -103,13 +103,13 @@ async def test_prune_forgets_old_ids_only(store: EventStore) -> None:
     assert not await inbox.seen("old") and await inbox.seen("new")
 
 
-@pytest.mark.parametrize("bad", ["", None, 5, "id-with-\x00-from-the-wire"])
+@pytest.mark.parametrize("bad", ["", None, 5, "id-with-\x00-from-the-wire", "id-with-\ud800-surrogate"])
 async def test_bad_ids_and_names_are_rejected(store: EventStore, bad: object) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(InvalidArgument):
         await Inbox(store, "billing").seen(bad)  # type: ignore[arg-type]
-    with pytest.raises(ValueError):
+    with pytest.raises(InvalidArgument):
         await Inbox(store, "billing").handle(bad, lambda uow: asyncio.sleep(0))  # type: ignore[arg-type]
-    with pytest.raises(ValueError):
+    with pytest.raises(InvalidArgument):
         Inbox(store, bad)  # type: ignore[arg-type]
     for older_than in ("1d", math.inf, -1):
         with pytest.raises(ValueError):
