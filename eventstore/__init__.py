@@ -38,6 +38,7 @@ from eventstore.model import (
     category_of,
     check_int,
     expected_version,
+    fetch_events,
     storable_text,
 )
 from eventstore.personal import MASTER_KEY_ENV, REDACTED, KeyProvider, Keyring, MasterKey
@@ -121,6 +122,7 @@ __all__ = [
     "check_int",
     "erasure_stream",
     "expected_version",
+    "fetch_events",
     "has_non_finite",
     "metadata",
     "serve_metrics",

@@ -5,10 +5,10 @@ from __future__ import annotations
 import enum
 import functools
 import operator
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 from uuid import UUID, SafeUUID
 
 import asyncpg
@@ -164,27 +164,90 @@ class NewEvent:
         return meta
 
 
-class RecordedEvent(NamedTuple):
+_FIELDS = (
+    "event_id", "event_type", "data", "metadata", "stream_id", "stream_version", "position", "log_xid", "recorded_at"
+)
+
+
+class RecordedEvent:
     """An event as stored. `data` and `metadata` are the stored JSON text, decoded on demand.
 
-    A named tuple rather than a frozen dataclass: readers build one per row, and a tuple is built
-    several times faster (it is the largest client-side cost of `read_all`).
+    A read-only sequence of the fields in `_fields` order, equal to (and hashed as) the tuple of them,
+    with `_replace` and `_asdict` like a named tuple. Reads hand out the driver's rows themselves
+    (`EventRow`): copying each into an object of its own was a tenth of `read_all` (a tuple subclass is
+    allocated through the slow generic path, and twice the objects bring twice the garbage collections).
+    Built in Python (`RecordedEvent(...)`, an append's result), it is a tuple.
     """
 
-    event_id: UUID
-    event_type: str
-    data: str
-    metadata: str
-    stream_id: str
-    stream_version: int
-    position: int
-    log_xid: int
-    recorded_at: datetime
+    __slots__ = ()
+    _fields = _FIELDS
+    __match_args__ = (
+        "event_id", "event_type", "data", "metadata", "stream_id", "stream_version", "position", "log_xid",
+        "recorded_at",
+    )
+
+    if TYPE_CHECKING:  # what both kinds have: a tuple's and the driver row's sequence protocol
+        def __getitem__(self, index: int) -> Any: ...
+        def __iter__(self) -> Iterator[Any]: ...
+        def __len__(self) -> int: ...
+
+    event_id: UUID = property(operator.itemgetter(0))  # type: ignore[assignment]
+    event_type: str = property(operator.itemgetter(1))  # type: ignore[assignment]
+    data: str = property(operator.itemgetter(2))  # type: ignore[assignment]
+    metadata: str = property(operator.itemgetter(3))  # type: ignore[assignment]
+    stream_id: str = property(operator.itemgetter(4))  # type: ignore[assignment]
+    stream_version: int = property(operator.itemgetter(5))  # type: ignore[assignment]
+    position: int = property(operator.itemgetter(6))  # type: ignore[assignment]
+    log_xid: int = property(operator.itemgetter(7))  # type: ignore[assignment]
+    recorded_at: datetime = property(operator.itemgetter(8))  # type: ignore[assignment]
+
+    def __new__(
+        cls,
+        event_id: UUID,
+        event_type: str,
+        data: str,
+        metadata: str,
+        stream_id: str,
+        stream_version: int,
+        position: int,
+        log_xid: int,
+        recorded_at: datetime,
+    ) -> RecordedEvent:
+        return tuple.__new__(
+            _BuiltEvent,
+            (event_id, event_type, data, metadata, stream_id, stream_version, position, log_xid, recorded_at),
+        )
+
+    @classmethod
+    def _make(cls, values: Iterable[Any]) -> RecordedEvent:
+        return cls(*values)
 
     @classmethod
     def from_rows(cls, rows: Iterable[asyncpg.Record] | Iterable[Sequence[Any]]) -> list[RecordedEvent]:
-        """One per row selected with `sql.EVENT_COLUMNS`, without a Python-level call per row."""
-        return list(map(functools.partial(tuple.__new__, cls), rows))
+        """One per sequence of the fields in order, without a Python-level call per row.
+
+        Rows fetched from the database need no copy: fetch them as `EventRow`s (`fetch_events`).
+        """
+        return list(map(functools.partial(tuple.__new__, _BuiltEvent), rows))
+
+    def _replace(self, **changes: Any) -> RecordedEvent:
+        values = self._asdict()
+        unknown = changes.keys() - values.keys()
+        if unknown:
+            raise ValueError(f"RecordedEvent has no field {sorted(unknown)[0]!r}")
+        return RecordedEvent(**(values | changes))
+
+    def _asdict(self) -> dict[str, Any]:
+        return dict(zip(_FIELDS, self._values(), strict=True))
+
+    def _values(self) -> tuple[Any, ...]:
+        return tuple(self)
+
+    def __repr__(self) -> str:
+        return "RecordedEvent(" + ", ".join(f"{k}={v!r}" for k, v in zip(_FIELDS, self._values(), strict=True)) + ")"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return RecordedEvent, self._values()
 
     @property
     def checkpoint(self) -> Checkpoint:
@@ -231,6 +294,32 @@ class EventPayload(asyncpg.Record):
     metadata: str = property(operator.itemgetter(2))  # type: ignore[assignment]
     stream_id: str = property(operator.itemgetter(3))  # type: ignore[assignment]
     stream_version: int = property(operator.itemgetter(4))  # type: ignore[assignment]
+
+
+class _BuiltEvent(tuple[Any, ...], RecordedEvent):
+    """A `RecordedEvent` built in Python."""
+
+    __slots__ = ()
+    __repr__ = RecordedEvent.__repr__
+
+
+class EventRow(asyncpg.Record, RecordedEvent):
+    """A `RecordedEvent` as the driver's own row: fetch events with `record_class=EventRow`."""
+
+    __slots__ = ()
+    __new__ = asyncpg.Record.__dict__["__new__"]  # asyncpg takes no record class with a __new__ of its own
+    __repr__ = RecordedEvent.__repr__
+    __reduce__ = RecordedEvent.__reduce__
+
+
+async def fetch_events(
+    executor: asyncpg.Connection[Any] | asyncpg.pool.PoolConnectionProxy[Any] | asyncpg.Pool[Any],
+    query: str,
+    *args: object,
+) -> list[RecordedEvent]:
+    """The rows of `query` (selecting `sql.EVENT_COLUMNS`) as `RecordedEvent`s, without a copy per row."""
+    rows: list[RecordedEvent] = await executor.fetch(query, *args, record_class=EventRow)
+    return rows
 
 
 @dataclass(frozen=True, slots=True)

@@ -51,6 +51,7 @@ from eventstore.model import (
     StreamState,
     check_int,
     check_text,
+    fetch_events,
     storable_text,
 )
 from eventstore.personal import (
@@ -167,9 +168,6 @@ class Snapshot:
 
 
 # The statements select the columns in RecordedEvent's field order.
-_records = RecordedEvent.from_rows
-
-
 _MAX_LABEL = 1000
 """Longest snapshot type accepted (the column has no limit; a type name is far shorter)."""
 
@@ -342,16 +340,15 @@ class UnitOfWork:
 
     async def read_query(self, query: Query, after: Checkpoint = START, *, limit: int = 1000) -> list[RecordedEvent]:
         """`EventStore.read_query` inside this transaction."""
-        rows = await self.connection.fetch(sql.CALL_READ_QUERY, *_query_args(query, after, limit))
-        return await self._store.reveal(_records(rows), self.connection)
+        rows = await fetch_events(self.connection, sql.CALL_READ_QUERY, *_query_args(query, after, limit))
+        return await self._store.reveal(rows, self.connection)
 
     async def read_stream(
         self, stream_id: str, from_version: int = 0, limit: int | None = None
     ) -> list[RecordedEvent]:
-        rows = await self.connection.fetch(
-            sql.READ_STREAM_FORWARDS, stream_id, from_version, limit if limit is not None else MAX_BIGINT
-        )
-        return await self._store.reveal(_records(rows), self.connection)
+        last = limit if limit is not None else MAX_BIGINT
+        rows = await fetch_events(self.connection, sql.READ_STREAM_FORWARDS, stream_id, from_version, last)
+        return await self._store.reveal(rows, self.connection)
 
     async def save_snapshot(
         self, stream_id: str, snapshot_type: str, schema_version: str, stream_version: int, data: str
@@ -548,6 +545,10 @@ class EventStore:
         async with self._own_connection() as conn:
             rows: list[Any] = await conn.fetch(query, *args, record_class=record_class)
             return rows
+
+    async def _fetch_events(self, query: str, *args: object) -> list[RecordedEvent]:
+        async with self._own_connection() as conn:
+            return await fetch_events(conn, query, *args)
 
     async def _fetchrow(self, query: str, *args: object) -> Any:
         async with self._own_connection() as conn:
@@ -799,14 +800,14 @@ class EventStore:
         if direction is Direction.FORWARDS:
             start = 0 if from_version is None else from_version
             rows = await self.retrying(
-                lambda: self._fetch(sql.READ_STREAM_FORWARDS, stream_id, start, count)
+                lambda: self._fetch_events(sql.READ_STREAM_FORWARDS, stream_id, start, count)
             )
         else:
             start = MAX_BIGINT if from_version is None or from_version < 0 else from_version
             rows = await self.retrying(
-                lambda: self._fetch(sql.READ_STREAM_BACKWARDS, stream_id, start, count)
+                lambda: self._fetch_events(sql.READ_STREAM_BACKWARDS, stream_id, start, count)
             )
-        return await self.reveal(_records(rows))
+        return await self.reveal(rows)
 
     async def read_stream_payloads(
         self, stream_id: str, from_version: int = 0, *, limit: int | None = None
@@ -834,9 +835,9 @@ class EventStore:
             raise InvalidArgument(f"until must be a datetime, got {type(until).__name__}")
         check_int("from_version", from_version, None)
         rows = await self.retrying(
-            lambda: self._fetch(sql.READ_STREAM_UNTIL_TIME, stream_id, from_version, until, MAX_BIGINT)
+            lambda: self._fetch_events(sql.READ_STREAM_UNTIL_TIME, stream_id, from_version, until, MAX_BIGINT)
         )
-        return await self.reveal(_records(rows))
+        return await self.reveal(rows)
 
     @telemetry.counted_read("all")
     async def read_all(
@@ -868,8 +869,8 @@ class EventStore:
             query, args = sql.READ_ALL_TYPES, (tx, pos, limit, list(types))
         else:
             query, args = sql.READ_ALL, (tx, pos, limit)
-        rows = await self.retrying(lambda: self._fetch(query, *args))
-        return await self.reveal(_records(rows))
+        rows = await self.retrying(lambda: self._fetch_events(query, *args))
+        return await self.reveal(rows)
 
     async def reveal(
         self, records: list[RecordedEvent], executor: Connection | asyncpg.Pool | None = None
@@ -879,8 +880,6 @@ class EventStore:
         Every reader of the log calls it (the store's reads here; projections with their transaction's
         connection as `executor`); events without personal data cost one substring test.
         """
-        if not any(has_personal_data(r.metadata) for r in records):
-            return records
         return await self.keyring.reveal(self.pool if executor is None else executor, records)
 
     async def forget(self, subject: str) -> Erasure:
@@ -911,8 +910,8 @@ class EventStore:
         The checkpoint of the last event a decision read is the `after` of its append condition.
         """
         args = _query_args(query, after, limit)
-        rows = await self.retrying(lambda: self._fetch(sql.CALL_READ_QUERY, *args))
-        return await self.reveal(_records(rows))
+        rows = await self.retrying(lambda: self._fetch_events(sql.CALL_READ_QUERY, *args))
+        return await self.reveal(rows)
 
     async def read_with_condition(self, query: Query, *, page: int = 1000) -> tuple[list[RecordedEvent], Condition]:
         """Every committed event matching `query`, in log order, and the condition to append a decision with.
@@ -931,7 +930,7 @@ class EventStore:
             rows = await self.retrying(partial(self._fetch, sql.CALL_READ_QUERY_COMMITTED, *page_args))
             if rows and horizon is None:
                 horizon = int(rows[0]["horizon"])
-            events.extend(tuple.__new__(RecordedEvent, r[:9]) for r in rows)
+            events.extend(RecordedEvent.from_rows(r[:9] for r in rows))
             if len(rows) < page:
                 break
             after = events[-1].checkpoint

@@ -28,6 +28,7 @@ from eventstore import (
     InvalidArgument,
     Keyring,
     RecordedEvent,
+    fetch_events,
     storable_text,
 )
 from projections import sql
@@ -354,10 +355,6 @@ def check_name(value: object) -> str:
     return value
 
 
-def _events(rows: Sequence[Any]) -> list[RecordedEvent]:
-    return RecordedEvent.from_rows(rows)
-
-
 async def read_batch(
     conn: Connection, projection: Projection, after: Checkpoint, limit: int, keyring: Keyring,
     head: Checkpoint | None = None,
@@ -372,7 +369,7 @@ async def read_batch(
         row = await conn.fetchrow(sql.LOG_HEAD)
         head = None if row is None else Checkpoint(row["log_xid"], row["position"])
     events = await keyring.reveal(
-        conn, _events(await conn.fetch(sql.READ_LOG, after[0], after[1], limit, projection.event_types))
+        conn, await fetch_events(conn, sql.READ_LOG, after[0], after[1], limit, projection.event_types)
     )
     if len(events) == limit:
         return events, events[-1].checkpoint
@@ -466,11 +463,11 @@ async def read_partition(
     """`read_batch` for one partition of a partitioned projection."""
     head = await conn.fetchrow(sql.LOG_HEAD)
     document, path = projection.key_path
-    rows = await conn.fetch(
-        sql.READ_PARTITION, after[0], after[1], limit, projection.event_types, projection.partitions, partition,
+    rows = await fetch_events(
+        conn, sql.READ_PARTITION, after[0], after[1], limit, projection.event_types, projection.partitions, partition,
         document, path,
     )
-    events = await keyring.reveal(conn, _events(rows))
+    events = await keyring.reveal(conn, rows)
     if len(events) == limit:
         return events, events[-1].checkpoint
     end = events[-1].checkpoint if events else Checkpoint(*after)
@@ -490,7 +487,7 @@ async def apply_committed(
     count = 0
     while True:
         events = await keyring.reveal(
-            conn, _events(await conn.fetch(sql.READ_COMMITTED, end[0], end[1], limit, projection.event_types))
+            conn, await fetch_events(conn, sql.READ_COMMITTED, end[0], end[1], limit, projection.event_types)
         )
         if not events:
             return end, count
