@@ -15,7 +15,8 @@ projections handle like any other event (`@handles(STREAM_DELETED)`) to drop the
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -23,13 +24,14 @@ import asyncpg
 
 from eventstore import sql
 from eventstore.errors import (
+    AppendRefused,
     InvalidArgument,
     RetentionRefused,
     StreamNotFound,
     StreamTombstoned,
 )
 from eventstore.model import UNSTORABLE, storable_text
-from eventstore.store import EventStore, check_stream_id
+from eventstore.store import Connection, EventStore, check_stream_id
 
 STREAM_DELETED = sql.STREAM_DELETED
 
@@ -37,8 +39,10 @@ _BATCH = 500  # streams per maintenance call (one transaction each): bounded loc
 
 
 def deleted_stream(stream_id: str) -> str:
-    """The stream recording the hard deletion of `stream_id`."""
-    return f"$deleted-{stream_id}"
+    """The stream recording the hard deletion of `stream_id` (its id hashed if too long to take the prefix)."""
+    if len(stream_id) <= sql.MAX_STREAM_ID_LENGTH - len(sql.DELETED_PREFIX):
+        return sql.DELETED_PREFIX + stream_id
+    return sql.DELETED_HASHED_PREFIX + hashlib.sha256(stream_id.encode()).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,15 +63,19 @@ async def status(store: EventStore, stream_id: str) -> StreamStatus:
     return StreamStatus(row["stream_id"], row["version"], row["archived_at"], row["tombstoned_at"])
 
 
-async def _maintain(store: EventStore, action: str, stream_ids: Sequence[str], reason: str) -> dict[str, int]:
-    ids = list(stream_ids)
+Recheck = Callable[[Connection, list[str]], Awaitable[list[str]]]
+"""Given the streams locked, those still to be maintained (retention asks again whether they expired)."""
 
+
+async def _maintain(
+    store: EventStore, action: str, stream_ids: Sequence[str], reason: str, recheck: Recheck | None = None
+) -> dict[str, int]:
     async def call() -> dict[str, int]:
+        ids = list(stream_ids)
         async with store.pool.acquire() as conn, conn.transaction():
-            if action in ("archive", "delete"):
-                await conn.execute(sql.DROP_STREAM_TAGS, ids)
-            if action == "archive":
-                await conn.execute(sql.DROP_STREAM_SNAPSHOTS, ids)
+            if recheck is not None:
+                await conn.execute(sql.LOCK_STREAMS, ids)
+                ids = await recheck(conn, ids)
             rows = await conn.fetch(sql.MAINTENANCE, action, ids, reason)
             if action == "restore":
                 await conn.execute(sql.RESTORE_STREAM_TAGS, ids)
@@ -78,7 +86,8 @@ async def _maintain(store: EventStore, action: str, stream_ids: Sequence[str], r
     except asyncpg.UniqueViolationError as exc:
         if exc.constraint_name == "events_event_id_key":  # an id of the archive was appended again meanwhile
             raise InvalidArgument(
-                f"cannot restore {', '.join(ids)}: an event appended since the archive reuses one of its event ids"
+                f"cannot restore {', '.join(stream_ids)}: an event appended since the archive reuses one of its "
+                "event ids"
             ) from None
         raise
     except asyncpg.InsufficientPrivilegeError as exc:
@@ -86,11 +95,22 @@ async def _maintain(store: EventStore, action: str, stream_ids: Sequence[str], r
             f"eventstore_maintenance cannot bypass the append-only triggers ({exc}): its owner must be a "
             "superuser or hold SET on session_replication_role"
         ) from None
+    except asyncpg.PostgresError as exc:
+        if getattr(exc, "sqlstate", None) == sql.APPEND_REFUSED:  # the deletion's record, by an inline guard
+            raise AppendRefused(exc.args[0]) from None
+        raise
+
+
+def _not_own_records(stream_id: str) -> str:
+    if stream_id.startswith("$"):
+        raise InvalidArgument(f"{stream_id!r} is a stream of the store's own records: it is kept as it is")
+    return stream_id
 
 
 async def archive(store: EventStore, stream_id: str) -> int:
     """Move the stream out of the log; return how many events moved (0 if it was archived already)."""
     state = await status(store, stream_id)
+    _not_own_records(stream_id)
     if state.tombstoned_at is not None:
         raise StreamTombstoned(stream_id)
     if state.archived_at is not None:
@@ -109,6 +129,7 @@ async def restore(store: EventStore, stream_id: str) -> int:
 async def tombstone(store: EventStore, stream_id: str) -> None:
     """Close the stream for good: its events stay readable, appends to it are refused from now on."""
     await status(store, stream_id)
+    _not_own_records(stream_id)
     await store.retrying(lambda: store.pool.fetchval(sql.TOMBSTONE, stream_id))
 
 
@@ -119,25 +140,26 @@ async def delete(store: EventStore, stream_ids: Sequence[str], reason: str) -> d
     anything is deleted. Outbox messages of the deleted events that were still pending can no longer be
     published; `outbox.prune_orphans` removes them.
     """
-    if isinstance(stream_ids, str):
-        raise InvalidArgument("delete takes a sequence of stream ids, not one string")
-    ids = sorted({check_stream_id(s) for s in stream_ids})
+    if isinstance(stream_ids, str) or not isinstance(stream_ids, Iterable):
+        raise InvalidArgument(f"delete takes a sequence of stream ids, got {stream_ids!r}")
+    ids = sorted({_not_own_records(check_stream_id(s)) for s in stream_ids})
     if not ids:
         raise InvalidArgument("no streams to delete")
     if not isinstance(reason, str) or not reason.strip():
         raise InvalidArgument("a deletion needs a reason (it is recorded with it)")
     if not storable_text(reason):
         raise InvalidArgument(f"a deletion's reason must not contain {UNSTORABLE}")
-    for stream_id in ids:
-        if stream_id.startswith("$"):
-            raise InvalidArgument(f"{stream_id!r} is a stream of the store's own records; they are never deleted")
     rows = await store.retrying(lambda: store.pool.fetch(sql.STREAM_STATES, ids))
     missing = sorted(set(ids) - {r["stream_id"] for r in rows})
     if missing:
         raise StreamNotFound(missing[0])
+    return await _delete(store, ids, reason)
+
+
+async def _delete(store: EventStore, ids: list[str], reason: str, recheck: Recheck | None = None) -> dict[str, int]:
     removed: dict[str, int] = {}
     for start in range(0, len(ids), _BATCH):
-        removed.update(await _maintain(store, "delete", ids[start : start + _BATCH], reason))
+        removed.update(await _maintain(store, "delete", ids[start : start + _BATCH], reason, recheck))
     return removed
 
 
@@ -152,8 +174,14 @@ class RetentionPolicy:
     max_count: int | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.category, str) or not self.category or "-" in self.category:
-            raise InvalidArgument(f"a retention policy names one category (no '-'), got {self.category!r}")
+        if (
+            not isinstance(self.category, str) or not self.category or "-" in self.category
+            or not storable_text(self.category) or len(self.category) > sql.MAX_STREAM_ID_LENGTH
+        ):
+            raise InvalidArgument(
+                f"a retention policy names one category (no '-', {UNSTORABLE} or more than "
+                f"{sql.MAX_STREAM_ID_LENGTH} characters), got {self.category!r}"
+            )
         if self.category.startswith("$"):
             raise InvalidArgument(f"category {self.category!r} holds the store's own records: no retention")
         if self.max_age is None and self.max_count is None:
@@ -188,18 +216,30 @@ async def retain(
     if not isinstance(policy, RetentionPolicy):
         raise InvalidArgument(f"retain takes a RetentionPolicy, got {type(policy).__name__}")
     rows = await store.retrying(lambda: store.pool.fetch(sql.CATEGORY_STREAMS, policy.category))
+    expired = _expired(policy, rows)
+    if rows and len(expired) == len(rows) and not allow_all:
+        raise RetentionRefused(policy.category, len(rows))
+    if dry_run or not expired:
+        return Retention(policy, len(rows), expired, 0, dry_run)
+
+    async def still_expired(conn: Connection, locked: list[str]) -> list[str]:
+        # Written to since the listing (before the lock), a stream is kept: it is young again.
+        now_expired = set(_expired(policy, await conn.fetch(sql.CATEGORY_STREAMS, policy.category)))
+        return [s for s in locked if s in now_expired]
+
+    removed = await _delete(store, expired, f"retention: {_describe(policy)}", still_expired)
+    return Retention(policy, len(rows), list(removed), sum(removed.values()), False)
+
+
+def _expired(policy: RetentionPolicy, rows: Sequence[asyncpg.Record]) -> list[str]:
+    """The streams the policy no longer keeps, of the category's streams newest first (`CATEGORY_STREAMS`)."""
     expired: list[str] = []
     for rank, row in enumerate(rows):
         too_old = policy.max_age is not None and row["age"] > policy.max_age
         too_many = policy.max_count is not None and rank >= policy.max_count
         if too_old or too_many:
             expired.append(row["stream_id"])
-    if rows and len(expired) == len(rows) and not allow_all:
-        raise RetentionRefused(policy.category, len(rows))
-    if dry_run or not expired:
-        return Retention(policy, len(rows), expired, 0, dry_run)
-    removed = await delete(store, expired, f"retention: {_describe(policy)}")
-    return Retention(policy, len(rows), expired, sum(removed.values()), False)
+    return expired
 
 
 def _describe(policy: RetentionPolicy) -> str:

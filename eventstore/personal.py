@@ -135,9 +135,15 @@ def check_personal_data(personal: object) -> dict[str, str] | None:
     return checked or None
 
 
+MAX_SUBJECT_LENGTH = 245
+"""A forgotten subject is recorded in the stream `$personal-<subject>`, whose id must fit in 255 characters."""
+
+
 def check_subject(subject: object) -> str:
-    if not isinstance(subject, str) or not subject or not storable_text(subject) or len(subject) > 255:
-        raise InvalidArgument(f"a subject id is a non-empty string of at most 255 characters, got {subject!r}")
+    if not isinstance(subject, str) or not subject or not storable_text(subject) or len(subject) > MAX_SUBJECT_LENGTH:
+        raise InvalidArgument(
+            f"a subject id is a non-empty string of at most {MAX_SUBJECT_LENGTH} characters, got {subject!r}"
+        )
     return subject
 
 
@@ -222,6 +228,9 @@ class Keyring:
             raise NoKeyProvider()
         wanted = sorted(set(subjects))
         keys = await self._keys(executor, wanted)
+        forgotten = [s for s in wanted if s in keys and keys[s] is None]
+        if forgotten:  # before creating the keys of the others: a refused append creates nothing
+            raise SubjectForgotten(forgotten[0])
         missing = [s for s in wanted if s not in keys]
         if missing:
             wrapped = [await self.provider.wrap(AESGCM.generate_key(bit_length=256), s) for s in missing]
@@ -239,18 +248,27 @@ class Keyring:
         data: Sequence[str],
         personal: Sequence[dict[str, str] | None],
     ) -> list[str]:
-        """`data` with each event's personal fields encrypted (the rest of each event untouched)."""
-        keys = await self.data_keys(executor, [s for p in personal if p for s in p.values()])
-        sealed = list(data)
+        """`data` with each event's personal fields encrypted (the rest of each event untouched).
+
+        The events are checked before any subject's key is created: bad input creates nothing.
+        """
+        bodies: dict[int, dict[str, Any]] = {}
         for i, fields in enumerate(personal):
             if not fields:
                 continue
             body = orjson.loads(data[i])
             if not isinstance(body, dict):
                 raise InvalidArgument(f"event {event_ids[i]}: personal data needs a JSON object as data")
-            for field, subject in fields.items():
+            for field in fields:
                 if field not in body:
                     raise InvalidArgument(f"event {event_ids[i]}: personal field {field!r} is not in its data")
+            bodies[i] = body
+        keys = await self.data_keys(executor, [s for p in personal if p for s in p.values()])
+        sealed = list(data)
+        for i, body in bodies.items():
+            fields = personal[i]
+            assert fields is not None
+            for field, subject in fields.items():
                 body[field] = _encrypt(keys[subject], _aad(event_ids[i], field), orjson.dumps(body[field]))
             sealed[i] = orjson.dumps(body).decode()
         return sealed

@@ -8,9 +8,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB
 
-from eventstore.sql import CATEGORY
+from eventstore.sql import CATEGORY, MAX_STREAM_ID_LENGTH
 
-MAX_STREAM_ID_LENGTH = 255
 MAX_EVENT_TYPE_LENGTH = 255
 
 metadata = sa.MetaData()
@@ -151,6 +150,12 @@ events_archive = sa.Table(
     sa.Column("recorded_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("archived_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.text("now()")),
     sa.Index("events_archive_stream_idx", "stream_id", "stream_version"),
+    sa.Index(
+        "events_archive_personal_subjects_idx",
+        sa.text("((metadata -> 'personal_data'::text) -> 'subjects'::text)"),
+        postgresql_using="gin",
+        postgresql_where=sa.text("metadata ? 'personal_data'::text"),
+    ),
     comment=(
         "Events of archived streams, moved out of the log by eventstore_maintenance: no reader of the "
         "log sees them until the stream is restored (with its positions and log order)."

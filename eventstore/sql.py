@@ -11,6 +11,9 @@ from __future__ import annotations
 
 NOTIFY_CHANNEL = "eventstore_events"
 
+MAX_STREAM_ID_LENGTH = 255
+"""The longest stream id (`events_stream_id_length`); `eventstore.schema` declares the check with it."""
+
 APPEND_REFUSED = "ES001"
 """The SQLSTATE with which a rule on the events table refuses an append (`AppendRefused`).
 
@@ -518,9 +521,11 @@ ORDER BY stream_id
 LIMIT $2
 """
 
+# Not on an archived stream (the archive drops its snapshot: a later one would let the aggregate load, and
+# would keep personal data out of a `forget`'s reach); the key-share lock makes a save wait for an archive.
 SAVE_SNAPSHOT = """
 INSERT INTO snapshots (stream_id, snapshot_type, schema_version, stream_version, data)
-VALUES ($1, $2, $3, $4, $5)
+SELECT $1, $2, $3, $4, $5 FROM streams WHERE stream_id = $1 AND archived_at IS NULL FOR KEY SHARE
 ON CONFLICT (stream_id) DO UPDATE
 SET snapshot_type = EXCLUDED.snapshot_type, schema_version = EXCLUDED.schema_version,
     stream_version = EXCLUDED.stream_version, data = EXCLUDED.data, created_at = now()
@@ -798,9 +803,23 @@ WHERE subject = $1
 # (the next load replays the events, now redacted). The partial index on the subjects makes it cheap.
 DROP_SUBJECT_SNAPSHOTS = """
 DELETE FROM snapshots WHERE stream_id IN (
-    SELECT DISTINCT stream_id FROM events
+    SELECT stream_id FROM events
+    WHERE metadata ? 'personal_data' AND metadata -> 'personal_data' -> 'subjects' ? $1
+    UNION
+    SELECT stream_id FROM events_archive
     WHERE metadata ? 'personal_data' AND metadata -> 'personal_data' -> 'subjects' ? $1)
 """
+"""Archived streams too: a save can write a snapshot just after its stream was archived."""
+
+HOLD_SUBJECT_KEYS = """
+SELECT subject FROM subject_keys WHERE subject = ANY($1::text[]) AND wrapped_key IS NOT NULL
+ORDER BY subject FOR SHARE
+"""
+"""($1 subjects): in an append's transaction, the keys its events were sealed with, held until it commits.
+
+A `forget` (`LOCK_SUBJECT`) waits for the append, which its inline projections then see scrubbed; an append
+that waited for a `forget` finds the key gone (no row) and is refused, instead of storing events sealed
+with a key that no longer exists and handing their plaintext to inline projections."""
 
 # -- stream lifecycle (`eventstore.lifecycle`) -----------------------------------------------------------
 
@@ -810,12 +829,19 @@ STREAM_TOMBSTONED = "ES002"
 STREAM_ARCHIVED = "ES003"
 """The SQLSTATE with which an archived stream refuses an append until it is restored (`StreamArchived`)."""
 
+DELETED_PREFIX = "$deleted-"
+DELETED_HASHED_PREFIX = "$deleted#"
+"""A deletion is recorded in `$deleted-<stream id>`, or `$deleted#<sha256 of the id>` for an id too long
+to take the prefix (no stream id of the first form can be one of the second)."""
+
 STREAM_DELETED = "$StreamDeleted"
 """The event the maintenance function records for each stream it hard-deletes (in `$deleted-<stream id>`)."""
 
 # A guard on the row every append locks and moves on: appends never pay more than the WHEN test, and
 # the append function itself stays as it is. Its only writes of `version` are appends, so a change of
 # version on an archived or tombstoned stream is an append to refuse.
+LOCK_STREAMS = "SELECT stream_id FROM streams WHERE stream_id = ANY($1::text[]) ORDER BY stream_id FOR UPDATE"
+
 STREAM_GUARD_V1 = (
     f"""
 CREATE FUNCTION eventstore_stream_guard() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -908,6 +934,91 @@ END
 $$
 """
 
+# Version 2: the streams are locked in a statement of their own, and everything after it reads what
+# committed while it waited (in a PL/pgSQL function each statement takes a new snapshot, but a statement
+# that waited for a lock still reads with the one it took before waiting). Version 1 counted the events
+# in its locking statement and the caller dropped the tag index and snapshots before the function took
+# the locks: an append committing in between was moved or deleted but not counted, and its tags and a
+# snapshot written meanwhile were left behind.
+MAINTENANCE_FUNCTION_V2 = f"""
+CREATE OR REPLACE FUNCTION eventstore_maintenance(p_action text, p_stream_ids text[], p_reason text)
+RETURNS TABLE (o_stream_id text, o_events bigint)
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path FROM CURRENT
+SET session_replication_role = origin
+AS $$
+DECLARE
+    v_ids text[];
+    v_counts bigint[];
+    i int;
+BEGIN
+    IF p_action NOT IN ('archive', 'restore', 'delete') THEN
+        RAISE EXCEPTION 'unknown maintenance action %', p_action USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT array_agg(s.stream_id ORDER BY s.stream_id) INTO v_ids
+    FROM (SELECT st.stream_id FROM streams AS st WHERE st.stream_id = ANY (p_stream_ids)
+          ORDER BY st.stream_id FOR UPDATE) AS s;
+    IF v_ids IS NULL THEN
+        RETURN;
+    END IF;
+    SELECT array_agg(coalesce(c.n, 0) ORDER BY u.stream_id) INTO v_counts
+    FROM unnest(v_ids) AS u(stream_id)
+    LEFT JOIN (
+        SELECT x.stream_id, count(*) AS n FROM (
+            SELECT e.stream_id FROM events AS e WHERE e.stream_id = ANY (v_ids)
+            UNION ALL
+            SELECT a.stream_id FROM events_archive AS a WHERE a.stream_id = ANY (v_ids)) AS x
+        GROUP BY x.stream_id) AS c ON c.stream_id = u.stream_id;
+    IF p_action IN ('archive', 'delete') THEN
+        DELETE FROM event_tags AS t USING events AS e
+        WHERE e.stream_id = ANY (v_ids) AND t.log_xid = e.log_xid AND t.position = e.position;
+    END IF;
+
+    PERFORM set_config('session_replication_role', 'replica', true);
+    IF p_action = 'archive' THEN
+        WITH moved AS (
+            DELETE FROM events AS e WHERE e.stream_id = ANY (v_ids)
+            RETURNING {", ".join("e." + c for c in _ARCHIVE_COLUMNS.split(", "))})
+        INSERT INTO events_archive ({_ARCHIVE_COLUMNS}) SELECT {_ARCHIVE_COLUMNS} FROM moved;
+        DELETE FROM snapshots WHERE stream_id = ANY (v_ids);
+        UPDATE streams SET archived_at = now() WHERE stream_id = ANY (v_ids);
+    ELSIF p_action = 'restore' THEN
+        WITH moved AS (
+            DELETE FROM events_archive AS a WHERE a.stream_id = ANY (v_ids)
+            RETURNING {", ".join("a." + c for c in _ARCHIVE_COLUMNS.split(", "))})
+        INSERT INTO events ({_ARCHIVE_COLUMNS}) SELECT {_ARCHIVE_COLUMNS} FROM moved;
+        UPDATE streams SET archived_at = NULL WHERE stream_id = ANY (v_ids);
+    ELSE
+        DELETE FROM events WHERE stream_id = ANY (v_ids);
+        DELETE FROM events_archive WHERE stream_id = ANY (v_ids);
+        DELETE FROM snapshots WHERE stream_id = ANY (v_ids);
+        UPDATE streams SET tombstoned_at = coalesce(tombstoned_at, now()), archived_at = NULL
+        WHERE stream_id = ANY (v_ids);
+    END IF;
+    PERFORM set_config('session_replication_role', 'origin', true);
+
+    IF p_action = 'delete' THEN
+        FOR i IN 1 .. cardinality(v_ids) LOOP
+            PERFORM eventstore_append(
+                CASE WHEN char_length(v_ids[i]) <= {MAX_STREAM_ID_LENGTH - len(DELETED_PREFIX)}
+                     THEN '{DELETED_PREFIX}' || v_ids[i]
+                     ELSE '{DELETED_HASHED_PREFIX}' || encode(sha256(convert_to(v_ids[i], 'UTF8')), 'hex') END,
+                -2, ARRAY[gen_random_uuid()], ARRAY['{STREAM_DELETED}'],
+                ARRAY[jsonb_build_object('stream_id', v_ids[i], 'events', v_counts[i], 'reason', p_reason)],
+                ARRAY[jsonb_build_object('maintenance', 'delete', 'by', session_user)]);
+        END LOOP;
+    END IF;
+    RETURN QUERY SELECT u.stream_id, u.n FROM unnest(v_ids, v_counts) AS u(stream_id, n);
+END
+$$
+"""
+
+EVENTS_ARCHIVE_SUBJECTS_INDEX = (
+    "CREATE INDEX events_archive_personal_subjects_idx ON events_archive "
+    "USING gin ((metadata -> 'personal_data' -> 'subjects')) WHERE metadata ? 'personal_data'"
+)
+"""A `forget` looks for the subject's streams in the archive too (their snapshots go)."""
+
 DROP_LIFECYCLE_V1 = (
     "DROP FUNCTION IF EXISTS eventstore_maintenance(text, text[], text)",
     "DROP TRIGGER IF EXISTS streams_lifecycle ON streams",
@@ -915,13 +1026,6 @@ DROP_LIFECYCLE_V1 = (
 )
 
 MAINTENANCE = "SELECT o_stream_id, o_events FROM eventstore_maintenance($1, $2, $3)"
-
-DROP_STREAM_TAGS = """
-DELETE FROM event_tags AS t USING events AS e
-WHERE e.stream_id = ANY ($1::text[]) AND t.log_xid = e.log_xid AND t.position = e.position
-"""
-"""Before an archive or a delete: the tag index of the streams' events goes with them, so that no decision
-reads or checks against events the log no longer has."""
 
 RESTORE_STREAM_TAGS = """
 INSERT INTO event_tags (tag, log_xid, position, event_type)
@@ -931,10 +1035,6 @@ WHERE e.stream_id = ANY ($1::text[]) AND jsonb_typeof(e.metadata -> 'tags') = 'a
 ON CONFLICT DO NOTHING
 """
 """After a restore: the tag index rebuilt from the tags each event keeps in its metadata."""
-
-DROP_STREAM_SNAPSHOTS = "DELETE FROM snapshots WHERE stream_id = ANY ($1::text[])"
-"""With an archive: a snapshot would let an archived aggregate load (and keep personal data that a
-`forget` while archived would not find); after a restore the next load replays the events."""
 
 STREAM_STATES = """
 SELECT stream_id, version, archived_at, tombstoned_at FROM streams WHERE stream_id = ANY($1::text[])

@@ -34,6 +34,7 @@ from eventstore.errors import (
     SchemaNotMigrated,
     StreamArchived,
     StreamTombstoned,
+    SubjectForgotten,
     UnknownSubject,
     WrongExpectedVersion,
 )
@@ -65,7 +66,8 @@ from eventstore.personal import (
 )
 from eventstore.query import Condition, Query, branches, check_tags, lock_plan
 from eventstore.retry import Backoff, with_retries
-from eventstore.schema import MAX_EVENT_TYPE_LENGTH, MAX_STREAM_ID_LENGTH
+from eventstore.schema import MAX_EVENT_TYPE_LENGTH
+from eventstore.sql import MAX_STREAM_ID_LENGTH
 from eventstore.subscription import Subscription
 
 log = logging.getLogger(__name__)
@@ -601,7 +603,7 @@ class EventStore:
             prepared = await self.retrying(lambda: self._seal(self.pool, unsealed))
 
         async def once() -> AppendResult:
-            if not self._hooks:
+            if not self._hooks and prepared.personal is None:
                 # One statement is its own transaction: one round trip instead of three.
                 async with self._own_connection() as conn:
                     return await self._append_prepared(UnitOfWork(self, conn), prepared, expected_version, checked)
@@ -651,6 +653,11 @@ class EventStore:
     async def _append_prepared(
         self, uow: UnitOfWork, p: _Prepared, expected_version: ExpectedVersion, condition: Condition | None = None
     ) -> AppendResult:
+        if p.personal is not None:
+            subjects = sorted({s for fields in p.personal if fields for s in fields.values()})
+            held = {r["subject"] for r in await uow.connection.fetch(sql.HOLD_SUBJECT_KEYS, subjects)}
+            if len(held) < len(subjects):  # forgotten since the events were sealed
+                raise SubjectForgotten(next(s for s in subjects if s not in held))
         try:
             if condition is None and not p.tagged:
                 row = await uow.connection.fetchrow(
@@ -1050,7 +1057,8 @@ class EventStore:
     async def save_snapshot(
         self, stream_id: str, snapshot_type: str, schema_version: str, stream_version: int, data: str
     ) -> None:
-        """Store the latest snapshot of a stream; an older one never replaces a newer one."""
+        """Store the latest snapshot of a stream; an older one never replaces a newer one, and a stream that
+        does not exist or is archived takes none."""
         check_stream_id(stream_id)
         await self.retrying(
             lambda: _save_snapshot(self.pool, stream_id, snapshot_type, schema_version, stream_version, data)

@@ -14,7 +14,7 @@ from eventstore import sql
 from eventstore.errors import DatabaseUnavailable, InvalidArgument
 from eventstore.model import Checkpoint, RecordedEvent, check_text
 from eventstore.retry import Backoff
-from eventstore.schema import MAX_STREAM_ID_LENGTH
+from eventstore.sql import MAX_STREAM_ID_LENGTH
 
 if TYPE_CHECKING:
     from eventstore.store import EventStore

@@ -46,7 +46,7 @@ class AdminConsole:
         self.settings = settings
         url = settings.database_url.get_secret_value()
         token = None if settings.token is None else settings.token.get_secret_value()
-        self.backend = Backend(url, settings.projections, query_timeout=settings.query_timeout)
+        self.backend = Backend(url, settings.projections, query_timeout=settings.query_timeout, keys=settings.keys)
         self.sessions = Sessions(token, cookie_name=f"eventstore_admin_{settings.port}")
         self.jobs = RebuildJobs(self.backend)
         self.sampler = LagSampler(self.backend, settings.sample_interval, settings.lag_window)

@@ -24,6 +24,7 @@ from eventstore import (
     EventStore,
     EventStoreError,
     InvalidArgument,
+    KeyProvider,
     RecordedEvent,
     SchemaNotMigrated,
 )
@@ -78,8 +79,11 @@ class Backend:
         projections: Sequence[DeclaredProjection] = (),
         *,
         query_timeout: float = 10.0,
+        keys: KeyProvider | None = None,
     ) -> None:
-        self._store = EventStore(database_url, max_connections=8, retry_for=2.0, connect_timeout=5.0, notify=False)
+        self._store = EventStore(
+            database_url, max_connections=8, retry_for=2.0, connect_timeout=5.0, notify=False, keys=keys
+        )
         self._declared = list(projections)
         self._projections = ProjectionAdmin(self._store, self._declared)
         self._timeout = f"{int(query_timeout * 1000)}ms"

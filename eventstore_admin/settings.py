@@ -7,6 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
+from eventstore import KeyProvider
 from eventstore_admin.backend import DeclaredProjection
 from eventstore_admin.errors import ConsoleError
 from eventstore_admin.security import MIN_TOKEN_LENGTH
@@ -20,6 +21,9 @@ class AdminSettings(BaseModel):
     database_url: SecretStr
     projections: list[DeclaredProjection] = Field(default_factory=list)
     """The projections the console may rebuild and reset (it runs their handlers): `--app`."""
+    keys: KeyProvider | None = None
+    """The master key of personal data, for those rebuilds and resets: without it they would write every
+    sealed field as `REDACTED` (the application's key with `--app`, else `EVENTSTORE_MASTER_KEY`)."""
     token: SecretStr | None = None
     """Without one the console is read-only; with one, an operator signs in with it to change things."""
     host: str = "127.0.0.1"

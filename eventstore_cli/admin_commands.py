@@ -8,6 +8,7 @@ import os
 from collections.abc import AsyncIterator
 from typing import Any
 
+from eventstore import MasterKey
 from eventstore_cli.common import (
     APP_ENV,
     CommandError,
@@ -15,11 +16,11 @@ from eventstore_cli.common import (
     console,
     database_url,
     errors,
+    load_app,
     open_store,
     run,
     start_metrics,
 )
-from eventstore_cli.projection_commands import load_projections
 
 TOKEN_ENV = "EVENTSTORE_ADMIN_TOKEN"
 
@@ -60,11 +61,13 @@ async def _admin(args: argparse.Namespace) -> int:
         raise CommandError(
             f"the admin console needs its extra ({exc.name} is missing): pip install 'eventstore[admin]'"
         ) from None
-    projections = load_projections(args.app) if args.app else []
+    app = load_app(args.app) if args.app else None
+    projections = list(app.projections) if app is not None else []
     try:
         settings = AdminSettings(
             database_url=database_url(args), projections=projections, token=args.token, host=args.host,
             port=args.port, allowed_hosts=args.allowed_host,
+            keys=app.key_provider() if app is not None else MasterKey.from_env(),
         )
     except ConsoleError as exc:
         raise CommandError(str(exc)) from None

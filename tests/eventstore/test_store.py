@@ -313,6 +313,9 @@ async def test_concurrent_retries_of_the_same_events_store_them_once(store: Even
 async def test_snapshots_keep_the_newest(store: EventStore) -> None:
     assert await store.load_snapshot("acc-1") is None
     await store.save_snapshot("acc-1", "Account", "1", 5, '{"balance": 5}')
+    assert await store.load_snapshot("acc-1") is None  # no stream, no snapshot
+    await store.append("acc-1", [ev(n=1)])
+    await store.save_snapshot("acc-1", "Account", "1", 5, '{"balance": 5}')
     await store.save_snapshot("acc-1", "Account", "1", 3, '{"balance": 3}')
     snap = await store.load_snapshot("acc-1")
     assert snap is not None and snap.stream_version == 5 and orjson.loads(snap.data) == {"balance": 5}
