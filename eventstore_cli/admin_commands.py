@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import socket
 from collections.abc import AsyncIterator
 from typing import Any
+
+from rich.markup import escape
 
 from eventstore import MasterKey
 from eventstore_cli.common import (
@@ -71,13 +74,18 @@ async def _admin(args: argparse.Namespace) -> int:
         )
     except ConsoleError as exc:
         raise CommandError(str(exc)) from None
+    # Checked before serving: the server would report them as a failed start, with a traceback.
+    store = await open_store(args)  # a database that is missing, unreachable or not migrated
+    await store.stop()
+    _check_port(settings.host, settings.port)
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     mode = "read-only" if settings.read_only else "operators sign in with the token"
     console.print(f"admin console on http://{host}:{settings.port}/ ({mode})", highlight=False)
     if not settings.loopback:
         errors.print(
-            f"[yellow]warning:[/] listening on {settings.host}: whoever reaches this port can read every event; "
-            "put it behind TLS, and name the hosts it is reached by with --allowed-host",
+            f"[yellow]warning:[/] listening on {escape(settings.host)}: whoever reaches this port can read every "
+            "event; put it behind TLS, and name the hosts it is reached by with --allowed-host",
+            markup=True,
             highlight=False,
         )
     if not projections:
@@ -109,3 +117,13 @@ async def _metrics(args: argparse.Namespace, names: list[str] | None) -> AsyncIt
         projection_telemetry.unwatch(owner)
         await store.stop()
         server.close()
+
+
+def _check_port(host: str, port: int) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise CommandError(f"cannot listen on {host} port {port}: {exc.strerror or exc}") from None

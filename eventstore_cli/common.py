@@ -7,17 +7,21 @@ import asyncio
 import importlib
 import os
 import sys
+import urllib.parse
 from collections.abc import Coroutine
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from eventstore import DatabaseUnavailable, EventStore, EventStoreError, MasterKey, MetricsServer, serve_metrics
 from eventstore.embedded import DATABASE_URL_ENV
 from eventstore_app import Application
 
-console = Console()
-errors = Console(stderr=True)
+# No markup or emoji codes by default: stream ids, event types and error texts are printed as they are
+# (`[/x]` in one crashed the command after its change was made). Styled text says `markup=True` and escapes.
+console = Console(markup=False, emoji=False)
+errors = Console(stderr=True, markup=False, emoji=False)
 
 
 class CommandError(Exception):
@@ -57,6 +61,11 @@ def database_url(args: argparse.Namespace) -> str:
     url: str | None = getattr(args, "database_url", None) or os.environ.get(DATABASE_URL_ENV)
     if not url:
         raise CommandError(f"no database: pass --database-url or set {DATABASE_URL_ENV}")
+    # The driver's own check of a port is an OverflowError from deep inside it. Hosts may be several.
+    for host in urllib.parse.urlsplit(url).netloc.rpartition("@")[2].split(","):
+        _, colon, port = host.rpartition("]")[2].rpartition(":")
+        if colon and port and (not port.isdigit() or int(port) > 65535):
+            raise CommandError(f"the database URL's port {port!r} is not a port number (0-65535)")
     return url
 
 
@@ -95,10 +104,11 @@ def run(coroutine: Coroutine[Any, Any, int]) -> int:
     except KeyboardInterrupt:
         return 130
     except (CommandError, EventStoreError, DatabaseUnavailable) as exc:
-        errors.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        errors.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False, soft_wrap=True)
         return 2
     except (OSError, ValueError) as exc:
-        errors.print(f"[bold red]error:[/] {type(exc).__name__}: {exc}", highlight=False, soft_wrap=True)
+        message = f"[bold red]error:[/] {type(exc).__name__}: {escape(str(exc))}"
+        errors.print(message, markup=True, highlight=False, soft_wrap=True)
         return 2
 
 

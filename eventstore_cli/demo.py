@@ -50,7 +50,7 @@ async def _demo(args: argparse.Namespace) -> int:
         shop.print_report(report, console)
         if not report.ok:
             raise CommandError("the demo's checks failed: see the table above")
-        console.print("[bold green]all checks passed[/]: nothing lost, nothing applied twice")
+        console.print("[bold green]all checks passed[/]: nothing lost, nothing applied twice", markup=True)
         return 0
     return 1
 
@@ -117,5 +117,5 @@ async def _smoke(store: EventStore) -> int:
     console.print(f"appended {writes} events with concurrent conflicts; read back {seen} from the log")
     if seen != writes:
         raise CommandError(f"lost events: wrote {writes}, read {seen}")
-    console.print("[green]ok[/]: every committed event was read exactly once")
+    console.print("[green]ok[/]: every committed event was read exactly once", markup=True)
     return 0

@@ -17,6 +17,7 @@ from typing import Any
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from eventstore_cli.common import (
     APP_ENV,
@@ -149,7 +150,7 @@ def _status_table(statuses: list[ProjectionStatus]) -> Table:
         table.add_row(
             s.name,
             s.mode,
-            f"[{colour}]{s.state}[/]" if colour else s.state,
+            Text(s.state, style=colour or ""),
             version,
             "-" if s.generation is None else str(s.generation),
             "-" if s.checkpoint is None else f"{s.checkpoint.log_xid}/{s.checkpoint.position}",
@@ -214,7 +215,7 @@ async def _rebuild(args: argparse.Namespace) -> int:
         projections = ProjectionAdmin(store, declared)
         projections.get(args.name)
         columns = (
-            TextColumn("[bold]{task.description}"),
+            TextColumn("{task.description}", style="bold", markup=False),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("{task.fields[rate]} events/s"),

@@ -97,9 +97,9 @@ async def _check(args: argparse.Namespace) -> int:
     contracts = _contracts(args)
     result = check(contracts, read_lock(args.lock))
     for problem in result.breaking:
-        errors.print(f"[bold red]breaking:[/] {escape(str(problem))}", highlight=False, soft_wrap=True)
+        errors.print(f"[bold red]breaking:[/] {escape(str(problem))}", markup=True, highlight=False, soft_wrap=True)
     for change in result.outdated:
-        errors.print(f"[yellow]not locked:[/] {escape(change)}", highlight=False, soft_wrap=True)
+        errors.print(f"[yellow]not locked:[/] {escape(change)}", markup=True, highlight=False, soft_wrap=True)
     if result.breaking:
         errors.print(f"{len(result.breaking)} breaking change(s) against {args.lock}", highlight=False)
         return 1
@@ -118,7 +118,9 @@ async def _lock(args: argparse.Namespace) -> int:
         result = check(contracts, previous)
         if result.breaking and not args.force:
             for problem in result.breaking:
-                errors.print(f"[bold red]breaking:[/] {escape(str(problem))}", highlight=False, soft_wrap=True)
+                errors.print(
+                    f"[bold red]breaking:[/] {escape(str(problem))}", markup=True, highlight=False, soft_wrap=True
+                )
             raise CommandError(f"not locked: {len(result.breaking)} breaking change(s); --force locks them anyway")
         if result.ok:
             console.print(f"{args.lock} is up to date", highlight=False)
@@ -150,7 +152,9 @@ async def _verify_stored(args: argparse.Namespace) -> int:
     console.print(table)
     if not report.ok:
         failed = sum(v.failed for v in report.failures)
-        errors.print(f"[bold red]{failed} of {report.events} stored event(s) no longer load[/]", highlight=False)
+        errors.print(
+            f"[bold red]{failed} of {report.events} stored event(s) no longer load[/]", markup=True, highlight=False
+        )
         return 1
     console.print(f"all {report.events} stored events load", highlight=False)
     return 0

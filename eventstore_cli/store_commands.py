@@ -194,6 +194,8 @@ async def _forget(args: argparse.Namespace) -> int:
 
 
 async def _events_tail(args: argparse.Namespace) -> int:
+    if args.count < 0:
+        raise CommandError(f"--count must be 0 (follow) or more, got {args.count}")
     store = await open_store(args)
     try:
         after: Checkpoint = START if args.from_start else await store.head()
