@@ -30,8 +30,8 @@ from eventstore.errors import (
     StreamNotFound,
     StreamTombstoned,
 )
-from eventstore.model import UNSTORABLE, storable_text
-from eventstore.store import Connection, EventStore, check_stream_id
+from eventstore.model import UNSTORABLE, AppendResult, fetch_events, storable_text
+from eventstore.store import Connection, EventStore, UnitOfWork, check_stream_id
 
 STREAM_DELETED = sql.STREAM_DELETED
 
@@ -79,6 +79,8 @@ async def _maintain(
             rows = await conn.fetch(sql.MAINTENANCE, action, ids, reason)
             if action == "restore":
                 await conn.execute(sql.RESTORE_STREAM_TAGS, ids)
+            if action == "delete" and rows:
+                await _recorded(store, conn, [deleted_stream(r["o_stream_id"]) for r in rows])
         return {r["o_stream_id"]: r["o_events"] for r in rows}
 
     try:
@@ -105,6 +107,20 @@ def _not_own_records(stream_id: str) -> str:
     if stream_id.startswith("$"):
         raise InvalidArgument(f"{stream_id!r} is a stream of the store's own records: it is kept as it is")
     return stream_id
+
+
+async def _recorded(store: EventStore, conn: Connection, records: list[str]) -> None:
+    """The deletion records the function appended go through the store's append hooks, as any append's
+    events do: an inline projection handling `STREAM_DELETED` drops the stream's rows in the same
+    transaction (and its guard, which refuses events whose transaction did not run it, lets them in)."""
+    if not store.has_append_hooks:
+        return
+    uow = UnitOfWork(store, conn)
+    for event in await fetch_events(conn, sql.DELETION_RECORDS, records):
+        result = AppendResult(
+            event.stream_id, event.stream_version, event.position, event.position, event.log_xid, (event,)
+        )
+        await store._appended(uow, result)
 
 
 async def archive(store: EventStore, stream_id: str) -> int:

@@ -840,6 +840,13 @@ STREAM_DELETED = "$StreamDeleted"
 # A guard on the row every append locks and moves on: appends never pay more than the WHEN test, and
 # the append function itself stays as it is. Its only writes of `version` are appends, so a change of
 # version on an archived or tombstoned stream is an append to refuse.
+DELETION_RECORDS = f"""
+SELECT DISTINCT ON (stream_id) {EVENT_COLUMNS} FROM events
+WHERE stream_id = ANY($1::text[]) AND event_type = '{STREAM_DELETED}'
+ORDER BY stream_id, stream_version DESC
+"""
+"""($1 deletion record streams): the `STREAM_DELETED` event each got last (in a deletion's transaction: its own)."""
+
 LOCK_STREAMS = "SELECT stream_id FROM streams WHERE stream_id = ANY($1::text[]) ORDER BY stream_id FOR UPDATE"
 
 STREAM_GUARD_V1 = (

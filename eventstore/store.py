@@ -564,6 +564,10 @@ class EventStore:
         """Run `hook` inside every append's transaction, after the events are written."""
         self._hooks.append(hook)
 
+    @property
+    def has_append_hooks(self) -> bool:
+        return bool(self._hooks)
+
     # -- retries -----------------------------------------------------------------------------------
 
     async def retrying(self, operation: Callable[[], Awaitable[T]]) -> T:
@@ -733,9 +737,13 @@ class EventStore:
             duplicate=status == sql.IDEMPOTENT,
         )
         if status == sql.APPENDED:
-            for hook in self._hooks:
-                await hook(uow, result)
+            await self._appended(uow, result)
         return result
+
+    async def _appended(self, uow: UnitOfWork, result: AppendResult) -> None:
+        """Run the append hooks (inline projections) on events written in `uow`'s transaction."""
+        for hook in self._hooks:
+            await hook(uow, result)
 
     # -- notifications -----------------------------------------------------------------------------
 

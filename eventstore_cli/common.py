@@ -17,6 +17,7 @@ from rich.markup import escape
 from eventstore import DatabaseUnavailable, EventStore, EventStoreError, MasterKey, MetricsServer, serve_metrics
 from eventstore.embedded import DATABASE_URL_ENV
 from eventstore_app import Application
+from projections import InlineProjections
 
 # No markup or emoji codes by default: stream ids, event types and error texts are printed as they are
 # (`[/x]` in one crashed the command after its change was made). Styled text says `markup=True` and escapes.
@@ -69,14 +70,27 @@ def database_url(args: argparse.Namespace) -> str:
     return url
 
 
-async def open_store(args: argparse.Namespace, **kwargs: Any) -> EventStore:
+async def open_store(args: argparse.Namespace, *, inline: bool = False, **kwargs: Any) -> EventStore:
+    """The store of `--database-url`, with the application's master key if `--app` names one.
+
+    `inline`: a command whose events the application's inline projections handle (a deletion record, a
+    subject forgotten) attaches them, as the application does: their guards refuse such events otherwise.
+    """
     kwargs.setdefault("retry_for", 2.0)
     kwargs.setdefault("connect_timeout", 0.0)  # a one-shot command with a wrong URL says so at once
+    spec = getattr(args, "app", None) or os.environ.get(APP_ENV)
+    app = load_app(spec) if spec else None
     if "keys" not in kwargs:  # the application's master key, else the configured one
-        spec = getattr(args, "app", None) or os.environ.get(APP_ENV)
-        kwargs["keys"] = load_app(spec).key_provider() if spec else MasterKey.from_env()
+        kwargs["keys"] = app.key_provider() if app is not None else MasterKey.from_env()
     store = EventStore(database_url(args), **kwargs)
     await store.start()
+    try:
+        projections = [p for p in app.projections if p.inline] if inline and app is not None else []
+        if projections:
+            await InlineProjections(store, projections).start()
+    except BaseException:
+        await store.stop()
+        raise
     return store
 
 

@@ -17,6 +17,11 @@ from eventstore_app import migrate_async
 from eventstore_cli.common import CommandError, console, database_url, load_app, open_store, run
 from outbox import prune_orphans
 
+_INLINE_APP = (
+    "module:attribute of the Application: its master key, and its inline projections, which apply the "
+    "record of this change in its transaction (their guards refuse it otherwise)"
+)
+
 
 def register(commands: Any) -> None:
     migrate = commands.add_parser("migrate", help="create or upgrade the schema")
@@ -44,6 +49,7 @@ def register(commands: Any) -> None:
     delete = streams.add_parser("delete", help="hard-delete streams (recorded as $StreamDeleted events)")
     delete.add_argument("stream_ids", nargs="+")
     delete.add_argument("--reason", required=True, help="why: recorded with the deletion")
+    delete.add_argument("--app", help=_INLINE_APP)
     delete.set_defaults(handler=lambda a: run(_delete(a)))
     retain = streams.add_parser(
         "retain", help="delete the streams a retention policy no longer keeps (flags, or the --app's policies)"
@@ -61,6 +67,7 @@ def register(commands: Any) -> None:
     )
     forget = personal.add_parser("forget", help="delete a subject's key: its personal data reads as redacted")
     forget.add_argument("subject")
+    forget.add_argument("--app", help=_INLINE_APP)
     forget.set_defaults(handler=lambda a: run(_forget(a)))
 
     events = commands.add_parser("events", help="the global log").add_subparsers(
@@ -144,7 +151,7 @@ async def _prune_outbox(store: EventStore) -> None:
 
 
 async def _delete(args: argparse.Namespace) -> int:
-    store = await open_store(args)
+    store = await open_store(args, inline=True)
     try:
         removed = await lifecycle.delete(store, args.stream_ids, args.reason)
         await _prune_outbox(store)
@@ -164,7 +171,7 @@ async def _retain(args: argparse.Namespace) -> int:
             raise CommandError(f"{args.app} declares no retention policies")
     else:
         raise CommandError("pass --category with --max-age and/or --max-count, or --app")
-    store = await open_store(args)
+    store = await open_store(args, inline=True)
     try:
         table = Table("category", "streams", "expired", "events deleted")
         for policy in policies:
@@ -180,7 +187,7 @@ async def _retain(args: argparse.Namespace) -> int:
 
 
 async def _forget(args: argparse.Namespace) -> int:
-    store = await open_store(args)
+    store = await open_store(args, inline=True)
     try:
         erasure = await store.forget(args.subject)
     finally:
