@@ -19,7 +19,7 @@ import hmac
 import itertools
 import operator
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 from uuid import UUID
 
@@ -51,6 +51,7 @@ MASTER_KEY_ENV = "EVENTSTORE_MASTER_KEY"
 _MARKER = f'"{PERSONAL_DATA}"'
 _METADATA = operator.itemgetter(3)  # RecordedEvent.metadata, without the property call
 _NONCE = 12
+_TAG = 16  # AES-GCM's authentication tag, after the ciphertext
 
 Executor = Any
 """An asyncpg connection or pool: whatever the caller holds (a projection reads in its own transaction)."""
@@ -157,6 +158,11 @@ def _aad(event_id: UUID | str, field: str) -> bytes:
     return f"{event_id}/{field}".encode()
 
 
+def _sealed_stand_in(value: Any) -> str:
+    """A string as long as `value` sealed by `_encrypt` (nonce, ciphertext and tag, in base64)."""
+    return "A" * (4 * -(-(_NONCE + len(orjson.dumps(value)) + _TAG) // 3))
+
+
 def _encrypt(key: bytes, aad: bytes, plain: bytes) -> str:
     """AES-GCM with a synthetic nonce (an HMAC of what is sealed, under a key derived from the data key).
 
@@ -247,10 +253,12 @@ class Keyring:
         event_ids: Sequence[UUID],
         data: Sequence[str],
         personal: Sequence[dict[str, str] | None],
+        check_size: Callable[[int, int], None] | None = None,
     ) -> list[str]:
         """`data` with each event's personal fields encrypted (the rest of each event untouched).
 
-        The events are checked before any subject's key is created: bad input creates nothing.
+        The events are checked before any subject's key is created, so bad input creates nothing:
+        `check_size` hears each sealed event's index and the length its data will have, and may raise.
         """
         bodies: dict[int, dict[str, Any]] = {}
         for i, fields in enumerate(personal):
@@ -263,6 +271,9 @@ class Keyring:
                 if field not in body:
                     raise InvalidArgument(f"event {event_ids[i]}: personal field {field!r} is not in its data")
             bodies[i] = body
+            if check_size is not None:
+                stand_in = {k: _sealed_stand_in(v) if k in fields else v for k, v in body.items()}
+                check_size(i, len(orjson.dumps(stand_in)))
         keys = await self.data_keys(executor, [s for p in personal if p for s in p.values()])
         sealed = list(data)
         for i, body in bodies.items():

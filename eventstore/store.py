@@ -651,7 +651,12 @@ class EventStore:
         """Encrypt the personal fields (creating their subjects' keys in their own transaction if need be)."""
         if p.personal is None or p.plain is not None:
             return p
-        sealed = await self.keyring.seal(executor, p.event_ids, p.data, p.personal)
+        def check_size(i: int, sealed: int) -> None:  # the limit holds for what is stored: the sealed text
+            size = sealed + len(p.metadata[i].encode())
+            if size > self.max_event_size:
+                raise EventTooLarge(p.types[i], size, self.max_event_size)
+
+        sealed = await self.keyring.seal(executor, p.event_ids, p.data, p.personal, check_size)
         return dataclasses.replace(p, data=sealed, plain=p.data)
 
     async def _append_prepared(

@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 
 import asyncpg
+import orjson
 import pytest
 
 from eventstore import (
     EventStore,
+    EventTooLarge,
     InvalidArgument,
     MasterKey,
     NewEvent,
@@ -17,6 +19,7 @@ from eventstore import (
     SubjectForgotten,
     asyncpg_dsn,
     lifecycle,
+    personal,
     sql,
 )
 from eventstore.lifecycle import RetentionPolicy, deleted_stream
@@ -185,3 +188,20 @@ async def test_the_store_s_own_streams_and_odd_arguments_are_refused(database_ur
         for category in ("a\x00b", "a\ud800", "c" * 256):
             with pytest.raises(InvalidArgument):
                 RetentionPolicy(category, max_count=1)
+
+
+async def test_the_size_limit_holds_for_the_sealed_event_and_a_refusal_creates_no_key(database_url: str) -> None:
+    async with EventStore(database_url, keys=KEY, max_event_size=1_300) as store:
+        fits = NewEvent("Note", {"text": "x" * 1_000, "n": 1})
+        await store.append("note-1", [fits])  # 1,000 characters in clear; sealed they take 1,376
+        sealed = NewEvent("Note", {"text": "x" * 1_000, "n": 1}, personal_data={"text": "ann"})
+        with pytest.raises(EventTooLarge):
+            await store.append("note-2", [sealed])
+        assert await store.stream_version("note-2") == -1
+        assert await _count(store, "SELECT count(*) FROM subject_keys") == 0
+
+
+@pytest.mark.parametrize("value", ["", "a", "ab", "abc", "é" * 50, 12345, None, [1, {"k": "v"}], "x" * 1000])
+def test_the_size_of_a_sealed_field_is_known_before_sealing(value: object) -> None:
+    sealed = personal._encrypt(b"k" * 32, b"aad", orjson.dumps(value))
+    assert len(personal._sealed_stand_in(value)) == len(sealed)
