@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from typing import Any
 
@@ -22,8 +22,9 @@ from starlette.responses import JSONResponse, RedirectResponse, Response, Stream
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
+from starlette.types import Receive, Scope, Send
 
-from eventstore_admin.backend import Backend
+from eventstore_admin.backend import Backend, log_filters
 from eventstore_admin.errors import ConsoleError, Forbidden, NotFound, Unavailable
 from eventstore_admin.jobs import RebuildJobs
 from eventstore_admin.model import EventView, LogPosition, parse_number
@@ -39,6 +40,48 @@ HEARTBEAT = 15.0
 """Seconds between keep-alive comments on a quiet live log, so proxies and browsers keep it open."""
 
 
+class LiveLogs:
+    """How many live logs are open, counted from the request's admission to the end of its response.
+
+    Counting when the body starts would let a burst of requests all pass the check before any counted.
+    Admission checks and counts without awaiting in between, so on the event loop it is one step.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.open = 0
+
+    def admit(self) -> Callable[[], None]:
+        """Take a slot or refuse (503); the slot is given back by the returned function, however often called."""
+        if self.open >= self.limit:
+            raise Unavailable(f"{self.open} live logs are open already; close one")
+        self.open += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.open -= 1
+
+        return release
+
+
+class LiveLogResponse(StreamingResponse):
+    """A live log's response: gives its slot back when it is over, whether the stream ended, the client
+    went away, or the body never started (its generator's `finally` would then never run)."""
+
+    def __init__(self, content: AsyncIterator[str], release: Callable[[], None]) -> None:
+        super().__init__(content, media_type="text/event-stream", headers={"x-accel-buffering": "no"})
+        self._release = release
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._release()
+
+
 class AdminConsole:
     """The console's state for one server process: the backend, sessions, rebuild jobs and lag samples."""
 
@@ -46,13 +89,15 @@ class AdminConsole:
         self.settings = settings
         url = settings.database_url.get_secret_value()
         token = None if settings.token is None else settings.token.get_secret_value()
-        self.backend = Backend(url, settings.projections, query_timeout=settings.query_timeout, keys=settings.keys)
-        self.sessions = Sessions(token, cookie_name=f"eventstore_admin_{settings.port}")
-        self.jobs = RebuildJobs(self.backend)
-        self.sampler = LagSampler(self.backend, settings.sample_interval, settings.lag_window)
         self.redact = Redactor.for_settings(url, token)
+        self.backend = Backend(
+            url, settings.projections, query_timeout=settings.query_timeout, keys=settings.keys, redact=self.redact
+        )
+        self.sessions = Sessions(token, cookie_name=f"eventstore_admin_{settings.port}")
+        self.jobs = RebuildJobs(self.backend, self.redact)
+        self.sampler = LagSampler(self.backend, settings.sample_interval, settings.lag_window)
         self.database = mask_url(url)
-        self.live_logs = 0
+        self.live_logs = LiveLogs(settings.max_live_logs)
         self.stopping = asyncio.Event()
         environment = jinja2.Environment(
             loader=jinja2.PackageLoader("eventstore_admin", "templates"),
@@ -175,19 +220,14 @@ class AdminConsole:
         (which sends it back as Last-Event-ID) continues right after it.
         """
         q = request.query_params
-        category = q.get("category") or None
-        types = [t.strip() for t in q.get("types", "").split(",") if t.strip()] or None
+        typed = [t.strip() for t in q.get("types", "").split(",") if t.strip()]
+        category, types = log_filters(q.get("category"), typed)  # now: a bad filter is a 400, not a failed stream
         resume = request.headers.get("last-event-id") or q.get("after")
         after = LogPosition.parse(resume) if resume else None
         if resume and after is None:
             raise ConsoleError(f"not a log position: {resume!r}")
-        if self.live_logs >= self.settings.max_live_logs:
-            raise Unavailable(f"{self.live_logs} live logs are open already; close one")
-        return StreamingResponse(
-            self._live(after, category, types),
-            media_type="text/event-stream",
-            headers={"x-accel-buffering": "no"},
-        )
+        release = self.live_logs.admit()  # last: nothing may fail between taking the slot and the response
+        return LiveLogResponse(self._live(after, category, types), release)
 
     async def _live(
         self, after: LogPosition | None, category: str | None, types: list[str] | None
@@ -204,7 +244,6 @@ class AdminConsole:
             except Exception as exc:
                 await queue.put(exc)
 
-        self.live_logs += 1
         task = asyncio.get_running_loop().create_task(pump(), name="live log")
         try:
             yield "retry: 2000\n\n"
@@ -225,7 +264,6 @@ class AdminConsole:
                 body = orjson.dumps([e.brief() for e in item]).decode()
                 yield f"id: {last.log_xid}.{last.position}\nevent: events\ndata: {body}\n\n"
         finally:
-            self.live_logs -= 1
             task.cancel()
 
     # -- projections ------------------------------------------------------------------------------
@@ -262,10 +300,7 @@ class AdminConsole:
             raise NotFound(f"no rebuild of {name!r} was started here")
         if progress.finished:
             self.sampler.poke()
-        payload = progress.as_json()
-        if payload["error"] is not None:
-            payload["error"] = self.redact(payload["error"])
-        return JSONResponse(payload)
+        return JSONResponse(progress.as_json())  # its error was redacted as the job kept it
 
     async def reset(self, request: Request) -> Response:
         await self.authorize(request)

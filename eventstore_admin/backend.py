@@ -27,7 +27,10 @@ from eventstore import (
     KeyProvider,
     RecordedEvent,
     SchemaNotMigrated,
+    storable_text,
 )
+from eventstore.schema import MAX_EVENT_TYPE_LENGTH
+from eventstore.sql import MAX_STREAM_ID_LENGTH
 from eventstore_admin import sql
 from eventstore_admin.errors import Conflict, ConsoleError, NotFound, Unavailable
 from eventstore_admin.model import (
@@ -80,7 +83,11 @@ class Backend:
         *,
         query_timeout: float = 10.0,
         keys: KeyProvider | None = None,
+        redact: Callable[[str], str] | None = None,
     ) -> None:
+        """`redact` cleans the errors the database holds (a projection's, a dead letter's): runners and
+        relays write them, and theirs may quote the URL, password and all, that the console uses too."""
+        self._redact = redact or _unchanged
         self._store = EventStore(
             database_url, max_connections=8, retry_for=2.0, connect_timeout=5.0, notify=False, keys=keys
         )
@@ -138,7 +145,7 @@ class Backend:
     ) -> StreamPage:
         """A page of streams, newest first; `before` / `after` are cursors from a previous page."""
         category = _text("category", category)
-        prefix = _text("prefix", prefix)
+        prefix = _prefix(prefix)
         newer = after is not None
         cursor = after if newer else before
         rows = await self._streams(category, prefix, cursor, newer, limit + 1)
@@ -169,7 +176,7 @@ class Backend:
         return await self._query(ranged, category, prefix, successor(prefix), cursor, limit)
 
     async def stream(self, stream_id: str) -> StreamInfo:
-        rows = await self._query(sql.STREAM_ENDS, _required_text("stream id", stream_id))
+        rows = await self._query(sql.STREAM_ENDS, _required_text("stream id", stream_id, MAX_STREAM_ID_LENGTH))
         if not rows:
             raise NotFound(f"no stream {stream_id!r}")
         row = rows[0]
@@ -204,16 +211,17 @@ class Backend:
         The store's subscription reads in the log's gap-safe order, so a reader that reconnects with the
         last position it saw misses nothing and sees nothing twice.
         """
-        category = _text("category", category)
+        category, checked = log_filters(category, types)
         with _translated():
             start = await self._store.head() if after is None else Checkpoint(after.log_xid, after.position)
             subscription = self._store.subscribe(
-                start, category=category, types=list(types) if types else None, batch_size=200, poll_interval=1.0
+                start, category=category, types=checked, batch_size=200, poll_interval=1.0
             )
 
         async def batches() -> AsyncIterator[list[EventView]]:
-            async for batch in subscription.batches():
-                yield [_event(e, None, pretty=False) for e in batch]
+            with _translated():  # a lost connection is the console's Unavailable, not an unexpected error
+                async for batch in subscription.batches():
+                    yield [_event(e, None, pretty=False) for e in batch]
 
         async with subscription:
             yield batches()
@@ -243,13 +251,15 @@ class Backend:
             failed = FailedEvent(str(s.failed_event_id), s.failed_event_type, s.failed_position, s.failed_at)
         rebuild = None
         if s.rebuild is not None:
-            rebuild = RebuildRecord(s.rebuild.generation, s.rebuild.events_done, s.rebuild.active, s.rebuild.last_error)
+            rebuild = RebuildRecord(
+                s.rebuild.generation, s.rebuild.events_done, s.rebuild.active, self._cleaned(s.rebuild.last_error)
+            )
         return ProjectionView(
             name=s.name, state=s.state, mode=s.mode, declared=s.declared, version=s.version,
             declared_version=s.declared_version, generation=s.generation,
             checkpoint=None if s.checkpoint is None else f"{s.checkpoint.log_xid}/{s.checkpoint.position}",
-            lag_events=s.lag, lag_seconds=lag_seconds, runner=s.runner, last_error=s.last_error, failed=failed,
-            needs_rebuild=s.needs_rebuild, rebuild=rebuild,
+            lag_events=s.lag, lag_seconds=lag_seconds, runner=s.runner, last_error=self._cleaned(s.last_error),
+            failed=failed, needs_rebuild=s.needs_rebuild, rebuild=rebuild,
         )
 
     async def rebuild(self, name: str, progress: Callable[[RebuildProgressView], None]) -> RebuildProgressView:
@@ -295,12 +305,15 @@ class Backend:
             dead=[
                 DeadLetterView(
                     d.id, d.topic, d.key, str(d.event_id), d.event_type, d.stream_id, d.stream_version, d.attempts,
-                    d.last_error, d.dead_at,
+                    self._cleaned(d.last_error), d.dead_at,
                 )
                 for d in current.dead
             ],
             slots=slots,
         )
+
+    def _cleaned(self, error: str | None) -> str | None:
+        return None if error is None else self._redact(error)
 
     async def retry_dead(self, ids: Sequence[int] | None = None) -> list[int]:
         """Put dead letters (these, or all) back in line; returns the ids that were dead."""
@@ -354,17 +367,38 @@ def successor(prefix: str) -> str | None:
     return stripped[:-1] + chr(following)
 
 
+def log_filters(category: str | None, types: Sequence[str] | None) -> tuple[str | None, list[str] | None]:
+    """The live log's filters, checked as the store checks them (and as the streams page does).
+
+    The app checks them before it answers: once the live log has answered 200, a bad filter could only
+    end it with a failure message.
+    """
+    checked = [_required_text("event type", t, MAX_EVENT_TYPE_LENGTH) for t in types or ()]
+    return _text("category", category), checked or None
+
+
 def _text(what: str, value: str | None) -> str | None:
-    """A filter from a form: blank means none; what PostgreSQL cannot store is refused, not sent."""
+    """A category from a form: blank means none; what PostgreSQL cannot store is refused, not sent."""
     if value is None or not value.strip():
         return None
-    return _required_text(what, value.strip())
+    return _required_text(what, value.strip(), MAX_STREAM_ID_LENGTH)
 
 
-def _required_text(what: str, value: str) -> str:
-    if "\x00" in value or len(value) > 255:
-        raise ConsoleError(f"{what} must be at most 255 characters, without NUL")
+def _prefix(value: str | None) -> str | None:
+    """A stream id prefix exactly as typed: ids may start or end with spaces. Only an empty box means none."""
+    if not value:
+        return None
+    return _required_text("prefix", value, MAX_STREAM_ID_LENGTH)
+
+
+def _required_text(what: str, value: str, limit: int) -> str:
+    if len(value) > limit or not storable_text(value):
+        raise ConsoleError(f"{what} must be at most {limit} characters, without NUL or lone surrogates")
     return value
+
+
+def _unchanged(text: str) -> str:
+    return text
 
 
 @contextlib.contextmanager

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 
 from eventstore_admin.backend import Backend
 from eventstore_admin.errors import Conflict, ConsoleError
@@ -22,8 +23,10 @@ class RebuildJobs:
     the library's lock, and the refusal shows as the job's error.
     """
 
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, redact: Callable[[str], str] = str) -> None:
+        """`redact` cleans a failed rebuild's error once, as it is kept: whatever reads the progress shows it."""
         self._backend = backend
+        self._redact = redact
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._progress: dict[str, RebuildProgressView] = {}
 
@@ -57,7 +60,7 @@ class RebuildJobs:
             last = self._progress.get(name)
             self._progress[name] = RebuildProgressView(
                 name, "failed", last.done if last else 0, last.total if last else 0, 0.0, None,
-                time.perf_counter() - started, error=str(exc),
+                time.perf_counter() - started, error=self._redact(str(exc)),
             )
 
     async def stop(self) -> None:

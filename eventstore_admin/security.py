@@ -15,6 +15,7 @@ import secrets
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from urllib.parse import quote, quote_plus
 
 from sqlalchemy.engine import make_url
 from starlette.datastructures import MutableHeaders
@@ -72,12 +73,15 @@ class Redactor:
 
     @classmethod
     def for_settings(cls, database_url: str, token: str | None) -> Redactor:
+        """The URL, its password and the token; the password also as URLs spell it, since a message may
+        quote the URL rewritten (another driver's scheme, say) and so not match it whole."""
         password: str | None = None
         try:
             password = make_url(database_url).password
         except Exception:
             password = None
-        return cls([database_url, password, token])
+        spellings = [] if password is None else [password, quote(password, safe=""), quote_plus(password)]
+        return cls([database_url, *spellings, token])
 
     def __call__(self, text: str) -> str:
         for secret in self._secrets:

@@ -16,6 +16,7 @@ from sqlalchemy.engine import make_url
 
 from eventstore.embedded import free_port
 from eventstore_admin import AdminSettings, create_app
+from eventstore_admin.app import AdminConsole
 from tests.admin.app import PROJECTIONS
 from tests.admin.workload import fill
 from tests.conftest import _admin, with_database
@@ -91,12 +92,19 @@ class ConsoleServer:
             create_app(settings), host="127.0.0.1", port=settings.port, log_level="warning",
             access_log=False, timeout_graceful_shutdown=2, lifespan="on",
         )
+        self._app = config.app
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, name="admin console", daemon=True)
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.settings.port}"
+
+    @property
+    def console(self) -> AdminConsole:
+        """The server's state, to look at (from the test's thread: read it, do not change it)."""
+        console: AdminConsole = self._app.state.console
+        return console
 
     def __enter__(self) -> ConsoleServer:
         self._thread.start()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -9,9 +11,13 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from starlette.requests import ClientDisconnect
+from starlette.types import Message
 
 from eventstore import EventStore, NewEvent
 from eventstore.embedded import free_port
+from eventstore_admin.app import LiveLogResponse, LiveLogs
+from eventstore_admin.errors import Unavailable
 from tests.admin.conftest import ConsoleServer, settings_for
 
 
@@ -104,3 +110,84 @@ async def test_a_bad_position_is_refused_and_live_logs_are_limited(shop_database
             await lines.__anext__()  # the stream has started
             second = await http.get(f"{server.url}/api/log")
             assert second.status_code == 503 and "live logs are open" in second.json()["error"]
+
+
+async def test_a_burst_of_requests_opens_no_more_live_logs_than_the_limit(shop_database: str) -> None:
+    """All at once, before any body starts: each request is counted as it is admitted, not when it streams."""
+    limit, burst = 3, 30
+    statuses: list[int] = []
+    everyone_answered = asyncio.Event()
+
+    async def open_one(http: httpx.AsyncClient, url: str) -> None:
+        async with http.stream("GET", url) as response:
+            statuses.append(response.status_code)
+            if len(statuses) == burst:
+                everyone_answered.set()
+            await everyone_answered.wait()  # the admitted stay open until every request has its answer
+
+    settings = settings_for(shop_database, port=free_port(), max_live_logs=limit)
+    with ConsoleServer(settings) as server:
+        async with httpx.AsyncClient(timeout=httpx.Timeout(20.0)) as http, asyncio.timeout(60):
+            await asyncio.gather(*(open_one(http, f"{server.url}/api/log") for _ in range(burst)))
+            assert sorted(statuses) == [200] * limit + [503] * (burst - limit)
+            # Every client went away: each slot comes back, once.
+            logs = server.console.live_logs
+            while True:  # the server notices each client leave in its own time
+                if logs.open <= 0:
+                    break
+                await asyncio.sleep(0.02)
+            assert logs.open == 0
+            async with http.stream("GET", f"{server.url}/api/log") as again:
+                assert again.status_code == 200
+
+
+@pytest.mark.parametrize("spec_version", ["2.3", "2.4"])
+async def test_a_live_log_whose_body_never_starts_gives_its_slot_back(spec_version: str) -> None:
+    """The client is gone before the first byte: the body's generator never runs, so its `finally` cannot count."""
+    logs = LiveLogs(1)
+    started = False
+
+    async def body() -> AsyncIterator[str]:
+        nonlocal started
+        started = True
+        yield "retry: 2000\n\n"
+
+    async def receive() -> Message:
+        return {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        if spec_version == "2.4":
+            raise OSError("the client closed the connection")
+        await asyncio.Event().wait()  # the headers never get out; the disconnect ends the response
+
+    response = LiveLogResponse(body(), logs.admit())
+    with pytest.raises(Unavailable):
+        logs.admit()
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": spec_version}}
+    if spec_version == "2.4":  # no disconnect listener: the failed send tells the response
+        with pytest.raises(ClientDisconnect):
+            await response(scope, receive, send)
+    else:
+        await response(scope, receive, send)
+    assert not started
+    assert logs.open == 0
+    release = logs.admit()
+    release()
+    release()  # a second release gives nothing back twice
+    assert logs.open == 0
+
+
+@pytest.mark.parametrize(
+    "params",
+    [{"types": "\x00"}, {"types": "Wanted, " + "T" * 256}, {"category": "c" * 256}, {"category": "order\x00"}],
+    ids=["NUL type", "long type", "long category", "NUL category"],
+)
+async def test_bad_filters_are_refused_before_the_live_log_answers(
+    client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture, params: dict[str, str]
+) -> None:
+    with caplog.at_level(logging.ERROR, logger="eventstore_admin"):
+        async with asyncio.timeout(20):  # a filter let through would stream (in-process: never answer)
+            response = await client.get("/api/log", params=params)
+    assert response.status_code == 400, response.text[:300]
+    assert "at most 255 characters, without NUL" in response.json()["error"]
+    assert caplog.records == [], "a bad filter is the client's mistake, not an unexpected error"

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import re
+import uuid
 
+import asyncpg
 import httpx
 
+from eventstore import asyncpg_dsn
+from eventstore_admin.backend import Backend
+from eventstore_admin.security import Redactor
 from tests.admin.conftest import PASSWORD
 from tests.admin.workload import DEAD_LETTER_ERROR, XSS_STREAM
 
@@ -81,6 +86,55 @@ async def test_no_page_shows_the_database_password(client: httpx.AsyncClient) ->
         assert PASSWORD not in response.text, path
     header = (await client.get("/streams")).text
     assert ":***@" in header
+
+
+async def test_errors_read_from_the_database_never_show_its_password(
+    client: httpx.AsyncClient, shop_database: str
+) -> None:
+    """Runners and relays write their errors to the database, and those may quote the URL the console uses too."""
+    leak = f"OperationalError: cannot reach {shop_database} (password {PASSWORD})"
+    shown = "OperationalError: cannot reach *** (password ***)"
+    name = f"leaky_{uuid.uuid4().hex[:8]}"
+    conn = await asyncpg.connect(asyncpg_dsn(shop_database))
+    message_id = None
+    try:
+        await conn.execute(
+            "INSERT INTO projection_checkpoints (name, mode, version, generation, tables, status, last_error)"
+            " VALUES ($1, 'async', 1, 1, '{}', 'failed', $2)",
+            name, leak,
+        )
+        await conn.execute(
+            "INSERT INTO projection_rebuilds (name, generation, version, tables, last_error)"
+            " VALUES ($1, 2, 1, '{}', $2)",
+            name, leak,
+        )
+        message_id = await conn.fetchval(
+            "UPDATE outbox SET dead_at = now(), attempts = 5, last_error = $1"
+            " WHERE id = (SELECT min(id) FROM outbox WHERE dead_at IS NULL AND published_at IS NULL) RETURNING id",
+            leak,
+        )
+        for path in ["/projections", "/api/projections?fresh=1", "/api/projections", "/outbox", "/api/outbox"]:
+            response = await client.get(path)
+            assert response.status_code == 200 and PASSWORD not in response.text, path
+        projections = (await client.get("/projections")).text
+        row = projections[projections.index(f'data-projection="{name}"'):]
+        assert shown in row[: row.index("</tr>")]
+        status = (await client.get("/api/projections", params={"fresh": "1"})).json()
+        assert next(p for p in status["projections"] if p["name"] == name)["last_error"] == shown
+        outbox = (await client.get("/outbox")).text
+        row = outbox[outbox.index(f'data-message="{message_id}"'):]
+        assert shown in row[: row.index("</tr>")]
+        # The rebuild's recorded error is not on a page today; it is cleaned all the same.
+        async with Backend(shop_database, redact=Redactor.for_settings(shop_database, None)) as backend:
+            view = next(v for v in await backend.projections() if v.name == name)
+        assert view.rebuild is not None and view.rebuild.error == shown
+    finally:
+        await conn.execute("DELETE FROM projection_checkpoints WHERE name = $1", name)
+        if message_id is not None:
+            await conn.execute(
+                "UPDATE outbox SET dead_at = NULL, attempts = 0, last_error = NULL WHERE id = $1", message_id
+            )
+        await conn.close()
 
 
 async def test_missing_things_answer_404(client: httpx.AsyncClient) -> None:

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
+from typing import cast
+
 import httpx
 import pytest
 
 from eventstore_admin import AdminSettings, ConsoleError
+from eventstore_admin.backend import Backend
+from eventstore_admin.errors import Unavailable
+from eventstore_admin.jobs import RebuildJobs
+from eventstore_admin.model import RebuildProgressView
 from eventstore_admin.security import Redactor, mask_url
 from tests.admin.conftest import TOKEN, console_client, settings_for, sign_in
 
@@ -102,3 +110,36 @@ def test_secrets_are_masked_and_redacted() -> None:
     redact = Redactor.for_settings(url, "the-operators-token-xyz")
     message = redact(f"cannot connect to {url}: password pa55word refused; token the-operators-token-xyz")
     assert "pa55word" not in message and "the-operators-token-xyz" not in message and "also-secret" not in message
+
+
+def test_a_password_is_redacted_however_a_url_spells_it() -> None:
+    """A message may quote the URL rewritten (another scheme, say), so it does not match the console's whole."""
+    url = "postgresql://app:pa%20ss%40wd@db.internal/shop"  # the password is `pa ss@wd`
+    redact = Redactor.for_settings(url, None)
+    for spelling in ["pa ss@wd", "pa%20ss%40wd", "pa+ss%40wd"]:
+        assert redact(f"cannot connect to postgresql+asyncpg://app:{spelling}@db.internal/shop") == (
+            "cannot connect to postgresql+asyncpg://app:***@db.internal/shop"
+        )
+
+
+async def test_a_failed_rebuild_keeps_its_error_redacted() -> None:
+    url = "postgresql://app:pa55word@db.internal/shop"
+
+    class FailingBackend:
+        def declared(self, name: str) -> bool:
+            return True
+
+        async def rebuild(self, name: str, progress: Callable[[RebuildProgressView], None]) -> RebuildProgressView:
+            raise Unavailable(f"lost the connection to PostgreSQL: cannot reach {url}")
+
+    jobs = RebuildJobs(cast(Backend, FailingBackend()), Redactor.for_settings(url, None))
+    jobs.start("order_summary")
+    async with asyncio.timeout(10):
+        while True:
+            progress = jobs.progress("order_summary")
+            assert progress is not None
+            if progress.finished:
+                break
+            await asyncio.sleep(0)
+    assert progress.phase == "failed"
+    assert progress.error == "lost the connection to PostgreSQL: cannot reach ***"

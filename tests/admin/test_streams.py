@@ -120,3 +120,27 @@ async def test_the_streams_page_links_its_pages(streams_database: str) -> None:
         refused = await client.get("/streams", params={"prefix": "a\x00"})
         assert refused.status_code == 400
         assert (await client.get("/stream", params={"id": "a-0000"})).text.count('class="event"') == 2
+
+
+async def test_a_prefix_is_searched_as_typed_spaces_and_all(shop_database: str) -> None:
+    """Stream ids may start (or end) with spaces, so none are stripped; only an empty box means no prefix."""
+    tag = f"zeta{uuid.uuid4().hex[:8]}"
+    spaced, plain = f" {tag}-1", f"{tag}-2"
+    async with EventStore(shop_database) as store:
+        await store.append(spaced, [NewEvent("Created", {})])
+        await store.append(plain, [NewEvent("Created", {})])
+    async with Backend(shop_database) as backend:
+
+        async def found(prefix: str) -> list[str]:
+            return [s.stream_id for s in (await backend.search_streams(prefix=prefix)).streams]
+
+        assert await found(f" {tag}") == [spaced]
+        assert await found(tag) == [plain]
+        assert await found(f"{tag}-2 ") == []
+        assert spaced in await found(" ") and plain not in await found(" ")
+        assert (await found(""))[:2] == [plain, spaced]  # what an empty box sends: every stream, newest first
+    async with console_client(settings_for(shop_database, token=None)) as client:
+        page = await client.get("/streams", params={"prefix": f" {tag}"})
+        assert page.status_code == 200
+        assert f'value=" {tag}"' in page.text  # the box keeps the space for the next search
+        assert f">{spaced}</a>" in page.text and plain not in page.text
