@@ -9,7 +9,8 @@ from typing import Annotated, Any, ClassVar, Literal, TypeVar, get_args, get_ori
 from uuid import UUID
 
 import orjson
-from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
+from pydantic import AliasChoices, AliasPath, BaseModel, ConfigDict, TypeAdapter, ValidationError
+from pydantic.fields import FieldInfo
 from pydantic_core import PydanticSerializationError
 
 from aggregates.errors import (
@@ -83,6 +84,7 @@ class DomainEvent(BaseModel):
         super().__pydantic_init_subclass__(**kwargs)
         personal: dict[str, str] = {}
         for name, info in cls.model_fields.items():
+            _check_stored_key(cls, name, info)
             marks = [m for m in info.metadata if isinstance(m, PersonalData)]
             if not marks:
                 if _nested_mark(info.annotation):
@@ -254,7 +256,8 @@ class EventRegistry:
         meta: dict[str, Any] = dict(metadata) if metadata else {}
         meta[SCHEMA_VERSION_KEY] = cls.schema_version
         try:
-            text = event.model_dump_json().encode()
+            # By alias, as the JSON Schema (and a validation) names the fields: else aliased fields never load.
+            text = event.model_dump_json(by_alias=True).encode()
         except PydanticSerializationError as exc:  # bytes that are not UTF-8, objects with no JSON form
             raise EventSerializationError(cls.event_type, str(exc)) from None
         if b"null" in text and has_non_finite(event.model_dump()):  # pydantic writes NaN as null
@@ -391,9 +394,41 @@ def _nested_mark(annotation: Any) -> bool:
     return any(_nested_mark(a) for a in get_args(annotation))
 
 
+def _check_stored_key(cls: type[DomainEvent], name: str, info: FieldInfo) -> None:
+    """Refuse a field that `encode` would store under a key `decode` does not read (it could never load).
+
+    Events are stored by alias: `Field(alias=...)` names the field both ways; a `serialization_alias`
+    or `validation_alias` alone does not.
+    """
+    stored = info.serialization_alias or name
+    config = cls.model_config
+    read: set[str] = set()
+    if config.get("validate_by_alias", True):
+        alias = info.validation_alias
+        if alias is None:
+            read.add(name)
+        else:
+            for choice in alias.choices if isinstance(alias, AliasChoices) else [alias]:
+                path = choice.path if isinstance(choice, AliasPath) else [choice]
+                if len(path) == 1 and isinstance(path[0], str):
+                    read.add(path[0])
+    if config.get("validate_by_name") or config.get("populate_by_name"):
+        read.add(name)
+    if stored not in read:
+        raise EventRegistrationError(
+            f"{cls.__qualname__}.{name}: stored as {stored!r} but read back from"
+            f" {' or '.join(repr(k) for k in sorted(read)) or 'nothing'}, so stored events would not load;"
+            " name it both ways with Field(alias=...)"
+        )
+
+
 def _subjects(event: DomainEvent) -> dict[str, str] | None:
-    """Each personal field that holds a value, with its subject's id (a field set to None hides nothing)."""
+    """Each personal field that holds a value, keyed as stored (by alias), with its subject's id.
+
+    A field set to None hides nothing.
+    """
     personal: dict[str, str] = {}
+    fields = type(event).model_fields
     for name, subject_field in event.personal_fields.items():
         if getattr(event, name) is None:
             continue
@@ -402,7 +437,7 @@ def _subjects(event: DomainEvent) -> dict[str, str] | None:
             raise EventSerializationError(
                 event.event_type, f"personal field {name!r} has no subject: {subject_field!r} is empty"
             )
-        personal[name] = str(subject)
+        personal[fields[name].serialization_alias or name] = str(subject)
     return personal or None
 
 

@@ -10,8 +10,8 @@ The `eventstore schemas check|lock|export|verify-stored` and `eventstore asyncap
 
 from eventstore_contracts.asyncapi import asyncapi_document
 from eventstore_contracts.compatibility import CheckResult, Incompatibility, check, compare
-from eventstore_contracts.errors import ContractError, LockFileError, SchemaUnreadable
-from eventstore_contracts.export import all_versions, export_schemas, standalone_schema
+from eventstore_contracts.errors import ContractError, EventSchemaError, LockFileError, SchemaUnreadable
+from eventstore_contracts.export import all_versions, export_schemas, schema_folder, standalone_schema
 from eventstore_contracts.lock import (
     DEFAULT_LOCK_FILE,
     LOCK_FORMAT,
@@ -32,6 +32,7 @@ __all__ = [
     "ContractError",
     "Contracts",
     "EventContract",
+    "EventSchemaError",
     "Incompatibility",
     "LockFileError",
     "SchemaLock",
@@ -49,6 +50,7 @@ __all__ = [
     "locked",
     "parse_lock",
     "read_lock",
+    "schema_folder",
     "standalone_schema",
     "verify_stored",
     "write_lock",

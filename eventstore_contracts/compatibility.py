@@ -8,9 +8,14 @@ reported, never assumed harmless.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from fractions import Fraction
+from functools import lru_cache
 from typing import Any
+
+from pydantic_core import SchemaError, SchemaValidator, core_schema
 
 from eventstore_contracts.errors import SchemaUnreadable
 from eventstore_contracts.lock import LockedTopic, SchemaLock
@@ -150,20 +155,73 @@ def compare(
     return list(dict.fromkeys(findings))
 
 
+_HERE = "\x00"
+"""The path findings of a pair of references are worked out at, so they can be moved to wherever it recurs."""
+
+
 class _Comparison:
     def __init__(self, reader: Mapping[str, Any], writer: Mapping[str, Any], removal_breaks: bool) -> None:
         self._reader_root = reader
         self._writer_root = writer
         self._removal_breaks = removal_breaks
-        self._seen: set[tuple[str, str]] = set()
+        self._open: dict[tuple[str, str], int] = {}
+        """Pairs of references being compared further up (a recursive model), with their depth."""
+        self._assumed = _NOTHING_ASSUMED
+        """The shallowest open pair the comparison under way assumed compatible."""
+        self._done: dict[tuple[str, str], tuple[list[Finding], int]] = {}
+        """Findings of pairs compared (at `_HERE`), with the shallowest open pair they assumed compatible."""
+        self._resting: dict[int, list[tuple[str, str]]] = {}
+        """The pairs in `_done` that rest on the open pair at each depth."""
 
     def check(self, reader: Any, writer: Any, path: str) -> list[Finding]:
         r, r_ref = _resolve(reader, self._reader_root)
         w, w_ref = _resolve(writer, self._writer_root)
-        if r_ref is not None and w_ref is not None:
-            if (r_ref, w_ref) in self._seen:
-                return []  # a recursive model: assume what is being checked further up
-            self._seen.add((r_ref, w_ref))
+        if r_ref is None or w_ref is None:
+            return self._resolved(r, w, path)
+        # Keyed by the nodes, not only the references: keywords beside a `$ref` apply too.
+        key = (_key(reader), _key(writer))
+        depth = self._open.get(key)
+        if depth is not None:  # a recursive model: assume what is being checked further up holds
+            self._assumed = min(self._assumed, depth)
+            return []
+        if key in self._done:
+            done, assumed = self._done[key]
+            self._assumed = min(self._assumed, assumed)
+        else:
+            done = self._compare_pair(key, r, w)
+        return [(_moved(where, path), reason) for where, reason in done]
+
+    def _compare_pair(self, key: tuple[str, str], r: Any, w: Any) -> list[Finding]:
+        """Compare a pair once, and keep the result while what it assumed still holds.
+
+        A result that assumed an open pair compatible is only as good as that assumption: when the pair
+        turns out incompatible (and is perhaps a union branch tried and dropped), the results resting on
+        it go, or a later field comparing the same pair would be let through.
+        """
+        depth = self._open[key] = len(self._open)
+        outer, self._assumed = self._assumed, _NOTHING_ASSUMED
+        try:
+            # Capped: a model shared along many paths would otherwise repeat its findings exponentially often.
+            done = self._resolved(r, w, _HERE)[:_MOST_PER_PAIR]
+        finally:
+            del self._open[key]
+            assumed, self._assumed = self._assumed, min(outer, self._assumed)
+        if assumed >= depth:
+            assumed = _NOTHING_ASSUMED  # only itself, or pairs closed since: a result of its own
+        for resting in self._resting.pop(depth, []):
+            if done:
+                del self._done[resting]
+            else:
+                self._keep(resting, self._done[resting][0], assumed)
+        self._keep(key, done, assumed)
+        return done
+
+    def _keep(self, key: tuple[str, str], findings: list[Finding], assumed: int) -> None:
+        self._done[key] = (findings, assumed)
+        if assumed != _NOTHING_ASSUMED:
+            self._resting.setdefault(assumed, []).append(key)
+
+    def _resolved(self, r: Any, w: Any, path: str) -> list[Finding]:
         if r is True or (isinstance(r, dict) and not (set(r) - _ANNOTATIONS)):
             return []
         if w is False:
@@ -207,7 +265,9 @@ class _Comparison:
             if w_values is None:
                 return [(path, f"now accepts only {_show(r_values)}")]
             lost = [v for v in w_values if v not in r_values]
-            return [(path, f"no longer accepts {_show(lost)}")] if lost else []
+            if lost:
+                return [(path, f"no longer accepts {_show(lost)}")]
+            return self._values_allowed(r, w, w_values, path)
         r_types, w_types = _types(r), _types(w)
         if r_types is not None:
             if w_types is None:
@@ -216,7 +276,7 @@ class _Comparison:
             if lost_types:
                 return [(path, self._type_changed(r, w))]
         if w_values is not None:
-            return []
+            return self._values_allowed(r, w, w_values, path)
         findings: list[Finding] = []
         for keyword in _LOWER_BOUNDS:
             if keyword in r and not (keyword in w and w[keyword] >= r[keyword]):
@@ -234,6 +294,37 @@ class _Comparison:
             if r[keyword] != w.get(keyword):
                 findings.append((path, f"{keyword} changed"))
         return findings
+
+    def _values_allowed(self, r: dict[str, Any], w: dict[str, Any], values: list[Any], path: str) -> list[Finding]:
+        """The writer's values (an enum) that the reader's constraints refuse; the types already match.
+
+        Each value is checked against each constraint, so `Literal["a"]` to `str` with `max_length=1`
+        is fine and `Literal["a", "bb"]` to it is not; a constraint that cannot be checked is a finding.
+        """
+        findings: list[Finding] = []
+        for value in values:
+            findings += self._value_allowed(r, w, value, path)
+        for keyword in sorted(set(r) - _UNDERSTOOD - _ANNOTATIONS):
+            if r[keyword] != w.get(keyword):
+                findings.append((path, f"{keyword} changed"))
+        return findings
+
+    def _value_allowed(self, r: dict[str, Any], w: dict[str, Any], value: Any, path: str) -> list[Finding]:
+        refused = _refusal(r, w, value)
+        if refused is not None:
+            return [(path, f"no longer accepts {value!r}: {refused}")]
+        if isinstance(value, list):
+            shape: dict[str, Any] = {
+                "type": "array", "prefixItems": [{"const": v} for v in value], "items": False,
+            }
+            return self._array(r, shape, path)
+        if isinstance(value, dict):
+            shape = {
+                "type": "object", "properties": {k: {"const": v} for k, v in value.items()},
+                "required": list(value), "additionalProperties": False,
+            }
+            return self._object(r, shape, path) if {"properties", "additionalProperties"} & set(r) else []
+        return []
 
     def _object(self, r: dict[str, Any], w: dict[str, Any], path: str) -> list[Finding]:
         findings: list[Finding] = []
@@ -332,6 +423,64 @@ def _merge(outer: dict[str, Any], branch: Any) -> Any:
     return {**rest, **branch}
 
 
+def _refusal(r: dict[str, Any], w: dict[str, Any], value: Any) -> str | None:
+    """Why the constraints of `r` (bounds, pattern, format, ...) refuse `value`, as JSON Schema applies them."""
+    kind = _JSON_TYPES.get(type(value), "object")
+    size: int | float = 0
+    bounds: tuple[str, ...] = ()
+    if kind == "string":
+        for keyword in ("pattern", "format", "contentEncoding", "contentMediaType"):
+            if keyword not in r or (keyword != "pattern" and w.get(keyword) == r[keyword]):
+                continue
+            matches = _pattern(r["pattern"]) if keyword == "pattern" and isinstance(r["pattern"], str) else None
+            if matches is None:
+                return f"{keyword} {r[keyword]!r} cannot be checked here"
+            if not matches.isinstance_python(value):
+                return f"does not match pattern {r['pattern']!r}"
+        size, bounds = len(value), ("minLength", "maxLength")
+    elif kind in ("integer", "number"):
+        if "multipleOf" in r and not _multiple(value, r["multipleOf"]):
+            return f"not a multiple of {r['multipleOf']!r}"
+        size, bounds = value, ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+    elif kind == "array":
+        if r.get("uniqueItems") is True and len({_key(v) for v in value}) != len(value):
+            return "items must be unique"
+        size, bounds = len(value), ("minItems", "maxItems")
+    elif kind == "object":
+        size, bounds = len(value), ("minProperties", "maxProperties")
+    for keyword in bounds:
+        if keyword not in r:
+            continue
+        limit = r[keyword]
+        if isinstance(limit, bool) or not isinstance(limit, int | float):
+            raise TypeError(f"{keyword} must be a number, got {limit!r}")
+        if keyword.startswith("exclusive"):
+            fits = size > limit if keyword == "exclusiveMinimum" else size < limit
+        else:
+            fits = size >= limit if keyword.startswith("min") else size <= limit
+        if not fits:
+            return f"new constraint {keyword} {limit!r}"
+    return None
+
+
+@lru_cache(maxsize=256)
+def _pattern(pattern: str) -> SchemaValidator | None:
+    """A string validator of the pattern as pydantic runs it (Rust's regex: linear time, and its dialect)."""
+    try:
+        return SchemaValidator(core_schema.str_schema(pattern=pattern))
+    except SchemaError:
+        return None
+
+
+def _multiple(value: int | float, divisor: Any) -> bool:
+    if isinstance(divisor, bool) or not isinstance(divisor, int | float) or divisor <= 0:
+        raise TypeError(f"multipleOf must be a positive number, got {divisor!r}")
+    try:
+        return Fraction(str(value)) % Fraction(str(divisor)) == 0  # as written: 0.3 is a multiple of 0.1
+    except (ValueError, OverflowError):  # infinity and NaN are no multiple of anything
+        return False
+
+
 def _values(node: dict[str, Any]) -> list[Any] | None:
     if "const" in node:
         return [node["const"]]
@@ -393,3 +542,19 @@ def _show(values: list[Any]) -> str:
 
 def _join(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
+
+
+_NOTHING_ASSUMED = 1 << 62
+_MOST_PER_PAIR = 100
+
+
+def _key(node: Any) -> str:
+    return json.dumps(node, sort_keys=True, default=repr)
+
+
+def _moved(where: str, path: str) -> str:
+    """A path found at `_HERE`, where the pair really is."""
+    rest = where[len(_HERE):]
+    if path:
+        return path + rest
+    return rest[1:] if rest.startswith(".") else rest

@@ -23,3 +23,13 @@ class LockFileError(ContractError, InvalidArgument):
 
 class SchemaUnreadable(ContractError, InvalidArgument):
     """A schema the compatibility check cannot walk: not a JSON Schema object, or malformed inside."""
+
+
+class EventSchemaError(ContractError, InvalidArgument):
+    """An event class pydantic cannot describe as JSON Schema (a field of a type with no JSON form)."""
+
+    def __init__(self, event_type: str, event_class: str, reason: str) -> None:
+        super().__init__(f"{event_class} (event type {event_type!r}) has no JSON Schema: {reason}")
+        self.event_type = event_type
+        self.event_class = event_class
+        self.reason = reason

@@ -33,12 +33,22 @@ def standalone_schema(contracts: Contracts, event_type: str, version: int, schem
     return document
 
 
+def schema_folder(event_type: str) -> str:
+    """The folder name of a type's schemas: percent-encoded, as in `ce_dataschema` URIs, so `unquote` reverses it.
+
+    A leading dot is encoded too: `.` and `..` are valid type names, and as folder names they would
+    write into DIR itself or outside it (and a hidden folder is easy to miss).
+    """
+    encoded = quote(event_type, safe="")
+    return "%2E" + encoded[1:] if encoded.startswith(".") else encoded
+
+
 def export_schemas(contracts: Contracts, lock: SchemaLock | None, directory: str | Path) -> list[Path]:
     """Write `DIR/<type>/v<version>.json` for every known version; return the files written."""
     root = Path(directory)
     written: list[Path] = []
     for name, versions in all_versions(contracts, lock).items():
-        folder = root / quote(name, safe="")
+        folder = root / schema_folder(name)
         folder.mkdir(parents=True, exist_ok=True)
         for version, schema in versions.items():
             path = folder / f"v{version}.json"

@@ -23,6 +23,10 @@ LOCK_FORMAT = 1
 
 DEFAULT_LOCK_FILE = "eventstore.schemas.lock"
 
+MAX_NESTING = 128
+"""How deeply a locked schema may nest: far beyond what pydantic writes (nested models are `$defs`),
+and shallow enough that comparing, copying and writing it again stay clear of Python's recursion limit."""
+
 
 @dataclass(frozen=True, slots=True)
 class LockedTopic:
@@ -100,11 +104,21 @@ def read_lock(path: str | Path) -> SchemaLock:
 
 
 def parse_lock(text: str, path: str | Path = "<lock>") -> SchemaLock:
+    reader = _Reader(text, path)
     try:
-        document = json.loads(text)
+        document = json.loads(text, object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as exc:
         raise LockFileError(path, exc.lineno, f"not JSON: {exc.msg} (column {exc.colno})") from None
-    reader = _Reader(text, path)
+    except _DuplicateKey as exc:
+        raise LockFileError(
+            path, reader.repeated_line(),
+            f"key {exc.key!r} appears twice in one object, and the second would silently replace the first"
+            " (an unresolved merge?)",
+        ) from None
+    except RecursionError:
+        raise LockFileError(
+            path, reader.nesting_line(MAX_NESTING), f"nests more than {MAX_NESTING} levels deep"
+        ) from None
     if not isinstance(document, dict):
         raise reader.error((), "a lock file is a JSON object")
     version = document.get("format")
@@ -130,8 +144,15 @@ def parse_lock(text: str, path: str | Path = "<lock>") -> SchemaLock:
         for number, schema in versions.items():
             if not (number.isascii() and number.isdigit() and int(number) >= 1):
                 raise reader.error((*where, number), f"{name}: schema version {number!r} is not an integer >= 1")
+            if number != str(int(number)):  # else "1" and "01" could both be there, one hiding the other
+                raise reader.error(
+                    (*where, number), f"{name}: schema version {number!r} must be written {str(int(number))!r}"
+                )
             if not isinstance(schema, dict):
                 raise reader.error((*where, number), f"{name} v{number}: a schema must be a JSON object")
+            if _depth(schema) > MAX_NESTING:
+                raise reader.error((*where, number), f"{name} v{number}: the schema nests more than {MAX_NESTING}"
+                                   " levels deep")
             events[name][int(number)] = schema
     topics: dict[str, LockedTopic] = {}
     for name, topic in reader.object(document, ("topics",)).items():
@@ -170,6 +191,57 @@ class _Reader:
             offset = found
         return self._text.count("\n", 0, offset) + 1
 
+    def repeated_line(self) -> int:
+        """The line of the first key that repeats one before it in the same object (the text is JSON)."""
+        text, offset = self._text, 0
+        keys: list[set[str]] = []  # of each open object (and array, which never gets any)
+        try:
+            while offset < len(text):
+                char = text[offset]
+                if char == '"':
+                    close = offset + 1
+                    while text[close] != '"':
+                        close += 2 if text[close] == "\\" else 1
+                    after = close + 1
+                    while text[after] in " \t\r\n":
+                        after += 1
+                    if text[after] == ":" and keys:
+                        key = json.loads(text[offset : close + 1])
+                        if key in keys[-1]:
+                            return text.count("\n", 0, offset) + 1
+                        keys[-1].add(key)
+                    offset = close + 1
+                    continue
+                if char in "{[":
+                    keys.append(set())
+                elif char in "}]" and keys:
+                    keys.pop()
+                offset += 1
+        except (IndexError, ValueError):
+            pass
+        return 1
+
+    def nesting_line(self, limit: int) -> int:
+        """The line where the text nests more than `limit` levels deep (inside the lock's own three)."""
+        depth, in_string, escaped = 0, False, False
+        for offset, char in enumerate(self._text):
+            if in_string:
+                if escaped:
+                    escaped = False
+                elif char == "\\":
+                    escaped = True
+                elif char == '"':
+                    in_string = False
+            elif char == '"':
+                in_string = True
+            elif char in "[{":
+                depth += 1
+                if depth > limit + 3:
+                    return self._text.count("\n", 0, offset) + 1
+            elif char in "]}":
+                depth -= 1
+        return 1
+
     def error(self, keys: tuple[str, ...], reason: str) -> LockFileError:
         return LockFileError(self._path, self.line(keys), reason)
 
@@ -178,6 +250,38 @@ class _Reader:
         if not isinstance(value, dict):
             raise self.error(keys, f"{keys[0]!r} must be a JSON object")
         return value
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """`json.loads` keeps the last of repeated keys without a word; a lock file must not lose a version so."""
+    document = dict(pairs)
+    if len(document) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
+    return document
+
+
+def _depth(node: Any) -> int:
+    """How deeply JSON data nests (without recursing: that is what this guards against), stopping past the limit."""
+    deepest = 0
+    pending: list[tuple[Any, int]] = [(node, 1)]
+    while pending and deepest <= MAX_NESTING:
+        item, level = pending.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, list):
+            deepest = max(deepest, level)
+            pending.extend((child, level + 1) for child in item)
+    return deepest
 
 
 def _version() -> str:

@@ -7,9 +7,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import PydanticUserError
+
 from aggregates import DomainEvent
 from aggregates.events import defined_at
 from eventstore_app import Application
+from eventstore_contracts.errors import EventSchemaError
 from outbox import Compatibility, Route
 from outbox.cloudevents import dataschema_uri
 
@@ -20,8 +23,15 @@ def event_schema(cls: type[DomainEvent]) -> dict[str, Any]:
     """The JSON Schema of an event's payload, as pydantic reads it (what a stored event must satisfy).
 
     Round-tripped through JSON, so it compares equal to the same schema read back from a lock file.
+    A class pydantic cannot describe (a `Callable` field, say) raises `EventSchemaError` naming it.
     """
-    schema: dict[str, Any] = json.loads(json.dumps(cls.model_json_schema()))
+    try:
+        described = cls.model_json_schema()
+    except PydanticUserError as exc:  # PydanticInvalidForJsonSchema, or a class not fully defined
+        path, line = defined_at(cls)
+        where = cls.__qualname__ if path is None else f"{cls.__qualname__} at {path}:{line}"
+        raise EventSchemaError(cls.event_type, where, str(exc).split("\n", 1)[0]) from None
+    schema: dict[str, Any] = json.loads(json.dumps(described))
     return schema
 
 

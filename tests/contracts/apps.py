@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
+
+from pydantic import ConfigDict
 
 from aggregates import DomainEvent, EventRegistry
 from eventstore_app import Application
@@ -47,3 +50,26 @@ def shop_with(*replacements: type[DomainEvent], upcast: bool = False) -> Applica
 RETYPED = shop_with(OrderPlacedTotalAsText)
 ITEM_ADDED_V2 = shop_with(ItemAddedV2, upcast=True)
 ITEM_ADDED_V2_NO_UPCASTER = shop_with(ItemAddedV2)
+
+
+class Hooked(DomainEvent, event_type="Hooked"):
+    """A field pydantic cannot describe as JSON Schema."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+    callback: Callable[[int], int] | None = None
+
+
+class Here(DomainEvent, event_type="."):
+    a: int
+
+
+class Up(DomainEvent, event_type=".."):
+    a: int
+
+
+class Hidden(DomainEvent, event_type=".hidden"):
+    a: int
+
+
+NO_SCHEMA = shop_with(Hooked)
+DOTS = Application("dots", registry=EventRegistry(Here, Up, Hidden))

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import unquote
 
 import jsonschema
 import pytest
@@ -17,7 +18,7 @@ from rich.console import Console
 
 from eventstore import EventStore, NewEvent
 from eventstore_cli import main
-from eventstore_contracts import Contracts, verify_stored
+from eventstore_contracts import Contracts, schema_folder, verify_stored
 from eventstore_examples.shop.app import APP
 from eventstore_examples.shop.demo import run_demo
 from tests.contracts import apps
@@ -111,6 +112,33 @@ def test_export_writes_a_schema_per_version_that_validates_the_payloads(
     validator = jsonschema.Draft202012Validator(schema)
     assert validator.is_valid({"customer": "c1", "lines": [{"sku": "s", "quantity": 1, "price": 5}], "total": 5})
     assert not validator.is_valid({"customer": "c1", "lines": [{"sku": "s", "quantity": "1", "price": 5}], "total": 5})
+
+
+def test_export_keeps_types_named_with_dots_inside_the_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = tmp_path / "out" / "schemas"
+    code, _, err = in_process(capsys, "schemas", "export", str(target), "--app", "tests.contracts.apps:DOTS",
+                              "--lock", str(tmp_path / "none.lock"))
+    assert code == 0, err
+    written = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.json"))
+    assert written == ["out/schemas/%2E./v1.json", "out/schemas/%2E/v1.json", "out/schemas/%2Ehidden/v1.json"]
+    assert sorted(unquote(folder.name) for folder in target.iterdir()) == [".", "..", ".hidden"]
+    assert schema_folder("Order/Placed") == "Order%2FPlaced" and schema_folder("a.b") == "a.b"
+
+
+@pytest.mark.parametrize("command", [("schemas", "check"), ("schemas", "lock"), ("asyncapi",)])
+def test_an_event_class_without_a_json_schema_is_one_line_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: tuple[str, ...]
+) -> None:
+    lock = tmp_path / "eventstore.schemas.lock"
+    shutil.copy(SHOP_LOCK, lock)
+    code, _, err = in_process(capsys, *command, "--app", "tests.contracts.apps:NO_SCHEMA", "--lock", str(lock))
+    path = ROOT / "tests" / "contracts" / "apps.py"
+    assert code == 2 and "Traceback" not in err
+    assert f"error: Hooked at {path}:" in err
+    assert "(event type 'Hooked') has no JSON Schema: Cannot generate a JsonSchema for core_schema.Callable" in err
+    assert lock.read_text() == SHOP_LOCK.read_text()
 
 
 def test_asyncapi_document_is_valid_asyncapi_3(tmp_path: Path) -> None:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pydantic import BaseModel, ValidationError, create_model
+from pydantic import BaseModel, Field, ValidationError, create_model
 
 from eventstore_contracts import compare
 
@@ -21,6 +21,9 @@ TYPES: dict[str, tuple[Any, st.SearchStrategy[Any], Any]] = {
     "ab": (Literal["a", "b"], st.sampled_from(["a", "b"]), "a"),
     "abc": (Literal["a", "b", "c"], st.sampled_from(["a", "b", "c"]), "a"),
     "bool": (bool, st.booleans(), False),
+    "a|bb": (Literal["a", "bb"], st.sampled_from(["a", "bb"]), "a"),
+    "str<=1": (Annotated[str, Field(max_length=1)], st.text(max_size=1), ""),
+    "[ab]": (Annotated[str, Field(pattern="^[ab]$")], st.sampled_from(["a", "b"]), "a"),
 }
 NAMES = ["w", "x", "y", "z"]
 Spec = dict[str, tuple[str, bool]]  # field name -> (type, required)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from datetime import date
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+import pytest
+from pydantic import BaseModel, Field, ValidationError
 
 from aggregates import DomainEvent, EventRegistry
 from eventstore_app import Application
@@ -126,6 +128,84 @@ def test_a_recursive_model_is_compared_without_looping() -> None:
 
     schema = event_schema(TreeChanged)
     assert compare(schema, schema) == []
+
+
+class Inner(BaseModel):
+    a: int
+
+
+class Other(BaseModel):
+    b: str
+
+
+class Wrapped(BaseModel):
+    x: Inner
+
+
+class WrappedOther(BaseModel):
+    x: Other
+
+
+def test_a_pair_compared_in_a_dropped_union_branch_is_still_compared_for_another_field() -> None:
+    class Before(DomainEvent, event_type="Wrapped"):
+        p: Wrapped
+        q: Inner
+
+    class After(DomainEvent, event_type="Wrapped"):
+        p: WrappedOther | Wrapped  # its first branch compares (Other, Inner), fails, and is dropped
+        q: Other  # the same pair: must still be compared
+
+    with pytest.raises(ValidationError):
+        After.model_validate_json(Before(p=Wrapped(x=Inner(a=1)), q=Inner(a=2)).model_dump_json())
+    result = check_change(app_of(Before), app_of(After))
+    assert {(p.field, p.reason.split(";")[0]) for p in result.breaking} == {
+        ("q.a", "field removed: stored payloads still carry it"),
+        ("q.b", "required field added without a default"),
+    }
+
+
+def test_new_constraints_are_checked_against_every_old_enum_value() -> None:
+    class Sized(DomainEvent, event_type="Sized"):
+        size: Literal["s", "xl"]
+        count: Literal[1, 2, 3]
+        step: Literal[0.3, 0.6]
+
+    class OneLetter(DomainEvent, event_type="Sized"):
+        size: Annotated[str, Field(max_length=1)]
+        count: Annotated[int, Field(ge=1, lt=3)]
+        step: Annotated[float, Field(multiple_of=0.3)]
+
+    class Lowercase(DomainEvent, event_type="Sized"):
+        size: Annotated[str, Field(pattern="^[a-z]$")] | None
+        count: Annotated[int, Field(ge=1, le=3)]  # every old value fits: fine
+        step: Annotated[float, Field(multiple_of=0.2)]
+
+    for after in (OneLetter, Lowercase):
+        with pytest.raises(ValidationError):
+            after.model_validate_json(Sized(size="xl", count=3, step=0.3).model_dump_json())
+    assert {(p.field, p.reason.split(";")[0]) for p in check_change(app_of(Sized), app_of(OneLetter)).breaking} == {
+        ("size", "no longer accepts 'xl': new constraint maxLength 1"),
+        ("count", "no longer accepts 3: new constraint exclusiveMaximum 3"),
+    }  # 0.3 and 0.6 are multiples of 0.3 as written, whatever floats make of them
+    assert {(p.field, p.reason.split(";")[0]) for p in check_change(app_of(Sized), app_of(Lowercase)).breaking} == {
+        ("size", "no longer accepts 'xl': does not match pattern '^[a-z]$'"),
+        ("step", "no longer accepts 0.3: not a multiple of 0.2"),
+    }
+
+    class Small(DomainEvent, event_type="Small"):
+        size: Literal["s", "m"]
+
+    class AnyLetter(DomainEvent, event_type="Small"):
+        size: Annotated[str, Field(max_length=1, pattern="^[a-z]$")]
+
+    class Dated(DomainEvent, event_type="Small"):
+        size: date
+
+    assert check_change(app_of(Small), app_of(AnyLetter)).breaking == []  # every old value fits
+    assert [p.reason.split(";")[0] for p in check_change(app_of(Small), app_of(Dated)).breaking] == [
+        "no longer accepts 's': format 'date' cannot be checked here",
+        "no longer accepts 'm': format 'date' cannot be checked here",
+    ]
 
 
 def test_a_version_bump_needs_an_upcaster_from_every_locked_version() -> None:

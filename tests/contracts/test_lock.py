@@ -84,6 +84,17 @@ def lines_of(text: str, needle: str) -> int:
          lines_of(GOOD, '"compatibility"'), "compatibility must be one of backward, forward, full, none"),
         (GOOD.replace('"topics": {', '"topics": 3, "x": {'), lines_of(GOOD, '"topics"'),
          "'topics' must be a JSON object"),
+        # "01" is version 1 too: one of the two schemas would silently replace the other.
+        (GOOD.replace('"OrderPlaced": {\n      "1"', '"OrderPlaced": {\n      "01": {},\n      "1"'),
+         lines_of(GOOD, '"OrderPlaced": {') + 1, "schema version '01' must be written '1'"),
+        # A repeated key (a merge gone wrong) would too, as json.loads keeps the last one.
+        (GOOD.replace('"OrderPlaced": {\n      "1"', '"OrderPlaced": {\n      "1": {},\n      "1"'),
+         lines_of(GOOD, '"OrderPlaced": {') + 2, "key '1' appears twice in one object"),
+        # Nested past what json.loads can recurse into, and deep enough to trouble what reads the lock.
+        ('{"format": 1, "events": {"E": {"1": ' + '{"a":' * 100_000 + "{}" + "}" * 100_000 + "}}}", 1,
+         "nests more than 128 levels deep"),
+        ('{"format": 1,\n"events": {"E": {"1":\n' + '{"items":' * 600 + "{}" + "}" * 600 + "}}}", 2,
+         "E v1: the schema nests more than 128 levels deep"),
     ],
 )
 def test_a_bad_lock_file_is_refused_with_file_and_line(tmp_path: Path, text: str, line: int, reason: str) -> None:

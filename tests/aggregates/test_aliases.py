@@ -1,0 +1,78 @@
+"""Aliased event fields: stored by alias (as the JSON Schema names them), so they load again, sealed ones too."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import asyncpg
+import orjson
+import pytest
+from pydantic import AliasChoices, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+from aggregates import DomainEvent, EventRegistrationError, EventRegistry, PersonalData
+from eventstore import REDACTED, EventStore, MasterKey, NewEvent, asyncpg_dsn
+from eventstore_contracts import event_schema
+
+KEY = MasterKey(b"a" * 32)
+
+
+def stored(new: NewEvent) -> Any:
+    return orjson.loads(orjson.dumps(new.data))
+
+
+class CustomerRegistered(DomainEvent):
+    customer_id: str = Field(alias="customerId")
+    email: Annotated[str, PersonalData(subject="customer_id")] = Field(alias="eMail")
+    plan: str = "basic"
+
+
+class CamelCased(DomainEvent):
+    model_config = ConfigDict(frozen=True, alias_generator=to_camel, populate_by_name=True)
+    order_id: str
+    line_count: int
+
+
+def test_the_stored_json_uses_the_aliases_the_schema_names() -> None:
+    registry = EventRegistry(CustomerRegistered, CamelCased)
+    new = registry.encode(CustomerRegistered(customerId="c1", eMail="ann@mail.example"))
+    assert stored(new) == {"customerId": "c1", "eMail": "ann@mail.example", "plan": "basic"}
+    assert set(stored(new)) == set(event_schema(CustomerRegistered)["properties"])
+    assert new.personal_data == {"eMail": "c1"}  # the key the store seals is the stored one
+    camel = registry.encode(CamelCased(order_id="o1", line_count=2))
+    assert stored(camel) == {"orderId": "o1", "lineCount": 2}
+
+
+async def test_aliased_events_round_trip_through_the_store_and_seal_by_alias(database_url: str) -> None:
+    registry = EventRegistry(CustomerRegistered, CamelCased)
+    event = CustomerRegistered(customerId="c1", eMail="ann@mail.example")
+    async with EventStore(database_url, keys=KEY) as store:
+        camel = CamelCased(order_id="o", line_count=1)
+        await store.append("customer-c1", [registry.encode(event), registry.encode(camel)])
+        assert [registry.decode(e) for e in await store.read_stream("customer-c1")] == [event, camel]
+        conn = await asyncpg.connect(asyncpg_dsn(database_url))
+        try:  # sealed at rest: the address never reaches the events table
+            assert not await conn.fetch("SELECT 1 FROM events WHERE data::text LIKE '%ann@mail%'")
+        finally:
+            await conn.close()
+        await store.forget("c1")
+        (forgotten, _) = await store.read_stream("customer-c1")
+        assert forgotten.json()["eMail"] == REDACTED
+        assert registry.decode(forgotten) == CustomerRegistered(customerId="c1", eMail=REDACTED)
+
+
+def test_a_field_stored_under_a_key_it_is_not_read_by_is_refused() -> None:
+    with pytest.raises(EventRegistrationError, match=r"OnlyWritten\.total: stored as 'sum' but read back from 'total'"):
+
+        class OnlyWritten(DomainEvent):
+            total: int = Field(serialization_alias="sum")
+
+    with pytest.raises(EventRegistrationError, match=r"OnlyRead\.total: stored as 'total' but read back from 'sum'"):
+
+        class OnlyRead(DomainEvent):
+            total: int = Field(validation_alias="sum")
+
+    class Choices(DomainEvent):  # reads the stored key among others: fine
+        total: int = Field(validation_alias=AliasChoices("sum", "total"))
+
+    assert stored(EventRegistry(Choices).encode(Choices(sum=1))) == {"total": 1}
