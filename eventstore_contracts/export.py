@@ -6,10 +6,10 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 from eventstore_contracts.lock import SchemaLock
 from eventstore_contracts.model import JSON_SCHEMA_DIALECT, Contracts
+from outbox.cloudevents import path_segment
 
 
 def all_versions(contracts: Contracts, lock: SchemaLock | None) -> dict[str, dict[int, Mapping[str, Any]]]:
@@ -39,8 +39,7 @@ def schema_folder(event_type: str) -> str:
     A leading dot is encoded too: `.` and `..` are valid type names, and as folder names they would
     write into DIR itself or outside it (and a hidden folder is easy to miss).
     """
-    encoded = quote(event_type, safe="")
-    return "%2E" + encoded[1:] if encoded.startswith(".") else encoded
+    return path_segment(event_type)
 
 
 def export_schemas(contracts: Contracts, lock: SchemaLock | None, directory: str | Path) -> list[Path]:

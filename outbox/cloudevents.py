@@ -170,13 +170,23 @@ def check_dataschema_template(template: str) -> str:
     return template
 
 
+def path_segment(value: str) -> str:
+    """`value` as one segment of a URI path (or a folder name): percent-encoded, a leading dot too.
+
+    `.` and `..` are valid type names; left as they are, a URI resolver collapses them and a folder of
+    that name is DIR itself or its parent. `unquote` reverses it.
+    """
+    encoded = quote(value, safe="")
+    return "%2E" + encoded[1:] if encoded.startswith(".") else encoded
+
+
 def dataschema_uri(template: str, source: str, event_type: str, version: int) -> str:
     """The URI of the schema (of `event_type` at `version`) that shaped a message's data.
 
-    Values are percent-encoded, so any type name or source makes a valid URI.
+    Values are encoded as path segments, so any type name or source makes a valid URI.
     """
     return template.format(
-        source=quote(source, safe=""), type=quote(event_type, safe=""), version=quote(str(version), safe="")
+        source=path_segment(source), type=path_segment(event_type), version=path_segment(str(version))
     )
 
 

@@ -63,3 +63,13 @@ def test_a_route_promises_one_of_the_known_compatibilities() -> None:
     assert Route("t", ["A"], compatibility="full").compatibility == "full"
     with pytest.raises(InvalidRoute, match="compatibility must be one of backward, forward, full, none"):
         Route("t", ["A"], compatibility="sideways")  # type: ignore[arg-type]
+
+
+def test_a_dataschema_uri_names_the_folder_the_export_writes() -> None:
+    from eventstore_contracts import schema_folder
+    from outbox.cloudevents import dataschema_uri
+
+    for event_type in (".", "..", ".hidden", "Order/Placed", "a.b", "Ünïcode"):
+        uri = dataschema_uri("https://s.example/{type}/v{version}.json", "shop", event_type, 1)
+        assert uri == f"https://s.example/{schema_folder(event_type)}/v1.json"
+        assert "/./" not in uri and "/../" not in uri
