@@ -885,6 +885,8 @@ class EventStore:
             query, args = sql.READ_ALL_CATEGORY_TYPES, (tx, pos, limit, category, list(types))
         elif category is not None:
             query, args = sql.READ_ALL_CATEGORY, (tx, pos, limit, category)
+        elif types is not None and len(set(types)) == 1:
+            query, args = sql.READ_ALL_TYPE, (tx, pos, limit, types[0])
         elif types is not None:
             query, args = sql.READ_ALL_TYPES, (tx, pos, limit, list(types))
         else:

@@ -368,15 +368,20 @@ async def read_batch(
     if head is None:
         row = await conn.fetchrow(sql.LOG_HEAD)
         head = None if row is None else Checkpoint(row["log_xid"], row["position"])
-    events = await keyring.reveal(
-        conn, await fetch_events(conn, sql.READ_LOG, after[0], after[1], limit, projection.event_types)
-    )
+    query, types = _read_log(projection)
+    events = await keyring.reveal(conn, await fetch_events(conn, query, after[0], after[1], limit, types))
     if len(events) == limit:
         return events, events[-1].checkpoint
     end = events[-1].checkpoint if events else Checkpoint(*after)
     if head is not None:
         end = max(end, head)
     return events, end
+
+
+def _read_log(projection: Projection) -> tuple[str, str | list[str]]:
+    """The query of the projection's next events, and its types' parameter (`$4`)."""
+    types = projection.event_types
+    return (sql.READ_LOG_OF_TYPE, types[0]) if len(types) == 1 else (sql.READ_LOG, types)
 
 
 class ReadAhead:

@@ -13,6 +13,9 @@ from eventstore import sql as log
 READ_LOG = log.READ_ALL_TYPES
 """($1 log_xid, $2 position, $3 limit, $4 types): the next events a projection handles."""
 
+READ_LOG_OF_TYPE = log.READ_ALL_TYPE
+"""`READ_LOG` for a projection that handles one type ($4 the type)."""
+
 LOG_HEAD = log.HEAD
 
 READ_COMMITTED = log.per_type("(log_xid, position) > ($1, $2)", "$4", "$3")

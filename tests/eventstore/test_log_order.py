@@ -16,6 +16,7 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any, TypeVar
 
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
@@ -71,6 +72,21 @@ async def test_an_early_transaction_appends_after_a_younger_one(store: EventStor
     rest = await store.read_all(seen_before_a_commits[-1].checkpoint if seen_before_a_commits else START,
                                 category="order")
     assert seen_before_a_commits + rest == log
+
+
+@pytest.mark.parametrize("types", [["OrderShipped"], ["OrderShipped", "OrderPaid"]])
+async def test_a_read_by_type_never_passes_an_event_that_commits_later(store: EventStore, types: list[str]) -> None:
+    """One type has a query of its own (no merge): it keeps the log's visibility rule all the same."""
+    async with store.unit_of_work() as older:
+        await older.append("order-1", [NewEvent("OrderShipped")])
+        await store.append("order-2", [NewEvent("OrderShipped"), NewEvent("OrderPaid")])  # younger, committed
+        seen = await store.read_all(START, types=types)
+    assert seen == []
+    await store.wait_until_visible(await store.last_committed())
+    log = await store.read_all(START, types=types)
+    expected = [("order-1", "OrderShipped"), ("order-2", "OrderShipped"), ("order-2", "OrderPaid")]
+    assert [(e.stream_id, e.event_type) for e in log] == [x for x in expected if x[1] in types]
+    assert await store.read_all(log[0].checkpoint, types=types, limit=1) == log[1:2]
 
 
 _examples = itertools.count()
