@@ -404,6 +404,9 @@ class EventStore:
         self._notify_task: asyncio.Task[None] | None = None
         self._notifier: asyncpg.Connection | None = None
         self._stopping = False
+        self._busy = 0
+        """Calls under way (`_working`), which `stop` lets finish."""
+        self._idle = asyncio.Event()
         self._spares: list[tuple[asyncpg.pool.PoolConnectionProxy, float]] = []
         """Connections kept out of the pool for the store's own next statements (`_own_connection`)."""
         self._spare_timer: asyncio.TimerHandle | None = None
@@ -439,7 +442,15 @@ class EventStore:
                 raise
 
     async def stop(self) -> None:
+        """Take no new work, let the calls under way finish, then close the connections.
+
+        A call that starts meanwhile raises `NotStarted`; closing the pool under calls still running
+        failed them with the driver's errors (a closed connection in the middle of a statement).
+        """
         self._stopping = True  # appends finishing meanwhile schedule no NOTIFY on a connection of their own
+        if self._busy:
+            self._idle.clear()
+            await self._idle.wait()
         await self._return_spares()
         await self._close_notifier()
         if self._pool is not None and self._owns_pool:
@@ -470,7 +481,25 @@ class EventStore:
         return self._pool
 
     @contextlib.asynccontextmanager
+    async def _working(self) -> AsyncIterator[None]:
+        """A call the store's `stop` waits for; none starts once it is stopping."""
+        if self._stopping:
+            raise NotStarted("the event store is stopping: it takes no new calls")
+        self._busy += 1
+        try:
+            yield
+        finally:
+            self._busy -= 1
+            if not self._busy:
+                self._idle.set()
+
+    @contextlib.asynccontextmanager
     async def _own_connection(self) -> AsyncIterator[Connection]:
+        async with self._working(), self._spare_or_pooled() as conn:
+            yield conn
+
+    @contextlib.asynccontextmanager
+    async def _spare_or_pooled(self) -> AsyncIterator[Connection]:
         """A pooled connection for the store's own statements only (no session state to reset after).
 
         One that served a call without error stays out of the pool as a spare for the next call:
@@ -611,7 +640,7 @@ class EventStore:
                 # One statement is its own transaction: one round trip instead of three.
                 async with self._own_connection() as conn:
                     return await self._append_prepared(UnitOfWork(self, conn), prepared, expected_version, checked)
-            async with self.pool.acquire() as conn:
+            async with self._working(), self.pool.acquire() as conn:
                 uow = UnitOfWork(self, conn)
                 try:
                     async with conn.transaction():
@@ -635,7 +664,7 @@ class EventStore:
     @contextlib.asynccontextmanager
     async def unit_of_work(self) -> AsyncIterator[UnitOfWork]:
         """A transaction for appends to several streams plus the application's own writes."""
-        async with self.pool.acquire() as conn:
+        async with self._working(), self.pool.acquire() as conn:
             uow = UnitOfWork(self, conn)
             try:
                 async with conn.transaction():
