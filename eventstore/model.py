@@ -29,10 +29,14 @@ def uuid7() -> UUID:
 
     `uuid_utils.compat.uuid7` costs three times as much, a sizeable part of a small append.
     """
-    value = object.__new__(UUID)
-    object.__setattr__(value, "int", uuid_utils.uuid7().int)
-    object.__setattr__(value, "is_safe", SafeUUID.unknown)
+    value = _new(UUID)
+    _set(value, "int", _uuid7().int)
+    _set(value, "is_safe", _UNKNOWN)
     return value
+
+
+_new, _set, _uuid7 = object.__new__, object.__setattr__, uuid_utils.uuid7
+_UNKNOWN = SafeUUID.unknown  # an enum member's lookup costs as much as the rest of `uuid7` (Python 3.11)
 
 
 class StreamState(enum.Enum):
