@@ -155,8 +155,10 @@ FROM unnest($1::int[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[
 # -- relaying ----------------------------------------------------------------------------------------
 
 # Pending messages of the given slots, visible in the log (every transaction that could still write one
-# below them has ended), in log order. A message waiting out a retry backoff holds back the later
-# messages of its key (and only of its key), so a key's messages never overtake each other. The log's
+# below them has ended), in log order. A message the broker refused holds back the later messages of
+# its key (and only of its key) until it is sent or dead, also once its backoff has run out: a fetch that
+# starts after it (`FETCH_PENDING_AFTER`, draining a backlog) would otherwise send them before it is
+# fetched again, and a key's messages never overtake each other. The log's
 # visibility rule applies to the message's own copy of its event's log_xid (o.log_xid, written with the
 # message and never changed), so the pending index, in log order, stops at the visibility line. The
 # columns are those of `outbox.publishing.OutboxMessage`, in its order.
@@ -176,8 +178,7 @@ WHERE o.published_at IS NULL AND o.dead_at IS NULL AND o.slot = ANY($1::int[])
   AND NOT EXISTS (
       SELECT 1 FROM outbox AS b
       WHERE b.slot = o.slot AND b.key = o.key AND (b.log_xid, b.position, b.id) < (o.log_xid, o.position, o.id)
-        AND b.published_at IS NULL AND b.dead_at IS NULL AND b.next_attempt_at IS NOT NULL
-        AND b.next_attempt_at > now())
+        AND b.published_at IS NULL AND b.dead_at IS NULL AND b.next_attempt_at IS NOT NULL)
 ORDER BY o.log_xid, o.position, o.id
 LIMIT $2
 """
