@@ -820,15 +820,24 @@ DELETE FROM snapshots WHERE stream_id IN (
 """
 """Archived streams too: a save can write a snapshot just after its stream was archived."""
 
-HOLD_SUBJECT_KEYS = """
-SELECT subject FROM subject_keys WHERE subject = ANY($1::text[]) AND wrapped_key IS NOT NULL
-ORDER BY subject FOR SHARE
-"""
-"""($1 subjects): in an append's transaction, the keys its events were sealed with, held until it commits.
+_SUBJECT_LOCKS = 0x45530001
+"""The first key of the two-key advisory locks on subjects (a space apart from the one-key locks)."""
 
-A `forget` (`LOCK_SUBJECT`) waits for the append, which its inline projections then see scrubbed; an append
-that waited for a `forget` finds the key gone (no row) and is refused, instead of storing events sealed
-with a key that no longer exists and handing their plaintext to inline projections."""
+HOLD_SUBJECTS = f"""
+SELECT pg_advisory_xact_lock_shared({_SUBJECT_LOCKS}, hashtext(s)) FROM unnest($1::text[]) AS s ORDER BY s
+"""
+"""($1 subjects): in an append's transaction, a shared hold on the subjects its events were sealed for,
+until it commits. A `forget` (`FORGET_LOCK`) waits for the append, whose inline projections it then
+scrubs; an append that waited for a `forget` finds the key gone (`LIVE_SUBJECTS`) and is refused,
+instead of storing events sealed with a deleted key and handing their plaintext to inline projections.
+An advisory lock, not a row lock: a row lock would give the transaction an id before its append, and
+the append function would take a concurrent conditional append for one that overtook it."""
+
+LIVE_SUBJECTS = "SELECT subject FROM subject_keys WHERE subject = ANY($1::text[]) AND wrapped_key IS NOT NULL"
+"""($1 subjects): those not forgotten; read after `HOLD_SUBJECTS` (a statement of its own, so it sees a
+`forget` that committed while the hold waited)."""
+
+FORGET_LOCK = f"SELECT pg_advisory_xact_lock({_SUBJECT_LOCKS}, hashtext($1))"
 
 # -- stream lifecycle (`eventstore.lifecycle`) -----------------------------------------------------------
 

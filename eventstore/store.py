@@ -693,7 +693,8 @@ class EventStore:
     ) -> AppendResult:
         if p.personal is not None:
             subjects = sorted({s for fields in p.personal if fields for s in fields.values()})
-            held = {r["subject"] for r in await uow.connection.fetch(sql.HOLD_SUBJECT_KEYS, subjects)}
+            await uow.connection.execute(sql.HOLD_SUBJECTS, subjects)
+            held = {r["subject"] for r in await uow.connection.fetch(sql.LIVE_SUBJECTS, subjects)}
             if len(held) < len(subjects):  # forgotten since the events were sealed
                 raise SubjectForgotten(next(s for s in subjects if s not in held))
         try:
@@ -944,6 +945,7 @@ class EventStore:
         check_subject(subject)
         async with self.unit_of_work() as uow:
             conn = uow.connection
+            await conn.execute(sql.FORGET_LOCK, subject)  # after the appends sealing for the subject
             row = await conn.fetchrow(sql.LOCK_SUBJECT, subject)
             if row is None:
                 raise UnknownSubject(subject)

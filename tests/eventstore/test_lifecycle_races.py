@@ -10,6 +10,7 @@ import orjson
 import pytest
 
 from eventstore import (
+    AppendConditionFailed,
     EventStore,
     EventTooLarge,
     InvalidArgument,
@@ -109,7 +110,8 @@ async def test_an_append_waiting_for_a_forget_is_refused_and_writes_nothing(data
         await store.append("member-1", [NewEvent("Registered", {"email": "a@x"}, personal_data={"email": "ann"})])
         conn = await asyncpg.connect(asyncpg_dsn(database_url))
         try:
-            async with conn.transaction():  # a forget under way: the key row locked, then gone
+            async with conn.transaction():  # a forget under way: the subject held, its key row locked, then gone
+                await conn.execute(sql.FORGET_LOCK, "ann")
                 await conn.execute(sql.LOCK_SUBJECT, "ann")
                 await conn.execute(sql.FORGET_SUBJECT, "ann")
                 task = asyncio.ensure_future(
@@ -205,3 +207,31 @@ async def test_the_size_limit_holds_for_the_sealed_event_and_a_refusal_creates_n
 def test_the_size_of_a_sealed_field_is_known_before_sealing(value: object) -> None:
     sealed = personal._encrypt(b"k" * 32, b"aad", orjson.dumps(value))
     assert len(personal._sealed_stand_in(value)) == len(sealed)
+
+
+async def test_a_plain_append_of_personal_data_beside_decisions_is_never_taken_for_overtaken(database_url: str) -> None:
+    """Holding the subjects must not give the append's transaction an id before its append: the append
+    function would then take a decision committed meanwhile for one that overtook a unit of work."""
+    async with EventStore(database_url, keys=KEY, max_connections=20) as store:
+        query = Query.of(["Booked"], ["course:1"])
+        plain = decided = 0
+
+        async def writer(n: int) -> None:
+            nonlocal plain
+            event = NewEvent("Booked", {"name": f"n{n}"}, tags=["course:1"], personal_data={"name": f"s{n % 5}"})
+            await store.append(f"p-{n}", [event])  # no condition, no unit of work: never AppendConditionFailed
+            plain += 1
+
+        async def decider(n: int) -> None:
+            nonlocal decided
+            _, condition = await store.read_with_condition(query)
+            try:
+                await store.append(f"d-{n}", [NewEvent("Booked", tags=["course:1"])], condition=condition)
+                decided += 1
+            except AppendConditionFailed:
+                pass
+
+        for round_ in range(15):
+            numbers = range(round_ * 10, round_ * 10 + 6)
+            await asyncio.gather(*(writer(n) for n in numbers), *(decider(n) for n in numbers))
+        assert plain == 90 and decided > 0
