@@ -730,6 +730,14 @@ class EventStore:
             raise
         assert row is not None
         status, version, positions, log_xid, recorded_at = row
+        if status in (sql.CONDITION_FAILED, sql.WRONG_VERSION):
+            # A retry (after a lost connection) that waited for the locks of its own first attempt finds
+            # that attempt's events there: they are what moved the stream, or what matches the condition.
+            again = await uow.connection.fetchrow(
+                sql.DUPLICATES_BUT_TRACE, p.stream_id, p.expected, p.event_ids, p.types, p.data, p.metadata
+            )
+            if again is not None and again[0] == sql.IDEMPOTENT:
+                status, version, positions, log_xid, recorded_at = again
         if status == sql.CONDITION_FAILED:
             assert condition is not None
             raise AppendConditionFailed(condition.query, condition.after, conflict=Checkpoint(log_xid, positions[0]))

@@ -17,6 +17,7 @@ from eventstore import (
     MasterKey,
     NewEvent,
     Query,
+    StreamState,
     SubjectForgotten,
     asyncpg_dsn,
     lifecycle,
@@ -235,3 +236,22 @@ async def test_a_plain_append_of_personal_data_beside_decisions_is_never_taken_f
             numbers = range(round_ * 10, round_ * 10 + 6)
             await asyncio.gather(*(writer(n) for n in numbers), *(decider(n) for n in numbers))
         assert plain == 90 and decided > 0
+
+
+@pytest.mark.parametrize("kind", ["condition", "expected version"])
+async def test_a_retry_that_waited_for_its_own_first_attempt_is_that_append(store: EventStore, kind: str) -> None:
+    """A caller's retry after a lost connection, while the first attempt still ran on the server: it finds
+    the first attempt's events once it has the locks, and they are its own (not a conflict)."""
+    query = Query.of(tags=["seat:1"])
+    events = [NewEvent("Booked", {"seat": 1}, tags=["seat:1"])]
+    _, condition = await store.read_with_condition(query)
+    options: dict[str, object] = (
+        {"condition": condition} if kind == "condition" else {"expected_version": StreamState.NO_STREAM}
+    )
+    async with store.unit_of_work() as uow:
+        first = await uow.append("seat-1", events, **options)  # type: ignore[arg-type]
+        retry = asyncio.ensure_future(store.append("seat-1", events, **options))  # type: ignore[arg-type]
+        await _still_waiting(retry)
+    again = await asyncio.wait_for(retry, 10)
+    assert again.duplicate and again.checkpoint == first.checkpoint
+    assert len(await store.read_stream("seat-1")) == 1
