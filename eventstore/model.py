@@ -156,14 +156,16 @@ class NewEvent:
     tags: Sequence[str] = ()
     personal_data: Mapping[str, str] | None = None
 
-    def metadata_with_ids(self) -> dict[str, Any]:
+    def metadata_with_ids(self, tags: Sequence[str] | None = None) -> dict[str, Any]:
+        """The metadata to store; `tags` as checked (the append's: `self.tags` may be a one-shot iterator)."""
         meta = dict(self.metadata) if self.metadata else {}
         if self.correlation_id is not None:
             meta[CORRELATION_ID] = str(self.correlation_id)
         if self.causation_id is not None:
             meta[CAUSATION_ID] = str(self.causation_id)
-        if self.tags:
-            meta[TAGS] = list(dict.fromkeys(self.tags))
+        tags = self.tags if tags is None else tags
+        if tags:
+            meta[TAGS] = list(dict.fromkeys(tags))
         inject_trace_context(meta)
         return meta
 

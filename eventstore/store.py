@@ -275,15 +275,16 @@ def prepare_append(
             raise InvalidAppend(
                 f"metadata key {PERSONAL_DATA!r} is reserved for sealed fields: pass NewEvent(personal_data=...)"
             )
-        tags.append(check_tags(event.tags, InvalidAppend))
+        event_tags = check_tags(event.tags, InvalidAppend)  # read once: it may be an iterator
+        tags.append(event_tags)
         body = _dump_fast(event_type, event.data)
         fields = check_personal_data(event.personal_data)
         personal.append(fields)
         if (
             event.metadata or event.correlation_id is not None or event.causation_id is not None
-            or event.tags or fields is not None or traced
+            or event_tags or fields is not None or traced
         ):
-            meta_dict = event.metadata_with_ids()
+            meta_dict = event.metadata_with_ids(event_tags)
             if fields is not None:
                 meta_dict[PERSONAL_DATA] = marker(fields)
             meta = _dump_fast(event_type, meta_dict)

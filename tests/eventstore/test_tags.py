@@ -295,3 +295,13 @@ async def test_a_conditional_append_never_scans_the_whole_log(store: EventStore)
             await uow.append(fresh(), [booked], condition=(query, START))
         scans = await uow.connection.fetchval("SELECT seq_scan FROM pg_stat_xact_user_tables WHERE relname = 'events'")
     assert scans == 0
+
+
+async def test_tags_given_as_a_one_shot_iterator_are_indexed_and_kept_alike(store: EventStore) -> None:
+    """The append reads `tags` once: the index and the event's metadata (what decisions fold, what
+    routes and restores read) hold the same tags."""
+    await store.append("course-7", [NewEvent("Subscribed", tags=map(str, ["course:7", "student:1"]))])
+    await store.append("course-7", [NewEvent("Subscribed", tags=(t for t in ["course:7", "student:2"]))])
+    events, _ = await store.read_with_condition(Query.of(tags=["course:7"]))
+    assert [e.tags for e in events] == [("course:7", "student:1"), ("course:7", "student:2")]
+    assert all(Query.of(tags=["course:7"]).matches(e) for e in events)
