@@ -1052,6 +1052,18 @@ DROP_LIFECYCLE_V1 = (
 
 MAINTENANCE = "SELECT o_stream_id, o_events FROM eventstore_maintenance($1, $2, $3)"
 
+REBUILD_TAG_INDEX = """
+INSERT INTO event_tags (tag, log_xid, position, event_type)
+SELECT t.tag, e.log_xid, e.position, e.event_type
+FROM events AS e
+CROSS JOIN LATERAL jsonb_array_elements_text(
+    CASE WHEN jsonb_typeof(e.metadata -> 'tags') = 'array' THEN e.metadata -> 'tags' ELSE '[]' END) AS t(tag)
+WHERE e.metadata ? 'tags'
+ON CONFLICT DO NOTHING
+"""
+"""The tag index of every event, from the tags each keeps in its metadata (the upgrade that creates it,
+which may follow a downgrade that dropped it)."""
+
 RESTORE_STREAM_TAGS = """
 INSERT INTO event_tags (tag, log_xid, position, event_type)
 SELECT t.tag, e.log_xid, e.position, e.event_type

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from alembic import context
+from sqlalchemy import text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -14,9 +15,16 @@ config = context.config
 target_metadata = all_tables()
 
 
+MIGRATION_LOCK = 0x4553_4D49_4752_4154
+"""An advisory lock: migrations started at once (every replica running `eventstore migrate` as it starts)
+run one after the other, and the later ones find the schema at head, instead of failing on objects the
+first one is creating."""
+
+
 def _run(connection: Connection) -> None:
     context.configure(connection=connection, target_metadata=target_metadata)
     with context.begin_transaction():
+        connection.execute(text(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})"))
         context.run_migrations()
 
 

@@ -85,3 +85,80 @@ def test_downgrade_to_base_and_upgrade_again(database_url: str) -> None:
     assert not set(metadata.tables) & _tables(database_url)
     migrate(database_url)
     assert _drift(database_url) == []
+
+
+def test_a_round_trip_below_the_tag_index_rebuilds_it(database_url: str) -> None:
+    import asyncio
+
+    from alembic import command
+
+    from eventstore import EventStore, NewEvent, Query
+    from eventstore_app.migrate import alembic_config, migrate
+
+    async def append() -> None:
+        async with EventStore(database_url) as store:
+            await store.append("account-1", [NewEvent("Registered", tags=["name:ann"])])
+
+    async def tagged() -> int:
+        async with EventStore(database_url) as store:
+            return len(await store.read_query(Query.of(tags=["name:ann"])))
+
+    asyncio.run(append())
+    command.downgrade(alembic_config(database_url), "0008")
+    migrate(database_url)
+    assert asyncio.run(tagged()) == 1  # the index was rebuilt from the events' metadata
+
+
+def test_a_downgrade_below_the_lifecycle_refuses_to_drop_what_it_keeps(database_url: str) -> None:
+    import asyncio
+
+    import pytest
+    from alembic import command
+
+    from eventstore import EventStore, NewEvent, lifecycle
+    from eventstore_app.migrate import alembic_config
+
+    async def archive() -> None:
+        async with EventStore(database_url) as store:
+            await store.append("ticket-1", [NewEvent("Opened")])
+            await lifecycle.archive(store, "ticket-1")
+
+    asyncio.run(archive())
+    with pytest.raises(RuntimeError, match="cannot downgrade below 0011"):
+        command.downgrade(alembic_config(database_url), "0010")
+    assert "events_archive" in _tables(database_url)
+
+
+def test_migrations_started_at_once_run_one_after_the_other(server_url: str) -> None:
+    import subprocess
+    import sys
+    import uuid
+
+    from tests.conftest import with_database
+
+    name = f"es_mig_{uuid.uuid4().hex[:10]}"
+
+    async def admin(statement: str) -> None:
+        conn = await asyncpg.connect(asyncpg_dsn(server_url))
+        try:
+            await conn.execute(statement)
+        finally:
+            await conn.close()
+
+    import asyncio
+
+    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+    try:
+        url = with_database(server_url, name)
+        runs = [
+            subprocess.Popen(
+                [sys.executable, "-m", "eventstore_cli", "--database-url", url, "migrate"],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            )
+            for _ in range(3)
+        ]
+        results = [(run.wait(timeout=120), run.stderr.read() if run.stderr else "") for run in runs]
+        assert [code for code, _ in results] == [0, 0, 0], results
+        assert _drift(url) == []
+    finally:
+        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))

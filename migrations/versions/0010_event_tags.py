@@ -48,6 +48,7 @@ def upgrade() -> None:
         ),
     )
     op.execute(sql.APPEND_TAGGED_FUNCTION_V1)
+    op.execute(sql.REBUILD_TAG_INDEX)  # empty, unless an earlier downgrade dropped the index of tagged events
 
 
 def downgrade() -> None:

@@ -68,6 +68,17 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    # What this revision keeps has nowhere to go below it: archived events, subjects' keys (every sealed
+    # field would read as forgotten), tombstones (deleted streams could be written again).
+    kept = op.get_bind().execute(sa.text(
+        "SELECT EXISTS (SELECT FROM events_archive) OR EXISTS (SELECT FROM subject_keys)"
+        " OR EXISTS (SELECT FROM streams WHERE tombstoned_at IS NOT NULL OR archived_at IS NOT NULL)"
+    )).scalar()
+    if kept:
+        raise RuntimeError(
+            "cannot downgrade below 0011: the database holds archived streams, tombstones or personal-data "
+            "keys, which the older schema cannot keep (restore the streams and forget nothing you need first)"
+        )
     for statement in sql.DROP_LIFECYCLE_V1:
         op.execute(statement)
     op.drop_index("events_archive_stream_idx", table_name="events_archive")
