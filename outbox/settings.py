@@ -18,6 +18,9 @@ def _default_relay_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
+_DAY = 24 * 3600.0
+"""The longest lease and backoff accepted: longer ones overflow the database's intervals, and are mistakes."""
+
 class _Settings(BaseModel):
     """Settings whose bad values raise `InvalidSettings` (an `EventStoreError`), not pydantic's error."""
 
@@ -157,6 +160,8 @@ BrokerSettings = KafkaSettings | NatsSettings | RabbitMQSettings
 
 def broker_settings(url: str) -> BrokerSettings:
     """Settings from a URL: `nats://...`, `amqp://...` or `amqps://...`, else Kafka (`kafka://h:p` or `h:p`)."""
+    if not isinstance(url, str) or not url.strip():
+        raise InvalidSettings(f"a broker URL is a non-empty string, got {url!r}")
     url = url.strip()
     if url.startswith(("nats://", "tls://")):
         return NatsSettings(servers=url)
@@ -186,14 +191,14 @@ class RelaySettings(_Settings):
     """How long after publishing the relay counts as busy."""
     send_timeout: float = Field(default=5.0, gt=0)
     """The producer's request timeout: how long the broker may take to acknowledge."""
-    lease_ttl: float = Field(default=30.0, gt=0)
+    lease_ttl: float = Field(default=30.0, gt=0, le=_DAY)
     """A slot lease lasts this long unless renewed; a crashed relay's slots move on after it."""
-    max_attempts: int = Field(default=5, gt=0, le=2**31 - 1)
+    max_attempts: int = Field(default=5, gt=0, le=1000)
     """Refusals by the broker before a message is dead-lettered."""
-    retry_backoff: float = Field(default=1.0, ge=0)
-    max_retry_backoff: float = Field(default=60.0, ge=0)
-    broker_backoff: float = Field(default=0.2, gt=0)
-    max_broker_backoff: float = Field(default=5.0, gt=0)
+    retry_backoff: float = Field(default=1.0, ge=0, le=_DAY)
+    max_retry_backoff: float = Field(default=60.0, ge=0, le=_DAY)
+    broker_backoff: float = Field(default=0.2, gt=0, le=_DAY)
+    max_broker_backoff: float = Field(default=5.0, gt=0, le=_DAY)
     retention: float | None = Field(default=24 * 3600.0, ge=0)
     """Seconds a published message is kept before pruning; None keeps them."""
     prune_interval: float = Field(default=60.0, gt=0)
@@ -229,4 +234,4 @@ class RelaySettings(_Settings):
 
     def retry_delay(self, attempts: int) -> float:
         """How long a message the broker refused `attempts` times before waits until it is sent again."""
-        return min(self.retry_backoff * 2.0**attempts, self.max_retry_backoff)
+        return min(self.retry_backoff * 2.0 ** min(attempts, 64), self.max_retry_backoff)

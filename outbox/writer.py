@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-from eventstore import EventStore
+from eventstore import EventStore, storable_text
+from eventstore.model import UNSTORABLE
 from eventstore.query import check_tag
 from outbox import sql
 from outbox.errors import InvalidRoute
@@ -76,14 +77,19 @@ class Route:
     ) -> None:
         if not isinstance(topic, str) or not _TOPIC.match(topic) or topic in (".", ".."):
             raise InvalidRoute(f"{topic!r} is not a valid Kafka topic name ([A-Za-z0-9._-], 1-249 chars)")
-        if isinstance(types, str):
-            raise InvalidRoute(f"types must be a collection of event types, not the string {types!r}")
-        chosen = None if types is None else frozenset(types)
-        if chosen is not None and (not chosen or not all(isinstance(t, str) and t for t in chosen)):
-            raise InvalidRoute("types must be a non-empty collection of non-empty strings (or None: all)")
-        if category is not None and (not isinstance(category, str) or not category):
-            raise InvalidRoute("category must be a non-empty string (or None: all)")
-        if key is not None and (not isinstance(key, str) or not _KEY_PATH.match(key)):
+        if isinstance(types, str) or not (types is None or isinstance(types, Iterable)):
+            raise InvalidRoute(f"types must be a collection of event types, got {types!r}")
+        listed = None if types is None else list(types)
+        if listed is not None and (
+            not listed or not all(isinstance(t, str) and t and storable_text(t) for t in listed)
+        ):
+            raise InvalidRoute(
+                f"types must be a non-empty collection of non-empty strings without {UNSTORABLE} (or None: all)"
+            )
+        chosen = None if listed is None else frozenset(listed)
+        if category is not None and (not isinstance(category, str) or not category or not storable_text(category)):
+            raise InvalidRoute(f"category must be a non-empty string without {UNSTORABLE} (or None: all)")
+        if key is not None and (not isinstance(key, str) or not _KEY_PATH.match(key) or not storable_text(key)):
             raise InvalidRoute(
                 f"key must name a field of the event, like 'data.customer_id' or 'metadata.tenant', got {key!r}"
             )
@@ -110,8 +116,15 @@ class Outbox:
     """
 
     def __init__(self, routes: Sequence[Route], *, source: str = "eventstore") -> None:
-        if isinstance(routes, Route) or not all(isinstance(r, Route) for r in routes):
+        if isinstance(routes, Route) or not isinstance(routes, Iterable):
+            raise InvalidRoute(f"routes must be a sequence of Route, got {routes!r}")
+        routes = tuple(routes)
+        if not all(isinstance(r, Route) for r in routes):
             raise InvalidRoute("routes must be a sequence of Route")
+        topics = [r.topic for r in routes]
+        twice = sorted({t for t in topics if topics.count(t) > 1})
+        if twice:  # a message is one per event and topic: the second route's message would never be written
+            raise InvalidRoute(f"topic {twice[0]!r} has more than one route: give each topic one route")
         if not isinstance(source, str) or not source:
             raise InvalidRoute("source (the CloudEvents source attribute) must be a non-empty string")
         self.routes = tuple(routes)

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 
 import orjson
 import pytest
+from nats.js.api import DiscardPolicy
 
 from eventstore import EventStore, NewEvent
 from outbox import CloudEvent, Outbox, Relay, Route, retry_dead
@@ -133,6 +134,21 @@ async def test_nats_refused_message_is_dead_lettered_without_blocking_other_keys
     async with Relay(store, nats_reader.settings, relay_settings(max_attempts=1)) as relay:
         await _wait_none_pending(store)
     assert relay.stats.dead == 1
+
+
+async def test_nats_a_full_stream_refuses_the_message_it_has_no_room_for(
+    store: EventStore, nats_reader: NatsReader
+) -> None:
+    """A stream at its limits (`discard new`) answers with a 503 of its own code: a refusal of that message,
+    dead-lettered after `max_attempts`, not a broker that is down (the relay reconnected for ever)."""
+    await nats_reader.create(["orders"], max_msgs=2, discard=DiscardPolicy.NEW)
+    await Outbox([Route("orders", category="order")], source="/tests").declare(store)
+    await store.append("order-1", [NewEvent("OrderPlaced", {"n": n}) for n in range(3)])
+    async with Relay(store, nats_reader.settings, relay_settings(max_attempts=2)) as relay:
+        await _wait_none_pending(store)
+    assert (relay.stats.published, relay.stats.refused, relay.stats.dead) == (2, 2, 1)
+    last_error = await store.pool.fetchval("SELECT last_error FROM outbox WHERE dead_at IS NOT NULL")
+    assert "maximum messages" in last_error, last_error
 
 
 async def test_rabbitmq_unroutable_message_is_refused_dead_lettered_and_retried_once_bound(

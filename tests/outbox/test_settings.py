@@ -69,11 +69,21 @@ async def test_tls_sasl_and_idempotence_pass_through_to_aiokafka() -> None:
         ({"max_attempts": 0}, "greater than 0"),
         ({"retention": -1.0}, "greater than or equal to 0"),
         ({"relay_id": ""}, "at least 1 character"),
+        # Accepted, these overflowed at run time (2.0 ** attempts, database intervals) on every round.
+        ({"max_attempts": 5000}, "less than or equal to 1000"),
+        ({"retry_backoff": 1e308}, "less than or equal to 86400"),
+        ({"max_retry_backoff": 1e308}, "less than or equal to 86400"),
+        ({"lease_ttl": 1e300}, "less than or equal to 86400"),
     ],
 )
 def test_relay_settings_that_cannot_work_are_rejected(values: dict[str, Any], message: str) -> None:
     with pytest.raises(InvalidSettings, match=message):
         RelaySettings(**values)
+
+
+def test_the_longest_backoff_for_the_most_attempts_is_a_number() -> None:
+    settings = RelaySettings(max_attempts=1000, retry_backoff=86400, max_retry_backoff=86400)
+    assert settings.retry_delay(999) == 86400
 
 
 def test_default_relay_ids_are_unique() -> None:
@@ -93,6 +103,9 @@ def test_a_broker_is_chosen_by_its_url() -> None:
 def test_bad_broker_settings_are_one_clear_error() -> None:
     with pytest.raises(InvalidSettings, match="no broker for mqtt://"):
         broker_settings("mqtt://127.0.0.1")
+    for nothing in (None, "", "  "):
+        with pytest.raises(InvalidSettings, match="non-empty string"):
+            broker_settings(nothing)  # type: ignore[arg-type]
     with pytest.raises(InvalidSettings, match="not a NATS URL"):
         NatsSettings(servers="http://127.0.0.1:4222")
     with pytest.raises(InvalidSettings, match="subject_prefix"):

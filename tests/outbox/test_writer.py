@@ -178,6 +178,14 @@ async def test_an_event_without_its_key_is_refused_and_writes_nothing(
         lambda: Route("orders", key=lambda e: e.stream_id),  # type: ignore[arg-type]
         lambda: Outbox(Route("orders")),  # type: ignore[arg-type]
         lambda: Outbox([Route("orders")], source=""),
+        lambda: Route("orders", types=123),  # type: ignore[arg-type]
+        lambda: Route("orders", types=[["a"]]),  # type: ignore[list-item]
+        lambda: Route("orders", ["Order\x00Placed"]),
+        lambda: Route("orders", category="or\x00der"),
+        lambda: Route("orders", key="data.c\x00"),
+        lambda: Outbox(None),  # type: ignore[arg-type]
+        # One message per event and topic: a second route to a topic would never get its messages written.
+        lambda: Outbox([Route("orders", ["OrderPlaced"]), Route("orders", ["OrderPlaced"], key="data.c")]),
     ],
 )
 def test_malformed_routes_are_rejected_when_built(build: Any) -> None:
