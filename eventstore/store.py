@@ -712,6 +712,14 @@ class EventStore:
                 condition.query if condition else None, condition.after if condition else START,
                 "deadlock with a concurrent append: retry the unit of work",
             ) from None
+        except asyncpg.exceptions.OutOfMemoryError as exc:
+            # The lock table is full (conditional and tagged appends take advisory locks until commit): the
+            # server's, so other transactions fail too while one holds too many. Transient for them.
+            raise AppendConditionFailed(
+                condition.query if condition else None, condition.after if condition else START,
+                f"the server is out of lock space ({exc.args[0]}): retry, and split units of work that append "
+                "many tagged events, or raise max_locks_per_transaction",
+            ) from None
         except asyncpg.exceptions.FeatureNotSupportedError as exc:
             raise InvalidArgument(exc.args[0]) from None
         except asyncpg.exceptions.UniqueViolationError as exc:

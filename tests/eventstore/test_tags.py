@@ -305,3 +305,17 @@ async def test_tags_given_as_a_one_shot_iterator_are_indexed_and_kept_alike(stor
     events, _ = await store.read_with_condition(Query.of(tags=["course:7"]))
     assert [e.tags for e in events] == [("course:7", "student:1"), ("course:7", "student:2")]
     assert all(Query.of(tags=["course:7"]).matches(e) for e in events)
+
+
+async def test_a_unit_of_work_holding_too_many_locks_fails_with_a_typed_error(store: EventStore) -> None:
+    """Conditional and tagged appends hold advisory locks until commit; the server's lock table is finite
+    (max_locks_per_transaction): running out is an AppendConditionFailed saying so, not the driver's error."""
+
+    def tagged(n: int) -> list[NewEvent]:
+        return [NewEvent("Tagged", tags=[f"t{n}:{i}:{j}" for j in range(32)]) for i in range(10)]
+
+    with pytest.raises(AppendConditionFailed, match="out of lock space"):
+        async with store.unit_of_work() as uow:
+            for n in range(1000):
+                await uow.append(f"locks-{n}", tagged(n))
+    assert await store.read_all() == []
