@@ -136,8 +136,7 @@ def check_personal_data(personal: object) -> dict[str, str] | None:
     return checked or None
 
 
-MAX_SUBJECT_LENGTH = 245
-"""A forgotten subject is recorded in the stream `$personal-<subject>`, whose id must fit in 255 characters."""
+MAX_SUBJECT_LENGTH = 255
 
 
 def check_subject(subject: object) -> str:

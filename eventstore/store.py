@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import contextvars
 import dataclasses
+import hashlib
 import itertools
 import logging
 import math
@@ -146,8 +147,13 @@ SUBJECT_FORGOTTEN = "$SubjectForgotten"
 
 
 def erasure_stream(subject: str) -> str:
-    """The stream recording that a subject was forgotten."""
-    return f"$personal-{subject}"
+    """The stream recording that a subject was forgotten (its id hashed if too long to take the prefix)."""
+    if len(subject) <= MAX_STREAM_ID_LENGTH - len(_ERASURE_PREFIX):
+        return _ERASURE_PREFIX + subject
+    return "$personal#" + hashlib.sha256(subject.encode()).hexdigest()
+
+
+_ERASURE_PREFIX = "$personal-"
 
 
 @dataclass(frozen=True, slots=True)
@@ -932,8 +938,8 @@ class EventStore:
             query, args = sql.READ_ALL_CATEGORY_TYPES, (tx, pos, limit, category, list(types))
         elif category is not None:
             query, args = sql.READ_ALL_CATEGORY, (tx, pos, limit, category)
-        elif types is not None and len(set(types)) == 1:
-            query, args = sql.READ_ALL_TYPE, (tx, pos, limit, types[0])
+        elif types is not None and len(distinct := list(dict.fromkeys(types))) == 1:
+            query, args = sql.READ_ALL_TYPE, (tx, pos, limit, distinct[0])
         elif types is not None:
             query, args = sql.READ_ALL_TYPES, (tx, pos, limit, list(types))
         else:

@@ -28,15 +28,16 @@ from outbox.settings import NatsSettings
 MSG_ID = "Nats-Msg-Id"
 
 
-_STORE_REFUSED = 10077
-"""JetStream's error code when a stream's limits refuse a message (maximum messages or bytes exceeded,
-with the `discard new` policy): an answer about this message, though it comes as a 503."""
+_STORE_FAILED = 10077
+"""JetStream's error code when its store did not take a message: a stream's limits refusing it (maximum
+messages or bytes exceeded, with the `discard new` policy) is an answer about this message, though it
+comes as a 503; other store failures (a stream restarting) are the broker's."""
 
 
 def _unreachable(exc: BaseException) -> bool:
     """Refusals are JetStream's own answers (payload too large, wrong stream, a full stream ...), except 503s."""
     if isinstance(exc, nats.js.errors.APIError):
-        if exc.err_code == _STORE_REFUSED:
+        if exc.err_code == _STORE_FAILED and "exceeded" in (exc.description or ""):
             return False
         return isinstance(exc, nats.js.errors.ServiceUnavailableError) or exc.code == 503
     return not isinstance(exc, nats.errors.MaxPayloadError | nats.errors.BadSubjectError | nats.errors.BadHeaderError)

@@ -24,6 +24,7 @@ from aiokafka.errors import TopicAlreadyExistsError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from aggregates import AggregateNotFound, Repository
 from eventstore import EventStore, UnitOfWork
@@ -370,7 +371,7 @@ async def run_demo(url: str, broker: str, console: Console, *, customers: int = 
             for sku, price in prices.items():
                 await commands.run(shop.products, sku, lambda p, pr=price: p.list_for_sale(pr, stock), create=True)
 
-            console.print(f"[bold]1.[/] {customers} customers shop at once ({concurrency} in flight) ...")
+            console.print(f"[bold]1.[/] {customers} customers shop at once ({concurrency} in flight) ...", markup=True)
             gate = asyncio.Semaphore(concurrency)
 
             async def one(n: int) -> None:
@@ -391,7 +392,8 @@ async def run_demo(url: str, broker: str, console: Console, *, customers: int = 
             )
 
             console.print(
-                f"[bold]2.[/] projections catch up; outbox relays to {_broker_name(broker)}; billing consumes ..."
+                f"[bold]2.[/] projections catch up; outbox relays to {_broker_name(broker)}; billing consumes ...",
+                markup=True,
             )
             await runner.wait_caught_up()
             order_events = await _count_events(store, ORDER_EVENTS)
@@ -403,7 +405,7 @@ async def run_demo(url: str, broker: str, console: Console, *, customers: int = 
             )
 
             before = await _rows(store, "SELECT * FROM order_summary ORDER BY order_id")
-            console.print("[bold]3.[/] rebuilding order_summary from the log while it keeps serving ...")
+            console.print("[bold]3.[/] rebuilding order_summary from the log while it keeps serving ...", markup=True)
             with _progress(console) as bar:
                 task = bar.add_task("rebuild order_summary", total=None)
 
@@ -492,7 +494,8 @@ def print_report(report: Report, console: Console) -> None:
     table.add_column("")
     for check in report.checks:
         expected, actual = _short(check.expected), _short(check.actual)
-        table.add_row(check.name, expected, actual, "[green]ok[/]" if check.ok else "[bold red]FAIL[/]")
+        verdict = Text("ok", style="green") if check.ok else Text("FAIL", style="bold red")
+        table.add_row(check.name, expected, actual, verdict)
     console.print(table)
 
 

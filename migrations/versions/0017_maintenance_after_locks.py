@@ -30,5 +30,5 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_index("events_archive_personal_subjects_idx", table_name="events_archive")
-    op.execute("DROP FUNCTION eventstore_maintenance(text, text[], text)")
-    op.execute(sql.MAINTENANCE_FUNCTION_V1)
+    # Replaced, not dropped: grants an operator gave on the function stay.
+    op.execute(sql.MAINTENANCE_FUNCTION_V1.replace("CREATE FUNCTION", "CREATE OR REPLACE FUNCTION", 1))

@@ -10,6 +10,7 @@ import orjson
 import pytest
 
 from eventstore import (
+    SUBJECT_FORGOTTEN,
     AppendConditionFailed,
     EventStore,
     EventTooLarge,
@@ -25,6 +26,7 @@ from eventstore import (
     sql,
 )
 from eventstore.lifecycle import RetentionPolicy, deleted_stream
+from eventstore.store import erasure_stream
 
 KEY = MasterKey(b"k" * 32)
 
@@ -140,13 +142,16 @@ async def test_a_refused_personal_append_creates_no_subject_keys(database_url: s
         assert await store.pool.fetchval("SELECT array_agg(subject) FROM subject_keys") == ["ann"]
 
 
-async def test_subject_ids_are_short_enough_for_their_erasure_stream(database_url: str) -> None:
+async def test_a_subject_id_too_long_for_the_prefix_is_forgotten_in_a_hashed_erasure_stream(database_url: str) -> None:
     async with EventStore(database_url, keys=KEY) as store:
-        longest = "s" * 245
+        longest = "s" * 255
         await store.append("member-1", [NewEvent("R", {"email": "a@x"}, personal_data={"email": longest})])
         assert (await store.forget(longest)).forgotten_now
-        with pytest.raises(InvalidArgument, match="at most 245"):
-            await store.append("member-2", [NewEvent("R", {"email": "a@x"}, personal_data={"email": "s" * 246})])
+        (record,) = await store.read_all(types=[SUBJECT_FORGOTTEN])
+        assert record.stream_id.startswith("$personal#") and record.json() == {"subject": longest}
+        assert erasure_stream("ann") == "$personal-ann"
+        with pytest.raises(InvalidArgument, match="at most 255"):
+            await store.append("member-2", [NewEvent("R", {"email": "a@x"}, personal_data={"email": "s" * 256})])
         assert await store.stream_version("member-2") == -1
 
 

@@ -362,3 +362,10 @@ async def test_units_of_work_deadlocking_over_two_streams_get_a_typed_error(stor
     assert len(failed) == 1 and isinstance(failed[0], AppendConditionFailed), results
     assert "retry the unit of work" in str(failed[0])
     assert sorted([await store.stream_version("left-1"), await store.stream_version("right-1")]) == [1, 1]
+
+
+async def test_read_all_takes_types_as_any_collection(store: EventStore) -> None:
+    await store.append("order-1", [ev(n=1)])
+    (event,) = await store.read_all()
+    for types in ({event.event_type}, frozenset([event.event_type]), {event.event_type: 1}.keys(), (event.event_type,)):
+        assert await store.read_all(types=types) == [event]  # type: ignore[arg-type]
