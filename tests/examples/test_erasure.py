@@ -131,6 +131,7 @@ async def test_an_erased_customer_leaves_no_plaintext_anywhere(database_url: str
 
     messages = await _messages_since(kafka, offsets)
     placed = [orjson.loads(v) for _, v, h in messages if (("ce_type", b"OrderPlaced") in h)]
+    placed = [p for p in placed if "customer" in p and "ship_to" in p]  # the shop's (other tests' share topics)
     assert {p["ship_to"] for p in placed if p["customer"] == VICTIM} == {REDACTED}
     assert address_of("customer-4") in {p["ship_to"] for p in placed}  # the others' data went out opened
     leaks = [
