@@ -1052,25 +1052,29 @@ DROP_LIFECYCLE_V1 = (
 
 MAINTENANCE = "SELECT o_stream_id, o_events FROM eventstore_maintenance($1, $2, $3)"
 
-REBUILD_TAG_INDEX = """
-INSERT INTO event_tags (tag, log_xid, position, event_type)
-SELECT t.tag, e.log_xid, e.position, e.event_type
-FROM events AS e
-CROSS JOIN LATERAL jsonb_array_elements_text(
-    CASE WHEN jsonb_typeof(e.metadata -> 'tags') = 'array' THEN e.metadata -> 'tags' ELSE '[]' END) AS t(tag)
-WHERE e.metadata ? 'tags'
-ON CONFLICT DO NOTHING
-"""
-"""The tag index of every event, from the tags each keeps in its metadata (the upgrade that creates it,
-which may follow a downgrade that dropped it)."""
+def _tags_of(events: str) -> str:
+    """The tag index rows of the events matching `events` (a condition on `e`), from their metadata's tags.
 
-RESTORE_STREAM_TAGS = """
+    Only strings that are valid tags: metadata written before `tags` was reserved may hold anything there.
+    """
+    return f"""
 INSERT INTO event_tags (tag, log_xid, position, event_type)
-SELECT t.tag, e.log_xid, e.position, e.event_type
-FROM events AS e CROSS JOIN LATERAL jsonb_array_elements_text(e.metadata -> 'tags') AS t(tag)
-WHERE e.stream_id = ANY ($1::text[]) AND jsonb_typeof(e.metadata -> 'tags') = 'array'
+SELECT t.v #>> '{{}}', e.log_xid, e.position, e.event_type
+FROM events AS e
+CROSS JOIN LATERAL jsonb_array_elements(
+    CASE WHEN jsonb_typeof(e.metadata -> 'tags') = 'array' THEN e.metadata -> 'tags' ELSE '[]' END) AS t(v)
+WHERE {events} AND e.metadata ? 'tags'
+  AND jsonb_typeof(t.v) = 'string' AND char_length(t.v #>> '{{}}') BETWEEN 1 AND {_MAX_TAG_LENGTH}
 ON CONFLICT DO NOTHING
 """
+
+
+_MAX_TAG_LENGTH = 255  # `eventstore.query.MAX_TAG_LENGTH`
+
+REBUILD_TAG_INDEX = _tags_of("true")
+"""The tag index of every event (the upgrade that creates it, which may follow a downgrade that dropped it)."""
+
+RESTORE_STREAM_TAGS = _tags_of("e.stream_id = ANY ($1::text[])")
 """After a restore: the tag index rebuilt from the tags each event keeps in its metadata."""
 
 STREAM_STATES = """

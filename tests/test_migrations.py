@@ -103,10 +103,21 @@ def test_a_round_trip_below_the_tag_index_rebuilds_it(database_url: str) -> None
         async with EventStore(database_url) as store:
             return len(await store.read_query(Query.of(tags=["name:ann"])))
 
+    async def legacy() -> None:  # metadata of before `tags` was reserved: anything may be under it
+        conn = await asyncpg.connect(asyncpg_dsn(database_url))
+        try:
+            await conn.execute(
+                "SELECT * FROM eventstore_append('legacy-1', -2, ARRAY[gen_random_uuid()], ARRAY['Legacy'],"
+                " ARRAY['{}'::jsonb], ARRAY['{\"tags\": [\"name:ann\", null, 5, \"\", {\"a\": 1}]}'::jsonb])"
+            )
+        finally:
+            await conn.close()
+
     asyncio.run(append())
     command.downgrade(alembic_config(database_url), "0008")
+    asyncio.run(legacy())
     migrate(database_url)
-    assert asyncio.run(tagged()) == 1  # the index was rebuilt from the events' metadata
+    assert asyncio.run(tagged()) == 2  # the index was rebuilt from the events' metadata, valid tags only
 
 
 def test_a_downgrade_below_the_lifecycle_refuses_to_drop_what_it_keeps(database_url: str) -> None:
