@@ -238,10 +238,13 @@ async def retain(
     if dry_run or not expired:
         return Retention(policy, len(rows), expired, 0, dry_run)
 
+    listed = {row["stream_id"]: row["last_at"] for row in rows}
+
     async def still_expired(conn: Connection, locked: list[str]) -> list[str]:
-        # Written to since the listing (before the lock), a stream is kept: it is young again.
-        now_expired = set(_expired(policy, await conn.fetch(sql.CATEGORY_STREAMS, policy.category)))
-        return [s for s in locked if s in now_expired]
+        # Written to since the listing (before the lock), a stream is kept: it is young again. One not
+        # written to is still expired: its age has only grown, its rank only fallen.
+        last = {r["stream_id"]: r["last_at"] for r in await conn.fetch(sql.STREAMS_LAST_WRITTEN, locked)}
+        return [s for s in locked if s in last and last[s] <= listed[s]]
 
     removed = await _delete(store, expired, f"retention: {_describe(policy)}", still_expired)
     return Retention(policy, len(rows), list(removed), sum(removed.values()), False)

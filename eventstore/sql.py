@@ -865,6 +865,15 @@ ORDER BY stream_id, stream_version DESC
 """
 """($1 deletion record streams): the `STREAM_DELETED` event each got last (in a deletion's transaction: its own)."""
 
+STREAMS_LAST_WRITTEN = """
+SELECT x.stream_id, max(x.recorded_at) AS last_at FROM (
+    SELECT stream_id, recorded_at FROM events WHERE stream_id = ANY($1::text[])
+    UNION ALL
+    SELECT stream_id, recorded_at FROM events_archive WHERE stream_id = ANY($1::text[])) AS x
+GROUP BY x.stream_id
+"""
+"""($1 stream ids): when each was last written, live or archived (retention's check under the lock)."""
+
 LOCK_STREAMS = "SELECT stream_id FROM streams WHERE stream_id = ANY($1::text[]) ORDER BY stream_id FOR UPDATE"
 
 STREAM_GUARD_V1 = (
