@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections.abc
 import enum
 import functools
 import operator
@@ -226,7 +227,7 @@ class RecordedEvent:
 
     @classmethod
     def _make(cls, values: Iterable[Any]) -> RecordedEvent:
-        return cls(*values)
+        return RecordedEvent(*values)
 
     @classmethod
     def from_rows(cls, rows: Iterable[asyncpg.Record] | Iterable[Sequence[Any]]) -> list[RecordedEvent]:
@@ -254,6 +255,19 @@ class RecordedEvent:
 
     def __reduce__(self) -> tuple[Any, ...]:
         return RecordedEvent, self._values()
+
+    # A tuple's sequence methods, for the driver's rows as well (a Record's `in` looks at column names).
+    def __contains__(self, value: object) -> bool:
+        return value in self._values()
+
+    def index(self, value: object, start: int = 0, stop: int = 9) -> int:
+        return self._values().index(value, start, stop)
+
+    def count(self, value: object) -> int:
+        return self._values().count(value)
+
+    def __add__(self, other: tuple[Any, ...]) -> tuple[Any, ...]:
+        return self._values() + other
 
     @property
     def checkpoint(self) -> Checkpoint:
@@ -316,6 +330,10 @@ class EventRow(asyncpg.Record, RecordedEvent):
     __new__ = asyncpg.Record.__dict__["__new__"]  # asyncpg takes no record class with a __new__ of its own
     __repr__ = RecordedEvent.__repr__
     __reduce__ = RecordedEvent.__reduce__
+    __contains__ = RecordedEvent.__contains__
+
+
+collections.abc.Sequence.register(RecordedEvent)  # both kinds: `isinstance(e, Sequence)`, sequence patterns
 
 
 async def fetch_events(

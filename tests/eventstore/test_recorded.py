@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from uuid import uuid4
 
@@ -70,3 +71,19 @@ def test_built_by_keyword_like_a_named_tuple() -> None:
         RecordedEvent(*list(values.values())[:8])  # type: ignore[call-arg]
     with pytest.raises(AttributeError):
         event.data = "x"  # type: ignore[misc]
+
+
+async def test_both_kinds_are_sequences_of_their_values(store: EventStore) -> None:
+    await store.append("cart-1", [NewEvent("Added")])
+    (read,) = await store.read_all()
+    for event in (read, RecordedEvent(*read)):
+        assert isinstance(event, Sequence)
+        assert event.event_id in event and "event_id" not in event  # values, not a row's column names
+        assert event.index("cart-1") == 4 and event.count("Added") == 1
+        assert event + ("x",) == (*tuple(event), "x")  # noqa: RUF005 (the operator is what is tested)
+        match event:
+            case (event_id, "Added", *_):
+                assert event_id == read.event_id
+            case _:
+                pytest.fail("a sequence pattern did not match")
+        assert type(event)._make(event) == event == RecordedEvent._make(event)
