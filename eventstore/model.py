@@ -183,7 +183,9 @@ class RecordedEvent:
     with `_replace` and `_asdict` like a named tuple. Reads hand out the driver's rows themselves
     (`EventRow`): copying each into an object of its own was a tenth of `read_all` (a tuple subclass is
     allocated through the slow generic path, and twice the objects bring twice the garbage collections).
-    Built in Python (`RecordedEvent(...)`, an append's result), it is a tuple.
+    Built in Python (`RecordedEvent(...)`, an append's result), it is a tuple; a row read is not one
+    (`isinstance(e, tuple)` is false, `json.dumps` takes `tuple(e)` or `e._asdict()`), but both are
+    `Sequence`s of the same values.
     """
 
     __slots__ = ()

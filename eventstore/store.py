@@ -695,16 +695,20 @@ class EventStore:
         sealed = await self.keyring.seal(executor, p.event_ids, p.data, p.personal, check_size)
         return dataclasses.replace(p, data=sealed, plain=p.data)
 
+    async def _hold_subjects(self, conn: Connection, personal: list[dict[str, str] | None]) -> None:
+        """Hold the subjects the events were sealed for until commit (see `sql.HOLD_SUBJECTS`)."""
+        subjects = sorted({s for fields in personal if fields for s in fields.values()})
+        await conn.execute(sql.HOLD_SUBJECTS, subjects)
+        held = {r["subject"] for r in await conn.fetch(sql.LIVE_SUBJECTS, subjects)}
+        if len(held) < len(subjects):  # forgotten since the events were sealed
+            raise SubjectForgotten(next(s for s in subjects if s not in held))
+
     async def _append_prepared(
         self, uow: UnitOfWork, p: _Prepared, expected_version: ExpectedVersion, condition: Condition | None = None
     ) -> AppendResult:
-        if p.personal is not None:
-            subjects = sorted({s for fields in p.personal if fields for s in fields.values()})
-            await uow.connection.execute(sql.HOLD_SUBJECTS, subjects)
-            held = {r["subject"] for r in await uow.connection.fetch(sql.LIVE_SUBJECTS, subjects)}
-            if len(held) < len(subjects):  # forgotten since the events were sealed
-                raise SubjectForgotten(next(s for s in subjects if s not in held))
         try:
+            if p.personal is not None:
+                await self._hold_subjects(uow.connection, p.personal)
             if condition is None and not p.tagged:
                 row = await uow.connection.fetchrow(
                     sql.APPEND, p.stream_id, p.expected, p.event_ids, p.types, p.data, p.metadata
