@@ -66,6 +66,8 @@ class DomainEvent(BaseModel):
     event_type: ClassVar[str] = "DomainEvent"
     schema_version: ClassVar[int] = 1
     personal_fields: ClassVar[Mapping[str, str]] = {}
+    stored_by_alias: ClassVar[bool] = False
+    """Whether the stored JSON names fields by alias (only if one cannot be read back by its name)."""
     """Personal field -> the field holding its subject's id (from `PersonalData` annotations)."""
 
     def __init_subclass__(cls, *, event_type: str | None = None, version: int | None = None, **kwargs: Any) -> None:
@@ -83,6 +85,9 @@ class DomainEvent(BaseModel):
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
         super().__pydantic_init_subclass__(**kwargs)
         personal: dict[str, str] = {}
+        # By name, as always, unless a field cannot be read back by its name (an alias without
+        # populate_by_name): then by alias, the only way such events load.
+        cls.stored_by_alias = any(name not in _read_keys(cls, name, info) for name, info in cls.model_fields.items())
         for name, info in cls.model_fields.items():
             _check_stored_key(cls, name, info)
             marks = [m for m in info.metadata if isinstance(m, PersonalData)]
@@ -257,7 +262,7 @@ class EventRegistry:
         meta[SCHEMA_VERSION_KEY] = cls.schema_version
         try:
             # By alias, as the JSON Schema (and a validation) names the fields: else aliased fields never load.
-            text = event.model_dump_json(by_alias=True).encode()
+            text = event.model_dump_json(by_alias=cls.stored_by_alias).encode()
         except PydanticSerializationError as exc:  # bytes that are not UTF-8, objects with no JSON form
             raise EventSerializationError(cls.event_type, str(exc)) from None
         if b"null" in text and has_non_finite(event.model_dump()):  # pydantic writes NaN as null
@@ -394,13 +399,29 @@ def _nested_mark(annotation: Any) -> bool:
     return any(_nested_mark(a) for a in get_args(annotation))
 
 
+def stored_key(cls: type[DomainEvent], name: str) -> str:
+    """The key a field is stored under: its name, or its alias in a class stored by alias."""
+    return (cls.model_fields[name].serialization_alias or name) if cls.stored_by_alias else name
+
+
 def _check_stored_key(cls: type[DomainEvent], name: str, info: FieldInfo) -> None:
     """Refuse a field that `encode` would store under a key `decode` does not read (it could never load).
 
-    Events are stored by alias: `Field(alias=...)` names the field both ways; a `serialization_alias`
-    or `validation_alias` alone does not.
+    `Field(alias=...)` names a field both ways; a `serialization_alias` or `validation_alias` alone
+    does not, in a class stored by alias.
     """
-    stored = info.serialization_alias or name
+    stored = stored_key(cls, name)
+    read = _read_keys(cls, name, info)
+    if stored not in read:
+        raise EventRegistrationError(
+            f"{cls.__qualname__}.{name}: stored as {stored!r} but read back from"
+            f" {' or '.join(repr(k) for k in sorted(read)) or 'nothing'}, so stored events would not load;"
+            " name it both ways with Field(alias=...)"
+        )
+
+
+def _read_keys(cls: type[DomainEvent], name: str, info: FieldInfo) -> set[str]:
+    """The keys validation reads a field from."""
     config = cls.model_config
     read: set[str] = set()
     if config.get("validate_by_alias", True):
@@ -414,21 +435,15 @@ def _check_stored_key(cls: type[DomainEvent], name: str, info: FieldInfo) -> Non
                     read.add(path[0])
     if config.get("validate_by_name") or config.get("populate_by_name"):
         read.add(name)
-    if stored not in read:
-        raise EventRegistrationError(
-            f"{cls.__qualname__}.{name}: stored as {stored!r} but read back from"
-            f" {' or '.join(repr(k) for k in sorted(read)) or 'nothing'}, so stored events would not load;"
-            " name it both ways with Field(alias=...)"
-        )
+    return read
 
 
 def _subjects(event: DomainEvent) -> dict[str, str] | None:
-    """Each personal field that holds a value, keyed as stored (by alias), with its subject's id.
+    """Each personal field that holds a value, keyed as stored (`stored_key`), with its subject's id.
 
     A field set to None hides nothing.
     """
     personal: dict[str, str] = {}
-    fields = type(event).model_fields
     for name, subject_field in event.personal_fields.items():
         if getattr(event, name) is None:
             continue
@@ -437,7 +452,7 @@ def _subjects(event: DomainEvent) -> dict[str, str] | None:
             raise EventSerializationError(
                 event.event_type, f"personal field {name!r} has no subject: {subject_field!r} is empty"
             )
-        personal[fields[name].serialization_alias or name] = str(subject)
+        personal[stored_key(type(event), name)] = str(subject)
     return personal or None
 
 

@@ -26,7 +26,7 @@ def event_schema(cls: type[DomainEvent]) -> dict[str, Any]:
     A class pydantic cannot describe (a `Callable` field, say) raises `EventSchemaError` naming it.
     """
     try:
-        described = cls.model_json_schema()
+        described = cls.model_json_schema(by_alias=cls.stored_by_alias)  # the keys stored events have
     except PydanticUserError as exc:  # PydanticInvalidForJsonSchema, or a class not fully defined
         path, line = defined_at(cls)
         where = cls.__qualname__ if path is None else f"{cls.__qualname__} at {path}:{line}"
