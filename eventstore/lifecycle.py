@@ -15,7 +15,6 @@ projections handle like any other event (`@handles(STREAM_DELETED)`) to drop the
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -31,7 +30,7 @@ from eventstore.errors import (
     StreamTombstoned,
 )
 from eventstore.model import UNSTORABLE, AppendResult, fetch_events, storable_text
-from eventstore.store import Connection, EventStore, UnitOfWork, check_stream_id
+from eventstore.store import Connection, EventStore, UnitOfWork, check_stream_id, record_stream
 
 STREAM_DELETED = sql.STREAM_DELETED
 
@@ -39,10 +38,8 @@ _BATCH = 500  # streams per maintenance call (one transaction each): bounded loc
 
 
 def deleted_stream(stream_id: str) -> str:
-    """The stream recording the hard deletion of `stream_id` (its id hashed if too long to take the prefix)."""
-    if len(stream_id) <= sql.MAX_STREAM_ID_LENGTH - len(sql.DELETED_PREFIX):
-        return sql.DELETED_PREFIX + stream_id
-    return sql.DELETED_HASHED_PREFIX + hashlib.sha256(stream_id.encode()).hexdigest()
+    """The stream recording the hard deletion of `stream_id` (`sql.DELETED_PREFIX`, the function's rule)."""
+    return record_stream(sql.DELETED_PREFIX[:-1], stream_id)
 
 
 @dataclass(frozen=True, slots=True)

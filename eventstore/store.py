@@ -146,14 +146,18 @@ SUBJECT_FORGOTTEN = "$SubjectForgotten"
 """The event `EventStore.forget` records (data: {"subject": ...}): handle it to scrub read models."""
 
 
+def record_stream(prefix: str, of: str) -> str:
+    """The store's own stream `<prefix>-<of>` recording something of `of` (a subject, a stream), or
+    `<prefix>#<sha256 of it>` when `of` is too long to take the prefix: no id of the first form can be
+    one of the second."""
+    if len(of) < MAX_STREAM_ID_LENGTH - len(prefix):
+        return f"{prefix}-{of}"
+    return f"{prefix}#{hashlib.sha256(of.encode()).hexdigest()}"
+
+
 def erasure_stream(subject: str) -> str:
-    """The stream recording that a subject was forgotten (its id hashed if too long to take the prefix)."""
-    if len(subject) <= MAX_STREAM_ID_LENGTH - len(_ERASURE_PREFIX):
-        return _ERASURE_PREFIX + subject
-    return "$personal#" + hashlib.sha256(subject.encode()).hexdigest()
-
-
-_ERASURE_PREFIX = "$personal-"
+    """The stream recording that a subject was forgotten."""
+    return record_stream("$personal", subject)
 
 
 @dataclass(frozen=True, slots=True)
