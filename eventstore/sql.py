@@ -903,7 +903,12 @@ _ARCHIVE_COLUMNS = "position, log_xid, stream_id, stream_version, event_id, even
 # trigger fires, neither the append-only guard nor the outbox (a restored event is not published
 # again). Every call locks the streams it touches, moves or deletes their events, and a deletion is
 # recorded as a `$StreamDeleted` event of its own, appended the ordinary way (triggers on again).
-MAINTENANCE_FUNCTION_V1 = f"""
+def _maintenance_function(streams: str, archived: str, record: str) -> str:
+    """`eventstore_maintenance`: its versions differ in how they take the streams (`streams`: the locks,
+    `v_ids`, `v_counts`), in what an archive drops besides moving the events, and in the record's stream id."""
+    moved_out = ", ".join("e." + c for c in _ARCHIVE_COLUMNS.split(", "))
+    moved_back = ", ".join("a." + c for c in _ARCHIVE_COLUMNS.split(", "))
+    return f"""
 CREATE FUNCTION eventstore_maintenance(p_action text, p_stream_ids text[], p_reason text)
 RETURNS TABLE (o_stream_id text, o_events bigint)
 LANGUAGE plpgsql SECURITY DEFINER
@@ -918,32 +923,18 @@ BEGIN
     IF p_action NOT IN ('archive', 'restore', 'delete') THEN
         RAISE EXCEPTION 'unknown maintenance action %', p_action USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    SELECT array_agg(s.stream_id ORDER BY s.stream_id),
-           array_agg(coalesce(c.n, 0) ORDER BY s.stream_id)
-    INTO v_ids, v_counts
-    FROM (SELECT st.stream_id FROM streams AS st WHERE st.stream_id = ANY (p_stream_ids)
-          ORDER BY st.stream_id FOR UPDATE) AS s
-    LEFT JOIN (
-        SELECT x.stream_id, count(*) AS n FROM (
-            SELECT e.stream_id FROM events AS e WHERE e.stream_id = ANY (p_stream_ids)
-            UNION ALL
-            SELECT a.stream_id FROM events_archive AS a WHERE a.stream_id = ANY (p_stream_ids)) AS x
-        GROUP BY x.stream_id) AS c ON c.stream_id = s.stream_id;
-    IF v_ids IS NULL THEN
-        RETURN;
-    END IF;
-
+{streams}
     PERFORM set_config('session_replication_role', 'replica', true);
     IF p_action = 'archive' THEN
         WITH moved AS (
             DELETE FROM events AS e WHERE e.stream_id = ANY (v_ids)
-            RETURNING {", ".join("e." + c for c in _ARCHIVE_COLUMNS.split(", "))})
+            RETURNING {moved_out})
         INSERT INTO events_archive ({_ARCHIVE_COLUMNS}) SELECT {_ARCHIVE_COLUMNS} FROM moved;
-        UPDATE streams SET archived_at = now() WHERE stream_id = ANY (v_ids);
+{archived}        UPDATE streams SET archived_at = now() WHERE stream_id = ANY (v_ids);
     ELSIF p_action = 'restore' THEN
         WITH moved AS (
             DELETE FROM events_archive AS a WHERE a.stream_id = ANY (v_ids)
-            RETURNING {", ".join("a." + c for c in _ARCHIVE_COLUMNS.split(", "))})
+            RETURNING {moved_back})
         INSERT INTO events ({_ARCHIVE_COLUMNS}) SELECT {_ARCHIVE_COLUMNS} FROM moved;
         UPDATE streams SET archived_at = NULL WHERE stream_id = ANY (v_ids);
     ELSE
@@ -958,7 +949,7 @@ BEGIN
     IF p_action = 'delete' THEN
         FOR i IN 1 .. cardinality(v_ids) LOOP
             PERFORM eventstore_append(
-                '$deleted-' || v_ids[i], -2, ARRAY[gen_random_uuid()], ARRAY['{STREAM_DELETED}'],
+                {record}, ARRAY[gen_random_uuid()], ARRAY['{STREAM_DELETED}'],
                 ARRAY[jsonb_build_object('stream_id', v_ids[i], 'events', v_counts[i], 'reason', p_reason)],
                 ARRAY[jsonb_build_object('maintenance', 'delete', 'by', session_user)]);
         END LOOP;
@@ -968,28 +959,37 @@ END
 $$
 """
 
+
+_COUNTS = """
+        SELECT x.stream_id, count(*) AS n FROM (
+            SELECT e.stream_id FROM events AS e WHERE e.stream_id = ANY ({ids})
+            UNION ALL
+            SELECT a.stream_id FROM events_archive AS a WHERE a.stream_id = ANY ({ids})) AS x
+        GROUP BY x.stream_id"""
+
+MAINTENANCE_FUNCTION_V1 = _maintenance_function(
+    streams=f"""    SELECT array_agg(s.stream_id ORDER BY s.stream_id),
+           array_agg(coalesce(c.n, 0) ORDER BY s.stream_id)
+    INTO v_ids, v_counts
+    FROM (SELECT st.stream_id FROM streams AS st WHERE st.stream_id = ANY (p_stream_ids)
+          ORDER BY st.stream_id FOR UPDATE) AS s
+    LEFT JOIN ({_COUNTS.format(ids="p_stream_ids")}) AS c ON c.stream_id = s.stream_id;
+    IF v_ids IS NULL THEN
+        RETURN;
+    END IF;
+""",
+    archived="",
+    record="'$deleted-' || v_ids[i], -2",
+)
+
 # Version 2: the streams are locked in a statement of their own, and everything after it reads what
 # committed while it waited (in a PL/pgSQL function each statement takes a new snapshot, but a statement
 # that waited for a lock still reads with the one it took before waiting). Version 1 counted the events
 # in its locking statement and the caller dropped the tag index and snapshots before the function took
 # the locks: an append committing in between was moved or deleted but not counted, and its tags and a
-# snapshot written meanwhile were left behind.
-MAINTENANCE_FUNCTION_V2 = f"""
-CREATE OR REPLACE FUNCTION eventstore_maintenance(p_action text, p_stream_ids text[], p_reason text)
-RETURNS TABLE (o_stream_id text, o_events bigint)
-LANGUAGE plpgsql SECURITY DEFINER
-SET search_path FROM CURRENT
-SET session_replication_role = origin
-AS $$
-DECLARE
-    v_ids text[];
-    v_counts bigint[];
-    i int;
-BEGIN
-    IF p_action NOT IN ('archive', 'restore', 'delete') THEN
-        RAISE EXCEPTION 'unknown maintenance action %', p_action USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-    SELECT array_agg(s.stream_id ORDER BY s.stream_id) INTO v_ids
+# snapshot written meanwhile were left behind. A stream id too long for the record's prefix is hashed.
+MAINTENANCE_FUNCTION_V2 = _maintenance_function(
+    streams=f"""    SELECT array_agg(s.stream_id ORDER BY s.stream_id) INTO v_ids
     FROM (SELECT st.stream_id FROM streams AS st WHERE st.stream_id = ANY (p_stream_ids)
           ORDER BY st.stream_id FOR UPDATE) AS s;
     IF v_ids IS NULL THEN
@@ -997,55 +997,18 @@ BEGIN
     END IF;
     SELECT array_agg(coalesce(c.n, 0) ORDER BY u.stream_id) INTO v_counts
     FROM unnest(v_ids) AS u(stream_id)
-    LEFT JOIN (
-        SELECT x.stream_id, count(*) AS n FROM (
-            SELECT e.stream_id FROM events AS e WHERE e.stream_id = ANY (v_ids)
-            UNION ALL
-            SELECT a.stream_id FROM events_archive AS a WHERE a.stream_id = ANY (v_ids)) AS x
-        GROUP BY x.stream_id) AS c ON c.stream_id = u.stream_id;
+    LEFT JOIN ({_COUNTS.format(ids="v_ids")}) AS c ON c.stream_id = u.stream_id;
     IF p_action IN ('archive', 'delete') THEN
         DELETE FROM event_tags AS t USING events AS e
         WHERE e.stream_id = ANY (v_ids) AND t.log_xid = e.log_xid AND t.position = e.position;
     END IF;
-
-    PERFORM set_config('session_replication_role', 'replica', true);
-    IF p_action = 'archive' THEN
-        WITH moved AS (
-            DELETE FROM events AS e WHERE e.stream_id = ANY (v_ids)
-            RETURNING {", ".join("e." + c for c in _ARCHIVE_COLUMNS.split(", "))})
-        INSERT INTO events_archive ({_ARCHIVE_COLUMNS}) SELECT {_ARCHIVE_COLUMNS} FROM moved;
-        DELETE FROM snapshots WHERE stream_id = ANY (v_ids);
-        UPDATE streams SET archived_at = now() WHERE stream_id = ANY (v_ids);
-    ELSIF p_action = 'restore' THEN
-        WITH moved AS (
-            DELETE FROM events_archive AS a WHERE a.stream_id = ANY (v_ids)
-            RETURNING {", ".join("a." + c for c in _ARCHIVE_COLUMNS.split(", "))})
-        INSERT INTO events ({_ARCHIVE_COLUMNS}) SELECT {_ARCHIVE_COLUMNS} FROM moved;
-        UPDATE streams SET archived_at = NULL WHERE stream_id = ANY (v_ids);
-    ELSE
-        DELETE FROM events WHERE stream_id = ANY (v_ids);
-        DELETE FROM events_archive WHERE stream_id = ANY (v_ids);
-        DELETE FROM snapshots WHERE stream_id = ANY (v_ids);
-        UPDATE streams SET tombstoned_at = coalesce(tombstoned_at, now()), archived_at = NULL
-        WHERE stream_id = ANY (v_ids);
-    END IF;
-    PERFORM set_config('session_replication_role', 'origin', true);
-
-    IF p_action = 'delete' THEN
-        FOR i IN 1 .. cardinality(v_ids) LOOP
-            PERFORM eventstore_append(
-                CASE WHEN char_length(v_ids[i]) <= {MAX_STREAM_ID_LENGTH - len(DELETED_PREFIX)}
+""",
+    archived="        DELETE FROM snapshots WHERE stream_id = ANY (v_ids);\n",
+    record=f"""CASE WHEN char_length(v_ids[i]) <= {MAX_STREAM_ID_LENGTH - len(DELETED_PREFIX)}
                      THEN '{DELETED_PREFIX}' || v_ids[i]
                      ELSE '{DELETED_HASHED_PREFIX}' || encode(sha256(convert_to(v_ids[i], 'UTF8')), 'hex') END,
-                -2, ARRAY[gen_random_uuid()], ARRAY['{STREAM_DELETED}'],
-                ARRAY[jsonb_build_object('stream_id', v_ids[i], 'events', v_counts[i], 'reason', p_reason)],
-                ARRAY[jsonb_build_object('maintenance', 'delete', 'by', session_user)]);
-        END LOOP;
-    END IF;
-    RETURN QUERY SELECT u.stream_id, u.n FROM unnest(v_ids, v_counts) AS u(stream_id, n);
-END
-$$
-"""
+                -2""",
+).replace("CREATE FUNCTION", "CREATE OR REPLACE FUNCTION", 1)
 
 EVENTS_ARCHIVE_SUBJECTS_INDEX = (
     "CREATE INDEX events_archive_personal_subjects_idx ON events_archive "
