@@ -491,26 +491,27 @@ class EventStore:
             raise NotStarted("EventStore is not started: use `async with EventStore(...)`")
         return self._pool
 
-    @contextlib.asynccontextmanager
-    async def _working(self) -> AsyncIterator[None]:
-        """A call the store's `stop` waits for; none starts once it is stopping."""
+    def _begin_work(self) -> None:
+        """Count a call the store's `stop` waits for; none starts once it is stopping."""
         if self._stopping:
             raise NotStarted("the event store is stopping: it takes no new calls")
         self._busy += 1
+
+    def _end_work(self) -> None:
+        self._busy -= 1
+        if not self._busy:
+            self._idle.set()
+
+    @contextlib.asynccontextmanager
+    async def _working(self) -> AsyncIterator[None]:
+        self._begin_work()
         try:
             yield
         finally:
-            self._busy -= 1
-            if not self._busy:
-                self._idle.set()
+            self._end_work()
 
     @contextlib.asynccontextmanager
     async def _own_connection(self) -> AsyncIterator[Connection]:
-        async with self._working(), self._spare_or_pooled() as conn:
-            yield conn
-
-    @contextlib.asynccontextmanager
-    async def _spare_or_pooled(self) -> AsyncIterator[Connection]:
         """A pooled connection for the store's own statements only (no session state to reset after).
 
         One that served a call without error stays out of the pool as a spare for the next call:
@@ -518,33 +519,38 @@ class EventStore:
         one-event append's client CPU. There are as many spares as calls ran at once, never the pool's
         last free connection (one is kept only while the pool has another free or can open one). A
         spare goes back to the pool after `SPARE_IDLE` seconds unused, at `stop()`, and whenever a call
-        on it fails (the pool then resets or replaces it).
+        on it fails (the pool then resets or replaces it). A call under way for `stop` (`_working`, inline:
+        this is every append's path).
         """
-        spares = self._spares
-        conn = None
-        while spares and conn is None:
-            conn = spares.pop()[0]
-            if conn.is_closed():  # its server session ended while it waited: the pool replaces it
-                await self._release(conn)
-                conn = None
-        if conn is None:
-            conn = await self.pool.acquire()
+        self._begin_work()
         try:
-            yield conn
-        except BaseException:
-            await self._release(conn)
-            raise
-        pool = self.pool
-        if (
-            conn.is_closed() or conn.is_in_transaction() or pool.is_closing()
-            or (pool.get_idle_size() == 0 and pool.get_size() >= pool.get_max_size())  # others may wait
-        ):
-            await self._release(conn)
-            return
-        loop = asyncio.get_running_loop()
-        spares.append((conn, loop.time()))  # in the order of their last use: the oldest first
-        if self._spare_timer is None:
-            self._spare_timer = loop.call_later(SPARE_IDLE, self._spares_idle)
+            spares = self._spares
+            conn = None
+            while spares and conn is None:
+                conn = spares.pop()[0]
+                if conn.is_closed():  # its server session ended while it waited: the pool replaces it
+                    await self._release(conn)
+                    conn = None
+            if conn is None:
+                conn = await self.pool.acquire()
+            try:
+                yield conn
+            except BaseException:
+                await self._release(conn)
+                raise
+            pool = self.pool
+            if (
+                conn.is_closed() or conn.is_in_transaction() or pool.is_closing()
+                or (pool.get_idle_size() == 0 and pool.get_size() >= pool.get_max_size())  # others may wait
+            ):
+                await self._release(conn)
+                return
+            loop = asyncio.get_running_loop()
+            spares.append((conn, loop.time()))  # in the order of their last use: the oldest first
+            if self._spare_timer is None:
+                self._spare_timer = loop.call_later(SPARE_IDLE, self._spares_idle)
+        finally:
+            self._end_work()
 
     def _spares_idle(self) -> None:
         """Hand back the spares unused for `SPARE_IDLE` seconds; look again when the next one will be."""
