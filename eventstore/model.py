@@ -137,7 +137,11 @@ class Checkpoint(NamedTuple):
 START = Checkpoint(0, 0)
 
 
-@dataclass(frozen=True, slots=True)
+_GENERATED: Any = object()
+"""`NewEvent`'s default for `data` and `event_id`: made per event (a new dict, a new UUIDv7)."""
+
+
+@dataclass(frozen=True, slots=True, init=False)
 class NewEvent:
     """An event to append. `data` and `metadata` must be JSON-serializable (orjson rules).
 
@@ -157,6 +161,29 @@ class NewEvent:
     tags: Sequence[str] = ()
     personal_data: Mapping[str, str] | None = None
 
+    def __init__(
+        self,
+        type: str,
+        data: Any = _GENERATED,
+        metadata: Mapping[str, Any] | None = None,
+        event_id: UUID = _GENERATED,
+        correlation_id: UUID | str | None = None,
+        causation_id: UUID | str | None = None,
+        tags: Sequence[str] = (),
+        personal_data: Mapping[str, str] | None = None,
+    ) -> None:
+        # The generated __init__ of a frozen dataclass sets each field through object.__setattr__: over
+        # half of building an event (3.2 µs of 4.5), paid for every event of a batch. The slots' own
+        # setters do the same at a fraction of it; the instance stays frozen to everyone else.
+        _set_type(self, type)
+        _set_data(self, {} if data is _GENERATED else data)
+        _set_metadata(self, metadata)
+        _set_event_id(self, uuid7() if event_id is _GENERATED else event_id)
+        _set_correlation_id(self, correlation_id)
+        _set_causation_id(self, causation_id)
+        _set_tags(self, tags)
+        _set_personal_data(self, personal_data)
+
     def metadata_with_ids(self, tags: Sequence[str] | None = None) -> dict[str, Any]:
         """The metadata to store; `tags` as checked (the append's: `self.tags` may be a one-shot iterator)."""
         meta = dict(self.metadata) if self.metadata else {}
@@ -169,6 +196,14 @@ class NewEvent:
             meta[TAGS] = list(dict.fromkeys(tags))
         inject_trace_context(meta)
         return meta
+
+
+_set_type, _set_data, _set_metadata, _set_event_id = (
+    NewEvent.__dict__[name].__set__ for name in ("type", "data", "metadata", "event_id")
+)
+_set_correlation_id, _set_causation_id, _set_tags, _set_personal_data = (
+    NewEvent.__dict__[name].__set__ for name in ("correlation_id", "causation_id", "tags", "personal_data")
+)
 
 
 _FIELDS = (
