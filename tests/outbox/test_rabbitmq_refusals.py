@@ -72,14 +72,45 @@ def small_rabbitmq() -> Iterator[str]:
                     time.sleep(0.2)
             yield f"amqp://guest:guest@127.0.0.1:{port}/"
         finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(node.pid, signal.SIGTERM)
-            try:
-                node.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(node.pid, signal.SIGKILL)
-                node.wait()
+            _stop(node, env["RABBITMQ_NODENAME"])
+
+
+def _stop(node: subprocess.Popen[bytes], name: str) -> None:
+    """Stop the node and everything it started. As root, `rabbitmq-server` runs the node through `su`, in a
+    session of its own that the script's process group does not reach: find its processes by their node name."""
+    started = [node.pid, *_processes_of(name)]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in started:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and any(_alive(pid) for pid in started):
+            time.sleep(0.2)
+        if not any(_alive(pid) for pid in started):
+            break
+    node.wait()
+
+
+def _processes_of(name: str) -> list[int]:
+    marker = f"RABBITMQ_NODENAME={name}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if marker in (entry / "environ").read_bytes().split(b"\0"):
+                    found.append(int(entry.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    stat = Path(f"/proc/{pid}/stat")
+    return not stat.exists() or stat.read_text().split(") ", 1)[-1][:1] != "Z"  # a zombie is gone
 
 
 async def test_a_message_too_large_for_the_node_is_dead_lettered_and_the_rest_flow(
