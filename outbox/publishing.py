@@ -120,33 +120,41 @@ async def publish_in_key_order(
     leased: Leased,
     send: Callable[[OutboxMessage], Awaitable[object]],
     unreachable: Callable[[BaseException], bool],
+    *,
+    one_at_a_time: bool = False,
+    last: Callable[[BaseException], bool] | None = None,
 ) -> list[Delivery]:
     """Send each key's messages one after another, each once the one before is acknowledged; keys at once.
 
     A key stops at its first failure; every key stops starting new sends once the broker is found
-    unreachable (what is already in flight is still answered).
+    unreachable (what is already in flight is still answered). `one_at_a_time`: one message in flight
+    in all, so a refusal that fails every send in flight (a closed channel) is known to be that
+    message's; `last` tells such a refusal, after which nothing more is sent in this call.
     """
     results: list[Delivery] = [NOT_SENT] * len(messages)
     by_key: dict[str, list[int]] = {}
     for index, message in enumerate(messages):
         by_key.setdefault(message.key, []).append(index)
     down = False
+    turn: contextlib.AbstractAsyncContextManager[Any] = asyncio.Lock() if one_at_a_time else contextlib.nullcontext()
 
     async def one_key(indexes: list[int]) -> None:
         nonlocal down
         for index in indexes:
             message = messages[index]
-            if down or not leased(message):
-                return
-            try:
-                await send(message)
-            except Exception as exc:
-                if unreachable(exc):
-                    down = True
-                    results[index] = broker_down(exc)
-                else:
-                    results[index] = exc
-                return
+            async with turn:
+                if down or not leased(message):
+                    return
+                try:
+                    await send(message)
+                except Exception as exc:
+                    if unreachable(exc):
+                        down = True
+                        results[index] = broker_down(exc)
+                    else:
+                        down = down or (last is not None and last(exc))
+                        results[index] = exc
+                    return
             results[index] = None
 
     await asyncio.gather(*(one_key(indexes) for indexes in by_key.values()))

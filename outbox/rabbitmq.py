@@ -10,7 +10,7 @@ by the AMQP `message_id` = event id, which is also the CloudEvents id).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 
 import aio_pika
 import aio_pika.exceptions
@@ -18,11 +18,15 @@ import aiormq.exceptions
 from aio_pika.abc import AbstractConnection, AbstractExchange
 
 from outbox.cloudevents import CONTENT_TYPE, amqp_headers
-from outbox.publishing import NOT_SENT, Delivery, Leased, OutboxMessage, broker_down, publish_in_key_order
+from outbox.publishing import Delivery, Leased, OutboxMessage, broker_down, publish_in_key_order
 from outbox.settings import RabbitMQSettings
 
 _CHANNEL_REFUSALS = (aiormq.exceptions.ChannelPreconditionFailed, aiormq.exceptions.ChannelAccessRefused)
 """The broker's answer to one message (too large, not allowed) that closes the whole channel."""
+
+
+def _closes_channel(exc: BaseException) -> bool:
+    return isinstance(exc, _CHANNEL_REFUSALS)
 
 
 def _unreachable(exc: BaseException) -> bool:
@@ -83,41 +87,18 @@ class RabbitMQPublisher:
             )
             await exchange.publish(body, routing_key=topic, mandatory=True, timeout=self._timeout)
 
-        if self._one_at_a_time:
-            return await self._one_by_one(messages, leased, send)
+        careful = self._one_at_a_time
         closed = False
 
         def unreachable(exc: BaseException) -> bool:
             nonlocal closed
             closed = closed or isinstance(exc, _CHANNEL_REFUSALS)
-            return closed or _unreachable(exc)
+            if careful:  # one message in flight: a refusal that closed the channel is its own
+                return _unreachable(exc) and not isinstance(exc, _CHANNEL_REFUSALS)
+            return closed or _unreachable(exc)  # whose it was is unknown: nothing is held against any
 
-        results = await publish_in_key_order(messages, leased, send, unreachable)
-        self._one_at_a_time = closed  # nothing is held against these messages: the next round finds the one
-        return results
-
-    async def _one_by_one(
-        self, messages: Sequence[OutboxMessage], leased: Leased, send: Callable[[OutboxMessage], Awaitable[None]]
-    ) -> list[Delivery]:
-        """Each message once the one before is confirmed, in order; a refusal that closes the channel is that
-        message's own, and the rest wait for the next round (on a new channel)."""
-        results: list[Delivery] = [NOT_SENT] * len(messages)
-        stopped: set[str] = set()  # keys with a refused message: their later messages wait
-        for index, message in enumerate(messages):
-            if message.key in stopped or not leased(message):
-                continue
-            try:
-                await send(message)
-            except Exception as exc:
-                if isinstance(exc, _CHANNEL_REFUSALS):
-                    results[index] = exc
-                    return results  # the channel is closed: the relay reconnects for the next round
-                if _unreachable(exc):
-                    results[index] = broker_down(exc)
-                    return results
-                results[index] = exc
-                stopped.add(message.key)
-                continue
-            results[index] = None
-        self._one_at_a_time = False
+        results = await publish_in_key_order(
+            messages, leased, send, unreachable, one_at_a_time=careful, last=_closes_channel
+        )
+        self._one_at_a_time = closed  # until a round goes through without such a refusal
         return results
