@@ -241,9 +241,9 @@ class Keyring:
             wrapped = [await self.provider.wrap(AESGCM.generate_key(bit_length=256), s) for s in missing]
             await executor.execute(sql.CREATE_SUBJECT_KEYS, missing, self.provider.key_id, wrapped)
             keys.update(await self._keys(executor, missing))  # a concurrent writer's key wins the race
-        forgotten = [s for s in wanted if keys.get(s) is None]
-        if forgotten:
-            raise SubjectForgotten(forgotten[0])
+            forgotten = [s for s in missing if keys.get(s) is None]  # forgotten since that writer made it
+            if forgotten:
+                raise SubjectForgotten(forgotten[0])
         return {s: k for s, k in keys.items() if k is not None}
 
     async def seal(
