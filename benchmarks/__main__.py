@@ -19,7 +19,7 @@ from rich.table import Table
 from benchmarks.common import Result
 from eventstore.embedded import database_url
 
-MODULES = ("benchmarks.appends", "benchmarks.aggregates", "benchmarks.replay", "benchmarks.relay")
+MODULES = ("benchmarks.appends", "benchmarks.server", "benchmarks.aggregates", "benchmarks.replay", "benchmarks.relay")
 
 
 def _fmt(value: float | None) -> str:

@@ -353,6 +353,47 @@ SCHEMA_PRESENT = (
 
 APPEND = "SELECT * FROM eventstore_append($1, $2, $3, $4, $5, $6)"
 
+APPEND_BATCH_LOCK_TIMEOUT = "50ms"
+"""How long an append batch waits for a lock held elsewhere before it gives up (and its appends are
+sent one by one): below `deadlock_timeout`, so a batch never takes part in a deadlock."""
+
+APPEND_BATCH_FUNCTION_V1 = f"""
+CREATE OR REPLACE FUNCTION eventstore_append_batch(
+    p_stream_ids text[], p_expected bigint[], p_ends int[],
+    p_event_ids uuid[], p_types text[], p_data jsonb[], p_metadata jsonb[]
+) RETURNS TABLE (o_index int, o_status int, o_version bigint, o_positions bigint[], o_log_xid bigint,
+                 o_recorded_at timestamptz)
+LANGUAGE plpgsql AS $$
+DECLARE
+    i int;
+    lo int := 1;
+BEGIN
+    -- Appends of several callers to distinct streams in one transaction, each exactly as
+    -- eventstore_append writes it alone. A lock held elsewhere (a unit of work on one of the streams)
+    -- would hold up every append of the batch: the batch gives up instead, and they go one by one.
+    PERFORM set_config('lock_timeout', '{APPEND_BATCH_LOCK_TIMEOUT}', true);
+    FOR i IN 1 .. cardinality(p_stream_ids) LOOP
+        RETURN QUERY SELECT i, a.* FROM eventstore_append(
+            p_stream_ids[i], p_expected[i], p_event_ids[lo:p_ends[i]], p_types[lo:p_ends[i]],
+            p_data[lo:p_ends[i]], p_metadata[lo:p_ends[i]]) AS a;
+        lo := p_ends[i] + 1;
+    END LOOP;
+END
+$$;
+"""
+
+DROP_APPEND_BATCH_FUNCTION = (
+    "DROP FUNCTION IF EXISTS eventstore_append_batch(text[], bigint[], int[], uuid[], text[], jsonb[], jsonb[])"
+)
+
+APPEND_BATCH = "SELECT * FROM eventstore_append_batch($1, $2, $3, $4, $5, $6, $7)"
+
+APPEND_BATCH_PRESENT = (
+    "SELECT to_regprocedure('eventstore_append_batch(text[], bigint[], int[], uuid[], text[], jsonb[], jsonb[])')"
+    " IS NOT NULL"
+)
+"""Whether the database has the batch append (revision 0019): a store on an older schema appends one by one."""
+
 NOTIFY = f"SELECT pg_notify('{NOTIFY_CHANNEL}', '')"
 
 DUPLICATES_BUT_TRACE = """

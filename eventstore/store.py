@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import contextvars
 import dataclasses
@@ -100,6 +101,34 @@ AppendHook = Callable[["UnitOfWork", AppendResult], Awaitable[None]]
 NOTIFY_INTERVAL = 0.005
 """Seconds between two NOTIFYs at most: the first of a burst goes out at once, the rest are coalesced."""
 
+BATCHED_EVENTS = 100
+"""Appends of up to this many events (and `BATCHED_BYTES`) may go in a batch (`EventStore(append_lanes=)`);
+larger ones always go alone, so that no small append waits behind them."""
+
+BATCHED_BYTES = 256 * 1024
+
+BATCH_EVENTS = 1000
+"""Events in one batch at most (and `BATCH_BYTES` of JSON); the rest wait for the next."""
+
+BATCH_BYTES = 1024 * 1024
+
+LANE_PATIENCE = 0.05
+"""Seconds an append sent alone keeps its lane (`EventStore(append_lanes=)`); a slower one (it waits
+for a lock) goes on outside the lanes, and the appends waiting for a batch go out without it. A batch
+gives up on locks held elsewhere after `sql.APPEND_BATCH_LOCK_TIMEOUT`."""
+
+_ALONE = object()
+"""What a batch hands its appends when it failed: each is then sent alone, and meets its own error."""
+
+
+@dataclass(slots=True)
+class _Queued:
+    """An append waiting for the next batch; its future gets the status row, or `_ALONE`."""
+
+    prepared: _Prepared
+    future: asyncio.Future[Any]
+
+
 SPARE_IDLE = 0.05
 """Seconds the store keeps a spare connection (see `EventStore._own_connection`) unused before handing
 it back to the pool."""
@@ -136,6 +165,7 @@ class _Prepared:
     tags: list[tuple[str, ...]]
     personal: list[dict[str, str] | None] | None = None  # per event: its personal fields and their subjects
     plain: list[str] | None = None  # the data as given, once `data` holds the sealed text
+    size: int = 0  # bytes of JSON, data and metadata
 
     @property
     def tagged(self) -> bool:
@@ -269,6 +299,7 @@ def prepare_append(
     tags: list[tuple[str, ...]] = []
     personal: list[dict[str, str] | None] = []
     checked: set[str] = set()  # event types already checked in this append
+    total = 0
     traced = telemetry.tracing()  # the trace context goes into every event's metadata
     for event in events:
         if not isinstance(event, NewEvent):
@@ -303,6 +334,7 @@ def prepare_append(
         size = len(body) + len(meta)
         if size > max_event_size:
             raise EventTooLarge(event_type, size, max_event_size)
+        total += size
         ids.append(event.event_id)
         types.append(event_type)
         data.append(body.decode())
@@ -310,7 +342,9 @@ def prepare_append(
     if len(set(ids)) != len(ids):
         raise InvalidAppend("event ids must be unique within one append")
     has_personal = any(p is not None for p in personal)
-    return _Prepared(stream_id, expected, ids, types, data, metadata, tags, personal if has_personal else None)
+    return _Prepared(
+        stream_id, expected, ids, types, data, metadata, tags, personal if has_personal else None, size=total
+    )
 
 
 class _ConcurrentDuplicate(DuplicateEventId):
@@ -395,9 +429,12 @@ class EventStore:
         notify: bool = True,
         check_schema: bool = True,
         keys: KeyProvider | None = None,
+        append_lanes: int = 2,
     ) -> None:
         if url is None and pool is None:
             raise InvalidArgument("EventStore needs a database url or an asyncpg pool")
+        if isinstance(append_lanes, bool) or not isinstance(append_lanes, int) or append_lanes < 0:
+            raise InvalidArgument(f"append_lanes must be an int >= 0, got {append_lanes!r}")
         self.url = asyncpg_dsn(url) if url is not None else None
         self._pool = pool
         self._owns_pool = pool is None
@@ -422,6 +459,15 @@ class EventStore:
         """Connections kept out of the pool for the store's own next statements (`_own_connection`)."""
         self._spare_timer: asyncio.TimerHandle | None = None
         self._releasing: set[asyncio.Task[None]] = set()
+        self._lanes = append_lanes
+        """Appends outside units of work in flight at once before the next ones wait and go as one batch."""
+        self._batching = False
+        """Whether the database has the batch append (it is checked at start)."""
+        self._lanes_busy = 0
+        self._queue: collections.deque[_Queued] = collections.deque()
+        self._batch_tasks: set[asyncio.Task[None]] = set()
+        self._batch_counts = collections.Counter[str]()
+        """Batches "sent" and "failed" (their appends then went alone), for tests and debugging."""
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -442,12 +488,17 @@ class EventStore:
             except _REFUSED_FOR_GOOD as exc:
                 raise DatabaseUnavailable(f"cannot connect to PostgreSQL: {exc}") from None
         self._stopping = False
+        # Unchecked, the batch append is assumed; a database without it (not yet migrated to revision
+        # 0019) turns batching off at the first batch, whose appends then go one by one.
+        self._batching = self._lanes > 0
         if self._check_schema:
             try:
                 async with self.pool.acquire() as conn:
                     if not await conn.fetchval(sql.SCHEMA_PRESENT):
                         raise SchemaNotMigrated(None, "head")
                     await self.keyring.check(conn)
+                    if self._batching:
+                        self._batching = bool(await conn.fetchval(sql.APPEND_BATCH_PRESENT))
             except BaseException:
                 await self.stop()  # a store that failed to start holds no connections
                 raise
@@ -511,7 +562,7 @@ class EventStore:
             self._end_work()
 
     @contextlib.asynccontextmanager
-    async def _own_connection(self) -> AsyncIterator[Connection]:
+    async def _own_connection(self, *, counted: bool = True) -> AsyncIterator[Connection]:
         """A pooled connection for the store's own statements only (no session state to reset after).
 
         One that served a call without error stays out of the pool as a spare for the next call:
@@ -520,9 +571,10 @@ class EventStore:
         last free connection (one is kept only while the pool has another free or can open one). A
         spare goes back to the pool after `SPARE_IDLE` seconds unused, at `stop()`, and whenever a call
         on it fails (the pool then resets or replaces it). A call under way for `stop` (`_working`, inline:
-        this is every append's path).
+        this is every append's path), unless not `counted` (for a call that `_working` counts already).
         """
-        self._begin_work()
+        if counted:
+            self._begin_work()
         try:
             spares = self._spares
             conn = None
@@ -550,7 +602,8 @@ class EventStore:
             if self._spare_timer is None:
                 self._spare_timer = loop.call_later(SPARE_IDLE, self._spares_idle)
         finally:
-            self._end_work()
+            if counted:
+                self._end_work()
 
     def _spares_idle(self) -> None:
         """Hand back the spares unused for `SPARE_IDLE` seconds; look again when the next one will be."""
@@ -654,6 +707,10 @@ class EventStore:
 
         async def once() -> AppendResult:
             if not self._hooks and prepared.personal is None:
+                if checked is None and self._batched(prepared):
+                    async with self._working():
+                        row = await self._lane_append(prepared)
+                        return await self._recorded(None, prepared, expected_version, None, row)
                 # One statement is its own transaction: one round trip instead of three.
                 async with self._own_connection() as conn:
                     return await self._append_prepared(UnitOfWork(self, conn), prepared, expected_version, checked)
@@ -677,6 +734,139 @@ class EventStore:
         result = await self.retrying(attempt)
         self._schedule_notify()
         return result
+
+    # -- batches of appends ---------------------------------------------------------------------------
+
+    def _batched(self, p: _Prepared) -> bool:
+        """Whether the append may wait for a batch: small, untagged (no condition, hook or sealed field)."""
+        return self._batching and len(p.event_ids) <= BATCHED_EVENTS and p.size <= BATCHED_BYTES and not p.tagged
+
+    async def _lane_append(self, p: _Prepared) -> Any:
+        """The status row of the append: sent alone while fewer than `append_lanes` statements are in
+        flight, else in the next batch of the appends that wait (the first lane to finish sends it).
+
+        Every caller waiting for a batch would otherwise hold a connection and a server process of its
+        own for a one-row statement and a commit; in one batch they share them, which on a busy machine
+        is most of what an append costs. A batch that fails (one of its appends broke a rule, a lock
+        held elsewhere, a lost connection) wrote nothing: each of its appends is then sent alone.
+        """
+        if self._lanes_busy < self._lanes and not self._queue:
+            self._lanes_busy += 1
+            # An append that waits for a lock held elsewhere (a unit of work on its stream) gives its lane
+            # up after `LANE_PATIENCE`: the appends behind it must not wait for that lock too.
+            waited: list[bool] = []
+            timer = asyncio.get_running_loop().call_later(LANE_PATIENCE, self._lane_given_up, waited)
+            try:
+                async with self._own_connection(counted=False) as conn:
+                    return await self._write(conn, p, None)
+            finally:
+                timer.cancel()
+                if not waited:
+                    self._lane_freed()
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Queued(p, future))
+        row = await future
+        if row is _ALONE:
+            async with self._own_connection(counted=False) as conn:
+                return await self._write(conn, p, None)
+        return row
+
+    def _lane_given_up(self, waited: list[bool]) -> None:
+        waited.append(True)
+        self._lane_freed()
+
+    def _lane_freed(self) -> None:
+        """A lane's statement is done: the appends waiting go out on it at once, or the lane is free.
+
+        Synchronous, so that no append joins the queue between the look at it and the lane's release.
+        """
+        if self._queue:
+            task = asyncio.get_running_loop().create_task(self._send_batches())
+            self._batch_tasks.add(task)
+            task.add_done_callback(self._batch_tasks.discard)
+        else:
+            self._lanes_busy -= 1
+
+    async def _send_batches(self) -> None:
+        batch: list[_Queued] = []
+        try:
+            while self._queue:
+                batch = self._next_batch()
+                if len(batch) == 1:
+                    batch[0].future.set_result(_ALONE)  # nothing to share: its caller sends it as usual
+                elif batch:
+                    await self._send_batch(batch)
+                batch = []
+        finally:
+            # Left early (the task was cancelled): whatever it had not answered goes alone.
+            for item in itertools.chain(batch, self._queue):
+                if not item.future.done():
+                    item.future.set_result(_ALONE)
+            self._queue.clear()
+            self._lanes_busy -= 1
+
+    def _next_batch(self) -> list[_Queued]:
+        """The appends that wait, in order, up to `BATCH_EVENTS` and `BATCH_BYTES`, one per stream (an
+        append after another to the same stream waits for the next batch: it may expect its version)."""
+        queue = self._queue
+        batch: list[_Queued] = []
+        later: list[_Queued] = []
+        streams: set[str] = set()
+        events = size = 0
+        while queue:
+            item = queue.popleft()
+            if item.future.done():  # its caller was cancelled
+                continue
+            p = item.prepared
+            if p.stream_id in streams:
+                later.append(item)
+                continue
+            if batch and (events + len(p.event_ids) > BATCH_EVENTS or size + p.size > BATCH_BYTES):
+                later.append(item)
+                break
+            batch.append(item)
+            streams.add(p.stream_id)
+            events += len(p.event_ids)
+            size += p.size
+        queue.extendleft(reversed(later))
+        return batch
+
+    async def _send_batch(self, batch: list[_Queued]) -> None:
+        # In stream id order: two batches lock their streams in the same order.
+        batch.sort(key=lambda item: item.prepared.stream_id)
+        streams: list[str] = []
+        expected: list[int] = []
+        ends: list[int] = []
+        ids: list[UUID] = []
+        types: list[str] = []
+        data: list[str] = []
+        metadata: list[str] = []
+        for item in batch:
+            p = item.prepared
+            streams.append(p.stream_id)
+            expected.append(p.expected)
+            ids += p.event_ids
+            types += p.types
+            data += p.data
+            metadata += p.metadata
+            ends.append(len(ids))
+        try:
+            async with self._own_connection(counted=False) as conn:
+                rows = await conn.fetch(sql.APPEND_BATCH, streams, expected, ends, ids, types, data, metadata)
+        except asyncpg.exceptions.UndefinedFunctionError:
+            self._batching = False  # a database not migrated to revision 0019
+            rows = []
+        except Exception as exc:
+            log.debug("append batch of %d failed (%s): its appends go alone", len(batch), exc)
+            rows = []
+        self._batch_counts["sent" if rows else "failed"] += 1
+        for row in rows:
+            future = batch[row[0] - 1].future
+            if not future.done():
+                future.set_result(tuple(row)[1:])
+        for item in batch:
+            if not item.future.done():
+                item.future.set_result(_ALONE)
 
     @contextlib.asynccontextmanager
     async def unit_of_work(self) -> AsyncIterator[UnitOfWork]:
@@ -716,15 +906,18 @@ class EventStore:
     async def _append_prepared(
         self, uow: UnitOfWork, p: _Prepared, expected_version: ExpectedVersion, condition: Condition | None = None
     ) -> AppendResult:
+        row = await self._write(uow.connection, p, condition)
+        return await self._recorded(uow, p, expected_version, condition, row)
+
+    async def _write(self, conn: Connection, p: _Prepared, condition: Condition | None) -> Any:
+        """Send the append; its status row, or the typed error of a statement that failed."""
         try:
             if p.personal is not None:
-                await self._hold_subjects(uow.connection, p.personal)
+                await self._hold_subjects(conn, p.personal)
             if condition is None and not p.tagged:
-                row = await uow.connection.fetchrow(
-                    sql.APPEND, p.stream_id, p.expected, p.event_ids, p.types, p.data, p.metadata
-                )
+                row = await conn.fetchrow(sql.APPEND, p.stream_id, p.expected, p.event_ids, p.types, p.data, p.metadata)
             else:
-                row = await uow.connection.fetchrow(sql.APPEND_TAGGED, *_tagged_args(p, condition))
+                row = await conn.fetchrow(sql.APPEND_TAGGED, *_tagged_args(p, condition))
         except asyncpg.exceptions.DeadlockDetectedError:
             # Only units of work that append to several streams in different orders can deadlock (each
             # append takes its own locks in order): PostgreSQL aborts one of them, to be run again.
@@ -758,13 +951,22 @@ class EventStore:
                 raise StreamArchived(p.stream_id) from None
             raise
         assert row is not None
+        return row
+
+    async def _recorded(
+        self, uow: UnitOfWork | None, p: _Prepared, expected_version: ExpectedVersion, condition: Condition | None,
+        row: Any,
+    ) -> AppendResult:
+        """The result of an append from its status row, or its typed error; runs the append hooks.
+
+        Without `uow` (an append sent in a batch, whose transaction has ended), a status that needs a
+        second look at the stream takes a pooled connection for it.
+        """
         status, version, positions, log_xid, recorded_at = row
         if status in (sql.CONDITION_FAILED, sql.WRONG_VERSION):
             # A retry (after a lost connection) that waited for the locks of its own first attempt finds
             # that attempt's events there: they are what moved the stream, or what matches the condition.
-            again = await uow.connection.fetchrow(
-                sql.DUPLICATES_BUT_TRACE, p.stream_id, p.expected, p.event_ids, p.types, p.data, p.metadata
-            )
+            again = await self._duplicates(uow, p)
             if again is not None and again[0] == sql.IDEMPOTENT:
                 status, version, positions, log_xid, recorded_at = again
         if status == sql.CONDITION_FAILED:
@@ -784,9 +986,7 @@ class EventStore:
         if status == sql.ID_CONFLICT:
             # Sent again from another span (a caller's retry after a lost connection), the events carry
             # another trace context in their metadata: the same append all the same, if nothing else differs.
-            again = await uow.connection.fetchrow(
-                sql.DUPLICATES_BUT_TRACE, p.stream_id, p.expected, p.event_ids, p.types, p.data, p.metadata
-            )
+            again = await self._duplicates(uow, p)
             if again is None or again[0] != sql.IDEMPOTENT:
                 raise DuplicateEventId(p.stream_id, p.event_ids)
             status, version, positions, log_xid, recorded_at = again
@@ -808,9 +1008,16 @@ class EventStore:
             events=recorded,
             duplicate=status == sql.IDEMPOTENT,
         )
-        if status == sql.APPENDED:
+        if status == sql.APPENDED and uow is not None:
             await self._appended(uow, result)
         return result
+
+    async def _duplicates(self, uow: UnitOfWork | None, p: _Prepared) -> Any:
+        args = (p.stream_id, p.expected, p.event_ids, p.types, p.data, p.metadata)
+        if uow is not None:
+            return await uow.connection.fetchrow(sql.DUPLICATES_BUT_TRACE, *args)
+        async with self._own_connection(counted=False) as conn:
+            return await conn.fetchrow(sql.DUPLICATES_BUT_TRACE, *args)
 
     async def _appended(self, uow: UnitOfWork, result: AppendResult) -> None:
         """Run the append hooks (inline projections) on events written in `uow`'s transaction."""

@@ -1,0 +1,258 @@
+"""Concurrent appends outside units of work go out in batches once `append_lanes` statements are in
+flight: one statement and one transaction for many callers. Each append must keep what it has alone:
+its own outcome (version check, duplicate ids, a retired stream), atomicity, no wait behind a lock
+taken elsewhere, exactly once after a lost connection, and the store's stop letting it finish."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections import Counter
+
+import asyncpg
+import pytest
+
+from eventstore import (
+    DuplicateEventId,
+    EventStore,
+    NewEvent,
+    StreamState,
+    StreamTombstoned,
+    WrongExpectedVersion,
+    asyncpg_dsn,
+    lifecycle,
+)
+
+
+def _shared_transactions(results: list[object]) -> int:
+    """How many appends shared a transaction with another (a batch writes them in one)."""
+    counts = Counter(getattr(r, "log_xid") for r in results)  # noqa: B009 - results of mixed types
+    return sum(n for n in counts.values() if n > 1)
+
+
+async def test_concurrent_appends_go_in_batches_each_with_its_own_result(database_url: str) -> None:
+    async with EventStore(database_url, max_connections=20, append_lanes=1) as store:
+        results = await asyncio.gather(
+            *(store.append(f"batch-{i}", [NewEvent("Added", {"i": i, "n": n}) for n in range(1 + i % 3)])
+              for i in range(60))
+        )
+        assert _shared_transactions(list(results)) > 0  # batches were sent
+        for i, result in enumerate(results):
+            assert result.stream_id == f"batch-{i}"
+            assert result.next_expected_version == i % 3
+            assert [e.stream_version for e in result.events] == list(range(1 + i % 3))
+            assert [e.json()["i"] for e in result.events] == [i] * (1 + i % 3)
+            stored = await store.read_stream(f"batch-{i}", 0)
+            assert [(e.event_id, e.position, e.log_xid) for e in stored] == [
+                (e.event_id, e.position, e.log_xid) for e in result.events
+            ]
+        log = await store.read_all(limit=1000)
+        assert len(log) == sum(1 + i % 3 for i in range(60))
+        assert len({e.position for e in log}) == len(log)
+
+
+async def test_a_wrong_expected_version_fails_only_its_own_append(database_url: str) -> None:
+    async with EventStore(database_url, max_connections=20, append_lanes=1) as store:
+        for i in range(40):
+            await store.append(f"acct-{i}", [NewEvent("Opened")])
+
+        async def one(i: int) -> object:
+            expected = 0 if i % 2 else 5  # the odd ones expect the right version
+            try:
+                return await store.append(f"acct-{i}", [NewEvent("Deposited", {"i": i})], expected)
+            except WrongExpectedVersion as exc:
+                return exc
+
+        outcomes = await asyncio.gather(*(one(i) for i in range(40)))
+        assert store._batch_counts["sent"] >= 1 and not store._batch_counts["failed"]
+        for i, outcome in enumerate(outcomes):
+            if i % 2:
+                assert not isinstance(outcome, Exception) and outcome.next_expected_version == 1  # type: ignore[attr-defined]
+                assert await store.stream_version(f"acct-{i}") == 1
+            else:
+                assert isinstance(outcome, WrongExpectedVersion) and outcome.actual == 0
+                assert await store.stream_version(f"acct-{i}") == 0
+
+
+async def test_a_retired_stream_in_a_batch_gets_its_error_and_the_others_are_written(database_url: str) -> None:
+    async with EventStore(database_url, max_connections=20, append_lanes=1) as store:
+        await store.append("gone-1", [NewEvent("Opened")])
+        await lifecycle.tombstone(store, "gone-1")
+
+        async def one(i: int) -> object:
+            stream = "gone-1" if i == 7 else f"live-{i}"
+            try:
+                return await store.append(stream, [NewEvent("X", {"i": i})])
+            except StreamTombstoned as exc:
+                return exc
+
+        outcomes = await asyncio.gather(*(one(i) for i in range(20)))
+        assert isinstance(outcomes[7], StreamTombstoned)
+        assert store._batch_counts["failed"] >= 1  # the batch holding it wrote nothing, each went alone
+        for i, outcome in enumerate(outcomes):
+            if i != 7:
+                assert not isinstance(outcome, Exception)
+                assert [e.json() for e in await store.read_stream(f"live-{i}", 0)] == [{"i": i}]
+
+
+async def test_duplicate_event_ids_across_appends_of_one_batch(database_url: str) -> None:
+    async with EventStore(database_url, max_connections=20, append_lanes=1) as store:
+        shared = uuid.uuid4()
+
+        async def one(i: int) -> object:
+            event_id = shared if i in (3, 9) else uuid.uuid4()
+            try:
+                return await store.append(f"dup-{i}", [NewEvent("X", {"i": i}, event_id=event_id)])
+            except DuplicateEventId as exc:
+                return exc
+
+        outcomes = await asyncio.gather(*(one(i) for i in range(16)))
+        refused = [i for i, o in enumerate(outcomes) if isinstance(o, DuplicateEventId)]
+        assert store._batch_counts["sent"] >= 1  # the second finds the first's event in the same batch
+        assert len(refused) == 1 and refused[0] in (3, 9)
+        written = [e for e in await store.read_all(limit=100) if e.event_id == shared]
+        assert len(written) == 1 and written[0].stream_id == f"dup-{({3, 9} - set(refused)).pop()}"
+        assert len(await store.read_all(limit=100)) == 15
+
+
+async def test_the_same_stream_twice_at_once_gets_consecutive_versions(database_url: str) -> None:
+    async with EventStore(database_url, max_connections=20, append_lanes=1) as store:
+        results = await asyncio.gather(*(store.append("same-1", [NewEvent("X", {"i": i})]) for i in range(30)))
+        assert sorted(r.next_expected_version for r in results) == list(range(30))
+        assert [e.stream_version for e in await store.read_stream("same-1", 0)] == list(range(30))
+
+
+async def test_an_append_never_waits_behind_a_lock_taken_by_a_unit_of_work(database_url: str) -> None:
+    """A batch that meets a lock held elsewhere gives up at once: its other appends go alone and finish
+    while the unit of work holding the lock is still open."""
+    async with EventStore(database_url, max_connections=30, append_lanes=1) as store:
+        await store.append("held-1", [NewEvent("Opened")])
+        async with store.unit_of_work() as uow:
+            await uow.append("held-1", [NewEvent("InUnit")], 0)  # holds the stream's row until commit
+            blocked = asyncio.ensure_future(store.append("held-1", [NewEvent("Later")]))
+            others = [asyncio.ensure_future(store.append(f"free-{i}", [NewEvent("X")])) for i in range(20)]
+            done = await asyncio.wait_for(asyncio.gather(*others), 20)  # the unit of work is still open
+            assert store._batch_counts["sent"] >= 1
+            assert all(r.next_expected_version == 0 for r in done)
+            assert not blocked.done()
+        later = await asyncio.wait_for(blocked, 20)
+        assert later.next_expected_version == 2
+        assert [e.event_type for e in await store.read_stream("held-1", 0)] == ["Opened", "InUnit", "Later"]
+
+
+async def test_a_cancelled_caller_waiting_for_a_batch_writes_nothing_and_the_rest_go_on(database_url: str) -> None:
+    async with EventStore(database_url, max_connections=20, append_lanes=1) as store:
+        first = asyncio.ensure_future(store.append("c-first", [NewEvent("X")]))
+        await asyncio.sleep(0)  # it takes the lane
+        waiting = [asyncio.ensure_future(store.append(f"c-{i}", [NewEvent("X")])) for i in range(10)]
+        await asyncio.sleep(0)  # they wait for the batch
+        waiting[4].cancel()
+        results = await asyncio.gather(first, *waiting, return_exceptions=True)
+        assert isinstance(results[5], asyncio.CancelledError)
+        streams = {e.stream_id for e in await store.read_all(limit=100)}
+        assert streams == {"c-first"} | {f"c-{i}" for i in range(10) if i != 4}
+
+
+async def test_a_batch_whose_connection_dies_writes_each_append_exactly_once(database_url: str) -> None:
+    async with EventStore(database_url, max_connections=20, append_lanes=1) as store:
+        admin = await asyncpg.connect(asyncpg_dsn(database_url))
+        killed = 0
+        ids: list[uuid.UUID] = []
+        rounds = 0
+        try:
+
+            async def killer() -> None:
+                nonlocal killed
+                for _ in range(30):
+                    pids = await admin.fetch(
+                        "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+                        " AND pid <> pg_backend_pid() AND state = 'active'"
+                        " AND query LIKE 'SELECT * FROM eventstore_append_batch(%'"
+                    )
+                    for row in pids:
+                        killed += await admin.fetchval("SELECT pg_terminate_backend($1)", row["pid"])
+                    await asyncio.sleep(0.002)
+
+            while not killed and rounds < 5:  # until a batch was killed in flight
+                batch_ids = [uuid.uuid4() for _ in range(200)]
+                kill = asyncio.ensure_future(killer())
+                results = await asyncio.gather(*(
+                    store.append(f"k{rounds}-{i % 50}", [NewEvent("X", {"i": i}, event_id=batch_ids[i])])
+                    for i in range(200)
+                ))
+                await kill
+                assert len(results) == 200
+                ids += batch_ids
+                rounds += 1
+        finally:
+            await admin.close()
+        assert killed and store._batch_counts["failed"]
+        log = await store.read_all(limit=5000)
+        assert sorted(e.event_id for e in log) == sorted(ids)  # every append once, none twice
+        for r in range(rounds):
+            for s in range(50):
+                assert [e.stream_version for e in await store.read_stream(f"k{r}-{s}", 0)] == [0, 1, 2, 3]
+
+
+async def test_stop_lets_appends_waiting_for_a_batch_finish(database_url: str) -> None:
+    store = EventStore(database_url, max_connections=10, append_lanes=1)
+    await store.start()
+    tasks = [asyncio.ensure_future(store.append(f"st-{i}", [NewEvent("X")])) for i in range(40)]
+    await asyncio.sleep(0)
+    await asyncio.wait_for(store.stop(), 30)
+    results = await asyncio.gather(*tasks)
+    assert len(results) == 40
+    async with EventStore(database_url) as again:
+        assert {e.stream_id for e in await again.read_all(limit=100)} == {f"st-{i}" for i in range(40)}
+
+
+async def test_a_database_without_the_batch_append_gets_appends_one_by_one(database_url: str) -> None:
+    conn = await asyncpg.connect(asyncpg_dsn(database_url))
+    try:
+        await conn.execute(
+            "DROP FUNCTION eventstore_append_batch(text[], bigint[], int[], uuid[], text[], jsonb[], jsonb[])"
+        )
+    finally:
+        await conn.close()
+    for check in (True, False):  # checked at start, or found missing by the first batch
+        async with EventStore(database_url, max_connections=20, append_lanes=1, check_schema=check) as store:
+            results = await asyncio.gather(*(store.append(f"old{check}-{i}", [NewEvent("X")]) for i in range(30)))
+            assert _shared_transactions(list(results)) == 0
+            assert len({r.log_xid for r in results}) == 30
+
+
+@pytest.mark.parametrize("lanes", [-1, 1.5, True, "2"])
+async def test_append_lanes_must_be_a_count(database_url: str, lanes: object) -> None:
+    from eventstore import InvalidArgument
+
+    with pytest.raises(InvalidArgument, match="append_lanes"):
+        EventStore(database_url, append_lanes=lanes)  # type: ignore[arg-type]
+
+
+async def test_no_batches_with_append_lanes_zero(database_url: str) -> None:
+    async with EventStore(database_url, max_connections=20, append_lanes=0) as store:
+        results = await asyncio.gather(*(store.append(f"z-{i}", [NewEvent("X")]) for i in range(30)))
+        assert _shared_transactions(list(results)) == 0
+
+
+async def test_expected_states_in_a_batch(database_url: str) -> None:
+    async with EventStore(database_url, max_connections=20, append_lanes=1) as store:
+        await store.append("exists-1", [NewEvent("X")])
+        cases = {
+            "exists-1": (StreamState.NO_STREAM, False),
+            "new-1": (StreamState.NO_STREAM, True),
+            "new-2": (StreamState.STREAM_EXISTS, False),
+            "new-3": (StreamState.ANY, True),
+        }
+
+        async def one(stream: str, state: StreamState) -> bool:
+            try:
+                await store.append(stream, [NewEvent("Y")], state)
+            except WrongExpectedVersion:
+                return False
+            return True
+
+        outcomes = await asyncio.gather(*(one(s, st) for s, (st, _) in cases.items()))
+        assert outcomes == [ok for _, ok in cases.values()]
+        assert await store.stream_version("new-2") == -1
+        assert await store.stream_version("exists-1") == 0
