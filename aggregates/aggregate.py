@@ -10,8 +10,8 @@ import orjson
 from pydantic import BaseModel
 
 from aggregates.errors import AggregateUsageError, EventRegistrationError, InvalidAggregateId, MissingHandler
-from aggregates.events import DomainEvent
-from eventstore import storable_text
+from aggregates.events import DomainEvent, as_stored
+from eventstore import EventSerializationError, storable_text
 
 S = TypeVar("S", bound=BaseModel)
 E = TypeVar("E", bound=DomainEvent)
@@ -49,6 +49,20 @@ def _state_type_of(cls: type) -> type[BaseModel] | None:
                 if isinstance(arg, type) and issubclass(arg, BaseModel):
                     return arg
     return None
+
+
+def same_state(a: BaseModel, b: BaseModel) -> bool:
+    """Equal, and with every dict in the same key order: `==` ignores that order, a command iterating
+    the dict does not."""
+    return a == b and _in_order(a.model_dump()) == _in_order(b.model_dump())
+
+
+def _in_order(value: Any) -> Any:
+    if isinstance(value, dict):
+        return [(key, _in_order(item)) for key, item in value.items()]
+    if isinstance(value, list | tuple):
+        return [_in_order(item) for item in value]
+    return value
 
 
 def _fingerprint(state_type: type[BaseModel]) -> str:
@@ -94,10 +108,16 @@ class Aggregate(Generic[S]):
         if state_type is not None:
             cls.state_type = state_type
         if category is not None:
-            if not isinstance(category, str) or not category or "-" in category or not storable_text(category):
+            if (
+                not isinstance(category, str)
+                or not category
+                or "-" in category
+                or not storable_text(category)
+                or category.startswith("$")  # the store's own record streams ($deleted-...)
+            ):
                 raise EventRegistrationError(
                     f"{cls.__qualname__}: category must be a non-empty string without '-', NUL or lone"
-                    f" surrogates, got {category!r}"
+                    f" surrogates, not starting with '$', got {category!r}"
                 )
             cls.category = category
         if snapshot_every is not None:
@@ -113,8 +133,10 @@ class Aggregate(Generic[S]):
                 )
             cls.snapshot_version = snapshot_version
         cls._snapshot_tag = None
-        # Handlers are kept by method name, so a subclass overriding the method replaces the handler.
+        # Handlers are kept by method name, so a subclass overriding the method replaces the handler; an
+        # override that applies another event type would take the base class's events too, so it is refused.
         names = dict(cls._handler_names)
+        inherited = {name: event_type for event_type, name in names.items()}
         own: dict[type[DomainEvent], str] = {}
         for name, member in vars(cls).items():
             event_type = getattr(member, _HANDLES, None)
@@ -124,6 +146,12 @@ class Aggregate(Generic[S]):
                 raise EventRegistrationError(
                     f"{cls.__qualname__}: {own[event_type]} and {name} both apply {event_type.__name__};"
                     " one handler per event type"
+                )
+            base_type = inherited.get(name)
+            if base_type is not None and base_type is not event_type:
+                raise EventRegistrationError(
+                    f"{cls.__qualname__}.{name} applies {event_type.__name__} but overrides the handler of"
+                    f" {base_type.__name__} of a base class, which would then apply both; give it another name"
                 )
             own[event_type] = name
             names[event_type] = name
@@ -195,8 +223,17 @@ class Aggregate(Generic[S]):
         return self.version < 0 and not self._pending
 
     def _emit(self, event: DomainEvent) -> None:
-        """Record a decision: apply it to the state now and keep it until the repository saves it."""
-        self._apply(event)
+        """Record a decision: apply it to the state now and keep it until the repository saves it.
+
+        What the handler gets is the event as a load will give it back (`as_stored`), so the state after
+        the command is the state after a reload, down to a dict's key order. An event with no JSON form
+        is applied as it is: the save refuses it, and writes nothing.
+        """
+        try:
+            stored = as_stored(event)
+        except EventSerializationError:
+            stored = event
+        self._apply(stored)
         self._pending.append(event)
 
     def _apply(self, event: DomainEvent) -> None:

@@ -15,6 +15,7 @@ and `Decisions.execute` then reads and decides again, like `Repository.execute`.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -47,7 +48,10 @@ Decide = Callable[[Mapping[str, Any]], Sequence[NewEvent] | Awaitable[Sequence[N
 
 @dataclass(frozen=True, slots=True)
 class DecisionProjection(Generic[S]):
-    """One fact a decision needs: the events that make it (`query`), its state before any, and the fold."""
+    """One fact a decision needs: the events that make it (`query`), its state before any, and the fold.
+
+    Every read folds from a deep copy of `initial`, so a fold may update its state in place.
+    """
 
     query: Query
     initial: S
@@ -91,11 +95,17 @@ class Decisions:
         """
         if not isinstance(projections, Mapping) or not projections:
             raise InvalidArgument("a decision needs at least one projection, by name")
+        states: dict[str, Any] = {}
         for name, projection in projections.items():
             if not isinstance(projection, DecisionProjection):
                 raise InvalidArgument(f"projection {name!r} must be a DecisionProjection")
+            if not isinstance(projection.query, Query) or not callable(projection.apply):
+                raise InvalidArgument(f"projection {name!r} needs a Query and a callable fold")
+            try:  # each read folds from a copy: a fold that updates its state in place would keep the last one's
+                states[name] = copy.deepcopy(projection.initial)
+            except Exception as exc:
+                raise InvalidArgument(f"projection {name!r}: its initial state cannot be copied ({exc!r})") from None
         query = Query(*(item for p in projections.values() for item in p.query.items))
-        states = {name: p.initial for name, p in projections.items()}
         events, condition = await self.store.read_with_condition(query)
         for event in events:
             tags = event.tags

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar, Literal, TypeVar, get_args, get_origin, overload
@@ -14,6 +15,7 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticSerializationError
 
 from aggregates.errors import (
+    AggregateUsageError,
     DuplicateEventType,
     EventDecodeError,
     EventRegistrationError,
@@ -84,12 +86,24 @@ class DomainEvent(BaseModel):
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
         super().__pydantic_init_subclass__(**kwargs)
+        for name in cls.model_fields:
+            if name in DomainEvent.__class_vars__:  # the field would replace what the framework reads off the class
+                raise EventRegistrationError(
+                    f"{cls.__qualname__}: field {name!r} is a name DomainEvent uses itself; rename it"
+                    f" (Field(alias={name!r}) keeps the JSON key)"
+                )
         personal: dict[str, str] = {}
         # By name, as always, unless a field cannot be read back by its name (an alias without
-        # populate_by_name): then by alias, the only way such events load.
-        cls.stored_by_alias = any(name not in _read_keys(cls, name, info) for name, info in cls.model_fields.items())
+        # populate_by_name): then by alias, the only way such events load. The JSON names nested models'
+        # fields the same way (one `by_alias` for the whole dump), so they count as much as the event's own.
+        models = _models_within(cls)
+        cls.stored_by_alias = any(
+            name not in _read_keys(model, name, info) for model in models for name, info in _fields(model).items()
+        )
+        for model in models:
+            for name, info in _fields(model).items():
+                _check_stored_key(cls, model, name, info)
         for name, info in cls.model_fields.items():
-            _check_stored_key(cls, name, info)
             marks = [m for m in info.metadata if isinstance(m, PersonalData)]
             if not marks:
                 if _nested_mark(info.annotation):
@@ -168,9 +182,10 @@ class EventRegistry:
                         (cls.__qualname__, *defined_at(cls)),
                     )
                 continue
-            upcasters = self._orphans.pop(cls.event_type, {})
+            upcasters = self._orphans.get(cls.event_type, {})
             for from_version in upcasters:
-                self._check_step(cls, from_version)
+                self._check_step(cls, from_version)  # refused: the upcasters wait for the right class
+            self._orphans.pop(cls.event_type, None)
             self._entries[cls.event_type] = _Entry(cls, upcasters)
 
     def upcaster(self, event: type[DomainEvent] | str, *, from_version: int) -> Callable[[U], U]:
@@ -223,7 +238,7 @@ class EventRegistry:
         return False
 
     def event_class(self, event_type: str) -> type[DomainEvent]:
-        entry = self._entries.get(event_type)
+        entry = self._entries.get(_check_type_name(event_type))
         if entry is None:
             raise UnknownEventType(event_type)
         return entry.cls
@@ -234,7 +249,7 @@ class EventRegistry:
 
     def upcaster_versions(self, event_type: str) -> frozenset[int]:
         """The schema versions of `event_type` an upcaster lifts (to the next one)."""
-        entry = self._entries.get(event_type)
+        entry = self._entries.get(_check_type_name(event_type))
         if entry is None:
             raise UnknownEventType(event_type)
         return frozenset(entry.upcasters)
@@ -260,14 +275,7 @@ class EventRegistry:
             raise InvalidArgument(f"metadata must be a mapping, got {type(metadata).__name__}")
         meta: dict[str, Any] = dict(metadata) if metadata else {}
         meta[SCHEMA_VERSION_KEY] = cls.schema_version
-        try:
-            # By alias, as the JSON Schema (and a validation) names the fields: else aliased fields never load.
-            text = event.model_dump_json(by_alias=cls.stored_by_alias).encode()
-        except PydanticSerializationError as exc:  # bytes that are not UTF-8, objects with no JSON form
-            raise EventSerializationError(cls.event_type, str(exc)) from None
-        if b"null" in text and has_non_finite(event.model_dump()):  # pydantic writes NaN as null
-            raise EventSerializationError(cls.event_type, "NaN and infinity are not JSON")
-        data = orjson.Fragment(text)
+        data = orjson.Fragment(_stored_json(event))
         personal = _subjects(event) if cls.personal_fields else None
         if event_id is None:
             return NewEvent(
@@ -298,6 +306,8 @@ class EventRegistry:
         An unregistered type raises `UnknownEventType`, or comes back as the `RecordedEvent` itself when
         `raw_unknown` is set (for tools that show whole streams).
         """
+        if not isinstance(recorded, RecordedEvent | EventPayload):
+            raise InvalidArgument(f"decode takes a RecordedEvent, got {type(recorded).__name__}")
         entry = self._entries.get(recorded.event_type)
         if entry is None:
             if raw_unknown:
@@ -383,6 +393,56 @@ class EventRegistry:
             raise EventDecodeError(recorded.event_type, version, _reason(exc), *where) from None
 
 
+def _stored_json(event: DomainEvent) -> bytes:
+    """The JSON text `encode` stores for an event."""
+    cls = type(event)
+    try:
+        # By alias, as the JSON Schema (and a validation) names the fields: else aliased fields never load.
+        text = event.model_dump_json(by_alias=cls.stored_by_alias).encode()
+    except PydanticSerializationError as exc:  # bytes that are not UTF-8, objects with no JSON form
+        raise EventSerializationError(cls.event_type, str(exc)) from None
+    if b"null" in text and has_non_finite(event.model_dump()):  # pydantic writes NaN as null
+        raise EventSerializationError(cls.event_type, "NaN and infinity are not JSON")
+    return text
+
+
+def as_stored(event: E) -> E:
+    """`event` as a load gives it back: its stored JSON, in jsonb's key order, decoded.
+
+    A command applies this, not the event as emitted, so that the state after the command is the state
+    after a reload (a dict's key order included).
+    """
+    if not isinstance(event, DomainEvent):
+        raise AggregateUsageError(f"aggregates apply DomainEvent instances, got {type(event).__name__}")
+    cls = type(event)
+    try:
+        return cls.__pydantic_validator__.validate_json(as_jsonb(_stored_json(event)))  # type: ignore[no-any-return]
+    except ValidationError as exc:
+        raise EventDecodeError(cls.event_type, cls.schema_version, f"it does not read back: {_reason(exc)}") from None
+
+
+def as_jsonb(text: str | bytes) -> str:
+    """JSON text as PostgreSQL's `jsonb` gives it back: each object's keys shorter first, then bytewise
+    (UTF-8), and only the last of duplicate keys; a dict's insertion order is not kept."""
+    return json.dumps(json.loads(text, object_pairs_hook=_jsonb_object), ensure_ascii=False, separators=(",", ":"))
+
+
+def _jsonb_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    last = dict(pairs)
+    return {key: last[key] for key in sorted(last, key=_jsonb_key_order)}
+
+
+def _jsonb_key_order(key: str) -> tuple[int, bytes]:
+    raw = key.encode("utf-8", "surrogatepass")
+    return len(raw), raw
+
+
+def _check_type_name(event_type: object) -> str:
+    if not isinstance(event_type, str):
+        raise InvalidArgument(f"an event type is a stored type name (a string), got {type(event_type).__name__}")
+    return event_type
+
+
 def defined_at(cls: type) -> tuple[str | None, int | None]:
     """The file and line of a class's definition, where Python can tell (not for classes made in a REPL)."""
     try:
@@ -391,6 +451,8 @@ def defined_at(cls: type) -> tuple[str | None, int | None]:
     except (OSError, TypeError):
         return None, None
     return path, line
+
+
 def _nested_mark(annotation: Any) -> bool:
     """Whether a `PersonalData` hides inside a type (where pydantic would not report it)."""
     if get_origin(annotation) is Annotated:
@@ -404,25 +466,26 @@ def stored_key(cls: type[DomainEvent], name: str) -> str:
     return (cls.model_fields[name].serialization_alias or name) if cls.stored_by_alias else name
 
 
-def _check_stored_key(cls: type[DomainEvent], name: str, info: FieldInfo) -> None:
+def _check_stored_key(cls: type[DomainEvent], model: type, name: str, info: FieldInfo) -> None:
     """Refuse a field that `encode` would store under a key `decode` does not read (it could never load).
 
     `Field(alias=...)` names a field both ways; a `serialization_alias` or `validation_alias` alone
-    does not, in a class stored by alias.
+    does not, in a class stored by alias. `model` is the event class or a model nested in its fields.
     """
-    stored = stored_key(cls, name)
-    read = _read_keys(cls, name, info)
+    stored = (info.serialization_alias or name) if cls.stored_by_alias else name
+    read = _read_keys(model, name, info)
     if stored not in read:
+        where = f"{model.__qualname__}.{name}" + ("" if model is cls else f" (in event {cls.__qualname__})")
         raise EventRegistrationError(
-            f"{cls.__qualname__}.{name}: stored as {stored!r} but read back from"
+            f"{where}: stored as {stored!r} but read back from"
             f" {' or '.join(repr(k) for k in sorted(read)) or 'nothing'}, so stored events would not load;"
             " name it both ways with Field(alias=...)"
         )
 
 
-def _read_keys(cls: type[DomainEvent], name: str, info: FieldInfo) -> set[str]:
-    """The keys validation reads a field from."""
-    config = cls.model_config
+def _read_keys(model: type, name: str, info: FieldInfo) -> set[str]:
+    """The keys validation reads a field of `model` (a pydantic model or dataclass) from."""
+    config = getattr(model, "model_config", None) or getattr(model, "__pydantic_config__", {})
     read: set[str] = set()
     if config.get("validate_by_alias", True):
         alias = info.validation_alias
@@ -436,6 +499,29 @@ def _read_keys(cls: type[DomainEvent], name: str, info: FieldInfo) -> set[str]:
     if config.get("validate_by_name") or config.get("populate_by_name"):
         read.add(name)
     return read
+
+
+def _fields(model: type) -> dict[str, FieldInfo]:
+    """The fields of a pydantic model or pydantic dataclass (none for any other type)."""
+    fields = getattr(model, "__pydantic_fields__", None)
+    return fields if isinstance(fields, dict) else {}
+
+
+def _models_within(cls: type[DomainEvent]) -> list[type]:
+    """The event class and every pydantic model or dataclass its fields hold, however deeply nested
+    (in Optional, list, dict, tuple, unions, Annotated, other models), each once."""
+    found: list[type] = []
+    pending: list[Any] = [cls]
+    while pending:
+        annotation = pending.pop()
+        if isinstance(annotation, type) and _fields(annotation):
+            if annotation in found:
+                continue
+            found.append(annotation)
+            pending.extend(info.annotation for info in _fields(annotation).values())
+        else:
+            pending.extend(get_args(annotation))
+    return found
 
 
 def _subjects(event: DomainEvent) -> dict[str, str] | None:

@@ -6,7 +6,7 @@ import inspect
 import logging
 import re
 from collections.abc import Awaitable, Callable, Mapping
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Generic, Literal, overload
 from uuid import UUID
 
@@ -14,9 +14,9 @@ import asyncpg
 from pydantic import BaseModel, ValidationError
 
 from aggregates import telemetry
-from aggregates.aggregate import A
+from aggregates.aggregate import A, Aggregate, same_state
 from aggregates.errors import AggregateNotFound, AggregateUsageError, EventRegistrationError, SnapshotError
-from aggregates.events import DomainEvent, EventRegistry
+from aggregates.events import DomainEvent, EventRegistry, as_jsonb
 from eventstore import (
     CONNECTION_ERRORS,
     MAX_BIGINT,
@@ -26,10 +26,14 @@ from eventstore import (
     EventStoreError,
     InvalidArgument,
     RecordedEvent,
+    StreamArchived,
+    StreamNotFound,
+    StreamTombstoned,
     UnitOfWork,
     WrongExpectedVersion,
     expected_version,
     has_non_finite,
+    lifecycle,
 )
 
 log = logging.getLogger(__name__)
@@ -51,7 +55,8 @@ def _snapshot_of(state: BaseModel) -> tuple[str, None] | tuple[None, str]:
 
     Faithful means it reads back equal: a snapshot that loads differently from a replay of the same
     events (excluded or private fields, a subclass in a field of its base class, a set in an untyped
-    field) would have commands decide on other state depending on whether a snapshot existed.
+    field, a dict not in jsonb's key order) would have commands decide on other state depending on
+    whether a snapshot existed.
     """
     try:
         data = state.model_dump_json()
@@ -62,11 +67,14 @@ def _snapshot_of(state: BaseModel) -> tuple[str, None] | tuple[None, str]:
     if "null" in data and has_non_finite(state.model_dump()):  # pydantic writes NaN as null
         return None, "NaN and infinity are not JSON"
     try:
-        same = type(state).model_validate_json(data) == state
+        same = same_state(type(state).model_validate_json(as_jsonb(data)), state)
     except Exception:
         same = False
     if not same:
-        return None, "its state does not read back equal from its JSON, so a snapshot would load differently"
+        return None, (
+            "its state does not read back equal from its JSON (dict key order included: jsonb sorts keys),"
+            " so a snapshot would load differently"
+        )
     return data, None
 
 
@@ -78,6 +86,10 @@ class Repository(Generic[A]):
     """
 
     def __init__(self, store: EventStore, aggregate_type: type[A], *, registry: EventRegistry | None = None) -> None:
+        if not (isinstance(aggregate_type, type) and issubclass(aggregate_type, Aggregate)):
+            raise InvalidArgument(f"a repository needs an Aggregate subclass, got {aggregate_type!r}")
+        if registry is not None and not isinstance(registry, EventRegistry):
+            raise InvalidArgument(f"registry must be an EventRegistry, got {type(registry).__name__}")
         if aggregate_type.category is None or aggregate_type.state_type is None:
             raise EventRegistrationError(f"{aggregate_type.__qualname__} declares no category")
         self.store = store
@@ -111,22 +123,34 @@ class Repository(Generic[A]):
         start = 0
         if cls.snapshot_every is not None:
             start = await self._restore_snapshot(aggregate, stream_id, version) + 1
-        records: list[EventPayload] | list[RecordedEvent]
-        if version is None:
-            records = await self.store.read_stream_payloads(stream_id, start)
-        elif version >= start:
-            records = await self.store.read_stream_payloads(stream_id, start, limit=version - start + 1)
-        else:
-            records = []
+        records = await self._read_from(stream_id, start, version)
+        if start > 0 and not records and await self.store.stream_version(stream_id) < start - 1:
+            # Saved for a save whose unit of work then rolled back: replay, or the load would skip events.
+            log.warning("ignoring snapshot of %s at version %d: past the stream's end", stream_id, start - 1)
+            aggregate, start = cls(aggregate_id), 0
+            records = await self._read_from(stream_id, start, version)
         last = records[-1].stream_version if records else start - 1
         if last < 0 or (version is not None and last < version):
             raise AggregateNotFound(cls.__qualname__, aggregate_id, stream_id, version=version)
         aggregate._replay(self.registry.decode_each(records), last)
         return aggregate
 
+    async def _read_from(
+        self, stream_id: str, start: int, version: int | None
+    ) -> list[EventPayload] | list[RecordedEvent]:
+        if version is None:
+            return await self.store.read_stream_payloads(stream_id, start)
+        if version >= start:
+            return await self.store.read_stream_payloads(stream_id, start, limit=version - start + 1)
+        return []
+
     async def _get_as_of(self, aggregate_id: str, stream_id: str, as_of: datetime) -> A:
         if not isinstance(as_of, datetime) or as_of.tzinfo is None:
             raise InvalidArgument(f"as_of must be a timezone-aware datetime, got {as_of!r}")
+        try:  # the driver sends it in UTC: near datetime.min or .max, a time that has none
+            as_of.astimezone(UTC)
+        except OverflowError:
+            raise InvalidArgument(f"as_of is out of range in UTC: {as_of!r}") from None
         records = await self.store.read_stream_until(stream_id, as_of)
         # recorded_at is the writing transaction's start time, so a later version can carry an earlier
         # time than its predecessor; the state as of `as_of` is the unbroken prefix, never a gapped set.
@@ -156,7 +180,7 @@ class Repository(Generic[A]):
         assert cls.state_type is not None
         try:
             aggregate.state = cls.state_type.model_validate_json(snapshot.data)
-        except ValidationError as exc:
+        except (ValidationError, TypeError) as exc:  # pydantic passes a validator's TypeError through
             log.warning(
                 "ignoring unreadable snapshot of %s at version %d: %s",
                 stream_id,
@@ -197,12 +221,15 @@ class Repository(Generic[A]):
 
         With `uow`, the append (and a due snapshot) joins that transaction, so an application can save
         several aggregates and its own rows atomically. The aggregate counts as saved as soon as the
-        append returns: discard it if the unit of work then rolls back.
+        append returns: discard it if the unit of work then rolls back. A new aggregate on an archived or
+        tombstoned stream raises `StreamArchived` or `StreamTombstoned`, not `WrongExpectedVersion`.
         """
         if not isinstance(aggregate, self.aggregate_type):
             raise AggregateUsageError(
                 f"this repository saves {self.aggregate_type.__qualname__}, got {type(aggregate).__name__}"
             )
+        if uow is not None and not isinstance(uow, UnitOfWork):
+            raise InvalidArgument(f"uow must be a UnitOfWork, got {type(uow).__name__}")
         pending = aggregate._pending
         if not pending:
             return None
@@ -214,14 +241,34 @@ class Repository(Generic[A]):
         after = before + len(events)
         snapshot = self._snapshot_if_due(aggregate, before, after)
         stream_id = aggregate.stream_id
-        if uow is None:
-            result = await self.store.append(stream_id, events, expected_version(before))
-        else:
-            result = await uow.append(stream_id, events, expected_version(before))
+        try:
+            if uow is None:
+                result = await self.store.append(stream_id, events, expected_version(before))
+            else:
+                result = await uow.append(stream_id, events, expected_version(before))
+        except WrongExpectedVersion:
+            if before < 0:
+                await self._refuse_retired(stream_id)
+            raise
         aggregate._mark_saved(result.next_expected_version)
         if snapshot is not None:
             await self._write_snapshot(stream_id, result.next_expected_version, snapshot, uow)
         return result
+
+    async def _refuse_retired(self, stream_id: str) -> None:
+        """Raise `StreamArchived` or `StreamTombstoned` for a stream that loads as missing but is retired.
+
+        Its events are gone from the log, so the aggregate loads as new, and the append expecting no
+        stream meets the version it kept: a retry would load it as new again, and fail the same way.
+        """
+        try:
+            status = await lifecycle.status(self.store, stream_id)
+        except StreamNotFound:
+            return
+        if status.tombstoned_at is not None:
+            raise StreamTombstoned(stream_id)
+        if status.archived_at is not None:
+            raise StreamArchived(stream_id)
 
     def _snapshot_if_due(self, aggregate: A, before: int, after: int) -> str | None:
         """The state as JSON when this save crosses a multiple of `snapshot_every`, serialized up front."""
@@ -256,6 +303,10 @@ class Repository(Generic[A]):
         data, reason = _snapshot_of(aggregate.state)
         if data is None:
             raise SnapshotError(f"{aggregate.stream_id}: {reason}")
+        if await self.store.stream_version(aggregate.stream_id) < aggregate.version:  # its save rolled back
+            raise SnapshotError(
+                f"{aggregate.stream_id}: version {aggregate.version} is past the stream's end; reload the aggregate"
+            )
         await self.store.save_snapshot(aggregate.stream_id, cls.__name__, cls.snapshot_tag(), aggregate.version, data)
 
     # -- commands ----------------------------------------------------------------------------------
@@ -279,6 +330,8 @@ class Repository(Generic[A]):
         """
         if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
             raise InvalidArgument(f"retries must be an int >= 0, got {retries!r}")
+        if not callable(command):
+            raise InvalidArgument(f"command must be callable, got {type(command).__name__}")
         attempt = 0
         while True:
             try:

@@ -18,9 +18,9 @@ from typing import Any, Generic
 
 import orjson
 
-from aggregates.aggregate import A
+from aggregates.aggregate import A, same_state
 from aggregates.errors import AggregateUsageError
-from aggregates.events import DomainEvent, EventRegistry
+from aggregates.events import DomainEvent, EventRegistry, as_jsonb
 from eventstore import RecordedEvent
 
 __all__ = ["Outcome", "Scenario", "given", "round_trip"]
@@ -32,7 +32,7 @@ def round_trip(registry: EventRegistry, event: DomainEvent, stream_id: str = "te
     recorded = RecordedEvent(
         new.event_id,
         new.type,
-        orjson.dumps(new.data).decode(),
+        as_jsonb(orjson.dumps(new.data)),  # what the store's jsonb column gives back
         orjson.dumps(new.metadata_with_ids()).decode(),
         stream_id,
         version,
@@ -104,12 +104,14 @@ class Outcome(Generic[A]):
         scenario = self.scenario
         stream_id = scenario.aggregate_type.stream_id_for(scenario.aggregate_id)
         base = len(scenario.history)
+        stored: list[DomainEvent] = []
         for i, event in enumerate(self.events):
             decoded = round_trip(scenario.registry, event, stream_id, base + i)
             if decoded != event:
                 raise AssertionError(f"event does not survive its JSON encoding: {event!r} came back as {decoded!r}")
-        replayed = scenario.aggregate_type.from_events(scenario.aggregate_id, [*scenario.history, *self.events])
-        if replayed.state != self.aggregate.state:
+            stored.append(decoded)
+        replayed = scenario.aggregate_type.from_events(scenario.aggregate_id, [*scenario.history, *stored])
+        if not same_state(replayed.state, self.aggregate.state):
             raise AssertionError(
                 "the command changed state outside its event handlers:\n"
                 f"  after the command: {self.aggregate.state!r}\n  replayed events:   {replayed.state!r}"

@@ -58,11 +58,18 @@ def _check_parts(
     kafka: object, broker: object, settings: object, keys: object, registry: object,
 ) -> None:
     """What an application is built from, checked where it is declared rather than when a process starts."""
+    categories: dict[str, type[Aggregate[Any]]] = {}
     for aggregate in aggregates:
         if not (isinstance(aggregate, type) and issubclass(aggregate, Aggregate)):
             raise InvalidArgument(f"aggregates must be Aggregate subclasses, got {aggregate!r}")
         if aggregate.category is None:
             raise InvalidArgument(f"aggregate {aggregate.__qualname__} declares no category")
+        other = categories.setdefault(aggregate.category, aggregate)
+        if other is not aggregate:  # they would load and append each other's streams
+            raise InvalidArgument(
+                f"aggregates {other.__qualname__} and {aggregate.__qualname__} both have category"
+                f" {aggregate.category!r}: give each its own"
+            )
     for projection in projections:
         if not isinstance(projection, Projection):
             raise InvalidArgument(f"projections must be Projection instances, got {projection!r}")
@@ -143,6 +150,7 @@ class Application:
         for aggregate_type in self.aggregates:
             self.registry.register(*aggregate_type.event_types())
         self._store: EventStore | None = None
+        self._starting = False
         self._inline: InlineProjections | None = None
         self._repositories: dict[type[Aggregate[Any]], Repository[Any]] = {}
 
@@ -189,25 +197,30 @@ class Application:
 
     async def start(self) -> None:
         """Start the store, declare the outbox routes and attach the inline projections."""
-        if self._store is not None:
+        if self._store is not None or self._starting:
             raise InvalidArgument(f"application {self.name!r} is started already: stop it first")
         s = self.settings
         store = EventStore(
             self.url(), max_connections=s.max_connections, retry_for=s.retry_for, max_event_size=s.max_event_size,
             keys=self.key_provider(),
         )
-        await store.start()
+        # Claimed before the first await: a concurrent start would otherwise build a second store and leak it.
+        self._starting = True
         try:
-            if self.outbox is not None:
-                await self.outbox.declare(store)
-            inline = [p for p in self.projections if p.inline]
-            if inline:
-                self._inline = InlineProjections(store, inline)
-                await self._inline.start()
-        except BaseException:
-            await store.stop()
-            raise
-        self._store = store
+            await store.start()
+            try:
+                if self.outbox is not None:
+                    await self.outbox.declare(store)
+                inline = [p for p in self.projections if p.inline]
+                if inline:
+                    self._inline = InlineProjections(store, inline)
+                    await self._inline.start()
+            except BaseException:
+                await store.stop()
+                raise
+            self._store = store
+        finally:
+            self._starting = False
 
     async def stop(self) -> None:
         store, self._store = self._store, None

@@ -203,3 +203,20 @@ def test_a_category_or_event_type_postgresql_cannot_store_is_refused_where_it_is
 
         class Strange(DomainEvent, event_type=bad):
             n: int
+
+
+def test_a_handler_reusing_an_inherited_handlers_name_for_another_event_type_is_refused() -> None:
+    """Handlers are found by method name: the base class's event would go to the subclass's handler."""
+    with pytest.raises(EventRegistrationError, match=r"_deposited applies Withdrawn.*the handler of Deposited"):
+
+        class Confused(Account):
+            @applies(Withdrawn)
+            def _deposited(self, event: Withdrawn) -> None:
+                self.state.balance -= event.amount
+
+    class Doubling(Account):  # the same event type: an override, as before
+        @applies(Deposited)
+        def _deposited(self, event: Deposited) -> None:
+            self.state.balance += 2 * event.amount
+
+    assert Doubling.from_events("1", [AccountOpened(owner="ann"), Deposited(amount=2)]).state.balance == 4

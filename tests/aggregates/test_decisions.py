@@ -269,6 +269,10 @@ async def test_decisions_refuse_bad_declarations(store: EventStore) -> None:
         await decisions.build({})
     with pytest.raises(InvalidArgument):
         await decisions.build({"x": Query.of(tags=["a"])})  # type: ignore[dict-item]
+    with pytest.raises(InvalidArgument, match="Query"):
+        await decisions.build({"x": DecisionProjection("q", 0, lambda s, e: s)})  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgument, match="callable"):
+        await decisions.build({"x": DecisionProjection(Query.of(tags=["a"]), 0, "f")})  # type: ignore[arg-type]
     with pytest.raises(InvalidArgument):
         Decisions(store, category="a-b")
     for category in ("a\x00b", "a\ud800b"):
@@ -277,3 +281,36 @@ async def test_decisions_refuse_bad_declarations(store: EventStore) -> None:
     with pytest.raises(InvalidArgument):
         await decisions.execute({"x": DecisionProjection(Query.of(tags=["a"]), 0, lambda s, e: s)}, lambda s: [],
                                 retries=-1)
+
+
+async def test_every_build_folds_from_a_fresh_copy_of_the_initial_state(store: EventStore) -> None:
+    """A fold that appends to its state in place must not carry one read's events into the next (a retry)."""
+    decisions = Decisions(store)
+
+    def add_seat(seats: list[int], event: RecordedEvent) -> list[int]:
+        seats.append(event.json()["student"])
+        return seats
+
+    booked = {"booked": DecisionProjection(Query.of(["SeatBooked"], ["course:7"]), [], add_seat)}
+
+    def book(student: int) -> Callable[[Mapping[str, Any]], Sequence[NewEvent]]:
+        def decide(state: Mapping[str, Any]) -> Sequence[NewEvent]:
+            if len(state["booked"]) >= 3:
+                raise Refused(f"course full: {state['booked']}")
+            return [NewEvent("SeatBooked", {"student": student}, tags=["course:7"])]
+
+        return decide
+
+    await decisions.execute(booked, book(1))
+    assert (await decisions.build(booked))["booked"] == (await decisions.build(booked))["booked"] == [1]
+    seen: list[list[int]] = []
+
+    async def overtaken_once(state: Mapping[str, Any]) -> Sequence[NewEvent]:
+        seen.append(list(state["booked"]))
+        if len(seen) == 1:
+            await decisions.execute(booked, book(3))
+        return book(4)(state)
+
+    await decisions.execute(booked, overtaken_once)
+    assert seen == [[1], [1, 3]] and booked["booked"].initial == []
+    assert (await decisions.build(booked))["booked"] == [1, 3, 4]

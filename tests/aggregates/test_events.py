@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, ClassVar
 
 import pytest
@@ -122,6 +123,25 @@ def test_upcaster_declarations_are_checked() -> None:
         early.register(PriceQuoted)  # ... and checked once it is
 
 
+def test_a_refused_registration_keeps_the_upcasters_registered_by_name() -> None:
+    registry = EventRegistry()
+    first, second = (lambda d: {**d, "currency": "EUR"}), (lambda d: d)
+    registry.add_upcaster("order.placed", 1, first)
+    registry.add_upcaster("order.placed", 2, second)
+
+    class TooLow(DomainEvent, event_type="order.placed", version=2):
+        total: int
+
+    class Placed(DomainEvent, event_type="order.placed", version=3):
+        total: int
+        currency: str
+
+    with pytest.raises(EventRegistrationError, match="not below the current"):
+        registry.register(TooLow)
+    registry.register(Placed)
+    assert registry.upcaster_versions("order.placed") == {1, 2}
+
+
 async def test_stored_old_payloads_are_upcast_through_the_chain(store: EventStore) -> None:
     await store.append(
         "quote-1",
@@ -225,3 +245,11 @@ def test_encoding_an_unregistered_event_is_refused() -> None:
         registry.encode(Deposited(amount=1))
     with pytest.raises(EventRegistrationError):
         registry.encode("not an event")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", ["event_type", "schema_version", "personal_fields", "stored_by_alias"])
+def test_a_field_named_like_a_framework_class_attribute_is_refused(name: str) -> None:
+    """Such a field would replace the stored type name or schema version the framework reads off the class."""
+    with warnings.catch_warnings(), pytest.raises(EventRegistrationError, match=f"field {name!r}"):
+        warnings.simplefilter("ignore")  # pydantic's warning that the field shadows the attribute
+        type("Shadowing", (DomainEvent,), {"__annotations__": {name: str, "title": str}})

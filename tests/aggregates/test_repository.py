@@ -3,13 +3,26 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 
 import pytest
+from pydantic import BaseModel
 
-from aggregates import AggregateNotFound, InvalidAggregateId, Repository
-from eventstore import EventSerializationError, EventStore, NewEvent, WrongExpectedVersion
+from aggregates import Aggregate, AggregateNotFound, DomainEvent, EventRegistry, InvalidAggregateId, Repository, applies
+from aggregates.testing import given, round_trip
+from eventstore import (
+    EventSerializationError,
+    EventStore,
+    InvalidArgument,
+    NewEvent,
+    StreamArchived,
+    StreamTombstoned,
+    WrongExpectedVersion,
+    lifecycle,
+)
 from tests.aggregates.domain import Account, AccountNotOpen, AccountOpened, Deposited, InsufficientFunds, Withdrawn
+
+UTC_PLUS_1 = timezone(timedelta(hours=1))
 
 
 def opened(aggregate_id: str, *deposits: int) -> Account:
@@ -267,3 +280,80 @@ async def test_ids_may_contain_dashes(store: EventStore) -> None:
     assert [s for s, _ in await store.list_streams(category="account")] == ["account-eu-west-42"]
     assert (await accounts.history("eu-west-42"))[0] == AccountOpened(owner="ann")
     assert (await accounts.history("eu-west-42"))[1] == Deposited(amount=3)
+
+
+class Ranked(DomainEvent):
+    scores: dict[str, int]  # in ranking order, as emitted
+
+
+class Board(BaseModel):
+    leader: str = ""
+
+
+class Race(Aggregate[Board], category="race"):
+    def rank(self, scores: dict[str, int]) -> None:
+        self._emit(Ranked(scores=scores))
+
+    @applies(Ranked)
+    def _ranked(self, event: Ranked) -> None:
+        self.state.leader = next(iter(event.scores))
+
+
+async def test_the_state_after_a_command_is_the_state_after_a_reload_dict_order_included(store: EventStore) -> None:
+    """jsonb gives an event's dicts back in its own key order: the command's handlers see that order too."""
+    races = Repository(store, Race)
+    after_command = await races.execute("r1", lambda r: r.rank({"zoe": 3, "al": 1}), create=True)
+    assert list((await store.read_stream("race-r1"))[0].json()["scores"]) == ["al", "zoe"]
+    assert after_command.pending_events == () and after_command.state.leader == "al"
+    assert (await races.get("r1")).state.leader == "al"
+    outcome = given(Race).when(lambda r: r.rank({"zoe": 3, "al": 1}))
+    assert outcome.then(Ranked(scores={"zoe": 3, "al": 1})).state.leader == "al"
+    decoded = round_trip(EventRegistry(Ranked), Ranked(scores={"zoe": 3, "al": 1, "b": 0}))
+    assert isinstance(decoded, Ranked) and list(decoded.scores.items()) == [("b", 0), ("al", 1), ("zoe", 3)]
+
+
+@pytest.mark.parametrize("retire", ["archive", "delete"])
+async def test_creating_an_aggregate_on_a_retired_stream_is_refused_without_retries(
+    store: EventStore, retire: str
+) -> None:
+    accounts = Repository(store, Account)
+    await accounts.save(opened("1"))
+    if retire == "archive":
+        await lifecycle.archive(store, "account-1")
+    else:
+        await lifecycle.delete(store, ["account-1"], reason="spam")
+    runs: list[int] = []
+
+    def open_again(account: Account) -> None:
+        runs.append(1)
+        account.open("bob")
+
+    with pytest.raises(StreamArchived if retire == "archive" else StreamTombstoned, match="account-1"):
+        await accounts.execute("1", open_again, create=True, retries=5)
+    assert runs == [1]
+
+
+async def test_bad_arguments_are_typed_errors_and_change_nothing(store: EventStore) -> None:
+    accounts = Repository(store, Account)
+    await accounts.save(opened("1"))
+    with pytest.raises(InvalidArgument, match="Aggregate subclass"):
+        Repository(store, 42)  # type: ignore[type-var]
+    with pytest.raises(InvalidArgument, match="EventRegistry"):
+        Repository(store, Account, registry="x")  # type: ignore[arg-type]
+    account = await accounts.get("1")
+    account.deposit(1)
+    with pytest.raises(InvalidArgument, match="UnitOfWork"):
+        await accounts.save(account, uow="x")  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgument, match="callable"):
+        await accounts.execute("1", "not callable")  # type: ignore[arg-type]
+    for late in (datetime.max.replace(tzinfo=timezone(timedelta(hours=-1))), datetime.min.replace(tzinfo=UTC_PLUS_1)):
+        with pytest.raises(InvalidArgument, match="as_of"):
+            await accounts.get("1", as_of=late)
+    with pytest.raises(InvalidArgument, match="RecordedEvent"):
+        accounts.registry.decode("x")  # type: ignore[call-overload]
+    for odd in (["x"], None):
+        with pytest.raises(InvalidArgument, match="event type"):
+            accounts.registry.event_class(odd)  # type: ignore[arg-type]
+        with pytest.raises(InvalidArgument, match="event type"):
+            accounts.registry.upcaster_versions(odd)  # type: ignore[arg-type]
+    assert await store.stream_version("account-1") == 0 and account.version == 0

@@ -8,7 +8,7 @@ import uuid
 import asyncpg
 import pytest
 
-from aggregates import Aggregate, AggregateError
+from aggregates import Aggregate, AggregateError, EventRegistrationError
 from eventstore import EventStore, InvalidArgument, SchemaNotMigrated, asyncpg_dsn
 from eventstore_app import Application
 from tests.aggregates.domain import Account, AccountState
@@ -98,3 +98,31 @@ async def test_odd_arguments_get_typed_errors(database_url: str) -> None:
         with pytest.raises(InvalidArgument, match="metadata must be a mapping"):
             await accounts.execute("1", lambda a: a.open("ann"), create=True, metadata="x")  # type: ignore[arg-type]
         assert await app.store.stream_version("account-1") == -1
+
+
+async def test_concurrent_starts_let_one_win_and_leak_nothing(database_url: str, server_url: str) -> None:
+    app = Application("bank", aggregates=[Account], database_url=database_url)
+    results = await asyncio.gather(app.start(), app.start(), return_exceptions=True)
+    assert results.count(None) == 1
+    (refused,) = [r for r in results if r is not None]
+    assert isinstance(refused, InvalidArgument) and "started already" in str(refused)
+    await app.repository(Account).execute("1", lambda a: a.open("ann"), create=True)
+    await app.stop()
+    assert await _sessions(server_url, _database(database_url)) == 0
+    await app.start()  # and it starts again after a stop
+    await app.stop()
+
+
+class _Ledger(Aggregate[AccountState], category="account"):
+    pass
+
+
+def test_aggregates_sharing_a_category_or_taking_a_reserved_one_are_refused() -> None:
+    with pytest.raises(InvalidArgument, match="both have category 'account'"):
+        Application("bank", aggregates=[Account, _Ledger])
+    with pytest.raises(EventRegistrationError, match=r"'\$'"):
+
+        class _Deleted(Aggregate[AccountState], category="$deleted"):
+            pass
+
+    assert Application("bank", aggregates=[Account, Account]).aggregates == (Account, Account)
