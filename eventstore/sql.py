@@ -573,9 +573,11 @@ LIMIT $2
 
 # Not on an archived stream (the archive drops its snapshot: a later one would let the aggregate load, and
 # would keep personal data out of a `forget`'s reach); the key-share lock makes a save wait for an archive.
+# Nothing is stored for a stream that is archived or not at that version yet (the snapshot of a save
+# whose unit of work rolled back): it would be trusted once the stream got there, over older ones.
 SAVE_SNAPSHOT = """
 INSERT INTO snapshots (stream_id, snapshot_type, schema_version, stream_version, data)
-SELECT $1, $2, $3, $4, $5 FROM streams WHERE stream_id = $1 AND archived_at IS NULL FOR KEY SHARE
+SELECT $1, $2, $3, $4, $5 FROM streams WHERE stream_id = $1 AND archived_at IS NULL AND version >= $4 FOR KEY SHARE
 ON CONFLICT (stream_id) DO UPDATE
 SET snapshot_type = EXCLUDED.snapshot_type, schema_version = EXCLUDED.schema_version,
     stream_version = EXCLUDED.stream_version, data = EXCLUDED.data, created_at = now()

@@ -168,7 +168,7 @@ async def test_an_unreadable_snapshot_is_ignored(recording: RecordingStore, capl
     deposits(account, 5)
     await accounts.save(account)
     await recording.save_snapshot(
-        "account-1", "SnapshottedAccount", SnapshottedAccount.snapshot_tag(), 6, '{"balance": "lots"}'
+        "account-1", "SnapshottedAccount", SnapshottedAccount.snapshot_tag(), 5, '{"balance": "lots"}'
     )
     recording.reads.clear()
     with caplog.at_level(logging.WARNING, logger="aggregates.repository"):
@@ -370,7 +370,8 @@ async def test_a_snapshot_past_the_streams_end_is_refused_and_ignored(
     store: EventStore, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A save in a unit of work that rolled back leaves the aggregate counting as saved: a snapshot of it
-    would be past the stream's end. `take_snapshot` refuses it; a load ignores one stored anyway."""
+    would be past the stream's end. `take_snapshot` refuses it, the store keeps none sent past the end,
+    and a load ignores one (stored by an older version of the store)."""
     accounts = Repository(store, SnapshottedAccount)
     account = SnapshottedAccount("1")
     account.open("ann")
@@ -385,6 +386,13 @@ async def test_a_snapshot_past_the_streams_end_is_refused_and_ignored(
     assert await store.load_snapshot("account-1") is None
     data = account.state.model_dump_json()
     await store.save_snapshot("account-1", "SnapshottedAccount", SnapshottedAccount.snapshot_tag(), 1, data)
+    assert await store.load_snapshot("account-1") is None
+    async with store.connection() as conn:  # as an older store kept it
+        await conn.execute(
+            "INSERT INTO snapshots (stream_id, snapshot_type, schema_version, stream_version, data)"
+            " VALUES ($1, $2, $3, 1, $4)",
+            "account-1", "SnapshottedAccount", SnapshottedAccount.snapshot_tag(), data,
+        )
     with caplog.at_level(logging.WARNING, logger="aggregates.repository"):
         loaded = await accounts.get("1")
     assert "past the stream's end" in caplog.text

@@ -314,7 +314,10 @@ async def test_snapshots_keep_the_newest(store: EventStore) -> None:
     assert await store.load_snapshot("acc-1") is None
     await store.save_snapshot("acc-1", "Account", "1", 5, '{"balance": 5}')
     assert await store.load_snapshot("acc-1") is None  # no stream, no snapshot
-    await store.append("acc-1", [ev(n=1)])
+    await store.append("acc-1", [ev(n=i) for i in range(5)])
+    await store.save_snapshot("acc-1", "Account", "1", 5, '{"balance": 5}')
+    assert await store.load_snapshot("acc-1") is None  # the stream is at version 4: past its end
+    await store.append("acc-1", [ev(n=i) for i in range(5)])
     await store.save_snapshot("acc-1", "Account", "1", 5, '{"balance": 5}')
     await store.save_snapshot("acc-1", "Account", "1", 3, '{"balance": 3}')
     snap = await store.load_snapshot("acc-1")
