@@ -12,10 +12,9 @@ from uuid import UUID
 
 import asyncpg
 
-from eventstore import START, Checkpoint, EventStore, Keyring, check_int, with_retries
+from eventstore import START, Checkpoint, EventStore, InvalidArgument, Keyring, check_int, with_retries
 from projections import sql
 from projections.errors import (
-    InvalidProjection,
     ProjectionFailed,
     ProjectionsNotMigrated,
     RebuildInProgress,
@@ -24,6 +23,7 @@ from projections.errors import (
 from projections.generations import (
     StoredCheckpoint,
     apply_committed,
+    check_interval,
     check_name,
     connect,
     create_generation,
@@ -101,16 +101,12 @@ class ProjectionAdmin:
 
     def __init__(self, store: EventStore, projections: Iterable[Projection]) -> None:
         self.store = store
-        self.projections = list(projections)
-        for projection in self.projections:
-            if not isinstance(projection, Projection):
-                raise InvalidProjection(f"expected Projection instances, got {type(projection).__name__}")
-        distinct(self.projections)
+        self.projections = distinct(projections)
         self._by_name = {p.name: p for p in self.projections}
 
     def get(self, name: str) -> Projection:
         try:
-            return self._by_name[name]
+            return self._by_name[check_name(name)]
         except KeyError:
             raise UnknownProjection(name, list(self._by_name)) from None
 
@@ -142,9 +138,15 @@ class ProjectionAdmin:
         name = row["name"]
         projection = self._by_name.get(name)
         checkpoint = Checkpoint(row["log_xid"], row["position"])
-        active = any(lease_key("run", key) in held for key in lease_names(name, row["partitions"]))
+        leases = lease_names(name, row["partitions"])
+        active = any(lease_key("run", key) in held for key in leases)
+        runner = row["runner"] if active else None
+        if row["partitions"] > 1:  # its partitions' owners, each recorded with the partition it runs
+            owners = zip(leases, row["partition_runners"] or (), strict=False)
+            runner = ", ".join(sorted({r for key, r in owners if r is not None and lease_key("run", key) in held}))
+            runner = runner or None
         needs = None if projection is None else mismatch(
-            projection, row["mode"], row["version"], row["tables"], row["partitions"]
+            projection, row["mode"], row["version"], row["tables"], row["partitions"], row["partition_key"]
         )
         inline = row["mode"] == "inline"
         lag = 0 if inline else await self.store.count_after(checkpoint)
@@ -172,7 +174,7 @@ class ProjectionAdmin:
             name=name, state=state, mode=row["mode"], declared=projection is not None, version=row["version"],
             declared_version=None if projection is None else projection.version,
             generation=row["generation"], tables=list(row["tables"]), checkpoint=checkpoint, lag=lag,
-            status=row["status"], active=active, runner=row["runner"] if active else None,
+            status=row["status"], active=active, runner=runner,
             last_error=row["last_error"], failed_event_id=row["failed_event_id"],
             failed_event_type=row["failed_event_type"], failed_position=row["failed_position"],
             failed_at=row["failed_at"], updated_at=row["updated_at"], needs_rebuild=needs, rebuild=rebuild,
@@ -275,6 +277,9 @@ class ProjectionAdmin:
         """
         projection = self.get(name)
         check_int("batch_size", batch_size, 1)
+        check_interval("progress_interval", progress_interval, zero=True)  # 0: report every batch
+        if progress is not None and not callable(progress):
+            raise InvalidArgument(f"progress must be a callable taking a RebuildProgress, got {progress!r}")
         tracker = ProgressTracker(name, progress, progress_interval)
         fresh = [restart]
         await self.store.refresh_statistics()  # the rebuild pages through the whole log by type

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import os
 import socket
 from collections.abc import Iterable, Sequence
@@ -63,8 +64,14 @@ def runner_identity(label: str | None = None) -> str:
 
 
 def distinct(projections: Iterable[Projection]) -> list[Projection]:
-    """The projections as a list; `InvalidProjection` if two share a name (they would share tables)."""
+    """The projections as a list; `InvalidProjection` if one is not a `Projection` or two share a name
+    (they would share tables)."""
+    if isinstance(projections, str | bytes) or not isinstance(projections, Iterable):
+        raise InvalidProjection(f"expected a collection of Projection instances, got {type(projections).__name__}")
     chosen = list(projections)
+    for projection in chosen:
+        if not isinstance(projection, Projection):
+            raise InvalidProjection(f"expected Projection instances, got {type(projection).__name__}")
     names = [p.name for p in chosen]
     if len(set(names)) != len(names):
         raise InvalidProjection(f"projection names must be unique, got {names}")
@@ -95,6 +102,7 @@ class StoredCheckpoint:
     failed_at: datetime | None
     updated_at: datetime
     partitions: int
+    partition_key: str | None
 
     @classmethod
     def of(cls, row: Any) -> StoredCheckpoint:
@@ -105,18 +113,29 @@ class StoredCheckpoint:
             failed_event_id=row["failed_event_id"], failed_event_type=row["failed_event_type"],
             failed_log_xid=row["failed_log_xid"], failed_position=row["failed_position"],
             failed_at=row["failed_at"], updated_at=row["updated_at"], partitions=row["partitions"],
+            partition_key=row["partition_key"],
         )
 
     def mismatch(self, projection: Projection) -> str | None:
-        return mismatch(projection, self.mode, self.version, self.tables, self.partitions)
+        return mismatch(projection, self.mode, self.version, self.tables, self.partitions, self.partition_key)
 
 
 def mismatch(
-    projection: Projection, mode: str, version: int, tables: Sequence[str], partitions: int
+    projection: Projection, mode: str, version: int, tables: Sequence[str], partitions: int, partition_key: str | None
 ) -> str | None:
-    """Why tables stored with (mode, version, tables, partitions) cannot be kept current by `projection`."""
+    """Why tables stored with (mode, version, tables, partitions, partition_key) cannot be kept current by
+    `projection`.
+
+    A partition's checkpoint only says which events it has applied under the key it was made with: under
+    another key the same partition holds other events, so a new key, like a new count, is a rebuild.
+    """
     if partitions != projection.partitions:
         return f"tables were built in {partitions} partition(s), declared {projection.partitions}"
+    if partitions > 1 and partition_key != projection.partition_key:
+        return (
+            f"partitions were made by partition key {_key_name(partition_key)}, "
+            f"declared {_key_name(projection.partition_key)}"
+        )
     if mode != mode_of(projection):
         return f"stored as {mode}, declared {mode_of(projection)}"
     if version != projection.version:
@@ -125,6 +144,10 @@ def mismatch(
     if sorted(tables) != declared:
         return f"stored tables {sorted(tables)} differ from declared {declared}"
     return None
+
+
+def _key_name(partition_key: str | None) -> str:
+    return "the stream id" if partition_key is None else repr(partition_key)
 
 
 async def connect(store: EventStore, purpose: str) -> Connection:
@@ -248,7 +271,7 @@ async def go_live(
     await conn.execute(sql.drop_schema(schema_for(name, previous.generation)))
     await conn.execute(
         sql.SWAP, name, generation, projection.version, mode_of(projection), tables, checkpoint[0], checkpoint[1],
-        projection.partitions,
+        projection.partitions, projection.partition_key,
     )
     await conn.execute(sql.DELETE_PARTITIONS, name)
     await conn.execute(sql.INSERT_PARTITIONS, name, projection.partitions, checkpoint[0], checkpoint[1])
@@ -292,7 +315,7 @@ async def ensure(
         await conn.execute(sql.HOLD_GENERATION, lease_key("inline", projection.name))
         created = await conn.fetchval(
             sql.INSERT_CHECKPOINT, projection.name, mode_of(projection), projection.version, tables,
-            projection.partitions,
+            projection.partitions, projection.partition_key,
         )
         if created is not None:
             await create_generation(conn, projection, 1, search_path)
@@ -303,7 +326,7 @@ async def ensure(
                 end, _ = await apply_committed(conn, projection, START, 1000, keyring)
                 await conn.execute(sql.RESTORE_SEARCH_PATH, search_path)
                 await conn.execute(
-                    sql.SWAP, projection.name, 1, projection.version, "inline", tables, end[0], end[1], 1
+                    sql.SWAP, projection.name, 1, projection.version, "inline", tables, end[0], end[1], 1, None
                 )
         row = await conn.fetchrow(sql.SELECT_CHECKPOINT, projection.name)
     return StoredCheckpoint.of(row)
@@ -346,6 +369,16 @@ def raise_if_disconnected(failure: HandlerFailed, conn: Connection) -> None:
     """A handler that failed because the connection was lost did not fail: raise the connection error."""
     if isinstance(failure.error, CONNECTION_ERRORS) and conn.is_closed():
         raise failure.error from None
+
+
+def check_interval(name: str, value: object, *, zero: bool = False) -> float:
+    """A number of seconds: finite and positive (or 0 with `zero`); a NaN would spin a loop that waits on it."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or not (
+        value > 0 or (zero and value == 0)
+    ):
+        wanted = "a finite number >= 0" if zero else "a finite number > 0"
+        raise InvalidArgument(f"{name} must be {wanted} of seconds, got {value!r}")
+    return float(value)
 
 
 def check_name(value: object) -> str:

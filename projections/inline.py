@@ -90,7 +90,9 @@ class InlineProjections:
         search_path = str(next(iter(rows.values()))["search_path"])
         for projection in relevant:
             row = rows[projection.name]
-            reason = mismatch(projection, row["mode"], row["version"], row["tables"], row["partitions"])
+            reason = mismatch(
+                projection, row["mode"], row["version"], row["tables"], row["partitions"], row["partition_key"]
+            )
             if reason is not None:
                 raise ProjectionNeedsRebuild(projection.name, reason)
             await use_generation(conn, projection.name, row["generation"], search_path)

@@ -150,7 +150,9 @@ class _DeferredWrites:
 
     def __getattr__(self, name: str) -> Any:
         attribute = getattr(self._conn, name)
-        if not inspect.iscoroutinefunction(attribute):
+        # By the Connection class too: a pool's connection proxy wraps its methods in plain functions.
+        underlying = getattr(asyncpg.Connection, name, None)
+        if not (inspect.iscoroutinefunction(attribute) or inspect.iscoroutinefunction(underlying)):
             return attribute
         if name == "prepare":
             self._direct = True  # the prepared statement's reads bypass this wrapper

@@ -211,8 +211,13 @@ class Rebuild:
             async with asyncio.TaskGroup() as group:
                 for partition in range(self.projection.partitions):
                     group.create_task(self._build_partition(partition, target))
-        except* HandlerFailed as failed:
-            await self._fail(failed.exceptions[0])  # type: ignore[arg-type]
+        except ExceptionGroup as errors:
+            # One error for the caller, as from the single pass: a handler's failure is recorded, anything
+            # else (a lost connection, which `_retrying` runs the rebuild again after) is raised as it is.
+            first = _first(errors)
+            if isinstance(first, HandlerFailed):
+                await self._fail(first)
+            raise first from None
         await self.connection.execute(sql.ADVANCE_REBUILD, self.projection.name, target[0], target[1], self._built)
         self.checkpoint = target
         self.done += self._built
@@ -321,3 +326,17 @@ class Rebuild:
         name = self.projection.name
         await self.connection.execute(sql.FAIL_REBUILD, name, describe(failure.error))
         raise ProjectionFailed.at(name, failure.event, failure.error) from failure.error
+
+
+def _first(errors: BaseExceptionGroup[Exception]) -> Exception:
+    """The error of a group to raise alone: a handler's failure if there is one, else the first error."""
+    leaves: list[Exception] = []
+    pending: list[BaseException] = [errors]
+    while pending:
+        error = pending.pop(0)
+        if isinstance(error, BaseExceptionGroup):
+            pending[:0] = error.exceptions
+        elif isinstance(error, Exception):
+            leaves.append(error)
+    failed = [e for e in leaves if isinstance(e, HandlerFailed)]
+    return (failed or leaves)[0]

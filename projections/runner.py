@@ -39,6 +39,7 @@ from projections.generations import (
     BatchLimit,
     ReadAhead,
     StoredCheckpoint,
+    check_interval,
     connect,
     disconnect,
     distinct,
@@ -93,8 +94,8 @@ class ProjectionRunner:
         label: str | None = None,
     ) -> None:
         check_int("batch_size", batch_size, 1)
-        if poll_interval <= 0 or lease_interval <= 0:
-            raise InvalidArgument("poll_interval and lease_interval must be positive")
+        check_interval("poll_interval", poll_interval)
+        check_interval("lease_interval", lease_interval)
         self.store = store
         self.projections = distinct(projections)
         for projection in self.projections:
@@ -107,11 +108,36 @@ class ProjectionRunner:
         self.lease_interval = lease_interval
         self.identity = runner_identity(label)
         self._workers = [w for p in self.projections for w in _workers_of(self, p)]
+        presences = {id(w.presence): w.presence for w in self._workers if isinstance(w, _PartitionWorker)}
+        self._presences = list(presences.values())
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
+        self._started = False
+        """From `start` until `stop` has finished: a second `start` meanwhile is refused."""
+        self._epoch = 0
+        """Counts starts and stops: a start that a stop overtook (while it prepared) starts nothing."""
+        self._stopped = asyncio.Event()
+        self._stopped.set()
+        """Clear while a `stop` is under way: a `start` meanwhile waits for it."""
 
     async def start(self) -> None:
-        """Create missing checkpoint rows and tables, then start competing for every projection."""
+        """Create missing checkpoint rows and tables, then start competing for every projection.
+
+        A store with a URL gives the runner connections of its own; one built on a pool must leave the
+        pool a connection besides all those the runner may hold (`InvalidArgument` otherwise): a
+        runner that took them all would stall every append. A runner started already (and not stopped
+        since) is refused with `ProjectionError`; one being stopped is started once the stop is done.
+        """
+        await self._stopped.wait()
+        if self._started:
+            raise ProjectionError("the projection runner is already started: stop it before starting it again")
+        if self.store.url is None:
+            needed, size = _connections_needed(self.projections), self.store.pool.get_max_size()
+            if needed >= size:
+                raise InvalidArgument(
+                    f"the runner may hold {needed} connections and the store's pool has {size}: "
+                    "give the pool more, or give the store a database URL"
+                )
 
         async def prepare() -> None:
             async with self.store.pool.acquire() as conn:
@@ -119,17 +145,39 @@ class ProjectionRunner:
                 for projection in self.projections:
                     await ensure(conn, projection, search_path, view_schema, self.store.keyring)
 
-        # Creating rows and tables is idempotent: a session killed meanwhile just means doing it again.
-        await self.store.retrying(prepare)
-        await self.store.refresh_statistics()  # after a bulk load, before paging through it by type
-        self._stopping = False
+        self._started, self._stopping = True, False
+        self._epoch += 1
+        epoch = self._epoch
+        try:
+            # Creating rows and tables is idempotent: a session killed meanwhile just means doing it again.
+            await self.store.retrying(prepare)
+            await self.store.refresh_statistics()  # after a bulk load, before paging through it by type
+        except BaseException:
+            if epoch == self._epoch:
+                self._started = False
+            raise
+        if epoch != self._epoch:
+            return  # stopped meanwhile
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(w.run(), name=f"projection {w.projection.name}") for w in self._workers]
         telemetry.watch(self)
 
     async def stop(self, grace: float = 10.0) -> None:
-        """Finish the batches in flight, record the projections as stopped and release them."""
+        """Finish the batches in flight (cancel those still running after `grace` seconds), record the
+        projections as stopped and release them; returns once every task the runner started has ended."""
+        check_interval("grace", grace, zero=True)
+        if not self._stopped.is_set():  # another stop is under way: it stops everything
+            await self._stopped.wait()
+            return
         self._stopping = True
+        self._epoch += 1
+        self._stopped.clear()
+        try:
+            await self._stop(grace)
+        finally:
+            self._stopped.set()
+
+    async def _stop(self, grace: float) -> None:
         for worker in self._workers:
             worker.wakeup.set()
         if self._tasks:
@@ -138,7 +186,10 @@ class ProjectionRunner:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+        for presence in self._presences:
+            await presence.close()
         telemetry.unwatch(self)
+        self._started = False
 
     async def __aenter__(self) -> ProjectionRunner:
         await self.start()
@@ -161,13 +212,17 @@ class ProjectionRunner:
         `ProjectionNeedsRebuild` if the stored tables of one belong to another declaration. Bound the
         wait with `asyncio.timeout`.
         """
+        check_interval("interval", interval)
         head = await self.store.last_committed() if until is None else Checkpoint.of(until)
         names = [p.name for p in self.projections]
         declared = {p.name: p for p in self.projections}
         while True:
             rows = await self.store.pool.fetch(sql.CHECKPOINTS, names)
             for row in rows:
-                reason = mismatch(declared[row["name"]], row["mode"], row["version"], row["tables"], row["partitions"])
+                reason = mismatch(
+                    declared[row["name"]], row["mode"], row["version"], row["tables"], row["partitions"],
+                    row["partition_key"],
+                )
                 if reason is not None:
                     raise ProjectionNeedsRebuild(row["name"], reason)
             failed = [r for r in rows if r["status"] == "failed"]
@@ -236,31 +291,32 @@ class _Worker:
             await self._pause(delay)
 
     async def _session(self) -> None:
+        """A standby keeps its connection: it takes over within `lease_interval` of the owner's death."""
         conn = await connect(self.runner.store, f"projection {self.label}")
         try:
-            await self._name_session(conn)
-            self._search_path, view_schema = await session_paths(conn)
-            await ensure(conn, self.projection, self._search_path, view_schema, self.runner.store.keyring)
+            await self._prepare(conn)
             while not self.runner._stopping:
-                if await self._may_take(conn) and await conn.fetchval(sql.TRY_LOCK, self.key):
-                    self.owned = True
-                    try:
-                        await self._own(conn)
-                    finally:
-                        self.owned = False
-                        if not conn.is_closed():
-                            await conn.fetchval(sql.UNLOCK, self.key)
+                await self._try_to_own(conn)
                 self.wakeup.clear()
                 await self._pause(self.runner.lease_interval)
         finally:
             await disconnect(self.runner.store, conn)
 
-    async def _name_session(self, conn: Connection) -> None:
-        """Mark the session for other runners (partition workers count each other by it)."""
+    async def _prepare(self, conn: Connection) -> None:
+        self._search_path, view_schema = await session_paths(conn)
+        await ensure(conn, self.projection, self._search_path, view_schema, self.runner.store.keyring)
 
-    async def _may_take(self, conn: Connection) -> bool:
-        """Whether to try for the lease now (a partition worker takes no more than its fair share)."""
-        return True
+    async def _try_to_own(self, conn: Connection) -> None:
+        """Take the lease if it is free, and run the projection for as long as it is held."""
+        if not await conn.fetchval(sql.TRY_LOCK, self.key):
+            return
+        self.owned = True
+        try:
+            await self._own(conn)
+        finally:
+            self.owned = False
+            if not conn.is_closed():
+                await conn.fetchval(sql.UNLOCK, self.key)
 
     async def _own(self, conn: Connection) -> None:
         name = self.projection.name
@@ -292,7 +348,11 @@ class _Worker:
                 with contextlib.suppress(Exception):
                     await conn.remove_listener(NOTIFY_CHANNEL, self._notified)
                 with contextlib.suppress(Exception):
-                    await conn.execute(sql.RELEASE, name, self.runner.identity)
+                    await self._release(conn)
+
+    async def _release(self, conn: Connection) -> None:
+        """Record the projection as no longer run by this runner."""
+        await conn.execute(sql.RELEASE, self.projection.name, self.runner.identity)
 
     @telemetry.batch
     async def _step(self, conn: Connection, limit: int) -> tuple[_Outcome, int]:
@@ -350,7 +410,19 @@ class _Worker:
 def _workers_of(runner: ProjectionRunner, projection: Projection) -> list[_Worker]:
     if projection.partitions == 1:
         return [_Worker(runner, projection)]
-    return [_PartitionWorker(runner, projection, p) for p in range(projection.partitions)]
+    presence = _Presence(runner, projection)
+    return [_PartitionWorker(runner, projection, p, presence) for p in range(projection.partitions)]
+
+
+def _connections_needed(projections: Iterable[Projection]) -> int:
+    """The most connections a runner of `projections` holds: one per projection, one per partition it
+    may run (all of them while it runs alone) and one per partitioned projection to be counted by."""
+    return sum(1 if p.partitions == 1 else p.partitions + 1 for p in projections)
+
+
+def _name_tag(name: str) -> str:
+    """A projection's name in 16 characters: a session name is cut at 63 bytes, and this part must stay whole."""
+    return hashlib.blake2b(name.encode(), digest_size=8).hexdigest()
 
 
 class _PartitionWorker(_Worker):
@@ -358,22 +430,31 @@ class _PartitionWorker(_Worker):
 
     Its batches lock its own checkpoint row and share the projection's row, so the partitions run side
     by side while a swap (a rebuild going live, a reset) waits for their batches in flight. Runners
-    share the partitions fairly: each session is named after its runner, so a runner sees how many
-    runners compete for the projection, takes no more than ceil(partitions / runners) of them, and
-    hands back what it holds beyond that (checked every `lease_interval`).
+    share the partitions fairly: each runner's `_Presence` session is named after it, so a runner sees
+    how many runners compete for the projection, takes no more than ceil(partitions / runners) of them,
+    and hands back what it holds beyond that (checked every `lease_interval`). A worker connects only
+    to take its partition and keeps the connection only while it runs it.
     """
 
-    def __init__(self, runner: ProjectionRunner, projection: Projection, partition: int) -> None:
+    def __init__(self, runner: ProjectionRunner, projection: Projection, partition: int, presence: _Presence) -> None:
         super().__init__(runner, projection)
         self.partition = partition
         self.label = partition_name(projection.name, partition)
         self.key = lease_key("run", self.label)
-        tag = hashlib.blake2b(f"{runner.identity}:{id(runner)}".encode(), digest_size=4).hexdigest()
-        self._session_name = f"{sql.PARTITION_RUNNER_PREFIX}{tag} {projection.name}"
-        self._mismatched_name = f"{sql.PARTITION_MISMATCHED_PREFIX}{tag} {projection.name}"
-        self._counted = True
-        """Whether the session goes by `_session_name`, counted by other runners for the fair share."""
+        self.presence = presence
         self._next_share_check = 0.0
+
+    async def _session(self) -> None:
+        while not self.runner._stopping:
+            if await self.presence.may_take(self):
+                conn = await connect(self.runner.store, f"projection {self.label}")
+                try:
+                    await self._prepare(conn)
+                    await self._try_to_own(conn)
+                finally:
+                    await disconnect(self.runner.store, conn)
+            self.wakeup.clear()
+            await self._pause(self.runner.lease_interval)
 
     def _siblings(self) -> list[_PartitionWorker]:
         """This runner's workers of the same projection, this one included."""
@@ -383,21 +464,10 @@ class _PartitionWorker(_Worker):
         return sum(1 for w in self._siblings() if w.owned)
 
     async def _fair_share(self, conn: Connection) -> int:
-        runners = int(await conn.fetchval(sql.PARTITION_RUNNERS, self.projection.name) or 1)
-        return math.ceil(self.projection.partitions / max(runners, 1))
+        return _fair_share(self.projection, await conn.fetchval(sql.PARTITION_RUNNERS, self.presence.tag))
 
-    async def _name_session(self, conn: Connection) -> None:
-        await conn.execute(sql.NAME_PARTITION_SESSION, self._session_name)
-        self._counted = True
-
-    async def _may_take(self, conn: Connection) -> bool:
-        # A runner that cannot run the live declaration takes no share: one of its workers found out, and
-        # the others share its declaration (a worker whose partition another runner holds never would).
-        counted = not any(w._mismatch is not None for w in self._siblings())
-        if counted != self._counted:
-            await conn.execute(sql.NAME_PARTITION_SESSION, self._session_name if counted else self._mismatched_name)
-            self._counted = counted
-        return self._held_by_runner() < await self._fair_share(conn)
+    async def _release(self, conn: Connection) -> None:
+        await conn.execute(sql.RELEASE_PARTITION, self.projection.name, self.partition, self.runner.identity)
 
     async def _step(self, conn: Connection, limit: int) -> tuple[_Outcome, int]:
         now = time.monotonic()
@@ -440,3 +510,72 @@ class _PartitionWorker(_Worker):
             if len(events) == limit:
                 return _Outcome.MORE, len(events)
         return (_Outcome.HELD if row["held"] else _Outcome.IDLE), len(events)
+
+
+def _fair_share(projection: Projection, runners: int | None) -> int:
+    return math.ceil(projection.partitions / max(runners or 1, 1))
+
+
+class _Presence:
+    """A runner's one standing session for a partitioned projection, however many partitions it runs.
+
+    Other runners count it (by its name) to work out their fair share, and the workers ask through it
+    whether their partition is free before they connect to take it: a runner holds a connection per
+    partition it runs, not per partition.
+    """
+
+    def __init__(self, runner: ProjectionRunner, projection: Projection) -> None:
+        self.runner = runner
+        self.projection = projection
+        self.tag = _name_tag(projection.name)
+        runner_tag = hashlib.blake2b(f"{runner.identity}:{id(runner)}".encode(), digest_size=4).hexdigest()
+        self._names = {
+            counted: f"{prefix}{runner_tag} {self.tag} {projection.name}"
+            for counted, prefix in ((True, sql.PARTITION_RUNNER_PREFIX), (False, sql.PARTITION_MISMATCHED_PREFIX))
+        }
+        self._counted = True
+        """Whether the session goes by the counted name (see `sql.PARTITION_MISMATCHED_PREFIX`)."""
+        self._conn: Connection | None = None
+        self._lock = asyncio.Lock()
+
+    async def may_take(self, worker: _PartitionWorker) -> bool:
+        """Whether `worker` should connect to try for its partition: it is free and within the fair share."""
+        # A runner that cannot run the live declaration takes no share: one of its workers found out, and
+        # the others share its declaration (a worker whose partition another runner holds never would).
+        counted = not any(w._mismatch is not None for w in worker._siblings())
+        async with self._lock:
+            try:
+                conn = await self._connection()
+                if counted != self._counted:
+                    await conn.execute(sql.NAME_PARTITION_SESSION, self._names[counted])
+                    self._counted = counted
+                if await conn.fetchval(sql.LEASE_HELD, worker.key):
+                    return False
+                runners = await conn.fetchval(sql.PARTITION_RUNNERS, self.tag)
+            except _RETRYABLE:
+                await self._close()
+                raise
+        return worker._held_by_runner() < _fair_share(self.projection, runners)
+
+    async def _connection(self) -> Connection:
+        if self._conn is not None and not self._conn.is_closed():
+            return self._conn
+        await self._close()
+        conn = await connect(self.runner.store, f"partitions {self.projection.name}")
+        try:
+            await conn.execute(sql.NAME_PARTITION_SESSION, self._names[self._counted])
+        except BaseException:
+            await disconnect(self.runner.store, conn)
+            raise
+        self._conn = conn
+        return conn
+
+    async def _close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await disconnect(self.runner.store, conn)
+
+    async def close(self) -> None:
+        """End the session (the runner stops): other runners no longer count this one."""
+        async with self._lock:
+            await self._close()

@@ -27,6 +27,7 @@ projection_checkpoints = sa.Table(
     sa.Column("position", sa.BigInteger, nullable=False, server_default=sa.text("0")),
     sa.Column("status", sa.Text, nullable=False, server_default=sa.text("'stopped'::text")),
     sa.Column("partitions", sa.Integer, nullable=False, server_default=sa.text("1")),
+    sa.Column("partition_key", sa.Text, nullable=True),
     sa.Column("runner", sa.Text, nullable=True),
     sa.Column("last_error", sa.Text, nullable=True),
     sa.Column("failed_event_id", sa.Uuid, nullable=True),

@@ -38,12 +38,13 @@ WHERE (log_xid, position) > ($1, $2) AND event_type = ANY($3::text[]) AND {log.L
 
 _CHECKPOINT = """
 name, mode, version, generation, tables, log_xid, position, status, runner, last_error,
-failed_event_id, failed_event_type, failed_log_xid, failed_position, failed_at, updated_at, partitions
+failed_event_id, failed_event_type, failed_log_xid, failed_position, failed_at, updated_at, partitions,
+partition_key
 """
 
 INSERT_CHECKPOINT = """
-INSERT INTO projection_checkpoints (name, mode, version, generation, tables, partitions)
-VALUES ($1, $2, $3, 1, $4, $5)
+INSERT INTO projection_checkpoints (name, mode, version, generation, tables, partitions, partition_key)
+VALUES ($1, $2, $3, 1, $4, $5, $6)
 ON CONFLICT (name) DO NOTHING
 RETURNING generation
 """
@@ -73,7 +74,7 @@ APPLIED_SETTING = "projections.inline_applied"
 """Names of the inline projections whose hooks ran in this transaction, comma-separated."""
 
 INLINE_STATE = f"""
-SELECT name, mode, version, generation, tables, partitions, current_setting('search_path') AS search_path,
+SELECT name, mode, version, generation, tables, partitions, partition_key, current_setting('search_path') AS search_path,
        set_config('{APPLIED_SETTING}',
                   concat_ws(',', nullif(current_setting('{APPLIED_SETTING}', true), ''), $2::text), true)
 FROM projection_checkpoints WHERE name = ANY($1::text[])
@@ -156,12 +157,14 @@ RETURNING name
 SWAP = """
 UPDATE projection_checkpoints
 SET generation = $2, version = $3, mode = $4, tables = $5, log_xid = $6, position = $7, partitions = $8,
+    partition_key = $9,
     status = CASE WHEN status = 'failed' THEN 'stopped' ELSE status END,
     failed_event_id = NULL, failed_event_type = NULL, failed_log_xid = NULL, failed_position = NULL,
     failed_at = NULL, updated_at = now()
 WHERE name = $1
 """
-"""Point a projection at another generation of its tables, built up to checkpoint ($6, $7), in $8 partitions."""
+"""Point a projection at another generation of its tables, built up to checkpoint ($6, $7), in $8 partitions
+by key $9 (NULL: the stream id)."""
 
 # -- partitions ------------------------------------------------------------------------------------
 
@@ -199,6 +202,12 @@ UPDATE projection_partitions SET log_xid = $3, position = $4, runner = $5, updat
 WHERE name = $1 AND partition = $2
 """
 
+RELEASE_PARTITION = """
+UPDATE projection_partitions SET runner = NULL, updated_at = now()
+WHERE name = $1 AND partition = $2 AND runner = $3
+"""
+"""A partition's runner lets it go: `runner` names the partition's owner while it is owned."""
+
 PARTITION_RUNNER_PREFIX = "eventstore partitions "
 
 PARTITION_MISMATCHED_PREFIX = "eventstore partitions-mismatched "
@@ -207,14 +216,16 @@ old version during a rolling deploy): `PARTITION_RUNNERS` does not count it, so 
 from the runners that can run the projection."""
 
 NAME_PARTITION_SESSION = "SELECT set_config('application_name', $1, false)"
-"""A partition worker's session says whose it is: `PARTITION_RUNNER_PREFIX` + runner tag + ' ' + projection."""
+"""A partition worker's session says whose it is: `PARTITION_RUNNER_PREFIX` + runner tag + ' ' + a hash of the
+projection's name + ' ' + the name (for people only: PostgreSQL cuts the whole at 63 bytes)."""
 
 PARTITION_RUNNERS = f"""
 SELECT count(DISTINCT split_part(application_name, ' ', 3)) FROM pg_stat_activity
 WHERE datname = current_database() AND application_name LIKE '{PARTITION_RUNNER_PREFIX}%'
   AND split_part(application_name, ' ', 4) = $1
 """
-"""How many runners have partition workers of projection $1 connected: they share its partitions."""
+"""How many runners have partition workers of projection $1 (the hash of its name) connected: they share its
+partitions."""
 
 _FLOOR = """
 LEFT JOIN LATERAL (
@@ -251,18 +262,21 @@ DELETE_CHECKPOINT = "DELETE FROM projection_checkpoints WHERE name = $1"
 
 STATUS = f"""
 SELECT c.name, c.mode, c.version, c.generation, c.tables, COALESCE(f.log_xid, c.log_xid) AS log_xid,
-       COALESCE(f.position, c.position) AS position, c.status, c.runner, c.partitions,
+       COALESCE(f.position, c.position) AS position, c.status, c.runner, c.partitions, c.partition_key,
        c.last_error, c.failed_event_id, c.failed_event_type, c.failed_log_xid, c.failed_position,
        c.failed_at, c.updated_at,
        r.generation AS rebuild_generation, r.version AS rebuild_version, r.log_xid AS rebuild_log_xid,
        r.position AS rebuild_position, r.events_done AS rebuild_events_done, r.last_error AS rebuild_last_error,
-       r.started_at AS rebuild_started_at, r.updated_at AS rebuild_updated_at
+       r.started_at AS rebuild_started_at, r.updated_at AS rebuild_updated_at,
+       (SELECT array_agg(p.runner ORDER BY p.partition) FROM projection_partitions p WHERE p.name = c.name)
+           AS partition_runners
 FROM projection_checkpoints c LEFT JOIN projection_rebuilds r ON r.name = c.name {_FLOOR}
 ORDER BY c.name
 """
+"""`partition_runners`: the runner recorded by each partition (by number), of which those holding its lease run it."""
 
 CHECKPOINTS = f"""
-SELECT c.name, c.mode, c.version, c.tables, c.partitions, COALESCE(f.log_xid, c.log_xid) AS log_xid,
+SELECT c.name, c.mode, c.version, c.tables, c.partitions, c.partition_key, COALESCE(f.log_xid, c.log_xid) AS log_xid,
        COALESCE(f.position, c.position) AS position, c.status
 FROM projection_checkpoints c {_FLOOR}
 WHERE c.name = ANY($1::text[])
@@ -281,6 +295,9 @@ WHERE locktype = 'advisory' AND objsubid = 1 AND granted
   AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
 """
 """Keys of the bigint advisory locks held in this database (reassembled from the two oid halves)."""
+
+LEASE_HELD = f"SELECT EXISTS (SELECT 1 FROM ({HELD_LOCKS}) AS held WHERE held.key = $1)"
+"""Whether some session holds the advisory lock $1 (a partition's lease) now."""
 
 # -- generations of read-model tables ---------------------------------------------------------------
 
@@ -361,18 +378,24 @@ def drop_guard(events_schema: str, projection: str) -> str:
 # -- metrics ---------------------------------------------------------------------------------------
 
 PROJECTION_GAUGES = f"""
-SELECT c.name, c.status,
+SELECT c.name,
+       CASE WHEN c.partitions = 1 OR c.status = 'failed' THEN c.status
+            WHEN EXISTS (SELECT 1 FROM projection_partitions p WHERE p.name = c.name AND p.runner IS NOT NULL)
+            THEN 'running' ELSE 'stopped' END AS status,
        (SELECT count(*) FROM (
             SELECT 1 FROM events AS e
-            WHERE (e.log_xid, e.position) > (c.log_xid, c.position) AND e.{log.LOG_VISIBLE}
+            WHERE (e.log_xid, e.position) > (COALESCE(f.log_xid, c.log_xid), COALESCE(f.position, c.position))
+              AND e.{log.LOG_VISIBLE}
             LIMIT $2) AS behind) AS lag,
        coalesce((
             SELECT extract(epoch FROM now() - e.recorded_at) FROM events AS e
-            WHERE (e.log_xid, e.position) > (c.log_xid, c.position) AND e.{log.LOG_VISIBLE}
+            WHERE (e.log_xid, e.position) > (COALESCE(f.log_xid, c.log_xid), COALESCE(f.position, c.position))
+              AND e.{log.LOG_VISIBLE}
             ORDER BY e.log_xid, e.position
             LIMIT 1), 0)::float8 AS lag_seconds
-FROM projection_checkpoints AS c
+FROM projection_checkpoints AS c {_FLOOR}
 WHERE $1::text[] IS NULL OR c.name = ANY($1::text[])
 """
 """($1 names or NULL for all, $2 cap): each projection's status, the events after its checkpoint (counted up to the
-cap, so a projection far behind costs no more than that) and the age of the first of them."""
+cap, so a projection far behind costs no more than that) and the age of the first of them. A partitioned
+projection stands where its slowest partition does, and runs while any of its partitions has a runner."""

@@ -3,11 +3,13 @@ without changing what a handler means: it reads its own writes, and a failing st
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
+import asyncpg
 import pytest
 
-from eventstore import EventStore, NewEvent, RecordedEvent
+from eventstore import EventStore, NewEvent, RecordedEvent, asyncpg_dsn
 from projections import Projection, ProjectionAdmin, ProjectionFailed, ProjectionRunner
 from tests.projections.app import caught_up
 
@@ -53,7 +55,23 @@ async def _append(store: EventStore, amounts: list[int], *, read: bool = True) -
     return result.events[-1]
 
 
-async def test_handlers_read_what_they_wrote_earlier_in_the_batch(store: EventStore) -> None:
+@pytest.fixture(params=["url", "pool"])
+async def any_store(request: pytest.FixtureRequest, database_url: str) -> AsyncIterator[EventStore]:
+    """A store with a URL (runners connect on their own) or with a pool (runners use pooled connections)."""
+    if request.param == "url":
+        async with EventStore(database_url) as store:
+            yield store
+        return
+    pool = await asyncpg.create_pool(asyncpg_dsn(database_url), min_size=1, max_size=10)
+    try:
+        async with EventStore(pool=pool) as store:
+            yield store
+    finally:
+        await pool.close()
+
+
+async def test_handlers_read_what_they_wrote_earlier_in_the_batch(any_store: EventStore) -> None:
+    store = any_store
     await _append(store, [1, 2, 3])
     await _append(store, [4], read=False)
     noted = await store.append("tally-1", [NewEvent("Noted")])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from typing import Any
 
 import pytest
@@ -152,6 +153,52 @@ async def test_bad_operator_input_is_a_typed_error(store: EventStore) -> None:
                 await runner.wait_caught_up(until)  # type: ignore[arg-type]
         await runner.wait_caught_up()
     assert [s.name for s in await projections.status()] == ["ledger"]
+
+
+@pytest.mark.parametrize("interval", [0, -1, math.nan, math.inf, "1", None, True])
+async def test_bad_intervals_are_typed_errors_that_change_nothing(store: EventStore, interval: Any) -> None:
+    """A NaN interval would spin the event loop; the others fail later, half done, or never wait."""
+    from eventstore import InvalidArgument
+    from projections import ProjectionRunner
+
+    projections = ProjectionAdmin(store, [Ledger()])
+    for option in ("poll_interval", "lease_interval"):
+        with pytest.raises(InvalidArgument, match=option):
+            ProjectionRunner(store, [Ledger()], **{option: interval})
+    if interval != 0:  # a progress_interval of 0 reports every batch
+        with pytest.raises(InvalidArgument, match="progress_interval"):
+            await projections.rebuild("ledger", progress_interval=interval, progress=lambda p: None)
+    with pytest.raises(InvalidArgument, match="progress"):
+        await projections.rebuild("ledger", progress="not callable")  # type: ignore[arg-type]
+    assert await store.pool.fetchval("SELECT count(*) FROM projection_checkpoints") == 0
+    assert await store.pool.fetchval("SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'projection_%'") == 0
+    async with projections.runner() as runner:
+        with pytest.raises(InvalidArgument, match="interval"):
+            await runner.wait_caught_up(interval=interval)
+        if interval != 0:  # a grace of 0 stops at once
+            with pytest.raises(InvalidArgument, match="grace"):
+                await runner.stop(grace=interval)
+        await caught_up(runner, await store.last_committed())  # a refused call changed nothing
+
+
+async def test_bad_names_and_declarations_are_typed_errors(store: EventStore) -> None:
+    from eventstore import InvalidArgument
+    from projections import InvalidProjection, ProjectionRunner
+
+    projections = ProjectionAdmin(store, [Ledger()])
+    for name in (["ledger"], {"a": 1}, None):
+        with pytest.raises(InvalidArgument, match="projection name"):
+            await projections.rebuild(name)  # type: ignore[arg-type]
+        with pytest.raises(InvalidArgument, match="projection name"):
+            await projections.reset(name)  # type: ignore[arg-type]
+        with pytest.raises(InvalidArgument, match="projection name"):
+            projections.get(name)  # type: ignore[arg-type]
+    for declared in (["ledger"], "ledger", [Ledger(), None]):
+        with pytest.raises(InvalidProjection, match="Projection"):
+            ProjectionRunner(store, declared)  # type: ignore[arg-type]
+    with pytest.raises(InvalidProjection, match="Projection"):
+        ProjectionAdmin(store, "ledger")  # type: ignore[arg-type]
+    assert await store.pool.fetchval("SELECT count(*) FROM projection_checkpoints") == 0
 
 
 async def test_a_resumed_projection_goes_on_at_once(store: EventStore) -> None:

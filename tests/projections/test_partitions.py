@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import asyncpg
 import pytest
 
-from eventstore import START, EventStore, NewEvent, RecordedEvent
+from eventstore import START, EventStore, InvalidArgument, NewEvent, RecordedEvent, asyncpg_dsn
 from projections import (
     InvalidProjection,
     Projection,
@@ -15,6 +16,7 @@ from projections import (
     ProjectionNeedsRebuild,
     ProjectionRunner,
     handles,
+    telemetry,
 )
 from projections.generations import partition_name
 from tests.projections.app import caught_up, eventually
@@ -72,9 +74,23 @@ async def test_runners_share_the_partitions_and_each_stream_stays_in_order(store
     assert (status.state, status.lag, status.checkpoint >= more) == ("stopped", 0, True)
 
 
-async def _split(first: list[str], second: list[str]) -> bool:
-    names = {partition_name("stream_order", p) for p in range(4)}
+async def _split(first: list[str], second: list[str], names: set[str] | None = None) -> bool:
+    names = names or {partition_name("stream_order", p) for p in range(4)}
     return bool(first) and bool(second) and set(first) | set(second) == names and not set(first) & set(second)
+
+
+async def test_runners_share_the_partitions_of_a_projection_with_the_longest_name(store: EventStore) -> None:
+    """Runners find each other by their sessions' names, which PostgreSQL cuts at 63 bytes."""
+    name = "p" * 40
+    admin = ProjectionAdmin(store, [StreamOrder(name=name, partitions=4)])
+    last = await _append(store, streams=12, versions=2)
+    options: dict[str, Any] = {"lease_interval": 0.1}
+    async with admin.runner(**options) as one, admin.runner(**options) as two:
+        await caught_up(one, last)
+        names = {partition_name(name, p) for p in range(4)}
+        await eventually(
+            lambda: _split(one.owned, two.owned, names), seconds=10, what="both runners own partitions"
+        )
 
 
 async def test_each_event_belongs_to_exactly_one_partition_by_its_key(store: EventStore) -> None:
@@ -112,6 +128,30 @@ async def test_changing_the_number_of_partitions_is_a_rebuild(store: EventStore)
     async with admin.runner() as runner:
         await caught_up(runner, more)
     assert await _versions(store) == {f"s-{s}": list(range(6)) for s in range(6)}
+
+
+async def test_changing_the_partition_key_is_a_rebuild(store: EventStore) -> None:
+    """Each partition's checkpoint says how far its key's events are applied: under another key the
+    same partition holds other events, which would be applied twice or never."""
+    last = await _append(store, streams=6, versions=4)
+    async with ProjectionAdmin(store, [StreamOrder(partitions=4)]).runner() as runner:
+        await caught_up(runner, last)
+    admin = ProjectionAdmin(store, [StreamOrder(partitions=4, partition_key="data.account")])
+    (status,) = await admin.status()
+    assert status.state == "needs rebuild" and "data.account" in (status.needs_rebuild or "")
+    async with admin.runner() as runner:
+        with pytest.raises(ProjectionNeedsRebuild, match="partition key"):
+            await caught_up(runner, last)
+    assert (await admin.rebuild("stream_order")).done == 24
+    assert await store.pool.fetchval("SELECT partition_key FROM projection_checkpoints") == "data.account"
+    (status,) = await admin.status()
+    assert status.needs_rebuild is None
+    more = await _append(store, streams=6, versions=2)
+    async with admin.runner() as runner:
+        await caught_up(runner, more)
+    assert await _versions(store) == {f"s-{s}": list(range(6)) for s in range(6)}
+    (status,) = await ProjectionAdmin(store, [StreamOrder(partitions=4)]).status()
+    assert "stream id" in (status.needs_rebuild or "")
 
 
 async def test_a_failing_partition_stops_the_projection(store: EventStore) -> None:
@@ -175,3 +215,95 @@ async def test_a_runner_of_the_old_version_takes_no_share_of_the_partitions_from
     rows = await store.pool.fetch("SELECT stream_id, array_agg(version ORDER BY version) AS v FROM seen GROUP BY 1")
     assert {r["stream_id"]: list(r["v"]) for r in rows} == {stream: [0, 1] for stream in streams}
 
+
+
+def _gauges(name: str) -> list[tuple[int, str]]:
+    """(lag, state) of `name` in every probe's sample, as a metrics scrape reads them (off the loop)."""
+    lags = [o.value for o in telemetry._lag(None) if o.attributes == {"projection.name": name}]
+    states = [
+        str(o.attributes["projection.status"]) for o in telemetry._state(None)
+        if o.attributes is not None and o.attributes["projection.name"] == name and o.value == 1
+    ]
+    return list(zip(lags, states, strict=True))
+
+
+async def test_metrics_and_status_of_a_partitioned_projection_follow_its_partitions(store: EventStore) -> None:
+    """Its own row keeps neither checkpoint nor runner: the partitions' rows do."""
+    admin = ProjectionAdmin(store, [StreamOrder(partitions=3)])
+    last = await _append(store, streams=6, versions=2)
+    owner = object()
+    telemetry.watch_projections(owner, store, ["stream_order"])
+    try:
+        async with admin.runner(label="metrics", lease_interval=0.1) as runner:
+            await caught_up(runner, last)
+            await eventually(lambda: _owns(runner, 3), what="the runner owns every partition")
+            assert set(await asyncio.to_thread(_gauges, "stream_order")) == {(0, "running")}
+            (status,) = await admin.status()
+            assert (status.state, status.lag, status.runner) == ("running", 0, runner.identity)
+        await eventually(
+            lambda: _gauged(store, {(0, "stopped")}), what="the gauges show the projection stopped"
+        )
+        (status,) = await admin.status()
+        assert (status.state, status.runner) == ("stopped", None)
+        await _append(store, streams=2, versions=1, prefix="more")
+        await eventually(lambda: _gauged(store, {(2, "stopped")}), what="the gauges show the lag")
+    finally:
+        telemetry.unwatch(owner)
+
+
+async def _owns(runner: ProjectionRunner, count: int) -> bool:
+    return len(runner.owned) == count
+
+
+async def _gauged(store: EventStore, expected: set[tuple[int, str]]) -> bool:
+    return set(await asyncio.to_thread(_gauges, "stream_order")) == expected
+
+
+async def _sessions(store: EventStore) -> int:
+    """Sessions of the runners of stream_order: a standing one per runner, and one per partition run."""
+    return int(await store.pool.fetchval(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND application_name LIKE $1",
+        "eventstore %stream_order%",
+    ))
+
+
+async def test_a_runner_holds_connections_only_for_the_partitions_it_runs(store: EventStore) -> None:
+    admin = ProjectionAdmin(store, [StreamOrder(partitions=8)])
+    last = await _append(store, streams=16, versions=2)
+    options: dict[str, Any] = {"lease_interval": 0.1}
+    async with admin.runner(**options) as one:
+        await caught_up(one, last)
+        await eventually(lambda: _owns(one, 8), what="a runner alone runs every partition")
+        await eventually(lambda: _total(store, 8 + 1), what="a connection per partition, and one to be counted by")
+        async with admin.runner(**options) as two:
+            names = {partition_name("stream_order", p) for p in range(8)}
+            await eventually(lambda: _split(one.owned, two.owned, names), what="both runners own partitions")
+            await eventually(lambda: _total(store, 8 + 2), what="no connection for a partition another runner runs")
+            more = await _append(store, streams=16, versions=1, prefix="more")
+            await caught_up(two, more)
+    assert await _sessions(store) == 0
+    assert await _versions(store) == {
+        **{f"s-{s}": list(range(2)) for s in range(16)}, **{f"more-{s}": [0] for s in range(16)}
+    }
+
+
+async def _total(store: EventStore, sessions: int) -> bool:
+    return await _sessions(store) == sessions
+
+
+async def test_a_runner_on_a_pool_too_small_for_it_is_refused(database_url: str) -> None:
+    """On a pool, the connections a runner holds are the store's: taking them all would stall every append."""
+    pool = await asyncpg.create_pool(asyncpg_dsn(database_url), min_size=1, max_size=10)
+    try:
+        async with EventStore(pool=pool) as store:
+            with pytest.raises(InvalidArgument, match="10 connections"):
+                await ProjectionRunner(store, [StreamOrder(partitions=9)]).start()
+            assert await store.pool.fetchval("SELECT count(*) FROM projection_checkpoints") == 0
+            last = await _append(store, streams=8, versions=2)
+            async with ProjectionRunner(store, [StreamOrder(partitions=4)]) as runner:
+                await caught_up(runner, last)
+                more = await _append(store, streams=8, versions=1)
+                await caught_up(runner, more)
+            assert await _versions(store) == {f"s-{s}": list(range(3)) for s in range(8)}
+    finally:
+        await pool.close()

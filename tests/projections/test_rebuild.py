@@ -292,3 +292,49 @@ async def test_a_partitioned_rebuild_gets_past_a_handler_that_fails_once(store: 
     for row in rows:
         applied.setdefault(row["stream_id"], []).append(row["version"])
     assert applied == {stream: list(range(30)) for stream in streams}
+
+
+class _LosesConnectionOnce(_FailsOnce):
+    """Its connection is terminated once, on the event `armed` names, by another session."""
+
+    name = "loses_connection"
+    tables = {
+        "loses_connection": "CREATE TABLE loses_connection "
+        "(seq bigserial PRIMARY KEY, stream_id text NOT NULL, version int NOT NULL)"
+    }
+    url = ""
+
+    @handles("Step")
+    async def step(self, conn: Any, event: RecordedEvent) -> None:
+        if _LosesConnectionOnce.armed == (event.stream_id, event.stream_version):
+            _LosesConnectionOnce.armed = None
+            killer = await asyncpg.connect(self.url)
+            try:
+                await killer.execute("SELECT pg_terminate_backend($1)", conn.get_server_pid())
+            finally:
+                await killer.close()
+        await conn.execute(
+            "INSERT INTO loses_connection (stream_id, version) VALUES ($1, $2)", event.stream_id, event.stream_version
+        )
+
+
+async def test_a_partitioned_rebuild_retries_after_a_partition_loses_its_connection(store: EventStore) -> None:
+    """The partitions build on connections of their own: losing one is a lost connection, retried like in
+    the single pass, not an error group the caller cannot handle."""
+    streams = [f"step-{s}" for s in range(5)]
+    for stream in streams:
+        await store.append(stream, [NewEvent("Step") for _ in range(30)])
+    projection = _LosesConnectionOnce()
+    assert store.url is not None
+    projection.url = store.url
+    admin = ProjectionAdmin(store, [projection])
+    _LosesConnectionOnce.armed = ("step-2", 7)
+    done = await admin.rebuild("loses_connection", batch_size=7)
+    assert _LosesConnectionOnce.armed is None, "a connection was lost"
+    assert done.phase == "done"
+    rows = await store.pool.fetch("SELECT stream_id, version FROM loses_connection ORDER BY seq")
+    applied: dict[str, list[int]] = {}
+    for row in rows:
+        applied.setdefault(row["stream_id"], []).append(row["version"])
+    assert applied == {stream: list(range(30)) for stream in streams}
+    assert await store.pool.fetchval("SELECT count(*) FROM projection_rebuilds") == 0

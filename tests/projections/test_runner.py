@@ -196,3 +196,43 @@ async def test_an_unmigrated_database_is_a_clear_error(store: EventStore) -> Non
         await ProjectionAdmin(store, [Ledger()]).status()
     with pytest.raises(ProjectionsNotMigrated):
         await ProjectionAdmin(store, [Ledger()]).rebuild("ledger")
+
+
+def _worker_tasks() -> list[asyncio.Task[Any]]:
+    return [t for t in asyncio.all_tasks() if t.get_name().startswith("projection ") and not t.done()]
+
+
+async def _runner_sessions(store: EventStore) -> int:
+    return int(await store.pool.fetchval(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND application_name LIKE 'eventstore projection%'"
+    ))
+
+
+@pytest.mark.parametrize("partitions", [1, 3])
+async def test_a_second_start_is_refused_and_stop_ends_everything_the_runner_started(
+    store: EventStore, partitions: int
+) -> None:
+    from projections import ProjectionError
+
+    last = await fill(store, 4, 5)
+    runner = ProjectionRunner(store, [Ledger(partitions=partitions)], lease_interval=0.1)
+    await runner.start()
+    try:
+        with pytest.raises(ProjectionError, match="already started"):
+            await runner.start()
+        await caught_up(runner, last)
+        # A start while a stop is under way starts again once the stop is done.
+        await asyncio.gather(runner.stop(), runner.start())
+        assert len(_worker_tasks()) == partitions
+    finally:
+        await runner.stop()
+    assert _worker_tasks() == [] and await _runner_sessions(store) == 0
+    # A stop that overtakes a start in progress: that start starts nothing.
+    await asyncio.gather(runner.start(), runner.stop())
+    assert _worker_tasks() == [] and await _runner_sessions(store) == 0
+    async with runner:  # and the runner can be started again
+        more = await fill(store, 2, 2, prefix="more")
+        await caught_up(runner, more)
+    assert _worker_tasks() == [] and await _runner_sessions(store) == 0
+    await assert_ledger_exactly_once(store)
