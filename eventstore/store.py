@@ -708,9 +708,12 @@ class EventStore:
         async def once() -> AppendResult:
             if not self._hooks and prepared.personal is None:
                 if checked is None and self._batched(prepared):
-                    async with self._working():
+                    self._begin_work()
+                    try:
                         row = await self._lane_append(prepared)
                         return await self._recorded(None, prepared, expected_version, None, row)
+                    finally:
+                        self._end_work()
                 # One statement is its own transaction: one round trip instead of three.
                 async with self._own_connection() as conn:
                     return await self._append_prepared(UnitOfWork(self, conn), prepared, expected_version, checked)

@@ -47,6 +47,8 @@ class ApplicationSettings(BaseModel):
     retry_for: float = Field(default=15.0, ge=0)
     """Seconds an operation is retried after a lost connection (and start waits for the server)."""
     max_event_size: int = Field(default=1024 * 1024, gt=0)
+    append_lanes: int = Field(default=2, ge=0, strict=True)
+    """Appends in flight at once before the next ones wait and go together (`EventStore(append_lanes=)`)."""
     projection_batch_size: int = Field(default=500, gt=0)
     projection_poll_interval: float = Field(default=1.0, gt=0)
     projection_lease_interval: float = Field(default=1.0, gt=0)
@@ -202,7 +204,7 @@ class Application:
         s = self.settings
         store = EventStore(
             self.url(), max_connections=s.max_connections, retry_for=s.retry_for, max_event_size=s.max_event_size,
-            keys=self.key_provider(),
+            keys=self.key_provider(), append_lanes=s.append_lanes,
         )
         # Claimed before the first await: a concurrent start would otherwise build a second store and leak it.
         self._starting = True

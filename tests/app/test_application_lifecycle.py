@@ -126,3 +126,18 @@ def test_aggregates_sharing_a_category_or_taking_a_reserved_one_are_refused() ->
             pass
 
     assert Application("bank", aggregates=[Account, Account]).aggregates == (Account, Account)
+
+
+async def test_append_lanes_reach_the_store(database_url: str) -> None:
+    from eventstore import NewEvent
+    from eventstore_app import ApplicationSettings
+
+    for lanes in (0, 1):
+        settings = ApplicationSettings(append_lanes=lanes)
+        app = Application("bank", aggregates=[Account], database_url=database_url, settings=settings)
+        await app.start()
+        try:
+            await asyncio.gather(*(app.store.append(f"l{lanes}-{i}", [NewEvent("X")]) for i in range(20)))
+            assert (app.store._batch_counts["sent"] > 0) == (lanes > 0)
+        finally:
+            await app.stop()
