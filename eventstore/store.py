@@ -816,7 +816,7 @@ class EventStore:
         later: list[_Queued] = []
         streams: set[str] = set()
         events = size = 0
-        while queue:
+        while queue and len(later) < BATCH_EVENTS:  # a burst on one stream is not scanned whole per batch
             item = queue.popleft()
             if item.future.done():  # its caller was cancelled
                 continue
