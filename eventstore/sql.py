@@ -353,9 +353,14 @@ SCHEMA_PRESENT = (
 
 APPEND = "SELECT * FROM eventstore_append($1, $2, $3, $4, $5, $6)"
 
-APPEND_BATCH_LOCK_TIMEOUT = "50ms"
-"""How long an append batch waits for a lock held elsewhere before it gives up (and its appends are
-sent one by one): below `deadlock_timeout`, so a batch never takes part in a deadlock."""
+APPEND_BATCH_LOCK_BUDGET_MS = 25
+"""Milliseconds an append batch may spend before its appends stop waiting for locks held elsewhere: one
+that still has to wait then fails at once (after 1 ms), alone, and is sent again by itself; the others
+of the batch are not held up by a lock only it needs. Below `deadlock_timeout`."""
+
+APPEND_BATCH_FAILED = -1
+"""The status `eventstore_append_batch` gives an append of the batch that raised an error: nothing of it
+was written (its subtransaction rolled back), and the store sends it again alone to meet its error."""
 
 APPEND_BATCH_FUNCTION_V1 = f"""
 CREATE OR REPLACE FUNCTION eventstore_append_batch(
@@ -367,15 +372,22 @@ LANGUAGE plpgsql AS $$
 DECLARE
     i int;
     lo int := 1;
+    v_deadline timestamptz := clock_timestamp() + interval '{APPEND_BATCH_LOCK_BUDGET_MS} milliseconds';
 BEGIN
     -- Appends of several callers to distinct streams in one transaction, each exactly as
-    -- eventstore_append writes it alone. A lock held elsewhere (a unit of work on one of the streams)
-    -- would hold up every append of the batch: the batch gives up instead, and they go one by one.
-    PERFORM set_config('lock_timeout', '{APPEND_BATCH_LOCK_TIMEOUT}', true);
+    -- eventstore_append writes it alone, each in a subtransaction of its own: one that fails (a retired
+    -- stream, a rule, a lock it waited for too long) is reported, not written, and the others go on.
     FOR i IN 1 .. cardinality(p_stream_ids) LOOP
-        RETURN QUERY SELECT i, a.* FROM eventstore_append(
-            p_stream_ids[i], p_expected[i], p_event_ids[lo:p_ends[i]], p_types[lo:p_ends[i]],
-            p_data[lo:p_ends[i]], p_metadata[lo:p_ends[i]]) AS a;
+        PERFORM set_config('lock_timeout', greatest(1, ceil(extract(epoch FROM v_deadline - clock_timestamp())
+                                                             * 1000))::int || 'ms', true);
+        BEGIN
+            RETURN QUERY SELECT i, a.* FROM eventstore_append(
+                p_stream_ids[i], p_expected[i], p_event_ids[lo:p_ends[i]], p_types[lo:p_ends[i]],
+                p_data[lo:p_ends[i]], p_metadata[lo:p_ends[i]]) AS a;
+        EXCEPTION WHEN OTHERS THEN  -- (a cancelled query is not caught: the whole batch ends)
+            RETURN QUERY SELECT i, {APPEND_BATCH_FAILED}, NULL::bigint, NULL::bigint[], NULL::bigint,
+                                NULL::timestamptz;
+        END;
         lo := p_ends[i] + 1;
     END LOOP;
 END

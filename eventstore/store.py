@@ -91,6 +91,7 @@ _REFUSED_FOR_GOOD: tuple[type[BaseException], ...] = (
 _JSON_REFUSED: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.InvalidTextRepresentationError,
     asyncpg.exceptions.UntranslatableCharacterError,
+    asyncpg.exceptions.CharacterNotInRepertoireError,
 )
 
 Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
@@ -108,14 +109,23 @@ larger ones always go alone, so that no small append waits behind them."""
 BATCHED_BYTES = 256 * 1024
 
 BATCH_EVENTS = 1000
-"""Events in one batch at most (and `BATCH_BYTES` of JSON); the rest wait for the next."""
+"""Events in one batch at most (and `BATCH_BYTES` of JSON, `BATCH_APPENDS` appends); the rest wait for the next."""
+
+BATCH_APPENDS = 64
+"""Each append of a batch runs in a subtransaction that writes: PostgreSQL caches 64 subtransaction ids
+per transaction, and more would slow every other session's snapshots while the batch runs."""
 
 BATCH_BYTES = 1024 * 1024
 
-LANE_PATIENCE = 0.05
+LANE_PATIENCE = 0.025
 """Seconds an append sent alone keeps its lane (`EventStore(append_lanes=)`); a slower one (it waits
-for a lock) goes on outside the lanes, and the appends waiting for a batch go out without it. A batch
-gives up on locks held elsewhere after `sql.APPEND_BATCH_LOCK_TIMEOUT`."""
+for a lock) goes on outside the lanes, the appends waiting for a batch go out without it, and the next
+appends to its stream go alone. In a batch, an append stops waiting for locks once the batch has taken
+`sql.APPEND_BATCH_LOCK_BUDGET_MS`."""
+
+class _Withdrawn(Exception):
+    """A batch cancelled because one of its callers gave up."""
+
 
 _ALONE = object()
 """What a batch hands its appends when it failed: each is then sent alone, and meets its own error."""
@@ -127,6 +137,8 @@ class _Queued:
 
     prepared: _Prepared
     future: asyncio.Future[Any]
+    sending: asyncio.Task[Any] | None = None
+    """The batch statement in flight with it: a caller that gives up cancels it (see `_lane_append`)."""
 
 
 SPARE_IDLE = 0.05
@@ -337,8 +349,11 @@ def prepare_append(
         total += size
         ids.append(event.event_id)
         types.append(event_type)
-        data.append(body.decode())
-        metadata.append(meta.decode())
+        try:
+            data.append(body.decode())
+            metadata.append(meta.decode())
+        except UnicodeDecodeError as exc:  # pre-serialized data (orjson.Fragment) that is not UTF-8
+            raise EventSerializationError(event_type, f"not UTF-8: {exc}") from None
     if len(set(ids)) != len(ids):
         raise InvalidAppend("event ids must be unique within one append")
     has_personal = any(p is not None for p in personal)
@@ -467,6 +482,8 @@ class EventStore:
         self._queue: collections.deque[_Queued] = collections.deque()
         self._batch_tasks: set[asyncio.Task[None]] = set()
         self._batch_counts = collections.Counter[str]()
+        self._stuck = collections.Counter[str]()
+        """Streams an append sent alone has waited on past `LANE_PATIENCE` (a lock held elsewhere)."""
         """Batches "sent" and "failed" (their appends then went alone), for tests and debugging."""
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -757,25 +774,37 @@ class EventStore:
             self._lanes_busy += 1
             # An append that waits for a lock held elsewhere (a unit of work on its stream) gives its lane
             # up after `LANE_PATIENCE`: the appends behind it must not wait for that lock too.
-            waited: list[bool] = []
-            timer = asyncio.get_running_loop().call_later(LANE_PATIENCE, self._lane_given_up, waited)
+            waited: list[str] = []
+            timer = asyncio.get_running_loop().call_later(LANE_PATIENCE, self._lane_given_up, waited, p.stream_id)
             try:
                 async with self._own_connection(counted=False) as conn:
                     return await self._write(conn, p, None)
             finally:
                 timer.cancel()
-                if not waited:
+                if waited:
+                    self._stuck[p.stream_id] -= 1
+                    if not self._stuck[p.stream_id]:
+                        del self._stuck[p.stream_id]
+                else:
                     self._lane_freed()
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Queued(p, future))
-        row = await future
+        item = _Queued(p, asyncio.get_running_loop().create_future())
+        self._queue.append(item)
+        try:
+            row = await item.future
+        except asyncio.CancelledError:
+            # Given up (a timeout): as an append sent alone would be, the statement is cancelled, unless it
+            # is done. Its batch then writes nothing, and the others are sent again alone.
+            if item.sending is not None and not item.sending.done():
+                item.sending.cancel()
+            raise
         if row is _ALONE:
             async with self._own_connection(counted=False) as conn:
                 return await self._write(conn, p, None)
         return row
 
-    def _lane_given_up(self, waited: list[bool]) -> None:
-        waited.append(True)
+    def _lane_given_up(self, waited: list[str], stream_id: str) -> None:
+        waited.append(stream_id)
+        self._stuck[stream_id] += 1
         self._lane_freed()
 
     def _lane_freed(self) -> None:
@@ -821,10 +850,15 @@ class EventStore:
             if item.future.done():  # its caller was cancelled
                 continue
             p = item.prepared
+            if p.stream_id in self._stuck:  # it would wait for the same lock, and hold the batch up meanwhile
+                item.future.set_result(_ALONE)
+                continue
             if p.stream_id in streams:
                 later.append(item)
                 continue
-            if batch and (events + len(p.event_ids) > BATCH_EVENTS or size + p.size > BATCH_BYTES):
+            if batch and (
+                events + len(p.event_ids) > BATCH_EVENTS or size + p.size > BATCH_BYTES or len(batch) == BATCH_APPENDS
+            ):
                 later.append(item)
                 break
             batch.append(item)
@@ -835,8 +869,40 @@ class EventStore:
         return batch
 
     async def _send_batch(self, batch: list[_Queued]) -> None:
-        # In stream id order: two batches lock their streams in the same order.
-        batch.sort(key=lambda item: item.prepared.stream_id)
+        rows: list[Any] = []
+        sent: list[_Queued] = []
+        try:
+            async with self._own_connection(counted=False) as conn:
+                # In stream id order: two batches lock their streams in the same order. Without the
+                # appends whose callers gave up while the connection came.
+                sent = sorted((item for item in batch if not item.future.done()), key=lambda i: i.prepared.stream_id)
+                if len(sent) < 2:
+                    return
+                rows = await self._fetch_batch(conn, sent)
+        except _Withdrawn:
+            pass  # a caller gave up: the batch was cancelled with it (the pool waits for the cancellation)
+        except asyncpg.exceptions.UndefinedFunctionError:
+            self._batching = False  # a database not migrated to revision 0019
+        except Exception as exc:
+            log.debug("append batch of %d failed (%s): its appends go alone", len(sent), exc)
+        finally:
+            # After the connection went back: a caller woken now finds no connection of the batch in use.
+            if len(sent) > 1:
+                self._batch_counts["sent" if rows else "failed"] += 1
+            for row in rows:
+                future = sent[row[0] - 1].future
+                if row[1] == sql.APPEND_BATCH_FAILED:  # it wrote nothing: it is sent alone, to meet its error
+                    self._batch_counts["failed appends"] += 1
+                    row = _ALONE
+                else:
+                    row = tuple(row)[1:]
+                if not future.done():
+                    future.set_result(row)
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_result(_ALONE)
+
+    async def _fetch_batch(self, conn: Connection, batch: list[_Queued]) -> list[Any]:
         streams: list[str] = []
         expected: list[int] = []
         ends: list[int] = []
@@ -853,23 +919,22 @@ class EventStore:
             data += p.data
             metadata += p.metadata
             ends.append(len(ids))
-        try:
-            async with self._own_connection(counted=False) as conn:
-                rows = await conn.fetch(sql.APPEND_BATCH, streams, expected, ends, ids, types, data, metadata)
-        except asyncpg.exceptions.UndefinedFunctionError:
-            self._batching = False  # a database not migrated to revision 0019
-            rows = []
-        except Exception as exc:
-            log.debug("append batch of %d failed (%s): its appends go alone", len(batch), exc)
-            rows = []
-        self._batch_counts["sent" if rows else "failed"] += 1
-        for row in rows:
-            future = batch[row[0] - 1].future
-            if not future.done():
-                future.set_result(tuple(row)[1:])
+        sending = asyncio.get_running_loop().create_task(
+            conn.fetch(sql.APPEND_BATCH, streams, expected, ends, ids, types, data, metadata)
+        )
         for item in batch:
-            if not item.future.done():
-                item.future.set_result(_ALONE)
+            item.sending = sending
+        try:
+            rows: list[Any] = await sending
+            return rows
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # this lane's own task is cancelled
+            raise _Withdrawn() from None
+        finally:
+            for item in batch:
+                item.sending = None
 
     @contextlib.asynccontextmanager
     async def unit_of_work(self) -> AsyncIterator[UnitOfWork]:

@@ -44,6 +44,10 @@ async def test_pre_serialized_data_that_is_not_json_is_a_typed_error(store: Even
     with pytest.raises(EventSerializationError):
         await store.append("s-1", [NewEvent("X", orjson.Fragment(b'{"f": NaN}'))])
     assert await store.stream_version("s-1") == -1
+    for text in (b'{"f": "\xff"}', b'{"f": "a\x00b"}'):  # not UTF-8; a raw NUL, which PostgreSQL refuses
+        with pytest.raises(EventSerializationError):
+            await store.append("s-1", [NewEvent("X", orjson.Fragment(text))])
+    assert await store.stream_version("s-1") == -1
     with pytest.raises(InvalidArgument):
         await store.save_snapshot("s-1", "T", "1", 0, '{"f": Infinity}')
 
