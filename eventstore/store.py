@@ -444,7 +444,7 @@ class EventStore:
         notify: bool = True,
         check_schema: bool = True,
         keys: KeyProvider | None = None,
-        append_lanes: int = 2,
+        append_lanes: int = 4,
     ) -> None:
         if url is None and pool is None:
             raise InvalidArgument("EventStore needs a database url or an asyncpg pool")

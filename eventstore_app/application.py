@@ -47,7 +47,7 @@ class ApplicationSettings(BaseModel):
     retry_for: float = Field(default=15.0, ge=0)
     """Seconds an operation is retried after a lost connection (and start waits for the server)."""
     max_event_size: int = Field(default=1024 * 1024, gt=0)
-    append_lanes: int = Field(default=2, ge=0, strict=True)
+    append_lanes: int = Field(default=4, ge=0, strict=True)
     """Appends in flight at once before the next ones wait and go together (`EventStore(append_lanes=)`)."""
     projection_batch_size: int = Field(default=500, gt=0)
     projection_poll_interval: float = Field(default=1.0, gt=0)
