@@ -354,40 +354,53 @@ SCHEMA_PRESENT = (
 APPEND = "SELECT * FROM eventstore_append($1, $2, $3, $4, $5, $6)"
 
 APPEND_BATCH_LOCK_BUDGET_MS = 25
-"""Milliseconds an append batch may spend before its appends stop waiting for locks held elsewhere: one
-that still has to wait then fails at once (after 1 ms), alone, and is sent again by itself; the others
-of the batch are not held up by a lock only it needs. Below `deadlock_timeout`."""
+"""Milliseconds an append batch may take: once they have passed, it writes none of its remaining appends
+(they are sent again alone), and its appends stop waiting for locks held elsewhere after what is left
+of them (one that would wait longer fails, alone, and is sent again by itself). The others of the batch
+are not held up by a lock only one needs. Below `deadlock_timeout`."""
 
 APPEND_BATCH_FAILED = -1
-"""The status `eventstore_append_batch` gives an append of the batch that raised an error: nothing of it
-was written (its subtransaction rolled back), and the store sends it again alone to meet its error."""
+"""The status `eventstore_append_batch` gives an append of the batch that raised an error (its SQLSTATE
+in `o_error`): nothing of it was written (its subtransaction rolled back), and the store sends it again
+alone to meet its error."""
+
+APPEND_BATCH_LATE = -2
+"""The status of an append the batch did not try, its time being up: the store sends it again alone."""
+
+LOCK_NOT_AVAILABLE = "55P03"
 
 APPEND_BATCH_FUNCTION_V1 = f"""
 CREATE OR REPLACE FUNCTION eventstore_append_batch(
     p_stream_ids text[], p_expected bigint[], p_ends int[],
     p_event_ids uuid[], p_types text[], p_data jsonb[], p_metadata jsonb[]
 ) RETURNS TABLE (o_index int, o_status int, o_version bigint, o_positions bigint[], o_log_xid bigint,
-                 o_recorded_at timestamptz)
+                 o_recorded_at timestamptz, o_error text)
 LANGUAGE plpgsql AS $$
 DECLARE
     i int;
     lo int := 1;
+    v_left int;
     v_deadline timestamptz := clock_timestamp() + interval '{APPEND_BATCH_LOCK_BUDGET_MS} milliseconds';
 BEGIN
     -- Appends of several callers to distinct streams in one transaction, each exactly as
     -- eventstore_append writes it alone, each in a subtransaction of its own: one that fails (a retired
     -- stream, a rule, a lock it waited for too long) is reported, not written, and the others go on.
     FOR i IN 1 .. cardinality(p_stream_ids) LOOP
-        PERFORM set_config('lock_timeout', greatest(1, ceil(extract(epoch FROM v_deadline - clock_timestamp())
-                                                             * 1000))::int || 'ms', true);
-        BEGIN
-            RETURN QUERY SELECT i, a.* FROM eventstore_append(
-                p_stream_ids[i], p_expected[i], p_event_ids[lo:p_ends[i]], p_types[lo:p_ends[i]],
-                p_data[lo:p_ends[i]], p_metadata[lo:p_ends[i]]) AS a;
-        EXCEPTION WHEN OTHERS THEN  -- (a cancelled query is not caught: the whole batch ends)
-            RETURN QUERY SELECT i, {APPEND_BATCH_FAILED}, NULL::bigint, NULL::bigint[], NULL::bigint,
-                                NULL::timestamptz;
-        END;
+        v_left := floor(extract(epoch FROM v_deadline - clock_timestamp()) * 1000);
+        IF v_left < 1 THEN
+            RETURN QUERY SELECT i, {APPEND_BATCH_LATE}, NULL::bigint, NULL::bigint[], NULL::bigint,
+                                NULL::timestamptz, NULL::text;
+        ELSE
+            PERFORM set_config('lock_timeout', v_left || 'ms', true);
+            BEGIN
+                RETURN QUERY SELECT i, a.*, NULL::text FROM eventstore_append(
+                    p_stream_ids[i], p_expected[i], p_event_ids[lo:p_ends[i]], p_types[lo:p_ends[i]],
+                    p_data[lo:p_ends[i]], p_metadata[lo:p_ends[i]]) AS a;
+            EXCEPTION WHEN OTHERS THEN  -- (a cancelled query is not caught: the whole batch ends)
+                RETURN QUERY SELECT i, {APPEND_BATCH_FAILED}, NULL::bigint, NULL::bigint[], NULL::bigint,
+                                    NULL::timestamptz, SQLSTATE::text;
+            END;
+        END IF;
         lo := p_ends[i] + 1;
     END LOOP;
 END

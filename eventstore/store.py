@@ -123,12 +123,12 @@ for a lock) goes on outside the lanes, the appends waiting for a batch go out wi
 appends to its stream go alone. In a batch, an append stops waiting for locks once the batch has taken
 `sql.APPEND_BATCH_LOCK_BUDGET_MS`."""
 
-class _Withdrawn(Exception):
-    """A batch cancelled because one of its callers gave up."""
-
-
 _ALONE = object()
 """What a batch hands its appends when it failed: each is then sent alone, and meets its own error."""
+
+_ALONE_LOCKED = object()
+"""`_ALONE` for an append that gave up waiting for a lock in a batch: its stream counts as stuck (see
+`EventStore._stuck`) while it is sent alone."""
 
 
 @dataclass(slots=True)
@@ -137,8 +137,6 @@ class _Queued:
 
     prepared: _Prepared
     future: asyncio.Future[Any]
-    sending: asyncio.Task[Any] | None = None
-    """The batch statement in flight with it: a caller that gives up cancels it (see `_lane_append`)."""
 
 
 SPARE_IDLE = 0.05
@@ -749,7 +747,10 @@ class EventStore:
                 return await once()
             except _ConcurrentDuplicate:
                 # A concurrent append stored one of these ids first: a second try sees it and decides.
-                return await once()
+                try:
+                    return await once()
+                except _ConcurrentDuplicate as exc:  # stored before, with other content or elsewhere
+                    raise DuplicateEventId(exc.stream_id, exc.event_ids) from None
 
         result = await self.retrying(attempt)
         self._schedule_notify()
@@ -782,25 +783,31 @@ class EventStore:
             finally:
                 timer.cancel()
                 if waited:
-                    self._stuck[p.stream_id] -= 1
-                    if not self._stuck[p.stream_id]:
-                        del self._stuck[p.stream_id]
+                    self._unstuck(p.stream_id)
                 else:
                     self._lane_freed()
+        # A caller that gives up (a timeout) before its batch is sent leaves it out; once the batch is sent,
+        # its append may be written, as an append whose own statement was sent may be. Cancelling the
+        # batch instead would leave the others not knowing whether it had committed.
         item = _Queued(p, asyncio.get_running_loop().create_future())
         self._queue.append(item)
-        try:
-            row = await item.future
-        except asyncio.CancelledError:
-            # Given up (a timeout): as an append sent alone would be, the statement is cancelled, unless it
-            # is done. Its batch then writes nothing, and the others are sent again alone.
-            if item.sending is not None and not item.sending.done():
-                item.sending.cancel()
-            raise
+        row = await item.future
+        if row is _ALONE_LOCKED:
+            self._stuck[p.stream_id] += 1
+            try:
+                async with self._own_connection(counted=False) as conn:
+                    return await self._write(conn, p, None)
+            finally:
+                self._unstuck(p.stream_id)
         if row is _ALONE:
             async with self._own_connection(counted=False) as conn:
                 return await self._write(conn, p, None)
         return row
+
+    def _unstuck(self, stream_id: str) -> None:
+        self._stuck[stream_id] -= 1
+        if not self._stuck[stream_id]:
+            del self._stuck[stream_id]
 
     def _lane_given_up(self, waited: list[str], stream_id: str) -> None:
         waited.append(stream_id)
@@ -879,8 +886,6 @@ class EventStore:
                 if len(sent) < 2:
                     return
                 rows = await self._fetch_batch(conn, sent)
-        except _Withdrawn:
-            pass  # a caller gave up: the batch was cancelled with it (the pool waits for the cancellation)
         except asyncpg.exceptions.UndefinedFunctionError:
             self._batching = False  # a database not migrated to revision 0019
         except Exception as exc:
@@ -890,14 +895,17 @@ class EventStore:
             if len(sent) > 1:
                 self._batch_counts["sent" if rows else "failed"] += 1
             for row in rows:
-                future = sent[row[0] - 1].future
-                if row[1] == sql.APPEND_BATCH_FAILED:  # it wrote nothing: it is sent alone, to meet its error
+                status = row[1]
+                answer: Any = tuple(row)[1:6]
+                if status == sql.APPEND_BATCH_FAILED:  # it wrote nothing: it is sent alone, to meet its error
                     self._batch_counts["failed appends"] += 1
-                    row = _ALONE
-                else:
-                    row = tuple(row)[1:]
+                    answer = _ALONE_LOCKED if row[6] == sql.LOCK_NOT_AVAILABLE else _ALONE
+                elif status == sql.APPEND_BATCH_LATE:
+                    self._batch_counts["late appends"] += 1
+                    answer = _ALONE
+                future = sent[row[0] - 1].future
                 if not future.done():
-                    future.set_result(row)
+                    future.set_result(answer)
             for item in batch:
                 if not item.future.done():
                     item.future.set_result(_ALONE)
@@ -919,22 +927,8 @@ class EventStore:
             data += p.data
             metadata += p.metadata
             ends.append(len(ids))
-        sending = asyncio.get_running_loop().create_task(
-            conn.fetch(sql.APPEND_BATCH, streams, expected, ends, ids, types, data, metadata)
-        )
-        for item in batch:
-            item.sending = sending
-        try:
-            rows: list[Any] = await sending
-            return rows
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise  # this lane's own task is cancelled
-            raise _Withdrawn() from None
-        finally:
-            for item in batch:
-                item.sending = None
+        rows: list[Any] = await conn.fetch(sql.APPEND_BATCH, streams, expected, ends, ids, types, data, metadata)
+        return rows
 
     @contextlib.asynccontextmanager
     async def unit_of_work(self) -> AsyncIterator[UnitOfWork]:

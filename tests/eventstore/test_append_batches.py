@@ -6,6 +6,8 @@ taken elsewhere, exactly once after a lost connection, and the store's stop lett
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 import uuid
 from collections import Counter
 
@@ -317,3 +319,56 @@ async def test_a_caller_that_gives_up_while_its_batch_waits_for_a_connection_wri
         assert {e.stream_id for e in await store.read_all(limit=100)} == {"w-first"} | {
             f"w-{i}" for i in range(5) if i != 2
         }
+
+
+async def test_a_caller_giving_up_while_its_batch_is_in_flight_changes_no_other_outcome(database_url: str) -> None:
+    """The batch has committed on the server while the client's loop was busy; a caller of it gives up
+    then. The others get the results of their own writes (never `duplicate=True`), and nothing is
+    written twice."""
+    async with EventStore(database_url, max_connections=10, append_lanes=1) as store:
+        duplicates = 0
+        for r in range(20):
+            filler = asyncio.ensure_future(store.append(f"fill-{r}", [NewEvent("F")]))  # takes the lane
+            await asyncio.sleep(0)
+            victim = asyncio.ensure_future(store.append(f"victim-{r}", [NewEvent("V")]))
+            others = [
+                asyncio.ensure_future(store.append(f"o-{r}-{i}", [NewEvent("O")], StreamState.NO_STREAM))
+                for i in range(5)
+            ]
+            await filler
+            for _ in range(1000):  # until the lane's task sends the batch
+                if store._batch_tasks:
+                    break
+                await asyncio.sleep(0)
+            await asyncio.sleep(0.001)
+            time.sleep(0.03)  # noqa: ASYNC251 - the loop is busy meanwhile: the server commits the batch
+            victim.cancel()
+            results = await asyncio.gather(*others)
+            duplicates += sum(r.duplicate for r in results)
+            with contextlib.suppress(asyncio.CancelledError):
+                await victim
+        assert duplicates == 0
+        log = await store.read_all(limit=1000)
+        assert len({e.event_id for e in log}) == len(log)
+        assert {e.stream_id for e in log} >= {f"o-{r}-{i}" for r in range(20) for i in range(5)}
+
+
+async def test_a_batch_past_its_time_does_not_try_its_remaining_appends(database_url: str) -> None:
+    """Thirty streams locked by one unit of work, in a batch with free ones: once the batch has used
+    its time on the first lock, it tries none of the rest (each would wait again); they go alone."""
+    async with EventStore(database_url, max_connections=60, append_lanes=1) as store:
+        for i in range(30):
+            await store.append(f"a-{i:02}", [NewEvent("Opened")])
+        async with store.unit_of_work() as uow:
+            for i in range(30):
+                await uow.append(f"a-{i:02}", [NewEvent("Held")], 0)
+            occupant = asyncio.ensure_future(store.append("z-occupant", [NewEvent("X")]))
+            await asyncio.sleep(0)
+            held = [asyncio.ensure_future(store.append(f"a-{i:02}", [NewEvent("Later")])) for i in range(30)]
+            free = [asyncio.ensure_future(store.append(f"b-{i}", [NewEvent("X")])) for i in range(3)]
+            done = await asyncio.wait_for(asyncio.gather(occupant, *free), 20)  # the unit of work is open
+            assert [r.next_expected_version for r in done] == [0] * 4
+            assert store._batch_counts["late appends"] > 0
+            assert store._batch_counts["failed appends"] < 30
+        results = await asyncio.wait_for(asyncio.gather(*held), 20)
+        assert all(r.next_expected_version == 2 for r in results)
