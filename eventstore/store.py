@@ -288,6 +288,15 @@ def _dump_fast(event_type: str, value: Any) -> bytes:
     return text
 
 
+def _closed(conn: Connection) -> bool:
+    """Whether a pooled connection is closed, or already taken back by the pool (asyncpg detaches the
+    proxy of a connection whose server session ended, and then refuses every call on it)."""
+    try:
+        return conn.is_closed()
+    except asyncpg.exceptions.InterfaceError:
+        return True
+
+
 def _refusal(exc: BaseException) -> bool:
     return getattr(exc, "sqlstate", None) == sql.APPEND_REFUSED
 
@@ -595,7 +604,7 @@ class EventStore:
             conn = None
             while spares and conn is None:
                 conn = spares.pop()[0]
-                if conn.is_closed():  # its server session ended while it waited: the pool replaces it
+                if _closed(conn):  # its server session ended while it waited: the pool replaces it
                     await self._release(conn)
                     conn = None
             if conn is None:
@@ -607,7 +616,7 @@ class EventStore:
                 raise
             pool = self.pool
             if (
-                conn.is_closed() or conn.is_in_transaction() or pool.is_closing()
+                _closed(conn) or conn.is_in_transaction() or pool.is_closing()
                 or (pool.get_idle_size() == 0 and pool.get_size() >= pool.get_max_size())  # others may wait
             ):
                 await self._release(conn)

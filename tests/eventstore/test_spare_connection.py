@@ -77,3 +77,20 @@ async def test_concurrent_appends_keep_spares_but_never_the_last_free_connection
         assert pool.get_idle_size() == pool.get_size(), "every spare handed back once idle"
         async with pool.acquire() as a, pool.acquire() as b, pool.acquire() as c, pool.acquire() as d:
             assert {await x.fetchval("SELECT 1") for x in (a, b, c, d)} == {1}
+
+
+async def test_a_spare_whose_session_ended_while_idle_is_dropped_without_an_error(
+    store: EventStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """asyncpg takes a connection whose server session ended back into the pool by itself, and refuses
+    every call on its proxy afterwards: the spare must be dropped, not used (the append was retried)."""
+    await store.append("spare-5", [NewEvent("First")])
+    await store.pool.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
+    )
+    await asyncio.sleep(0.2)  # the loop sees the session end
+    with caplog.at_level("WARNING"):
+        await store.append("spare-5", [NewEvent("Second")], 0)
+    assert "connection lost" not in caplog.text and "released back to the pool" not in caplog.text
+    assert [e.event_type for e in await store.read_stream("spare-5")] == ["First", "Second"]
