@@ -3,6 +3,7 @@
 from eventstore.errors import (
     AppendConditionFailed,
     AppendRefused,
+    AppendTimedOut,
     DatabaseUnavailable,
     DuplicateEventId,
     EventSerializationError,
@@ -75,6 +76,7 @@ __all__ = [
     "AppendHook",
     "AppendRefused",
     "AppendResult",
+    "AppendTimedOut",
     "Backoff",
     "Checkpoint",
     "Condition",

@@ -104,6 +104,16 @@ class DatabaseUnavailable(EventStoreError):
     """The database could not be reached or refused the connection."""
 
 
+class AppendTimedOut(EventStoreError):
+    """The server gave up on the append: a `lock_timeout` or `statement_timeout` of the database or role
+    ran out, or an operator cancelled the statement. Nothing of the append was written; send it again
+    (with the same event ids), or raise the limit."""
+
+    def __init__(self, stream_id: str, reason: str) -> None:
+        super().__init__(f"stream {stream_id!r}: the server gave up on the append: {reason}")
+        self.stream_id = stream_id
+
+
 class MigrationFailed(EventStoreError):
     """Applying the schema migrations failed (the database refused a statement or the connection)."""
 

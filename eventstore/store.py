@@ -26,6 +26,7 @@ from eventstore import sql, telemetry
 from eventstore.errors import (
     AppendConditionFailed,
     AppendRefused,
+    AppendTimedOut,
     DatabaseUnavailable,
     DuplicateEventId,
     EventSerializationError,
@@ -93,6 +94,12 @@ _JSON_REFUSED: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.UntranslatableCharacterError,
     asyncpg.exceptions.CharacterNotInRepertoireError,
 )
+
+_GAVE_UP: tuple[type[BaseException], ...] = (
+    asyncpg.exceptions.LockNotAvailableError,  # lock_timeout
+    asyncpg.exceptions.QueryCanceledError,  # statement_timeout, pg_cancel_backend
+)
+"""What the server says when it gives up on a statement (`AppendTimedOut`)."""
 
 Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 """A connection as handed out by asyncpg, pooled or not."""
@@ -854,34 +861,32 @@ class EventStore:
             self._lanes_busy -= 1
 
     def _next_batch(self) -> list[_Queued]:
-        """The appends that wait, in order, up to `BATCH_EVENTS` and `BATCH_BYTES`, one per stream (an
-        append after another to the same stream waits for the next batch: it may expect its version)."""
+        """The appends that wait, in order, up to `BATCH_EVENTS`, `BATCH_BYTES` and `BATCH_APPENDS`, one per
+        stream (the stream's row is locked by the batch's first append to it)."""
         queue = self._queue
         batch: list[_Queued] = []
-        later: list[_Queued] = []
         streams: set[str] = set()
         events = size = 0
-        while queue and len(later) < BATCH_EVENTS:  # a burst on one stream is not scanned whole per batch
+        while queue:
             item = queue.popleft()
             if item.future.done():  # its caller was cancelled
                 continue
             p = item.prepared
-            if p.stream_id in self._stuck:  # it would wait for the same lock, and hold the batch up meanwhile
+            # Another append to a stream already in the batch goes alone at once, as does one to a stream
+            # whose append waits for a lock (it would wait for the same lock and hold the batch up): a
+            # burst on one stream then costs one look at each of its appends, not one per batch.
+            if p.stream_id in streams or p.stream_id in self._stuck:
                 item.future.set_result(_ALONE)
-                continue
-            if p.stream_id in streams:
-                later.append(item)
                 continue
             if batch and (
                 events + len(p.event_ids) > BATCH_EVENTS or size + p.size > BATCH_BYTES or len(batch) == BATCH_APPENDS
             ):
-                later.append(item)
+                queue.appendleft(item)  # first in the next batch
                 break
             batch.append(item)
             streams.add(p.stream_id)
             events += len(p.event_ids)
             size += p.size
-        queue.extendleft(reversed(later))
         return batch
 
     async def _send_batch(self, batch: list[_Queued]) -> None:
@@ -1020,6 +1025,8 @@ class EventStore:
                 raise StreamTombstoned(p.stream_id) from None
             if state == sql.STREAM_ARCHIVED:
                 raise StreamArchived(p.stream_id) from None
+            if isinstance(exc, _GAVE_UP):
+                raise AppendTimedOut(p.stream_id, exc.args[0]) from None
             raise
         assert row is not None
         return row

@@ -15,8 +15,10 @@ import asyncpg
 import pytest
 
 from eventstore import (
+    AppendTimedOut,
     DuplicateEventId,
     EventStore,
+    EventStoreError,
     NewEvent,
     StreamState,
     StreamTombstoned,
@@ -372,3 +374,49 @@ async def test_a_batch_past_its_time_does_not_try_its_remaining_appends(database
             assert store._batch_counts["failed appends"] < 30
         results = await asyncio.wait_for(asyncio.gather(*held), 20)
         assert all(r.next_expected_version == 2 for r in results)
+
+
+@pytest.mark.parametrize("lanes", [0, 1])
+@pytest.mark.parametrize("setting", ["lock_timeout = '5ms'", "statement_timeout = '100ms'"])
+async def test_a_timeout_of_the_database_is_a_typed_error_and_writes_nothing(
+    database_url: str, lanes: int, setting: str
+) -> None:
+    conn = await asyncpg.connect(asyncpg_dsn(database_url))
+    try:
+        await conn.execute(f"ALTER DATABASE {conn._params.database} SET {setting}")
+    finally:
+        await conn.close()
+    async with EventStore(database_url, max_connections=10, append_lanes=lanes) as store:
+        await store.append("held", [NewEvent("Opened")])
+        async with store.unit_of_work() as uow:
+            await uow.append("held", [NewEvent("InUnit")], 0)
+            outcomes = await asyncio.gather(
+                store.append("held", [NewEvent("Later")]),
+                *(store.append(f"free-{i}", [NewEvent("X")]) for i in range(5)),
+                return_exceptions=True,
+            )
+        assert isinstance(outcomes[0], AppendTimedOut) and isinstance(outcomes[0], EventStoreError)
+        assert all(not isinstance(o, BaseException) for o in outcomes[1:])
+        assert [e.event_type for e in await store.read_stream("held", 0)] == ["Opened", "InUnit"]
+
+
+async def test_a_burst_on_one_stream_is_looked_at_once_per_append(database_url: str) -> None:
+    """Each batch takes one append of a stream; the others of that stream go alone at once instead of
+    being set aside and looked at again for every batch (a loop of N x N steps for N appends)."""
+    async with EventStore(database_url, max_connections=20, append_lanes=1) as store:
+        looked = 0
+        next_batch = store._next_batch
+
+        def counting() -> list[object]:
+            nonlocal looked
+            looked += len(store._queue)
+            return next_batch()  # type: ignore[return-value]
+
+        store._next_batch = counting  # type: ignore[method-assign]
+        occupant = asyncio.ensure_future(store.append("other-1", [NewEvent("X")]))  # takes the lane
+        await asyncio.sleep(0)
+        results = await asyncio.gather(*(store.append("hot-1", [NewEvent("X", {"i": i})]) for i in range(1000)))
+        await occupant
+        assert sorted(r.next_expected_version for r in results) == list(range(1000))
+        assert 0 < looked < 5_000  # it was about 500,000
+        assert not store._stuck and not store._queue and store._lanes_busy == 0
