@@ -131,7 +131,8 @@ appends to its stream go alone. In a batch, an append stops waiting for locks on
 `sql.APPEND_BATCH_LOCK_BUDGET_MS`."""
 
 _ALONE = object()
-"""What a batch hands its appends when it failed: each is then sent alone, and meets its own error."""
+"""What a waiting append gets when no batch writes it (a batch of one, another append to its stream in the
+batch, the batch failed or had no time left for it): it is sent alone, and meets its own error there."""
 
 _ALONE_LOCKED = object()
 """`_ALONE` for an append that gave up waiting for a lock in a batch: its stream counts as stuck (see
@@ -496,9 +497,11 @@ class EventStore:
         self._queue: collections.deque[_Queued] = collections.deque()
         self._batch_tasks: set[asyncio.Task[None]] = set()
         self._batch_counts = collections.Counter[str]()
+        """Batches "sent" and "failed" (all their appends went alone), their "failed appends" and "late
+        appends" (went alone), for tests and debugging."""
         self._stuck = collections.Counter[str]()
-        """Streams an append sent alone has waited on past `LANE_PATIENCE` (a lock held elsewhere)."""
-        """Batches "sent" and "failed" (their appends then went alone), for tests and debugging."""
+        """Streams an append sent alone is waiting on past `LANE_PATIENCE`, or an append that gave up waiting
+        for a lock in a batch is sent alone to (a lock held elsewhere): their appends skip batches."""
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -784,8 +787,8 @@ class EventStore:
 
         Every caller waiting for a batch would otherwise hold a connection and a server process of its
         own for a one-row statement and a commit; in one batch they share them, which on a busy machine
-        is most of what an append costs. A batch that fails (one of its appends broke a rule, a lock
-        held elsewhere, a lost connection) wrote nothing: each of its appends is then sent alone.
+        is most of what an append costs. An append the batch did not write (it failed, its time was up,
+        or the whole batch failed: a lost connection) is sent alone, and meets its own error there.
         """
         if self._lanes_busy < self._lanes and not self._queue:
             self._lanes_busy += 1
@@ -808,17 +811,17 @@ class EventStore:
         item = _Queued(p, asyncio.get_running_loop().create_future())
         self._queue.append(item)
         row = await item.future
-        if row is _ALONE_LOCKED:
+        if row is not _ALONE and row is not _ALONE_LOCKED:
+            return row
+        locked = row is _ALONE_LOCKED
+        if locked:
             self._stuck[p.stream_id] += 1
-            try:
-                async with self._own_connection(counted=False) as conn:
-                    return await self._write(conn, p, None)
-            finally:
-                self._unstuck(p.stream_id)
-        if row is _ALONE:
+        try:
             async with self._own_connection(counted=False) as conn:
                 return await self._write(conn, p, None)
-        return row
+        finally:
+            if locked:
+                self._unstuck(p.stream_id)
 
     def _unstuck(self, stream_id: str) -> None:
         self._stuck[stream_id] -= 1
