@@ -96,6 +96,21 @@ def storable_text(value: str) -> bool:
 UNSTORABLE = "the NUL character or a lone surrogate (PostgreSQL's text holds neither)"
 
 
+def check_types(types: object) -> list[str] | None:
+    """Event type names to filter on, read once (an iterator is fine), or None for every type.
+
+    A single string is refused rather than taken as a sequence of one-letter types.
+    """
+    if types is None:
+        return None
+    if isinstance(types, str | bytes) or not isinstance(types, Iterable):
+        raise InvalidArgument(f"types must be a sequence of event type names, got {types!r}")
+    names = list(types)
+    if not all(isinstance(t, str) and storable_text(t) for t in names):
+        raise InvalidArgument(f"types must be a sequence of event type names, got {names!r}")
+    return names
+
+
 def check_text(kind: str, value: object, limit: int, error: type[InvalidArgument] = InvalidArgument) -> str:
     """A non-empty name of at most `limit` characters that PostgreSQL's text can hold (`storable_text`)."""
     if not isinstance(value, str):

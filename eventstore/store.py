@@ -55,6 +55,7 @@ from eventstore.model import (
     StreamState,
     check_int,
     check_text,
+    check_types,
     fetch_events,
     storable_text,
 )
@@ -1228,10 +1229,7 @@ class EventStore:
         tx, pos = Checkpoint.of(after)
         if category is not None:
             check_text("category", category, MAX_STREAM_ID_LENGTH)
-        if types is not None and (
-            isinstance(types, str) or not all(isinstance(t, str) and storable_text(t) for t in types)
-        ):
-            raise InvalidArgument(f"types must be a sequence of event type names, got {types!r}")
+        types = check_types(types)  # read once: it may be an iterator
         if types is not None and not types:
             return []
         query: str
@@ -1391,6 +1389,8 @@ class EventStore:
         database, holds it back until it ends. Raises `TimeoutError` after `timeout` seconds.
         """
         checkpoint = Checkpoint.of(checkpoint)
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout < math.inf:
+            raise InvalidArgument(f"timeout must be a positive number of seconds, got {timeout!r}")
         polls = Backoff(0.005, 0.1)
         async with asyncio.timeout(timeout):
             while not await self.retrying(lambda: self._fetchval(sql.CHECKPOINT_VISIBLE, checkpoint[0])):

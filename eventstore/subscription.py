@@ -12,7 +12,7 @@ import asyncpg
 
 from eventstore import sql
 from eventstore.errors import DatabaseUnavailable, InvalidArgument
-from eventstore.model import Checkpoint, RecordedEvent, check_text
+from eventstore.model import Checkpoint, RecordedEvent, check_text, check_types
 from eventstore.retry import Backoff
 from eventstore.sql import MAX_STREAM_ID_LENGTH
 
@@ -53,7 +53,7 @@ class Subscription:
             check_text("category", category, MAX_STREAM_ID_LENGTH)
         self._store = store
         self.checkpoint = Checkpoint.of(after)
-        self._types = list(types) if types is not None else None
+        self._types = check_types(types)
         self._category = category
         self._batch_size = batch_size
         self._poll_interval = poll_interval
@@ -93,9 +93,15 @@ class Subscription:
             log.warning("subscription cannot listen (%s); polling every %ss", exc, self._poll_interval)
             conn.terminate()
             return
+        if self._closed:  # closed while it connected: close() found no listener to close
+            conn.terminate()
+            return
         # Events may have been written while nobody listened: read once more before sleeping.
         self._wakeup.set()
         self._listener = conn
+        # A later loss listens again at once (a tenth of a second after this one at the earliest, should
+        # the server end every listener as it starts); only failed attempts wait `LISTEN_RETRY`.
+        self._next_listen_attempt = asyncio.get_running_loop().time() + 0.1
 
     async def _unlisten(self) -> None:
         conn, self._listener = self._listener, None

@@ -385,6 +385,8 @@ def serve_metrics(port: int, host: str = "127.0.0.1") -> MetricsServer:
     """
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
         raise InvalidArgument(f"the metrics port must be an int from 0 to 65535, got {port!r}")
+    if not isinstance(host, str) or not host or "\x00" in host:
+        raise InvalidArgument(f"the metrics host must be a host name or address, got {host!r}")
     install_prometheus()
     from prometheus_client import start_http_server
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 from typing import Any
 
@@ -206,3 +207,22 @@ async def test_lone_surrogates_and_forged_markers_are_typed_errors_that_write_no
         with pytest.raises(InvalidArgument):
             await call()
     assert await store.pool.fetchval("SELECT count(*) FROM events") == 0
+
+
+async def test_type_filters_are_read_once_and_a_single_string_is_refused(store: EventStore) -> None:
+    await store.append("order-1", [NewEvent("OrderPlaced"), NewEvent("Other")])
+    for types in (iter(["OrderPlaced"]), (t for t in ["OrderPlaced"]), ["OrderPlaced"], ("OrderPlaced",)):
+        assert [e.event_type for e in await store.read_all(types=types)] == ["OrderPlaced"]
+    for bad in ("OrderPlaced", 5, [5], b"OrderPlaced", ["a\x00b"]):
+        with pytest.raises(InvalidArgument, match="types"):
+            await store.read_all(types=bad)  # type: ignore[arg-type]
+        with pytest.raises(InvalidArgument, match="types"):
+            store.subscribe(types=bad)  # type: ignore[arg-type]
+    async with store.subscribe(types=iter(["OrderPlaced"])) as sub:
+        assert (await asyncio.wait_for(anext(aiter(sub)), 10)).event_type == "OrderPlaced"
+
+
+@pytest.mark.parametrize("timeout", ["5", float("nan"), -1, 0, True])
+async def test_wait_until_visible_refuses_a_bad_timeout(store: EventStore, timeout: object) -> None:
+    with pytest.raises(InvalidArgument, match="timeout"):
+        await store.wait_until_visible(await store.last_committed(), timeout=timeout)  # type: ignore[arg-type]

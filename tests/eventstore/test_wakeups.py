@@ -100,3 +100,39 @@ async def test_a_subscription_on_a_bare_pool_polls_at_its_poll_interval(store: E
         await asyncio.sleep(5.6)  # past the 5 s at which a subscription that lost its listener looks again
         waiting.cancel()
     assert reads == 2, f"{reads} reads in 5.6 s with a poll interval of 30 s"  # catching up, then asking first
+
+
+async def test_a_subscription_closed_while_it_connects_its_listener_leaves_no_connection(
+    store: EventStore,
+) -> None:
+    sub = store.subscribe(await store.last_committed(), poll_interval=120)
+    listening = asyncio.ensure_future(sub._listen())
+    await asyncio.sleep(0)  # connecting
+    await sub.close()
+    await listening
+    assert sub._listener is None
+    for _ in range(50):  # the terminated backend goes away
+        left = await store.pool.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'LISTEN%'"
+        )
+        if not left:
+            break
+        await asyncio.sleep(0.05)
+    assert left == 0
+
+
+async def test_a_listener_lost_again_soon_after_it_listened_again_is_replaced_at_once(store: EventStore) -> None:
+    """Only failed attempts to listen are spaced by `LISTEN_RETRY`: after one that succeeded, the next loss
+    listens again at once (a tenth of a second later at the earliest), not seconds later."""
+    async with store.subscribe(await store.last_committed(), poll_interval=120) as sub:
+        loop = asyncio.get_running_loop()
+        for n in range(3):
+            waiting = asyncio.ensure_future(anext(aiter(sub)))
+            await asyncio.sleep(0.3)
+            listener = sub._listener
+            assert listener is not None and not listener.is_closed()
+            assert sub._next_listen_attempt - loop.time() <= 0.1
+            await store.pool.execute("SELECT pg_terminate_backend($1)", listener.get_server_pid())
+            await asyncio.sleep(0.3)
+            await store.append("again-1", [NewEvent("After", {"n": n})])
+            assert (await asyncio.wait_for(waiting, 10)).json() == {"n": n}

@@ -177,6 +177,9 @@ async def test_relay_metrics_backlog_drains_and_a_dead_letter_is_counted(
 def test_a_bad_or_busy_metrics_port_is_a_clear_error() -> None:
     with pytest.raises(InvalidArgument, match="from 0 to 65535"):
         serve_metrics(70000)
+    for host in (None, 5, "", "local\x00host"):
+        with pytest.raises(InvalidArgument, match="metrics host"):
+            serve_metrics(0, host=host)  # type: ignore[arg-type]
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
