@@ -389,6 +389,9 @@ class UnitOfWork:
     back together with the events.
     """
 
+    counts_at_commit = True
+    """Its appends' events count as written (`eventstore.appended_events`) when the unit of work commits."""
+
     def __init__(self, store: EventStore, connection: Connection) -> None:
         self._store = store
         self.connection = connection
@@ -961,6 +964,7 @@ class EventStore:
                     raise AppendRefused(exc.args[0]) from None
                 raise
         if uow.results:
+            telemetry.committed(uow.results)
             self._schedule_notify()
 
     async def _seal(self, executor: Connection | asyncpg.Pool, p: _Prepared) -> _Prepared:

@@ -16,7 +16,7 @@ import inspect
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -197,12 +197,20 @@ def instrumented_append(method: Append) -> Append:
         else:
             result = await _traced_append(method, self, stream_id, args, kwargs, started)
         outcome = "idempotent" if result.duplicate else "appended"
-        if not result.duplicate:
+        if not result.duplicate and not getattr(self, "counts_at_commit", False):
             _appended_events.add(len(result.events))
         _append_duration.record(time.perf_counter() - started, _OUTCOMES[outcome])
         return result
 
     return append  # type: ignore[return-value]
+
+
+def committed(results: Sequence[AppendResult]) -> None:
+    """Count the events a unit of work wrote, once it has committed (its appends count none themselves:
+    a unit of work that rolls back wrote nothing)."""
+    written = sum(len(r.events) for r in results if not r.duplicate)
+    if written:
+        _appended_events.add(written)
 
 
 _NO_SDK = (trace.ProxyTracerProvider, trace.NoOpTracerProvider)

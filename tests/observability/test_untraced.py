@@ -33,6 +33,14 @@ SCRIPT = textwrap.dedent(
                 pass
             else:
                 raise AssertionError("expected a conflict")
+            try:  # rolled back: its events were never written
+                async with store.unit_of_work() as uow:
+                    await uow.append("untraced-2", [NewEvent("E"), NewEvent("F")])
+                    raise KeyError("the rest of the unit of work failed")
+            except KeyError:
+                pass
+            async with store.unit_of_work() as uow:
+                await uow.append("untraced-3", [NewEvent("G")])
         found = {}
         for rm in reader.get_metrics_data().resource_metrics:
             for sm in rm.scope_metrics:
@@ -41,8 +49,8 @@ SCRIPT = textwrap.dedent(
                         key = (m.name, tuple(sorted(point.attributes.items())))
                         found[key] = getattr(point, "value", None) if hasattr(point, "value") else point.count
         print(found)
-        assert found[("eventstore.appended_events", ())] == 3
-        assert found[("eventstore.append.duration", (("eventstore.outcome", "appended"),))] == 2
+        assert found[("eventstore.appended_events", ())] == 4
+        assert found[("eventstore.append.duration", (("eventstore.outcome", "appended"),))] == 4
         assert found[("eventstore.append.duration", (("eventstore.outcome", "wrong_expected_version"),))] == 1
         assert found[("eventstore.append.conflicts", (("eventstore.conflict.kind", "wrong_expected_version"),))] == 1
         assert isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
