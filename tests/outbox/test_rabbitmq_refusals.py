@@ -23,7 +23,7 @@ import pytest
 
 from eventstore import EventStore, NewEvent
 from eventstore.embedded import free_port
-from outbox import Outbox, Relay, Route
+from outbox import CloudEvent, Outbox, Relay, Route
 from tests.outbox.conftest import relay_settings
 from tests.outbox.readers import RabbitReader
 from tests.outbox.test_brokers import _wait_none_pending, versions_by_subject
@@ -128,7 +128,13 @@ async def test_a_message_too_large_for_the_node_is_dead_lettered_and_the_rest_fl
         async with Relay(store, reader.settings, relay_settings(max_attempts=2)) as relay:
             await _wait_none_pending(store, timeout=60)
         assert (relay.stats.refused, relay.stats.dead) == (2, 1)
-        events = await reader.read(17)
+        delivered = await reader.read(17)
+        # At least once: a refusal that closes the channel loses the confirms of messages RabbitMQ had
+        # taken on it, and the relay sends those again. Each message counts once, at its first delivery.
+        first: dict[str, CloudEvent] = {}
+        for event in delivered:
+            first.setdefault(event.id, event)
+        events = list(first.values())
         assert len(events) == 17
         order = versions_by_subject(events)
         assert order["order-big"] == [0, 2]  # its later message went once it was dead, in order
