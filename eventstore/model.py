@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections.abc
 import enum
 import functools
+import math
 import operator
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -94,6 +95,16 @@ def storable_text(value: str) -> bool:
 
 
 UNSTORABLE = "the NUL character or a lone surrogate (PostgreSQL's text holds neither)"
+
+
+def check_seconds(name: str, value: object, *, zero: bool = False) -> float:
+    """A number of seconds: finite and positive (or 0 with `zero`); a NaN would spin a loop that waits on it."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or not (
+        value > 0 or (zero and value == 0)
+    ):
+        wanted = "a finite number >= 0" if zero else "a finite number > 0"
+        raise InvalidArgument(f"{name} must be {wanted} of seconds, got {value!r}")
+    return float(value)
 
 
 def check_types(types: object) -> list[str] | None:

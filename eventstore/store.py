@@ -54,6 +54,7 @@ from eventstore.model import (
     RecordedEvent,
     StreamState,
     check_int,
+    check_seconds,
     check_text,
     check_types,
     fetch_events,
@@ -1393,8 +1394,7 @@ class EventStore:
         database, holds it back until it ends. Raises `TimeoutError` after `timeout` seconds.
         """
         checkpoint = Checkpoint.of(checkpoint)
-        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout < math.inf:
-            raise InvalidArgument(f"timeout must be a positive number of seconds, got {timeout!r}")
+        check_seconds("timeout", timeout)
         polls = Backoff(0.005, 0.1)
         async with asyncio.timeout(timeout):
             while not await self.retrying(lambda: self._fetchval(sql.CHECKPOINT_VISIBLE, checkpoint[0])):

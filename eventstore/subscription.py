@@ -12,7 +12,7 @@ import asyncpg
 
 from eventstore import sql
 from eventstore.errors import DatabaseUnavailable, InvalidArgument
-from eventstore.model import Checkpoint, RecordedEvent, check_text, check_types
+from eventstore.model import Checkpoint, RecordedEvent, check_seconds, check_text, check_types
 from eventstore.retry import Backoff
 from eventstore.sql import MAX_STREAM_ID_LENGTH
 
@@ -47,8 +47,7 @@ class Subscription:
     ) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
             raise InvalidArgument(f"batch_size must be a positive int, got {batch_size!r}")
-        if isinstance(poll_interval, bool) or not isinstance(poll_interval, int | float) or not poll_interval > 0:
-            raise InvalidArgument(f"poll_interval must be a positive number of seconds, got {poll_interval!r}")
+        check_seconds("poll_interval", poll_interval)
         if category is not None:
             check_text("category", category, MAX_STREAM_ID_LENGTH)
         self._store = store

@@ -12,7 +12,7 @@ from uuid import UUID
 
 import asyncpg
 
-from eventstore import START, Checkpoint, EventStore, InvalidArgument, Keyring, check_int, with_retries
+from eventstore import START, Checkpoint, EventStore, InvalidArgument, Keyring, check_int, check_seconds, with_retries
 from projections import sql
 from projections.errors import (
     ProjectionFailed,
@@ -23,7 +23,6 @@ from projections.errors import (
 from projections.generations import (
     StoredCheckpoint,
     apply_committed,
-    check_interval,
     check_name,
     connect,
     create_generation,
@@ -277,7 +276,7 @@ class ProjectionAdmin:
         """
         projection = self.get(name)
         check_int("batch_size", batch_size, 1)
-        check_interval("progress_interval", progress_interval, zero=True)  # 0: report every batch
+        check_seconds("progress_interval", progress_interval, zero=True)  # 0: report every batch
         if progress is not None and not callable(progress):
             raise InvalidArgument(f"progress must be a callable taking a RebuildProgress, got {progress!r}")
         tracker = ProgressTracker(name, progress, progress_interval)

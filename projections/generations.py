@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import math
 import os
 import socket
 from collections.abc import Iterable, Sequence
@@ -369,16 +368,6 @@ def raise_if_disconnected(failure: HandlerFailed, conn: Connection) -> None:
     """A handler that failed because the connection was lost did not fail: raise the connection error."""
     if isinstance(failure.error, CONNECTION_ERRORS) and conn.is_closed():
         raise failure.error from None
-
-
-def check_interval(name: str, value: object, *, zero: bool = False) -> float:
-    """A number of seconds: finite and positive (or 0 with `zero`); a NaN would spin a loop that waits on it."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or not (
-        value > 0 or (zero and value == 0)
-    ):
-        wanted = "a finite number >= 0" if zero else "a finite number > 0"
-        raise InvalidArgument(f"{name} must be {wanted} of seconds, got {value!r}")
-    return float(value)
 
 
 def check_name(value: object) -> str:

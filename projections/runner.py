@@ -26,6 +26,7 @@ from eventstore import (
     EventStore,
     InvalidArgument,
     check_int,
+    check_seconds,
 )
 from projections import sql, telemetry
 from projections.errors import (
@@ -39,7 +40,6 @@ from projections.generations import (
     BatchLimit,
     ReadAhead,
     StoredCheckpoint,
-    check_interval,
     connect,
     disconnect,
     distinct,
@@ -94,8 +94,8 @@ class ProjectionRunner:
         label: str | None = None,
     ) -> None:
         check_int("batch_size", batch_size, 1)
-        check_interval("poll_interval", poll_interval)
-        check_interval("lease_interval", lease_interval)
+        check_seconds("poll_interval", poll_interval)
+        check_seconds("lease_interval", lease_interval)
         self.store = store
         self.projections = distinct(projections)
         for projection in self.projections:
@@ -165,7 +165,7 @@ class ProjectionRunner:
     async def stop(self, grace: float = 10.0) -> None:
         """Finish the batches in flight (cancel those still running after `grace` seconds), record the
         projections as stopped and release them; returns once every task the runner started has ended."""
-        check_interval("grace", grace, zero=True)
+        check_seconds("grace", grace, zero=True)
         if not self._stopped.is_set():  # another stop is under way: it stops everything
             await self._stopped.wait()
             return
@@ -212,7 +212,7 @@ class ProjectionRunner:
         `ProjectionNeedsRebuild` if the stored tables of one belong to another declaration. Bound the
         wait with `asyncio.timeout`.
         """
-        check_interval("interval", interval)
+        check_seconds("interval", interval)
         head = await self.store.last_committed() if until is None else Checkpoint.of(until)
         names = [p.name for p in self.projections]
         declared = {p.name: p for p in self.projections}
